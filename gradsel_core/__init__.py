@@ -1,0 +1,12 @@
+"""gradsel: exact per-sample gradient norms at the cost of one backward, and the gradient-based sample
+selection built on them (arXiv 2604.17215, "Continual Safety Alignment via Gradient-Based Sample Selection").
+
+    import gradsel_core as gs
+    res = gs.GradNormEngine(model).score(batch)   # res.norms, res.losses, res.tokens
+"""
+from . import models
+from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
+
+__version__ = "0.1.0"
+
+__all__ = ["GradNormEngine", "ScoreResult", "per_sample_grad_norms", "models", "__version__"]

@@ -1,0 +1,1 @@
+"""Exact reference backends: the per-sample loop and torch.func vmap."""

@@ -1,0 +1,38 @@
+"""The reference: one forward and one backward per sample. Slow and obviously correct."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..batching import PreparedBatch, per_sample_losses
+from ..engine import RawScores, acc_dtype
+
+if TYPE_CHECKING:
+    from ..engine import GradNormEngine
+
+
+def score_loop(engine: "GradNormEngine", batch: PreparedBatch) -> RawScores:
+    names = list(engine.params)
+    tensors = [engine.params[n] for n in names]
+    acc = acc_dtype(engine.params)
+    sq = {n: [] for n in names}
+    losses, tokens = [], []
+    for b in range(batch.batch_size):
+        sub = batch.select(slice(b, b + 1))
+        out = engine.model(**sub.model_inputs)
+        loss, tok = per_sample_losses(out, sub, engine.loss_fn, engine.loss_reduction)  # (1,), (1,)
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
+        else:
+            grads = [None] * len(tensors)
+        for n, p, g in zip(names, tensors, grads):
+            val = torch.zeros((), dtype=acc, device=p.device) if g is None else g.to(acc).pow(2).sum()
+            sq[n].append(val)
+        losses.append(loss.detach())
+        tokens.append(tok)
+    return RawScores(
+        per_param_sq={n: torch.stack(v) for n, v in sq.items()},
+        losses=torch.cat(losses),
+        tokens=torch.cat(tokens),
+    )

@@ -1,0 +1,49 @@
+"""``gradsel`` command line. Each subcommand lives in ``gradsel_core.commands.<module>`` and exposes
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+# command -> (module under gradsel_core.commands, one-line help)
+COMMANDS = {
+    "demo": ("demo", "run the safety-drift experiment on the synthetic testbed (the main job)"),
+    "score-demo": ("score_demo", "score TinyGPT on generated data and print the norms"),
+    "score": ("score", "score a dataset into a resumable score store"),
+    "inspect": ("inspect", "summarise a score store, with a norm histogram"),
+    "select": ("select", "select samples from a score store with a policy"),
+    "train": ("train", "run the continual trainer from a JSON config"),
+}
+
+
+def _available():
+    found = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(f"gradsel_core.commands.{module}") is not None:
+            found[name] = (module, help_text)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradsel", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in _available().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(f"gradsel_core.commands.{module}")
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

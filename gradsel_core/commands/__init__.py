@@ -1,0 +1,1 @@
+"""Subcommands of the ``gradsel`` CLI (see ``gradsel_core.cli``)."""

@@ -1,0 +1,124 @@
+"""The one dispatch point between the ghost rules and the norm reductions.
+
+Each reduction has a torch implementation here (the reference, and the CPU path) and a fused Triton
+kernel in ``gradsel_kernels``. ``use_triton=True`` routes to the kernel; triton is imported only then,
+never at ``gradsel_core`` import time. All functions return fp32 (fp64 for fp64 inputs) tensors (B,).
+
+Shapes: A (B, T, d) layer inputs, G (B, T, p) output gradients, ids (B, T) token ids.
+Rows of G at padded positions are zero (the loss masks them), so no mask is needed for exactness.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+# elements of fp32 scratch one chunk of a reduction may hold (≈256 MiB)
+CHUNK_ELEMS = 64 * 1024 * 1024
+
+
+def _acc(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _chunks(B: int, per_sample_elems: int):
+    step = max(1, CHUNK_ELEMS // max(1, per_sample_elems))
+    for s in range(0, B, step):
+        yield slice(s, min(B, s + step))
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs in interpreter mode (``TRITON_INTERPRET=1``), e.g. on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the fused kernels can run on ``device`` (checked per call, never at import)."""
+    device = torch.device(device)
+    if not _triton_importable():
+        return False
+    return device.type == "cuda" or interpreting()
+
+
+def _kernels():
+    import gradsel_kernels  # noqa: WPS433 (deferred on purpose: imports triton)
+
+    return gradsel_kernels
+
+
+# -- reductions -----------------------------------------------------------------------------------
+
+
+def ghost_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+    """Σ_{t,s} (a_t·a_s)(g_t·g_s) = ⟨A Aᵀ, G Gᵀ⟩_F per sample: the Gram form of ||Gᵀ A||²_F.
+
+    Cost B·T²·(d+p) time, B·T² memory (chunked over samples)."""
+    if use_triton:
+        return _kernels().ghost_sq(A, G)
+    acc = _acc(A, G)
+    B, T, _ = A.shape
+    out = torch.empty(B, dtype=acc, device=A.device)
+    for sl in _chunks(B, 2 * T * T):
+        a, g = A[sl].to(acc), G[sl].to(acc)  # (b, T, d), (b, T, p)
+        out[sl] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))  # (b,)
+    return out
+
+
+def direct_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+    """||A_bᵀ G_b||²_F per sample: the direct form. Cost B·T·d·p time, d·p memory per sample in a chunk."""
+    if use_triton:
+        return _kernels().direct_sq(A, G)
+    acc = _acc(A, G)
+    B, _, d = A.shape
+    p = G.shape[-1]
+    out = torch.empty(B, dtype=acc, device=A.device)
+    for sl in _chunks(B, d * p):
+        grad = torch.bmm(A[sl].to(acc).transpose(1, 2), G[sl].to(acc))  # (b, d, p)
+        out[sl] = grad.pow(2).sum(dim=(1, 2))
+    return out
+
+
+def embedding_sq(
+    ids: torch.Tensor, G: torch.Tensor, padding_idx: Optional[int] = None, use_triton: bool = False
+) -> torch.Tensor:
+    """Σ_{t,s} [x_t = x_s ≠ pad] (g_t·g_s) = Σ_v ||Σ_{t: x_t = v} g_t||² per sample.
+
+    Torch path: segment sums over (sample, id) pairs, O(B·T·d), no T×T and no V×d buffer."""
+    if use_triton:
+        return _kernels().embedding_sq(ids, G, padding_idx)
+    acc = _acc(G)
+    B, T = ids.shape
+    d = G.shape[-1]
+    g = G.reshape(B * T, d).to(acc)  # (B*T, d)
+    ids = ids.reshape(B, T).long()
+    if padding_idx is not None:
+        g = g * (ids.reshape(-1) != padding_idx).unsqueeze(1).to(acc)
+    vocab = int(ids.max().item()) + 1 if ids.numel() else 1
+    key = ids + torch.arange(B, device=ids.device).unsqueeze(1) * vocab  # (B, T): unique per (sample, id)
+    uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
+    seg = torch.zeros(uniq.shape[0], d, dtype=acc, device=G.device).index_add_(0, inv, g)  # (U, d)
+    out = torch.zeros(B, dtype=acc, device=G.device)
+    return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), seg.pow(2).sum(1))
+
+
+def rowsum_sq(G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+    """||Σ_t g_t||² per sample (bias, LayerNorm β)."""
+    if use_triton:
+        return _kernels().rowsum_sq(G)
+    return G.to(_acc(G)).sum(dim=1).pow(2).sum(dim=1)
+
+
+def weighted_rowsum_sq(X: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
+    """||Σ_t x_t ⊙ g_t||² per sample (LayerNorm γ, RMSNorm w with X = x̂)."""
+    if use_triton:
+        return _kernels().weighted_rowsum_sq(X, G)
+    acc = _acc(X, G)
+    return (X.to(acc) * G.to(acc)).sum(dim=1).pow(2).sum(dim=1)

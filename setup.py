@@ -1,0 +1,25 @@
+"""Install gradsel: the engine (`gradsel_core`) and its Triton kernels (`kernels/` -> `gradsel_kernels`)."""
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],
+    "hf": ["transformers>=4.40", "peft>=0.10", "tokenizers>=0.15"],
+    "triton": ["triton>=3.0"],
+    # BackPACK is a peer too, but its wheel pins torchvision; install it with
+    # `pip install --no-deps backpack-for-pytorch einops unfoldNd` (see README).
+    "bench": ["opacus>=1.4"],
+    "plot": ["matplotlib>=3.5"],
+}
+
+setup(
+    name="gradsel",
+    version="0.1.0",
+    description="Exact per-sample gradient norms at the cost of one backward, and gradient-based sample selection "
+    "for continual safety alignment.",
+    python_requires=">=3.9",
+    packages=find_packages(include=["gradsel_core", "gradsel_core.*"]) + ["gradsel_kernels"],
+    package_dir={"gradsel_kernels": "kernels"},
+    install_requires=["torch>=2.1", "numpy", "safetensors>=0.4", "tqdm"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["gradsel=gradsel_core.cli:main"]},
+)
