@@ -6,7 +6,17 @@ selection built on them (arXiv 2604.17215, "Continual Safety Alignment via Gradi
 """
 from . import models
 from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
+from .rules import ModuleCall, UnsupportedModule, register_norm_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["GradNormEngine", "ScoreResult", "per_sample_grad_norms", "models", "__version__"]
+__all__ = [
+    "GradNormEngine",
+    "ScoreResult",
+    "per_sample_grad_norms",
+    "register_norm_rule",
+    "ModuleCall",
+    "UnsupportedModule",
+    "models",
+    "__version__",
+]

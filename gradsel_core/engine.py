@@ -118,22 +118,32 @@ class GradNormEngine:
             empty = torch.zeros(0, dtype=torch.float32, device=device)
             per = {n: empty.clone() for n in self.params} if self.per_param else None
             return ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend)
+        from .rules import UnsupportedModule
+
         with scoring_mode(self.model, self.params):
-            raw = self._run_backend(backend, prepared)
+            try:
+                raw = self._run_backend(backend, prepared)
+            except UnsupportedModule as e:
+                if self.backend != "auto":
+                    raise
+                log.warning("ghost backend cannot score this model exactly (%s); using backend='vmap'", e)
+                backend = "vmap"
+                raw = self._run_backend(backend, prepared)
         return self._finish(raw, backend)
 
     def resolve_backend(self, prepared: Optional[PreparedBatch] = None) -> str:
-        """The backend ``score`` will use (``"auto"`` resolved)."""
+        """The backend ``score`` will use: ``"auto"`` is ghost (triton on CUDA when triton imports) when
+        every selected parameter is covered by a norm rule or a module-level fallback, else vmap."""
         if self.backend != "auto":
             return self.backend
-        from .ghost import ghost_coverage  # local: keeps import light
+        from .ghost import engine_plan  # local: keeps import light
 
-        if ghost_coverage(self.model, self.params).complete:
-            from .dispatch import triton_usable
+        if not engine_plan(self).complete:
+            return "vmap"
+        from .dispatch import triton_usable
 
-            device = prepared.full["input_ids"].device if prepared is not None else None
-            return "triton" if device is not None and triton_usable(device) else "ghost"
-        return "vmap"
+        device = prepared.full["input_ids"].device if prepared is not None else None
+        return "triton" if device is not None and device.type == "cuda" and triton_usable(device) else "ghost"
 
     # -- internals --------------------------------------------------------------------------------
     def _run_backend(self, backend: str, prepared: PreparedBatch) -> RawScores:

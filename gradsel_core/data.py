@@ -1,0 +1,384 @@
+"""Dataset plumbing shared by the scorer, the trainer and the CLIs: JSONL reading, tokenization,
+model loading, collation and the length-bucketing batch planner.
+
+Records
+    A *record* is a dict ``{"input_ids": [...], "labels": optional [...], "attention_mask": optional
+    [...], "id": optional int|str, ...}``. Other scalar top-level fields (e.g. ``"task"``,
+    ``"source"``) ride along as metadata columns.
+
+JSONL
+    Each line is a JSON object with either ``"text"`` or ``"prompt"`` + ``"response"`` (or already
+    tokenized ``"input_ids"``), plus an optional ``"id"`` and metadata fields. :func:`encode_record`
+    tokenizes it: ``text`` is encoded with the tokenizer's special tokens and every token is a target;
+    ``prompt`` + ``response`` follow the SFT convention: the prompt is encoded with the special tokens
+    (e.g. BOS), the response without them and followed by EOS (when the tokenizer has one), and the
+    prompt's labels are -100, so the loss (and the gradient norm) covers response tokens only.
+    Prompt and response are tokenized separately, so the boundary never merges across them.
+
+Byte tokenizer (``--model tiny``)
+    :class:`ByteTokenizer` maps UTF-8 bytes to ids 0..255 and has three specials: 256 ``<bos>``,
+    257 ``<eos>``, 258 ``<pad>`` (vocab size 259). ``encode(text)`` prepends ``<bos>``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .batching import IGNORE_INDEX, default_labels
+
+log = logging.getLogger(__name__)
+
+# keys with a meaning of their own; every other scalar top-level field is a metadata column
+RESERVED_KEYS = frozenset({"id", "input_ids", "labels", "attention_mask", "text", "prompt", "response"})
+TOKEN_KEYS = ("input_ids", "labels", "attention_mask")
+
+DEFAULT_MAX_LENGTH = 1024
+
+
+# -- JSONL ------------------------------------------------------------------------------------------
+
+
+def iter_jsonl(path: str) -> Iterator[Dict[str, Any]]:
+    """Yield the JSON objects of a JSONL file (blank lines skipped); errors name the file and line."""
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+    """All records of a JSONL file, as a list of dicts."""
+    return list(iter_jsonl(path))
+
+
+# -- tokenization -----------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """UTF-8 bytes -> ids 0..255, plus ``<bos>`` = 256, ``<eos>`` = 257, ``<pad>`` = 258 (vocab 259).
+
+    Has the small slice of the HF tokenizer API the package uses: ``encode``, ``decode``, ``__call__``,
+    ``bos_token_id``/``eos_token_id``/``pad_token_id`` and ``len()``.
+    """
+
+    bos_token_id = 256
+    eos_token_id = 257
+    pad_token_id = 258
+    vocab_size = 259
+    model_max_length = 512
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                out.append(i)
+            elif not skip_special_tokens:
+                out.extend({256: b"<bos>", 257: b"<eos>", 258: b"<pad>"}.get(i, b"<unk>"))
+        return out.decode("utf-8", errors="replace")
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Dict[str, List[int]]:
+        ids = self.encode(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> List[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"expected a string to tokenize, got {type(text).__name__}")
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=add_special_tokens)]
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, bool, int, float, np.integer, np.floating))
+
+
+def extra_fields(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The record's metadata columns: scalar top-level fields that are not reserved keys."""
+    return {k: v for k, v in record.items() if k not in RESERVED_KEYS and isinstance(k, str) and _is_scalar(v)}
+
+
+def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optional[int] = None) -> Dict[str, Any]:
+    """Tokenize one JSONL record into ``{"input_ids", "labels", "attention_mask", "id", ...metadata}``.
+
+    ``text`` -> all tokens are targets; ``prompt`` + ``response`` -> only response tokens (and EOS) are
+    targets; a record that already has ``input_ids`` is passed through. Everything is truncated on the
+    right to ``max_length`` tokens. ``id`` is the record's ``"id"`` or ``None``.
+    """
+    if "input_ids" in record:
+        ids = [int(i) for i in record["input_ids"]]
+        labels = [int(i) for i in record["labels"]] if record.get("labels") is not None else list(ids)
+        mask = [int(i) for i in record["attention_mask"]] if record.get("attention_mask") is not None else [1] * len(ids)
+    elif "prompt" in record or "response" in record:
+        if "prompt" not in record or "response" not in record:
+            raise ValueError(f"a record with 'prompt' needs 'response' too (and vice versa); keys: {sorted(record)}")
+        p = _encode(tokenizer, record["prompt"], add_special_tokens=True)
+        r = _encode(tokenizer, record["response"], add_special_tokens=False)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is not None:
+            r = r + [int(eos)]
+        ids = p + r
+        labels = [IGNORE_INDEX] * len(p) + list(r)
+        mask = [1] * len(ids)
+    elif "text" in record:
+        ids = _encode(tokenizer, record["text"], add_special_tokens=True)
+        labels = list(ids)
+        mask = [1] * len(ids)
+    else:
+        raise ValueError(
+            f"a record needs 'text', or 'prompt' + 'response', or 'input_ids'; got keys {sorted(record)}"
+        )
+    if len(labels) != len(ids) or len(mask) != len(ids):
+        raise ValueError(f"record {record.get('id')!r}: labels/attention_mask must have the length of input_ids")
+    if max_length is not None:
+        ids, labels, mask = ids[:max_length], labels[:max_length], mask[:max_length]
+    out: Dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask, "id": record.get("id")}
+    out.update(extra_fields(record))
+    return out
+
+
+def encode_records(records, tokenizer: Any, max_length: Optional[int] = None) -> List[Dict[str, Any]]:
+    """:func:`encode_record` over an iterable; counts prompts that truncation left without targets."""
+    out = [encode_record(r, tokenizer, max_length) for r in records]
+    empty = sum(1 for r in out if all(l == IGNORE_INDEX for l in r["labels"][1:]))
+    if empty:
+        log.warning(
+            "%d of %d records have no target token after truncation to %s tokens (loss 0, norm 0)",
+            empty, len(out), max_length,
+        )
+    return out
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def tiny_model(seed: int = 0):
+    """The built-in TinyGPT for ``--model tiny``: byte vocab (259), d_model 64, 2 layers, 512 positions,
+    initialised from ``seed`` without touching the global RNG."""
+    from .models import TinyGPT, TinyGPTConfig
+
+    cfg = TinyGPTConfig(
+        vocab_size=ByteTokenizer.vocab_size, d_model=64, n_layer=2, n_head=4, max_seq_len=512,
+        pad_token_id=ByteTokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyGPT(cfg)
+
+
+def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Optional[Any] = None):
+    """``(model, tokenizer)`` for ``"tiny"`` (TinyGPT + :class:`ByteTokenizer`) or a local directory:
+    an HF causal-LM directory (``AutoModelForCausalLM``/``AutoTokenizer``), or a PEFT adapter directory
+    (``adapter_config.json``: the base is loaded from its ``base_model_name_or_path``, then the adapter
+    with its LoRA weights trainable, so ``params="trainable"`` selects them).
+
+    ``dtype``: ``None``/``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+    """
+    torch_dtype = None
+    if dtype not in (None, "auto"):
+        if dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"dtype={dtype!r}: use auto, float32, bfloat16, float16 or float64")
+        torch_dtype = getattr(torch, dtype)
+    if spec == "tiny":
+        model, tok = tiny_model(), ByteTokenizer()
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    else:
+        if not os.path.isdir(spec):
+            raise FileNotFoundError(f"--model {spec!r}: not 'tiny' and not a local model directory")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        adapter_cfg = os.path.join(spec, "adapter_config.json")
+        if os.path.exists(adapter_cfg):
+            from peft import PeftModel
+
+            with open(adapter_cfg, "r", encoding="utf-8") as f:
+                base_path = json.load(f).get("base_model_name_or_path")
+            if not base_path or not os.path.isdir(base_path):
+                raise FileNotFoundError(
+                    f"{adapter_cfg}: base_model_name_or_path={base_path!r} is not a local directory; "
+                    "edit it to point at the base model's directory"
+                )
+            base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
+            model = PeftModel.from_pretrained(base, spec, is_trainable=True)
+            tok_dir = spec if _has_tokenizer(spec) else base_path
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec, **kw)
+            tok_dir = spec
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    if device is not None:
+        model = model.to(device)
+    return model, tok
+
+
+def _has_tokenizer(d: str) -> bool:
+    return any(os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def model_max_length(model: Any, default: int = DEFAULT_MAX_LENGTH) -> int:
+    """The model's maximum number of positions (TinyGPT ``max_seq_len``, HF ``max_position_embeddings``/
+    ``n_positions``), else ``default``."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_seq_len", "max_position_embeddings", "n_positions"):
+        v = getattr(cfg, attr, None) if cfg is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def model_pad_id(model: Any) -> int:
+    """The model config's ``pad_token_id`` when it is an int, else 0."""
+    cfg = getattr(model, "config", None)
+    v = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+    if isinstance(v, (list, tuple)):
+        v = v[0] if v else None
+    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 else 0
+
+
+# -- collation --------------------------------------------------------------------------------------
+
+
+def as_int_array(x: Any, what: str) -> np.ndarray:
+    """``x`` (list, numpy array or tensor) as a 1-D int64 numpy array."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D sequence of ints, got shape {arr.shape}")
+    if arr.size and not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise TypeError(f"{what} must hold ints, got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def collate(records: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Right-pad records into ``{"input_ids", "attention_mask", "labels"}`` int64 tensors [B, T].
+
+    Padding: ``input_ids = pad_id``, ``attention_mask = 0``, ``labels = -100``. A record without labels
+    gets the engine's default labels (its ids, -100 where it or its predecessor is masked).
+    """
+    B = len(records)
+    ids_l = [as_int_array(r["input_ids"], "input_ids") for r in records]
+    T = max((len(a) for a in ids_l), default=0)
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.int64)
+    labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    given = np.zeros(B, dtype=bool)
+    for i, (r, a) in enumerate(zip(records, ids_l)):
+        n = len(a)
+        ids[i, :n] = a
+        m = r.get("attention_mask")
+        mask[i, :n] = 1 if m is None else as_int_array(m, "attention_mask")
+        lab = r.get("labels")
+        if lab is not None:
+            labels[i, :n] = as_int_array(lab, "labels")
+            given[i] = True
+    ids_t, mask_t, labels_t = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels)
+    if not given.all():
+        dflt = default_labels(ids_t, mask_t)
+        keep = torch.from_numpy(given)[:, None]
+        labels_t = torch.where(keep, labels_t, dflt)
+    return {"input_ids": ids_t, "attention_mask": mask_t, "labels": labels_t}
+
+
+# -- bucketing planner ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """One unit of work and of storage: the dataset positions ``[start, stop)``, split into batches."""
+
+    index: int
+    start: int
+    stop: int
+    batches: Tuple[Tuple[int, ...], ...]  # dataset positions, each batch longest first
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    batch_size: Optional[int] = 16,
+    max_tokens: Optional[int] = None,
+    window: Optional[int] = None,
+    warn: bool = True,
+) -> List[PlannedShard]:
+    """A deterministic batch plan: the data is cut into consecutive windows of ``window`` records
+    (default ``64 * batch_size``); within a window records are sorted by length (longest first, ties by
+    position) and packed greedily into batches of at most ``batch_size`` records and at most
+    ``max_tokens`` padded tokens (``B * T_max``). A record longer than ``max_tokens`` gets a batch of
+    its own (with a warning). Each window is one :class:`PlannedShard`.
+    """
+    if batch_size is None and max_tokens is None:
+        raise ValueError("give batch_size, max_tokens or both")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+    if window is None:
+        window = 64 * batch_size if batch_size is not None else 4096
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window (shard_size) must be a positive int, got {window!r}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    shards: List[PlannedShard] = []
+    too_long: List[int] = []
+    for s, start in enumerate(range(0, n, window)):
+        stop = min(n, start + window)
+        pos = np.arange(start, stop)
+        order = pos[np.lexsort((pos, -lengths[start:stop]))]  # longest first, ties by position
+        batches: List[Tuple[int, ...]] = []
+        cur: List[int] = []
+        cur_t = 0
+        for p in order.tolist():
+            L = int(lengths[p])
+            if cur:
+                full = batch_size is not None and len(cur) >= batch_size
+                over = max_tokens is not None and (len(cur) + 1) * cur_t > max_tokens
+                if full or over:
+                    batches.append(tuple(cur))
+                    cur = []
+            if not cur:
+                cur_t = L  # the first record of a batch is its longest
+                if max_tokens is not None and L > max_tokens:
+                    too_long.append(p)
+            cur.append(p)
+        if cur:
+            batches.append(tuple(cur))
+        shards.append(PlannedShard(index=s, start=start, stop=stop, batches=tuple(batches)))
+    if too_long and warn:
+        log.warning(
+            "%d record(s) are longer than max_tokens=%d and are scored in batches of their own "
+            "(positions %s%s)", len(too_long), max_tokens, sorted(too_long)[:5], ", ..." if len(too_long) > 5 else "",
+        )
+    return shards
+
+
+def bucket_batches(
+    lengths: Sequence[int], batch_size: Optional[int] = 16, max_tokens: Optional[int] = None,
+    window: Optional[int] = None,
+) -> List[Tuple[int, ...]]:
+    """The batches of :func:`plan_batches`, flattened (for a trainer or any other consumer)."""
+    return [b for sh in plan_batches(lengths, batch_size, max_tokens, window) for b in sh.batches]

@@ -1,0 +1,228 @@
+"""Factored per-sample gradients.
+
+A norm rule never materialises a per-sample gradient the size of a parameter. It returns a *factor*: a
+compact description of sample b's gradient for one use of one parameter, from which the ghost engine
+computes
+
+* ``sq_norm()``       ||∇_b||² for every sample b                         -> (B,)
+* ``inner(other)``    ⟨∇_b^u, ∇_b^v⟩ between two uses of a shared parameter -> (B,)
+* ``weighted_sum(w)`` Σ_b w_b ∇_b, the masked batch gradient             -> parameter shape
+
+Forms (notation of ``shared/design/norm-math.md``: A (B,T,d) inputs, G (B,T,p) output gradients):
+
+* ``Dense(g)``                 g (B, *shape) explicit (fallback results, tiny parameters)
+* ``RowSum(G, X=None)``        Σ_t g_t, or Σ_t x_t ⊙ g_t (bias, LayerNorm/RMSNorm weights)
+* ``Outer(A, G)``              Σ_t g_t a_tᵀ (p, d); ``transposed``: Σ_t a_t g_tᵀ (d, p) (HF Conv1D)
+* ``EmbRows(ids, G, V)``       Σ_t e_{x_t} g_tᵀ (V, d); ``transposed``: its transpose (d, V)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import dispatch
+
+
+def _acc(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def gram_is_cheaper(T: int, d: int, p: int) -> bool:
+    """The cost rule for a Linear-like call, decided per call since T changes between batches.
+
+    Gram ("ghost") form Σ_{t,s}(a_t·a_s)(g_t·g_s): B·T²·(d+p) multiply-adds and B·T² memory.
+    Direct form ||AᵀG||²_F: B·T·d·p multiply-adds and d·p memory per sample (chunked over samples).
+    The Gram form wins iff T·(d+p) < d·p (e.g. d = p = 4096: T < 2048; LoRA r = 16, d = 4096: T < 16).
+    """
+    return T * (d + p) < d * p
+
+
+class Factor:
+    """Base class: see the module docstring."""
+
+    shape: Tuple[int, ...]
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """(B, *shape) explicit per-sample gradients (only for rare cross terms and tests)."""
+        raise NotImplementedError
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inner(self, other: "Factor") -> torch.Tensor:
+        fn = _INNER.get((type(self), type(other)))
+        if fn is not None:
+            out = fn(self, other)
+            if out is not None:
+                return out
+        fn = _INNER.get((type(other), type(self)))
+        if fn is not None:
+            out = fn(other, self)
+            if out is not None:
+                return out
+        a, b = self.dense(), other.dense()
+        acc = _acc(a, b)
+        return (a.to(acc) * b.to(acc)).flatten(1).sum(1)
+
+
+@dataclass
+class Dense(Factor):
+    g: torch.Tensor  # (B, *shape)
+
+    @property
+    def shape(self):
+        return tuple(self.g.shape[1:])
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        return self.g.to(_acc(self.g)).pow(2).flatten(1).sum(1)
+
+    def dense(self) -> torch.Tensor:
+        return self.g
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("b,b...->...", w.to(_acc(self.g)), self.g.to(_acc(self.g)))
+
+
+@dataclass
+class RowSum(Factor):
+    G: torch.Tensor  # (B, T, p)
+    X: Optional[torch.Tensor] = None  # (B, T, p) or None
+    shape: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.shape:
+            self.shape = (self.G.shape[-1],)
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        if self.X is None:
+            return dispatch.rowsum_sq(self.G, use_triton)
+        return dispatch.weighted_rowsum_sq(self.X, self.G, use_triton)
+
+    def _rows(self) -> torch.Tensor:
+        acc = _acc(self.G)
+        return self.G.to(acc) if self.X is None else self.X.to(acc) * self.G.to(acc)  # (B, T, p)
+
+    def dense(self) -> torch.Tensor:
+        return self._rows().sum(1).reshape(-1, *self.shape)  # (B, *shape)
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        rows = self._rows()
+        return torch.einsum("b,btp->p", w.to(rows.dtype), rows).reshape(self.shape)
+
+
+@dataclass
+class Outer(Factor):
+    A: torch.Tensor  # (B, T, d)
+    G: torch.Tensor  # (B, T, p)
+    transposed: bool = False  # False: gradient (p, d) as nn.Linear; True: (d, p) as HF Conv1D
+
+    @property
+    def shape(self):
+        d, p = self.A.shape[-1], self.G.shape[-1]
+        return (d, p) if self.transposed else (p, d)
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        _, T, d = self.A.shape
+        if gram_is_cheaper(T, d, self.G.shape[-1]):
+            return dispatch.ghost_sq(self.A, self.G, use_triton)
+        return dispatch.direct_sq(self.A, self.G, use_triton)
+
+    def dense(self) -> torch.Tensor:
+        acc = _acc(self.A, self.G)
+        g = torch.einsum("btp,btd->bpd", self.G.to(acc), self.A.to(acc))  # (B, p, d)
+        return g.transpose(1, 2) if self.transposed else g
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        acc = _acc(self.A, self.G)
+        G = self.G.to(acc) * w.to(acc)[:, None, None]  # (B, T, p)
+        A = self.A.to(acc)  # (B, T, d)
+        g = G.reshape(-1, G.shape[-1]).t() @ A.reshape(-1, A.shape[-1])  # (p, d): one matmul
+        return g.t() if self.transposed else g
+
+
+@dataclass
+class EmbRows(Factor):
+    ids: torch.Tensor  # (B, T) long
+    G: torch.Tensor  # (B, T, d), zero at padding_idx rows
+    num_rows: int  # V
+    padding_idx: Optional[int] = None
+    transposed: bool = False  # True: the parameter is stored (d, V), e.g. PEFT lora_embedding_A
+
+    @property
+    def shape(self):
+        d = self.G.shape[-1]
+        return (d, self.num_rows) if self.transposed else (self.num_rows, d)
+
+    def _g(self) -> torch.Tensor:
+        g = self.G.to(_acc(self.G))
+        if self.padding_idx is not None:
+            g = g * (self.ids != self.padding_idx).unsqueeze(-1).to(g.dtype)
+        return g  # (B, T, d)
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        return dispatch.embedding_sq(self.ids, self.G, self.padding_idx, use_triton)
+
+    def dense(self) -> torch.Tensor:
+        g = self._g()
+        B, T, d = g.shape
+        out = torch.zeros(B, self.num_rows, d, dtype=g.dtype, device=g.device)
+        out.scatter_add_(1, self.ids.long().unsqueeze(-1).expand(B, T, d), g)  # (B, V, d)
+        return out.transpose(1, 2) if self.transposed else out
+
+    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+        g = self._g() * w.to(_acc(self.G))[:, None, None]  # (B, T, d)
+        d = g.shape[-1]
+        out = torch.zeros(self.num_rows, d, dtype=g.dtype, device=g.device)
+        out.index_add_(0, self.ids.reshape(-1).long(), g.reshape(-1, d))  # (V, d)
+        return out.t() if self.transposed else out
+
+
+# -- cross terms between two uses of one parameter (return None to use the dense fallback) --------------
+
+
+def _outer_outer(u: Outer, v: Outer):
+    if u.transposed != v.transposed:
+        return None
+    acc = _acc(u.A, u.G, v.A, v.G)
+    aa = torch.bmm(u.A.to(acc), v.A.to(acc).transpose(1, 2))  # (B, Tu, Tv)
+    gg = torch.bmm(u.G.to(acc), v.G.to(acc).transpose(1, 2))  # (B, Tu, Tv)
+    return (aa * gg).sum(dim=(1, 2))  # ⟨A_u A_vᵀ, G_u G_vᵀ⟩_F
+
+
+def _emb_emb(u: EmbRows, v: EmbRows):
+    if u.transposed != v.transposed:
+        return None
+    same = (u.ids.unsqueeze(2) == v.ids.unsqueeze(1)).to(_acc(u.G, v.G))  # (B, Tu, Tv)
+    gg = torch.bmm(u._g(), v._g().transpose(1, 2))  # (B, Tu, Tv)
+    return (same * gg).sum(dim=(1, 2))  # Σ_{t,s}[x_t = y_s](g_t·h_s)
+
+
+def _emb_outer(e: EmbRows, o: Outer):
+    """Tied embedding (V, d) and LM head (V, d): Σ_{t,s} z_s[x_t]·(δ_t·h_s) (norm-math.md)."""
+    if e.transposed or o.transposed or o.G.shape[-1] != e.num_rows:
+        return None
+    acc = _acc(e.G, o.A, o.G)
+    B, Tt = e.ids.shape
+    Ts = o.G.shape[1]
+    z_at_x = o.G.to(acc).gather(2, e.ids.long().unsqueeze(1).expand(B, Ts, Tt))  # (B, Ts, Tt): z_s[x_t]
+    dh = torch.bmm(e._g(), o.A.to(acc).transpose(1, 2))  # (B, Tt, Ts): δ_t·h_s
+    return (z_at_x.transpose(1, 2) * dh).sum(dim=(1, 2))
+
+
+def _dense_any(dn: Dense, other: Factor):
+    a, b = dn.g, other.dense()
+    acc = _acc(a, b)
+    return (a.to(acc) * b.to(acc)).flatten(1).sum(1)
+
+
+_INNER = {
+    (Outer, Outer): _outer_outer,
+    (EmbRows, EmbRows): _emb_emb,
+    (EmbRows, Outer): _emb_outer,
+    (Dense, Dense): _dense_any,
+}

@@ -1,0 +1,576 @@
+"""Gradient-norm sample selection (arXiv 2604.17215, "Continual Safety Alignment via Gradient-Based
+Sample Selection") and the ablation policies around it.
+
+    sel = gs.select(store_or_scores, policy="median_band", ratio=0.2, loss_filter_std=1.0)
+    sel.kept_ids, sel.dropped_ids, sel.summary, sel.kept_mask
+
+    mask = gs.keep_mask(res.norms, res.losses, ratio=0.2)     # one training batch -> torch.BoolTensor [B]
+
+Both entry points run the same pipeline (``_select_core``) and the same policy functions (``POLICIES``);
+``select`` works over a whole score store (optionally per group), ``keep_mask`` over one batch.
+
+Semantics (applied identically by every policy, per group -- or per batch for ``keep_mask``):
+
+* **n** is the number of samples in the group / batch (the paper's B), *including* samples that are
+  later excluded. Every count is ``target = ⌊ratio·n⌋``, computed exactly from the decimal the ratio
+  prints as (``Fraction(repr(ratio))``), so ``0.29·100`` gives 29, not the 28 that float
+  arithmetic would give. When fewer candidates than ``target`` exist, all candidates are kept (the
+  count is capped; ``summary["target"]`` records the uncapped value).
+* **Validity.** A sample whose norm, loss or ranking key is NaN/±inf is never kept; the count is in
+  ``summary["nonfinite"]``. Loss statistics are taken over valid samples only.
+* **Loss filter** (step 1 of the paper; ``loss_filter_std=None`` disables it). It is a pre-filter
+  common to *all* policies, so ablations (``keep_top``, ``random``, ...) differ from ``median_band``
+  only in the norm criterion. Survivors are the valid samples with
+  ``|loss − mean| <= loss_filter_std · std`` (population std, ddof=0, inclusive, with a 1e-9
+  relative tolerance so identical losses -- std 0 -- all pass despite rounding in the mean).
+* **Ranking key**: the norm, or with ``length_normalize`` the norm divided by the target-token count
+  (``True``/``"tokens"``) or by its square root (``"sqrt"``); token counts below 1 are treated as 1
+  (a zero-token sample has no loss terms and a zero gradient, so its key stays its norm). The loss
+  filter never uses the key; ``band``/``threshold`` edges apply to the key.
+* **Ties** are broken deterministically by a stable sort on (key, then input position): earlier
+  samples win a tie for a kept slot.
+* **Policies** (``POLICIES``, extend with ``register_policy``), each on the survivors:
+
+  ``median_band``  keep the ``target`` survivors whose key is closest to the survivors' median
+                   (``np.median``: mean of the two middle values for an even count). The paper's rule.
+  ``keep_bottom``  keep the ``target`` lowest keys.
+  ``keep_top``     keep the ``target`` highest keys (the high-gradient ablation).
+  ``drop_top``     drop the ``target`` highest keys and keep the rest, i.e. ``n − ⌊ratio·n⌋`` samples
+                   when nothing is invalid or loss-filtered (the dropped count rounds down).
+  ``band``         (``low_q``, ``high_q``) keep keys within ``[quantile(low_q), quantile(high_q)]`` of
+                   the survivors' keys (``np.quantile``, linear interpolation, inclusive; ties are kept
+                   or dropped together). ``ratio`` is ignored.
+  ``threshold``    (``max_norm``) keep keys ``<= max_norm``. ``ratio`` is ignored.
+  ``random``       keep ``target`` survivors uniformly at random (``numpy.random.default_rng(seed)``;
+                   with ``group_by``, group ``g`` -- numbered by first appearance -- uses
+                   ``default_rng([seed, g])``; a ``numpy.random.Generator`` passed as ``seed`` is used
+                   as is). Same kept count as ``median_band`` at the same ratio.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Selection",
+    "select",
+    "keep_mask",
+    "POLICIES",
+    "register_policy",
+    "policy_names",
+    "target_count",
+]
+
+# A policy takes the survivors' ranking keys (1-D float64, input order) and returns a bool mask over
+# them plus a dict of its own figures. ``n`` is the group/batch size, ``ratio`` the validated ratio,
+# ``rng`` a numpy Generator; extra keyword-only parameters are the policy's own (``policy_kwargs``).
+PolicyFn = Callable[..., Tuple[np.ndarray, Dict[str, Any]]]
+POLICIES: Dict[str, PolicyFn] = {}
+_CORE_PARAMS = ("key", "n", "ratio", "rng")
+
+
+def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
+    """Decorator adding a policy ``fn(key, *, n, ratio, rng, **own_params) -> (mask, stats)``."""
+
+    def deco(fn: PolicyFn) -> PolicyFn:
+        POLICIES[name] = fn
+        return fn
+
+    return deco
+
+
+def policy_names() -> List[str]:
+    return sorted(POLICIES)
+
+
+def target_count(ratio: float, n: int) -> int:
+    """⌊ratio·n⌋, exact for the decimal the ratio prints as (0.29·100 -> 29)."""
+    return int(math.floor(Fraction(repr(float(ratio))) * int(n)))
+
+
+@dataclass
+class Selection:
+    """Outcome of :func:`select`: ids in ascending order, a summary dict, and the mask in input order."""
+
+    kept_ids: np.ndarray
+    dropped_ids: np.ndarray
+    summary: Dict[str, Any]
+    kept_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.kept_ids.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# policies (the only place policy logic lives; shared by select and keep_mask)
+
+
+def _stable_order(values: np.ndarray) -> np.ndarray:
+    return np.argsort(values, kind="stable")
+
+
+def _edges(key: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
+    kept = key[mask]
+    if kept.size == 0:
+        return {"kept_key_min": math.nan, "kept_key_max": math.nan}
+    return {"kept_key_min": float(kept.min()), "kept_key_max": float(kept.max())}
+
+
+@register_policy("median_band")
+def _median_band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
+    target = target_count(ratio, n)
+    mask = np.zeros(key.shape[0], dtype=bool)
+    if key.size == 0:
+        return mask, {"target": target, "median": math.nan, "max_kept_distance": math.nan}
+    median = float(np.median(key))
+    dist = np.abs(key - median)
+    mask[_stable_order(dist)[: min(target, key.size)]] = True
+    stats = {"target": target, "median": median}
+    stats["max_kept_distance"] = float(dist[mask].max()) if mask.any() else math.nan
+    stats.update(_edges(key, mask))  # the band actually kept: [kept_key_min, kept_key_max]
+    return mask, stats
+
+
+@register_policy("keep_bottom")
+def _keep_bottom(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
+    target = target_count(ratio, n)
+    mask = np.zeros(key.shape[0], dtype=bool)
+    mask[_stable_order(key)[: min(target, key.size)]] = True
+    return mask, {"target": target, **_edges(key, mask)}
+
+
+@register_policy("keep_top")
+def _keep_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
+    target = target_count(ratio, n)
+    mask = np.zeros(key.shape[0], dtype=bool)
+    mask[_stable_order(-key)[: min(target, key.size)]] = True  # highest first, earlier position on ties
+    return mask, {"target": target, **_edges(key, mask)}
+
+
+@register_policy("drop_top")
+def _drop_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
+    n_drop = target_count(ratio, n)
+    mask = np.zeros(key.shape[0], dtype=bool)
+    mask[_stable_order(key)[: max(key.size - n_drop, 0)]] = True  # later positions dropped first on ties
+    return mask, {"target_dropped": n_drop, **_edges(key, mask)}
+
+
+@register_policy("band")
+def _band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, low_q: float, high_q: float):
+    low_q, high_q = float(low_q), float(high_q)
+    if not (0.0 <= low_q <= high_q <= 1.0):
+        raise ValueError(f"band policy needs 0 <= low_q <= high_q <= 1, got low_q={low_q}, high_q={high_q}")
+    if key.size == 0:
+        return np.zeros(0, dtype=bool), {"low_q": low_q, "high_q": high_q, "band_low": math.nan, "band_high": math.nan}
+    lo, hi = (float(v) for v in np.quantile(key, [low_q, high_q]))
+    mask = (key >= lo) & (key <= hi)
+    return mask, {"low_q": low_q, "high_q": high_q, "band_low": lo, "band_high": hi}
+
+
+@register_policy("threshold")
+def _threshold(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, max_norm: float):
+    max_norm = float(max_norm)
+    if math.isnan(max_norm):
+        raise ValueError("threshold policy needs a max_norm that is not NaN")
+    return key <= max_norm, {"max_norm": max_norm}
+
+
+@register_policy("random")
+def _random(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
+    target = target_count(ratio, n)
+    mask = np.zeros(key.shape[0], dtype=bool)
+    k = min(target, key.size)
+    if k:
+        mask[rng.choice(key.size, size=k, replace=False)] = True
+    return mask, {"target": target}
+
+
+def _resolve_policy(policy: str, policy_kwargs: Mapping) -> Tuple[PolicyFn, Dict[str, Any]]:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown selection policy {policy!r}; known policies: {', '.join(policy_names())}")
+    fn = POLICIES[policy]
+    params = inspect.signature(fn).parameters
+    own = [p for p in params if p not in _CORE_PARAMS and params[p].kind == inspect.Parameter.KEYWORD_ONLY]
+    has_var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(policy_kwargs) - set(own))
+    if unknown and not has_var_kw:
+        raise ValueError(
+            f"policy {policy!r} does not take parameter(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(own) if own else 'no extra parameters'}"
+        )
+    missing = [p for p in own if params[p].default is inspect.Parameter.empty and p not in policy_kwargs]
+    if missing:
+        raise ValueError(f"policy {policy!r} needs parameter(s) {', '.join(missing)} (pass them as keyword arguments)")
+    return fn, dict(policy_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# input handling
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor, any device / dtype (bf16 included)
+        t = x.detach().cpu()
+        if t.is_floating_point():
+            t = t.double()
+        return t.numpy()
+    return np.asarray(x)
+
+
+def _as_float_1d(x: Any, name: str) -> np.ndarray:
+    arr = _to_numpy(x)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
+    try:
+        return arr.astype(np.float64, copy=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numeric: {e}") from None
+
+
+def _check_ratio(ratio: float) -> float:
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}") from None
+    if not (0.0 <= r <= 1.0):  # also rejects NaN
+        raise ValueError(f"ratio must be in [0, 1] (the fraction of each group/batch to keep), got {ratio!r}")
+    return r
+
+
+def _check_loss_filter(k: Optional[float]) -> Optional[float]:
+    if k is None:
+        return None
+    k = float(k)
+    if not (k >= 0.0) or math.isinf(k):
+        raise ValueError(f"loss_filter_std must be a finite number >= 0 or None, got {k!r}")
+    return k
+
+
+def _length_mode(length_normalize: Union[bool, str, None]) -> Optional[str]:
+    if length_normalize is None or length_normalize is False:
+        return None
+    if length_normalize is True:
+        return "tokens"
+    if isinstance(length_normalize, str):
+        m = length_normalize.strip().lower()
+        if m in ("", "none", "false", "off"):
+            return None
+        if m in ("tokens", "true", "linear"):
+            return "tokens"
+        if m in ("sqrt", "sqrt_tokens", "sqrt-tokens"):
+            return "sqrt"
+    raise ValueError(f"length_normalize must be False, True/'tokens' (norm / tokens) or 'sqrt' (norm / sqrt(tokens)), got {length_normalize!r}")
+
+
+def _get(obj: Any, name: str) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _fields_of(obj: Any) -> Optional[Mapping]:
+    fields = getattr(obj, "fields", None)
+    if callable(fields) and not isinstance(fields, Mapping):
+        try:
+            fields = fields()
+        except TypeError:
+            return None
+    return fields if isinstance(fields, Mapping) else None
+
+
+def _resolve_groups(obj: Any, group_by: Any) -> Optional[np.ndarray]:
+    if group_by is None:
+        return None
+    if isinstance(group_by, str):
+        if isinstance(obj, Mapping):
+            if group_by not in obj:
+                raise ValueError(f"cannot group by {group_by!r}: no such key (keys: {', '.join(map(str, obj))})")
+            return _to_numpy(obj[group_by])
+        fields = _fields_of(obj)
+        if fields is not None and group_by in fields:
+            return _to_numpy(fields[group_by])
+        value = getattr(obj, group_by, None)
+        if value is not None and not callable(value):
+            return _to_numpy(value)
+        avail = f"available fields: {', '.join(map(str, fields))}" if fields else "the input exposes no per-record fields"
+        raise ValueError(f"cannot group by {group_by!r}: {type(obj).__name__} has no field or attribute of that name ({avail})")
+    return _to_numpy(group_by)
+
+
+def _columns(obj: Any, group_by: Any) -> Dict[str, Optional[np.ndarray]]:
+    norms, losses = _get(obj, "norms"), _get(obj, "losses")
+    if norms is None or losses is None:
+        raise ValueError(f"select needs per-sample 'norms' and 'losses'; {type(obj).__name__} lacks them")
+    norms = _as_float_1d(norms, "norms")
+    n = norms.shape[0]
+    cols: Dict[str, Optional[np.ndarray]] = {"norms": norms, "losses": _as_float_1d(losses, "losses")}
+    tokens = _get(obj, "tokens")
+    cols["tokens"] = None if tokens is None else _as_float_1d(tokens, "tokens")
+    ids = _get(obj, "ids")
+    cols["ids"] = np.arange(n) if ids is None else _to_numpy(ids)
+    groups = _resolve_groups(obj, group_by)
+    if groups is not None and groups.ndim != 1:
+        raise ValueError(f"group labels must be 1-D, got shape {tuple(groups.shape)}")
+    cols["groups"] = groups
+    return cols
+
+
+def _check_lengths(cols: Mapping[str, Optional[np.ndarray]]) -> int:
+    n = cols["norms"].shape[0]
+    bad = {k: v.shape[0] for k, v in cols.items() if v is not None and v.shape[0] != n}
+    if bad:
+        raise ValueError(f"per-sample arrays must all have length {n} (that of norms); got " + ", ".join(f"{k}: {m}" for k, m in bad.items()))
+    return n
+
+
+def _check_ids(ids: np.ndarray) -> None:
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+    try:
+        uniq, counts = np.unique(ids, return_counts=True)
+    except TypeError:
+        raise ValueError("ids must be mutually comparable (all integers or all strings)") from None
+    if uniq.shape[0] != ids.shape[0]:
+        dup = uniq[counts > 1][:5].tolist()
+        raise ValueError(f"ids must be unique; duplicated: {dup}{' ...' if (counts > 1).sum() > 5 else ''}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared pipeline
+
+
+def _ranking_key(norms: np.ndarray, tokens: Optional[np.ndarray], mode: Optional[str]) -> np.ndarray:
+    if mode is None:
+        return norms
+    t = np.maximum(tokens, 1.0)  # tokens < 1 -> 1; NaN tokens stay NaN (sample becomes invalid)
+    return norms / (t if mode == "tokens" else np.sqrt(t))
+
+
+def _select_group(
+    norms: np.ndarray,
+    losses: np.ndarray,
+    key: np.ndarray,
+    fn: PolicyFn,
+    kwargs: Mapping,
+    ratio: float,
+    loss_filter_std: Optional[float],
+    rng: np.random.Generator,
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    n = norms.shape[0]
+    valid = np.isfinite(norms) & np.isfinite(losses) & np.isfinite(key)
+    stats: Dict[str, Any] = {"n": n, "nonfinite": int(n - valid.sum())}
+    if loss_filter_std is None:
+        survivors = valid
+        stats.update(loss_mean=math.nan, loss_std=math.nan, loss_low=-math.inf, loss_high=math.inf)
+    else:
+        lv = losses[valid]
+        mu = float(lv.mean()) if lv.size else math.nan
+        sd = float(lv.std()) if lv.size else math.nan
+        half = loss_filter_std * sd
+        tol = 1e-9 * (abs(mu) + sd) if lv.size else 0.0
+        with np.errstate(invalid="ignore"):
+            survivors = valid & (np.abs(losses - mu) <= half + tol)
+        stats.update(loss_mean=mu, loss_std=sd, loss_low=mu - half, loss_high=mu + half)
+    stats["loss_filtered"] = int(valid.sum() - survivors.sum())
+    stats["survivors"] = int(survivors.sum())
+    pos = np.flatnonzero(survivors)
+    sub_mask, pstats = fn(key[pos], n=n, ratio=ratio, rng=rng, **kwargs)
+    sub_mask = np.asarray(sub_mask, dtype=bool)
+    if sub_mask.shape != pos.shape:
+        raise RuntimeError(f"policy returned a mask of shape {sub_mask.shape} for {pos.shape[0]} survivors")
+    mask = np.zeros(n, dtype=bool)
+    mask[pos[sub_mask]] = True
+    stats.update(pstats)
+    stats["kept"] = int(mask.sum())
+    stats["dropped"] = int(n - stats["kept"])
+    return mask, stats
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 2:
+        return math.nan
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
+    if den == 0.0 or not math.isfinite(den):
+        return math.nan
+    return float(np.clip((xc * yc).sum() / den, -1.0, 1.0))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    avg = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    return avg[inv.reshape(-1)]
+
+
+def _length_diagnostics(norms: np.ndarray, key: np.ndarray, tokens: Optional[np.ndarray], mask: np.ndarray, mode: Optional[str]) -> Dict[str, Any]:
+    if tokens is None:
+        return {}
+    ok = np.isfinite(norms) & np.isfinite(tokens)
+    out: Dict[str, Any] = {
+        "norm_tokens_pearson": _pearson(norms[ok], tokens[ok]),
+        "norm_tokens_spearman": _pearson(_average_ranks(norms[ok]), _average_ranks(tokens[ok])) if ok.any() else math.nan,
+    }
+    if mode is not None:
+        okk = np.isfinite(key) & np.isfinite(tokens)
+        out["key_tokens_spearman"] = _pearson(_average_ranks(key[okk]), _average_ranks(tokens[okk])) if okk.any() else math.nan
+    tok_ok = np.isfinite(tokens)
+    kept_t, drop_t = tokens[mask & tok_ok], tokens[~mask & tok_ok]
+    out["mean_tokens_kept"] = float(kept_t.mean()) if kept_t.size else math.nan
+    out["mean_tokens_dropped"] = float(drop_t.mean()) if drop_t.size else math.nan
+    return out
+
+
+def _group_index(labels: np.ndarray) -> List[Tuple[Any, np.ndarray]]:
+    """Groups in order of first appearance: [(label, positions)]. Missing labels (None, NaN) form one
+    group labelled None."""
+    buckets: Dict[Any, List[int]] = {}
+    for i, lab in enumerate(labels.tolist()):
+        if isinstance(lab, float) and math.isnan(lab):
+            lab = None
+        buckets.setdefault(lab, []).append(i)
+    return [(lab, np.asarray(idx, dtype=np.int64)) for lab, idx in buckets.items()]
+
+
+_SUMMED = ("n", "kept", "dropped", "nonfinite", "loss_filtered", "survivors", "target", "target_dropped")
+
+
+def _select_core(
+    cols: Mapping[str, Optional[np.ndarray]],
+    policy: str,
+    ratio: float,
+    loss_filter_std: Optional[float],
+    seed: Union[int, None, np.random.Generator],
+    length_normalize: Union[bool, str, None],
+    policy_kwargs: Mapping,
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    fn, kwargs = _resolve_policy(policy, policy_kwargs)
+    ratio = _check_ratio(ratio)
+    loss_filter_std = _check_loss_filter(loss_filter_std)
+    mode = _length_mode(length_normalize)
+    n = _check_lengths(cols)
+    norms, losses, tokens, groups = cols["norms"], cols["losses"], cols.get("tokens"), cols.get("groups")
+    if mode is not None and tokens is None:
+        raise ValueError("length_normalize needs per-sample token counts ('tokens'), but none were given")
+    key = _ranking_key(norms, tokens, mode)
+
+    summary: Dict[str, Any] = {
+        "policy": policy,
+        "ratio": ratio,
+        "loss_filter_std": loss_filter_std,
+        "length_normalize": mode or False,
+        "seed": "<Generator>" if isinstance(seed, np.random.Generator) else seed,
+        "policy_kwargs": dict(kwargs),
+        "group_by": None,
+    }
+    if groups is None:
+        mask, stats = _select_group(norms, losses, key, fn, kwargs, ratio, loss_filter_std, np.random.default_rng(seed))
+        summary.update(stats)
+    else:
+        mask = np.zeros(n, dtype=bool)
+        per_group: Dict[str, Dict[str, Any]] = {}
+        totals = {k: 0 for k in _SUMMED}
+        present = set()
+        for g, (label, idx) in enumerate(_group_index(groups)):
+            if isinstance(seed, np.random.Generator):
+                rng = seed  # shared generator: groups draw from it in turn
+            else:
+                rng = np.random.default_rng(None if seed is None else [seed, g])
+            gmask, gstats = _select_group(norms[idx], losses[idx], key[idx], fn, kwargs, ratio, loss_filter_std, rng)
+            mask[idx] = gmask
+            gstats["label"] = label
+            per_group[str(label)] = gstats
+            for k in _SUMMED:
+                if k in gstats:
+                    totals[k] += int(gstats[k])
+                    present.add(k)
+        summary.update({k: totals[k] for k in _SUMMED if k in present})
+        summary["n"], summary["kept"], summary["dropped"] = n, int(mask.sum()), int(n - mask.sum())
+        summary["n_groups"] = len(per_group)
+        summary["groups"] = per_group
+    summary.update(_length_diagnostics(norms, key, tokens, mask, mode))
+    log.debug(
+        "select %s ratio=%s: kept %d of %d (%d non-finite, %d loss-filtered)",
+        policy, ratio, summary["kept"], n, summary.get("nonfinite", 0), summary.get("loss_filtered", 0),
+    )
+    return mask, summary
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def select(
+    store_or_scores: Any,
+    policy: str = "median_band",
+    ratio: float = 0.2,
+    loss_filter_std: Optional[float] = 1.0,
+    group_by: Any = None,
+    seed: Union[int, None, np.random.Generator] = 0,
+    length_normalize: Union[bool, str, None] = False,
+    **policy_kwargs: Any,
+) -> Selection:
+    """Select samples from scored data with a policy (see the module docstring for the exact rules).
+
+    ``store_or_scores``: anything with ``norms`` and ``losses`` (optional ``ids``, ``tokens``) as
+    attributes (``ScoreResult``, ``ScoreStore``) or mapping keys; torch tensors or array-likes. Ids
+    default to positions ``0..n-1``. ``group_by``: ``None`` (one global group), an array-like of n
+    group labels, or a name looked up as a mapping key, in ``obj.fields`` (a mapping column -> array,
+    or a zero-argument method returning one) or as an attribute. Selection then runs within each
+    group; ``summary["groups"]`` holds each group's figures and the top-level counts are totals.
+    ``policy_kwargs`` are the policy's own parameters (``low_q``/``high_q`` for ``band``,
+    ``max_norm`` for ``threshold``).
+
+    Returns a :class:`Selection` whose ``kept_ids``/``dropped_ids`` are sorted ascending and whose
+    ``kept_mask`` is in input order.
+    """
+    cols = _columns(store_or_scores, group_by)
+    ids = cols["ids"]
+    _check_ids(ids)
+    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs)
+    if isinstance(group_by, str):
+        summary["group_by"] = group_by
+    elif group_by is not None:
+        summary["group_by"] = "<labels>"
+    return Selection(kept_ids=np.sort(ids[mask], kind="stable"), dropped_ids=np.sort(ids[~mask], kind="stable"), summary=summary, kept_mask=mask)
+
+
+def keep_mask(
+    norms: Any,
+    losses: Any,
+    policy: str = "median_band",
+    ratio: float = 0.2,
+    loss_filter_std: Optional[float] = 1.0,
+    tokens: Any = None,
+    seed: Union[int, None, np.random.Generator] = 0,
+    length_normalize: Union[bool, str, None] = False,
+    return_summary: bool = False,
+    **policy_kwargs: Any,
+):
+    """Per-batch selection for in-step filtering: the same policy logic as :func:`select` on one batch
+    (n = B, no groups). Accepts torch tensors on any device (or array-likes); returns a
+    ``torch.BoolTensor`` of shape ``[B]`` on ``norms``' device (CPU for non-tensors), and with
+    ``return_summary=True`` the pair ``(mask, summary)``. The batch is copied to the host to decide.
+
+    ``seed`` only matters for ``policy="random"``: an int re-seeds on every call, so a training loop
+    should pass a per-step seed (e.g. ``seed=step``) or one shared ``numpy.random.Generator``.
+    """
+    import torch
+
+    device = norms.device if isinstance(norms, torch.Tensor) else torch.device("cpu")
+    cols = {
+        "norms": _as_float_1d(norms, "norms"),
+        "losses": _as_float_1d(losses, "losses"),
+        "tokens": None if tokens is None else _as_float_1d(tokens, "tokens"),
+    }
+    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs)
+    out = torch.from_numpy(mask).to(device)
+    return (out, summary) if return_summary else out
