@@ -1,0 +1,123 @@
+"""Shared model and batch builders (random init from configs, no downloads)."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import gradsel_core as gs
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+VOCAB = 61
+
+
+def tiny_gpt(**kw) -> gs.models.TinyGPT:
+    cfg = dict(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, max_seq_len=16)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return gs.models.TinyGPT(gs.models.TinyGPTConfig(**cfg))
+
+
+def hf_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def peft_llama():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        hf_llama(),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "embed_tokens"]),
+    )
+    # PEFT inits lora_B to zero; give every factor a non-zero value so norms are not trivially 0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+class Classifier(nn.Module):
+    """A small sequence classifier: mean-pooled embeddings -> MLP -> class logits."""
+
+    def __init__(self, vocab=VOCAB, d=16, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.norm = nn.LayerNorm(d)
+        self.hidden = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.emb(input_ids)  # (B, T, d)
+        m = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pooled = (x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)  # (B, d)
+        return self.head(torch.tanh(self.hidden(self.norm(pooled))))  # (B, classes)
+
+
+def classifier_loss(outputs, batch):
+    return nn.functional.cross_entropy(outputs, batch["labels"], reduction="none")
+
+
+def lm_batch(B=4, T=10, seed=1, padding=True, vocab=VOCAB):
+    """Variable lengths: right padding, one zero-target sample, left padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padding and B >= 2:
+        mask[1, T // 2:] = 0  # right padding
+    if padding and B >= 3:
+        mask[2, 1:] = 0  # a single token: no target
+    if padding and B >= 4:
+        mask[3, :2] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+MODEL_BUILDERS = {
+    "tinygpt": lambda: tiny_gpt(),
+    "tinygpt_tied": lambda: tiny_gpt(tie_weights=True, pad_token_id=0),
+    "gpt2": hf_gpt2,
+    "llama": hf_llama,
+    "peft_llama": peft_llama,
+}
+
+_CACHE = {}
+
+
+def build(name):
+    if name not in _CACHE:
+        _CACHE[name] = MODEL_BUILDERS[name]()
+    return copy.deepcopy(_CACHE[name])
+
+
+@pytest.fixture(params=list(MODEL_BUILDERS))
+def lm_name(request):
+    return request.param
+
+
+def assert_close_rel(a, b, rtol, what=""):
+    a, b = a.double(), b.double()
+    scale = b.abs().max().clamp(min=1e-12)
+    err = ((a - b).abs().max() / scale).item()
+    assert err <= rtol, f"{what}: max relative error {err:.3g} > {rtol:g}\n{a}\n{b}"
