@@ -6,7 +6,9 @@ selection built on them (arXiv 2604.17215, "Continual Safety Alignment via Gradi
 """
 from . import models
 from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
+from .filtered import FilteredBackward, FilteredResult, filtered_backward
 from .rules import ModuleCall, UnsupportedModule, register_norm_rule
+from .selection import Selection, keep_mask, select
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,12 @@ __all__ = [
     "register_norm_rule",
     "ModuleCall",
     "UnsupportedModule",
+    "select",
+    "keep_mask",
+    "Selection",
+    "filtered_backward",
+    "FilteredBackward",
+    "FilteredResult",
     "models",
     "__version__",
 ]

@@ -51,7 +51,8 @@ class Factor:
         """(B, *shape) explicit per-sample gradients (only for rare cross terms and tests)."""
         raise NotImplementedError
 
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Σ_k w_k ∇_{index_k} (all samples when ``index`` is None), in the parameter's shape."""
         raise NotImplementedError
 
     def inner(self, other: "Factor") -> torch.Tensor:
@@ -84,8 +85,9 @@ class Dense(Factor):
     def dense(self) -> torch.Tensor:
         return self.g
 
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("b,b...->...", w.to(_acc(self.g)), self.g.to(_acc(self.g)))
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        g = self.g if index is None else self.g[index]
+        return torch.einsum("b,b...->...", w.to(_acc(g)), g.to(_acc(g)))
 
 
 @dataclass
@@ -103,15 +105,19 @@ class RowSum(Factor):
             return dispatch.rowsum_sq(self.G, use_triton)
         return dispatch.weighted_rowsum_sq(self.X, self.G, use_triton)
 
-    def _rows(self) -> torch.Tensor:
-        acc = _acc(self.G)
-        return self.G.to(acc) if self.X is None else self.X.to(acc) * self.G.to(acc)  # (B, T, p)
+    def _rows(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        G = self.G if index is None else self.G[index]
+        acc = _acc(G)
+        if self.X is None:
+            return G.to(acc)
+        X = self.X if index is None else self.X[index]
+        return X.to(acc) * G.to(acc)  # (B, T, p)
 
     def dense(self) -> torch.Tensor:
         return self._rows().sum(1).reshape(-1, *self.shape)  # (B, *shape)
 
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        rows = self._rows()
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows = self._rows(index)
         return torch.einsum("b,btp->p", w.to(rows.dtype), rows).reshape(self.shape)
 
 
@@ -137,10 +143,11 @@ class Outer(Factor):
         g = torch.einsum("btp,btd->bpd", self.G.to(acc), self.A.to(acc))  # (B, p, d)
         return g.transpose(1, 2) if self.transposed else g
 
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         acc = _acc(self.A, self.G)
-        G = self.G.to(acc) * w.to(acc)[:, None, None]  # (B, T, p)
-        A = self.A.to(acc)  # (B, T, d)
+        A, G = (self.A, self.G) if index is None else (self.A[index], self.G[index])
+        G = G.to(acc) * w.to(acc)[:, None, None]  # (K, T, p)
+        A = A.to(acc)  # (K, T, d)
         g = G.reshape(-1, G.shape[-1]).t() @ A.reshape(-1, A.shape[-1])  # (p, d): one matmul
         return g.t() if self.transposed else g
 
@@ -158,10 +165,11 @@ class EmbRows(Factor):
         d = self.G.shape[-1]
         return (d, self.num_rows) if self.transposed else (self.num_rows, d)
 
-    def _g(self) -> torch.Tensor:
-        g = self.G.to(_acc(self.G))
+    def _g(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        G, ids = (self.G, self.ids) if index is None else (self.G[index], self.ids[index])
+        g = G.to(_acc(G))
         if self.padding_idx is not None:
-            g = g * (self.ids != self.padding_idx).unsqueeze(-1).to(g.dtype)
+            g = g * (ids != self.padding_idx).unsqueeze(-1).to(g.dtype)
         return g  # (B, T, d)
 
     def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
@@ -174,11 +182,12 @@ class EmbRows(Factor):
         out.scatter_add_(1, self.ids.long().unsqueeze(-1).expand(B, T, d), g)  # (B, V, d)
         return out.transpose(1, 2) if self.transposed else out
 
-    def weighted_sum(self, w: torch.Tensor) -> torch.Tensor:
-        g = self._g() * w.to(_acc(self.G))[:, None, None]  # (B, T, d)
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        ids = self.ids if index is None else self.ids[index]
+        g = self._g(index) * w.to(_acc(self.G))[:, None, None]  # (K, T, d)
         d = g.shape[-1]
         out = torch.zeros(self.num_rows, d, dtype=g.dtype, device=g.device)
-        out.index_add_(0, self.ids.reshape(-1).long(), g.reshape(-1, d))  # (V, d)
+        out.index_add_(0, ids.reshape(-1).long(), g.reshape(-1, d))  # (V, d)
         return out.t() if self.transposed else out
 
 

@@ -233,7 +233,7 @@ class GhostCapture:
 
     def _add(self, name: str, f: Factor) -> None:
         if self.keep_factors or self.uses.get(name, 0) > 1:
-            self.factors.setdefault(name, []).append(f)
+            self.factors.setdefault(name, []).append(f)  # reduced once all uses have arrived
             return
         sq = f.sq_norm(self.use_triton)
         self.sq[name] = sq if name not in self.sq else self.sq[name] + sq
@@ -259,9 +259,8 @@ class GhostCapture:
             if rec.plan.rule is None:
                 for local, g in _fallback_grads(rec, self).items():
                     self._add(rec.plan.names[local], Dense(g))
-        if not self.keep_factors:
-            for name, fs in self.factors.items():
-                self.sq[name] = shared_sq_norm(fs, self.use_triton)
+        for name, fs in self.factors.items():
+            self.sq[name] = shared_sq_norm(fs, self.use_triton)
 
     def per_param_sq(self, params: Dict[str, nn.Parameter], device: torch.device) -> Dict[str, torch.Tensor]:
         acc = acc_dtype(params)
