@@ -1,0 +1,420 @@
+"""A thin continual trainer: tasks in sequence, gradient-based selection, evaluation after each task.
+
+Per task:
+1. Select: ``mode="offline"`` scores the task's data with the current model (``score_dataset``) and keeps
+   what the policy keeps; ``mode="online"`` filters every batch in one backward (``FilteredBackward``).
+   ``selection=None`` trains on everything.
+2. Train: a fresh optimizer per task, ``epochs`` passes, ``grad_accum`` micro-batches per step.
+3. Evaluate every task seen so far (its metric) and the extra ``evaluators`` (e.g. the safety suite).
+
+Outputs in ``out_dir``: ``metrics.jsonl`` (training logs and one ``task_end`` line per task),
+``checkpoints/task-<i>.safetensors`` after each task, ``state.json`` (what is done, for resume), and the
+offline score stores under ``scores/``. Re-running with the same ``out_dir`` resumes after the last
+finished task.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .batching import per_sample_losses, prepare_batch
+from .params import ParamSpec, select_params
+
+log = logging.getLogger(__name__)
+
+Metric = Callable[[nn.Module, Sequence[Mapping[str, Any]]], float]
+Evaluator = Callable[[nn.Module], Mapping[str, float]]
+
+
+# -- configuration --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelectionConfig:
+    """Which samples to train on: a policy of ``gradsel_core.selection`` and its settings."""
+
+    policy: str = "median_band"
+    ratio: float = 0.2
+    loss_filter_std: Optional[float] = 1.0
+    group_by: Optional[str] = None  # offline only
+    length_normalize: Union[bool, str] = False
+    policy_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, spec: Union[None, "SelectionConfig", Mapping[str, Any], str]) -> Optional["SelectionConfig"]:
+        if spec is None or isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            return cls(policy=spec)
+        if isinstance(spec, Mapping):
+            unknown = set(spec) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"unknown selection settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            return cls(**spec)
+        raise TypeError(f"selection must be None, a SelectionConfig, a dict or a policy name, got {type(spec).__name__}")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters: PEFT when installed (``use_peft=None``), else the built-in wrapper. Both name
+    parameters as PEFT does (``<module>.lora_A.default.weight``), so ``params="lora"`` works on either."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[List[str]] = None  # default: every nn.Linear except the output head
+    use_peft: Optional[bool] = None
+
+
+@dataclass
+class Task:
+    """A task: train records (``input_ids``, optional ``labels``), eval records and a metric
+    (``"exact_match"``, ``"token_accuracy"``, or ``callable(model, records) -> float``, higher is better)."""
+
+    name: str
+    train: Sequence[Mapping[str, Any]]
+    eval: Sequence[Mapping[str, Any]] = ()
+    metric: Union[str, Metric] = "exact_match"
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + s · B(A(drop(x))), s = alpha / r, laid out as PEFT's ``lora.Linear``."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, adapter: str = "default"):
+        super().__init__()
+        self.base_layer = base
+        self.lora_dropout = nn.ModuleDict({adapter: nn.Dropout(dropout) if dropout > 0 else nn.Identity()})
+        self.lora_A = nn.ModuleDict({adapter: nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({adapter: nn.Linear(r, base.out_features, bias=False)})
+        self.scaling = {adapter: alpha / r}
+        self.adapter = adapter
+        nn.init.kaiming_uniform_(self.lora_A[adapter].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.adapter
+        return self.base_layer(x) + self.lora_B[a](self.lora_A[a](self.lora_dropout[a](x))) * self.scaling[a]
+
+
+def _default_targets(model: nn.Module) -> List[str]:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m is not out_emb and not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Add LoRA adapters to ``model`` (in place where possible) and freeze everything else."""
+    targets = cfg.target_modules or _default_targets(model)
+    use_peft = cfg.use_peft
+    if use_peft is None:
+        try:
+            import peft  # noqa: F401
+
+            use_peft = True
+        except ImportError:
+            use_peft = False
+    if use_peft:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import inject_adapter_in_model
+
+        model = inject_adapter_in_model(
+            PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets), model)
+    else:
+        for name, m in list(model.named_modules()):
+            for cname, child in list(m.named_children()):
+                if isinstance(child, nn.Linear) and cname in targets:
+                    setattr(m, cname, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
+    from .params import is_lora_name
+
+    found = False
+    for n, p in model.named_parameters():
+        p.requires_grad_(is_lora_name(n))
+        found |= is_lora_name(n)
+    if not found:
+        raise ValueError(f"LoRA targets {targets} match no nn.Linear of {type(model).__name__}")
+    return model
+
+
+# -- metrics ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_forced_scores(model: nn.Module, records: Sequence[Mapping[str, Any]], batch_size: int = 64,
+                          pad_id: int = 0) -> Dict[str, float]:
+    """Exact match (every target token is the argmax given the true prefix: the same as greedy decoding
+    reproducing the answer) and token accuracy over the records' target tokens (labels != -100)."""
+    from .batching import extract_logits
+    from .data import collate
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    exact = tok_ok = tok_n = n = 0
+    try:
+        for s in range(0, len(records), batch_size):
+            batch = {k: v.to(device) for k, v in collate(records[s:s + batch_size], pad_id).items()}
+            prepared = prepare_batch(batch, lm_loss=True)
+            logits = extract_logits(model(**prepared.model_inputs))  # (B, T, V)
+            pred = logits[:, :-1].argmax(-1)  # (B, T-1)
+            tgt = prepared.labels[:, 1:]  # (B, T-1)
+            valid = tgt != -100
+            ok = (pred == tgt) & valid
+            exact += int(((ok | ~valid).all(1) & valid.any(1)).sum())
+            tok_ok += int(ok.sum())
+            tok_n += int(valid.sum())
+            n += pred.shape[0]
+    finally:
+        model.train(was)
+    return {"exact_match": exact / max(1, n), "token_accuracy": tok_ok / max(1, tok_n)}
+
+
+def _metric(task: Task, pad_id: int) -> Metric:
+    if callable(task.metric):
+        return task.metric
+    if task.metric in ("exact_match", "token_accuracy"):
+        key = task.metric
+        return lambda model, records: teacher_forced_scores(model, records, pad_id=pad_id)[key]
+    raise ValueError(f"task {task.name}: metric {task.metric!r} is unknown; use 'exact_match', "
+                     "'token_accuracy' or a callable(model, records) -> float")
+
+
+# -- the trainer -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContinualResult:
+    tasks: List[str]
+    accuracy: List[List[float]]  # R[i][j]: metric of task j after training task i (NaN for j > i)
+    forgetting: Dict[str, float]
+    per_task: List[Dict[str, Any]]  # selection summary, train loss, evaluator metrics, wall time
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class ContinualTrainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Sequence[Task],
+        selection: Union[None, SelectionConfig, Mapping[str, Any], str] = None,
+        mode: str = "offline",
+        lora: Optional[LoRAConfig] = None,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        epochs: int = 1,
+        batch_size: int = 16,
+        grad_accum: int = 1,
+        evaluators: Union[Sequence[Evaluator], Mapping[str, Evaluator]] = (),
+        out_dir: Optional[str] = None,
+        seed: int = 0,
+        params: ParamSpec = "trainable",
+        max_grad_norm: Optional[float] = 1.0,
+        pad_id: int = 0,
+        log_every: int = 10,
+    ):
+        if mode not in ("offline", "online"):
+            raise ValueError(f"mode must be 'offline' or 'online', got {mode!r}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if not tasks:
+            raise ValueError("tasks is empty")
+        self.model = apply_lora(model, lora) if lora is not None else model
+        self.tasks = list(tasks)
+        self.selection = SelectionConfig.coerce(selection)
+        self.mode = mode
+        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.epochs, self.batch_size, self.grad_accum = epochs, batch_size, grad_accum
+        self.evaluators = dict(evaluators) if isinstance(evaluators, Mapping) else {
+            getattr(e, "__name__", f"eval{i}"): e for i, e in enumerate(evaluators)}
+        self.out_dir, self.seed, self.params_spec = out_dir, seed, params
+        self.max_grad_norm, self.pad_id, self.log_every = max_grad_norm, pad_id, log_every
+        self.params = select_params(self.model, params)
+        if out_dir:
+            os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.out_dir, *parts)
+
+    def _log(self, row: Mapping[str, Any]) -> None:
+        if self.out_dir:
+            with open(self._path("metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row, default=_jsonable) + "\n")
+
+    def _config_key(self) -> Dict[str, Any]:
+        return {"tasks": [t.name for t in self.tasks], "mode": self.mode,
+                "selection": asdict(self.selection) if self.selection else None, "lr": self.lr,
+                "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed}
+
+    def _load_state(self) -> Optional[Dict[str, Any]]:
+        if not self.out_dir or not os.path.exists(self._path("state.json")):
+            return None
+        with open(self._path("state.json")) as f:
+            state = json.load(f)
+        if state.get("config") != json.loads(json.dumps(self._config_key(), default=_jsonable)):
+            raise ValueError(f"{self.out_dir} holds a run with another configuration; use a new out_dir")
+        return state
+
+    def _save(self, i: int, state: Dict[str, Any]) -> None:
+        from safetensors.torch import save_model
+
+        from .store import atomic_write
+
+        ckpt = self._path("checkpoints", f"task-{i}.safetensors")
+        save_model(self.model, ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
+        state["checkpoint"] = ckpt
+        atomic_write(self._path("state.json"), json.dumps(state, default=_jsonable, indent=1).encode())
+
+    # -- the run --------------------------------------------------------------------------------------
+    def run(self) -> ContinualResult:
+        T = len(self.tasks)
+        R = [[float("nan")] * T for _ in range(T)]
+        per_task: List[Dict[str, Any]] = []
+        start = 0
+        state = self._load_state()
+        if state is not None:
+            from safetensors.torch import load_model
+
+            load_model(self.model, state["checkpoint"])
+            R, per_task, start = state["accuracy"], state["per_task"], state["done"]
+            log.info("resuming after task %d of %d from %s", start, T, state["checkpoint"])
+        for i in range(start, T):
+            task = self.tasks[i]
+            t0 = time.perf_counter()
+            records, sel_summary = self._select_offline(i, task)
+            train = self._train(i, task, records)
+            for j in range(i + 1):
+                R[i][j] = float(_metric(self.tasks[j], self.pad_id)(self.model, self.tasks[j].eval))
+            evals = {name: dict(fn(self.model)) for name, fn in self.evaluators.items()}
+            row = {"event": "task_end", "task": task.name, "index": i, "accuracy": R[i][: i + 1],
+                   "selection": sel_summary, "train": train, "evaluators": evals,
+                   "wall_s": time.perf_counter() - t0}
+            per_task.append(row)
+            self._log(row)
+            log.info("task %s: acc %s  %s", task.name, [round(v, 3) for v in R[i][: i + 1]], evals)
+            if self.out_dir:
+                self._save(i, {"config": self._config_key(), "done": i + 1, "accuracy": R, "per_task": per_task})
+        from .evaluation import forgetting_metrics
+
+        fm = forgetting_metrics(R)
+        forgetting = dict(fm.summary(), max_drop_task=fm.max_drop_task)
+        return ContinualResult([t.name for t in self.tasks], R, forgetting, per_task)
+
+    def _select_offline(self, i: int, task: Task):
+        records = [dict(r, id=k) for k, r in enumerate(task.train)]
+        if self.selection is None or self.mode == "online":
+            return records, {"kept": len(records), "n": len(records), "mode": self.mode if self.selection else "full"}
+        import tempfile
+
+        from .scoring import score_dataset
+        from .selection import select
+
+        cfg = self.selection
+        with tempfile.TemporaryDirectory() as tmp:
+            where = self._path("scores", f"task-{i}") if self.out_dir else tmp
+            store = score_dataset(self.model, records, where, batch_size=self.batch_size, params=self.params_spec,
+                                  progress=False, overwrite=True, pad_id=self.pad_id)
+            sel = select(store, policy=cfg.policy, ratio=cfg.ratio, loss_filter_std=cfg.loss_filter_std,
+                         group_by=cfg.group_by, seed=self.seed + i, length_normalize=cfg.length_normalize,
+                         **cfg.policy_kwargs)
+        kept = set(int(k) for k in sel.kept_ids)
+        summary = {k: v for k, v in sel.summary.items() if not isinstance(v, (list, dict))}
+        summary["norms"] = np.asarray(store.norms, dtype=float).tolist()
+        summary["kept_mask"] = [r["id"] in kept for r in records]
+        summary["mode"] = "offline"
+        return [r for r in records if r["id"] in kept], summary
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.params.values()]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def _train(self, i: int, task: Task, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+        from .data import collate
+        from .filtered import FilteredBackward
+
+        model = self.model
+        device = next(model.parameters()).device
+        opt = self._make_optimizer()
+        online = self.mode == "online" and self.selection is not None
+        fb = None
+        if online:
+            cfg = self.selection
+            fb = FilteredBackward(model, policy=cfg.policy, ratio=cfg.ratio, params=self.params_spec,
+                                  loss_filter_std=cfg.loss_filter_std, length_normalize=cfg.length_normalize,
+                                  **cfg.policy_kwargs)
+        gen = torch.Generator().manual_seed(self.seed * 1000 + i)
+        model.train()
+        step = micro = 0
+        losses: List[float] = []
+        kept = seen = 0
+        for epoch in range(self.epochs):
+            order = torch.randperm(len(records), generator=gen).tolist()
+            for s in range(0, len(order), self.batch_size):
+                chunk = [records[k] for k in order[s:s + self.batch_size]]
+                batch = {k: v.to(device) for k, v in collate(chunk, self.pad_id).items()}
+                if online:
+                    res = fb.step(batch, loss_scale=1.0 / self.grad_accum, seed=self.seed * 100003 + micro)
+                    kept += res.n_kept
+                    seen += len(chunk)
+                    if res.n_kept:
+                        losses.append(res.loss)
+                else:
+                    prepared = prepare_batch(batch, lm_loss=True)
+                    per, _ = per_sample_losses(model(**prepared.model_inputs), prepared, None, "mean")
+                    (per.mean() / self.grad_accum).backward()
+                    losses.append(float(per.mean().detach()))
+                    kept += len(chunk)
+                    seen += len(chunk)
+                micro += 1
+                if micro % self.grad_accum == 0:
+                    self._optimizer_step(opt)
+                    step += 1
+                    if step % self.log_every == 0:
+                        self._log({"event": "train", "task": task.name, "step": step, "epoch": epoch,
+                                   "loss": float(np.mean(losses[-self.log_every:])) if losses else None,
+                                   "kept_fraction": kept / max(1, seen)})
+        if micro % self.grad_accum:
+            self._optimizer_step(opt)
+            step += 1
+        model.eval()
+        offered = len(task.train) * self.epochs  # before any selection
+        return {"steps": step, "samples": seen, "kept": kept, "kept_fraction": kept / max(1, offered),
+                "mean_loss": float(np.mean(losses)) if losses else None}
+
+    def _optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None], self.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return str(v)
