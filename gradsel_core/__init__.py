@@ -8,6 +8,8 @@ from . import models
 from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
 from .filtered import FilteredBackward, FilteredResult, filtered_backward
 from .rules import ModuleCall, UnsupportedModule, register_norm_rule
+from .scoring import score_dataset
+from .store import ScoreStore, StoreConflictError, StoreError
 from .selection import Selection, keep_mask, select
 
 __version__ = "0.1.0"
@@ -19,6 +21,10 @@ __all__ = [
     "register_norm_rule",
     "ModuleCall",
     "UnsupportedModule",
+    "score_dataset",
+    "ScoreStore",
+    "StoreError",
+    "StoreConflictError",
     "select",
     "keep_mask",
     "Selection",

@@ -33,7 +33,7 @@ Multi-GPU and multi-node (``torch.distributed``)
         torchrun --nproc_per_node 8 -m gradsel_core.cli score --model DIR --data data.jsonl --out scores/
         # two nodes (run on each; out/ on a shared file system)
         torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \\
-            -m gradsel_core.cli score --model DIR --data data.jsonl --out /shared/scores/
+            --rdzv_id scores1 -m gradsel_core.cli score --model DIR --data data.jsonl --out /shared/scores/
 
     From Python: ``dist.init_process_group("nccl")``, ``torch.cuda.set_device(local_rank)``, put the
     model on ``cuda:local_rank`` and call ``score_dataset`` on every rank with the same arguments. All
@@ -348,14 +348,15 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
                 "(CLI: --overwrite) to replace them, or choose another directory."
             )
     if overwrite or not resume:
-        for name in store_files(out_dir):
+        removed = store_files(out_dir)
+        for name in removed:
             try:
                 os.unlink(os.path.join(out_dir, name))
             except OSError:
                 pass
         old = None
-        if overwrite:
-            log.info("overwrite: removed the previous store in %s", out_dir)
+        if removed:
+            log.info("%s: removed the previous store files in %s", "overwrite" if overwrite else "no resume", out_dir)
     if old is not None and old.get("complete") and resume:
         try:
             ScoreStore.open(out_dir, verify=True)
@@ -587,7 +588,7 @@ def score_dataset(
                 raise RuntimeError(f"rank 0 failed: {prep['error']}")
 
         if prep["complete"]:
-            store = ScoreStore.open(out_dir, verify=rank == 0)
+            store = ScoreStore.open(out_dir, verify=False)  # rank 0 has just verified it
             if rank == 0:
                 log.info("%s is complete already (%d records); nothing to score", out_dir, len(store))
             return store

@@ -1,0 +1,467 @@
+"""score_dataset and the score store: round trip, resume after SIGKILL, corruption, conflicts, torchrun,
+NaN handling, bucketing, ids."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradsel_core import GradNormEngine
+from gradsel_core.data import bucket_batches, collate, plan_batches
+from gradsel_core.models import TinyGPT, TinyGPTConfig
+from gradsel_core.scoring import score_dataset
+from gradsel_core.store import MANIFEST, ScoreStore, StoreConflictError, StoreError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKEND = "auto"
+
+# The worker runs in subprocesses (kill -9 / torchrun) and in-process (the reference run); the same code
+# builds the same model and records everywhere.
+WORKER = r'''
+import os, sys, time
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+from gradsel_core.models import TinyGPT, TinyGPTConfig
+
+DELAY = float(os.environ.get("GS_TEST_DELAY", "0"))
+
+
+class SlowGPT(TinyGPT):
+    """TinyGPT that sleeps in forward (once per batch), so a kill lands mid-run."""
+
+    def forward(self, *args, **kwargs):
+        if DELAY:
+            time.sleep(DELAY)
+        return super().forward(*args, **kwargs)
+
+
+def build():
+    torch.manual_seed(0)
+    model = SlowGPT(TinyGPTConfig(vocab_size=97, d_model=16, n_layer=1, n_head=2, max_seq_len=48))
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(200):
+        n = int(rng.integers(2, 40))
+        records.append({"id": f"s{i:03d}", "input_ids": rng.integers(1, 97, n).tolist(), "task": "ab"[i % 2]})
+    return model, records
+
+
+KW = dict(batch_size=4, shard_size=8, backend="auto", progress=False)
+
+if __name__ == "__main__":
+    from gradsel_core.scoring import score_dataset
+
+    distributed = len(sys.argv) > 2 and sys.argv[2] == "dist"
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    model, records = build()
+    store = score_dataset(model, records, sys.argv[1], **KW)
+    assert len(store) == len(records)
+    if distributed:
+        dist.destroy_process_group()
+'''
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster on a shared 2-core box, and matches the workers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    path = tmp_path_factory.mktemp("worker") / "gs_store_worker.py"
+    path.write_text(WORKER)
+    spec = importlib.util.spec_from_file_location("gs_store_worker", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.path = str(path)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def reference(worker, tmp_path_factory):
+    """An uninterrupted one-process run of the worker's job."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, records = worker.build()
+        out = tmp_path_factory.mktemp("ref") / "scores"
+        return score_dataset(model, records, str(out), **worker.KW)
+    finally:
+        torch.set_num_threads(n)
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def _shards(d):
+    return sorted(n for n in os.listdir(d) if n.startswith("shard-")) if os.path.isdir(d) else []
+
+
+def assert_same_store(a: ScoreStore, b: ScoreStore):
+    assert len(a) == len(b)
+    assert a.ids.tolist() == b.ids.tolist()
+    assert np.array_equal(a.norms, b.norms)
+    assert np.array_equal(a.losses, b.losses)
+    assert np.array_equal(a.tokens, b.tokens)
+    assert a.fields.keys() == b.fields.keys()
+    for k in a.fields:
+        assert a.fields[k].tolist() == b.fields[k].tolist()
+    if a.per_param is None:
+        assert b.per_param is None
+    else:
+        assert a.per_param.keys() == b.per_param.keys()
+        for k in a.per_param:
+            assert np.array_equal(a.per_param[k], b.per_param[k])
+
+
+def tiny(seed=0, vocab=50, **kw):
+    torch.manual_seed(seed)
+    return TinyGPT(TinyGPTConfig(vocab_size=vocab, d_model=16, n_layer=1, n_head=2, max_seq_len=48, **kw))
+
+
+def records(n=40, seed=0, vocab=50, ids=None, lo=2, hi=30):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        r = {"input_ids": rng.integers(1, vocab, int(rng.integers(lo, hi))).tolist()}
+        if ids is not None:
+            r["id"] = ids[i]
+        out.append(r)
+    return out
+
+
+KW = dict(batch_size=4, shard_size=8, backend=BACKEND, progress=False)
+
+
+# -- round trip ------------------------------------------------------------------------------------
+
+
+def test_round_trip_matches_engine_and_manifest(tmp_path):
+    model = tiny()
+    recs = records(24, ids=[f"doc-{i}" for i in range(24)])
+    for i, r in enumerate(recs):
+        r["source"] = "web" if i % 3 else "book"
+        r["score"] = i * 0.5
+        r["nested"] = {"ignored": True}
+    recs[5]["labels"] = [-100] * 3 + recs[5]["input_ids"][3:]
+    store = score_dataset(model, recs, str(tmp_path / "s"), per_param=True, **KW)
+    again = ScoreStore.open(str(tmp_path / "s"))
+    assert_same_store(store, again)
+    assert len(again) == 24
+    assert again.ids.tolist() == [f"doc-{i}" for i in range(24)]
+    assert again.fields["source"].tolist() == [r["source"] for r in recs]
+    assert again.fields["score"].dtype == np.float64 and "nested" not in again.fields
+    assert again.norms.dtype == np.float32 and again.tokens.dtype == np.int64
+    # in dataset order, and equal to scoring each record alone (padding-invariant up to fp error)
+    eng = GradNormEngine(model, backend=BACKEND, per_param=True)
+    for i, r in enumerate(recs):
+        b = collate([r], 0)
+        res = eng.score(b)
+        assert np.allclose(again.norms[i], res.norms.numpy(), rtol=1e-4, atol=1e-6)
+        assert np.allclose(again.losses[i], res.losses.numpy(), rtol=1e-5, atol=1e-6)
+        assert again.tokens[i] == int(res.tokens)
+    assert again.tokens[5] == len(recs[5]["input_ids"]) - 3  # labels given: the first 3 are -100 (1st never counts)
+    sq = sum(again.per_param.values())
+    assert np.allclose(sq, again.norms.astype(np.float64) ** 2, rtol=1e-4)
+    m = again.meta
+    assert m["complete"] and m["counts"]["records"] == 24 and m["counts"]["nonfinite"] == 0
+    assert m["model"]["content_sha256"] and m["model"]["params"][0]["name"] == "wte.weight"
+    assert m["config"]["backend"] == "auto" and m["config"]["backend_resolved"] in ("ghost", "vmap", "triton")
+    assert m["config"]["batch_size"] == 4
+    assert {"gradsel", "torch", "numpy", "safetensors"} <= set(m["versions"])
+    assert len(m["shards"]) == 3 and all(len(s["sha256"]) == 64 for s in m["shards"])
+    # nothing is stored with pickle: every data file is safetensors or JSON
+    for name in os.listdir(tmp_path / "s"):
+        assert name.endswith((".safetensors", ".json")) or name == ".lock", name
+
+
+def test_int_ids_positions_and_dataset_kinds(tmp_path):
+    model = tiny()
+    recs = records(10)
+    s1 = score_dataset(model, recs, str(tmp_path / "a"), **KW)
+    assert s1.ids.tolist() == list(range(10)) and s1.ids.dtype == np.int64
+    # given int ids kept; a generator; a duck-typed indexable (like datasets.Dataset); numpy/torch tokens
+    given_ids = [100 + 7 * i for i in range(10)]
+    s2 = score_dataset(model, (dict(r, id=i) for r, i in zip(recs, given_ids)), str(tmp_path / "b"), **KW)
+    assert s2.ids.tolist() == given_ids
+
+    class Indexable:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            r = self.rows[i]
+            return {"input_ids": torch.tensor(r["input_ids"]), "attention_mask": np.ones(len(r["input_ids"]), dtype=np.int64)}
+
+    s3 = score_dataset(model, Indexable(recs), str(tmp_path / "c"), **KW)
+    assert np.array_equal(s1.norms, s2.norms) and np.array_equal(s1.norms, s3.norms)
+    empty = score_dataset(model, [], str(tmp_path / "e"), **KW)
+    assert len(empty) == 0 and len(ScoreStore.open(str(tmp_path / "e"))) == 0
+
+
+def test_duplicate_and_mixed_ids(tmp_path):
+    model = tiny()
+    with pytest.raises(ValueError, match=r"duplicate ids: 'x'"):
+        score_dataset(model, records(4, ids=["x", "y", "x", "z"]), str(tmp_path / "d"), **KW)
+    with pytest.raises(ValueError, match="duplicate ids"):
+        score_dataset(model, records(4, ids=[0, 1, 1, 2]), str(tmp_path / "d"), **KW)
+    recs = records(3)
+    recs[1]["id"] = "named"  # the others take their positions (ints)
+    with pytest.raises(TypeError, match="all ints or all strs"):
+        score_dataset(model, recs, str(tmp_path / "d"), **KW)
+    with pytest.raises(ValueError, match="no 'input_ids'"):
+        score_dataset(model, [{"text": "hi"}], str(tmp_path / "d"), **KW)
+
+
+# -- resume -------------------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(worker, reference, tmp_path):
+    out = str(tmp_path / "scores")
+    n_shards = 25
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    log_lines = []
+
+    def start():
+        return subprocess.Popen(
+            [sys.executable, worker.path, out], env=_env(GS_TEST_DELAY="0.025"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def kill_after(k, extra_sleep=0.0):
+        p = start()
+        deadline = time.time() + 120
+        while len(_shards(out)) < k and p.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        if extra_sleep:
+            time.sleep(extra_sleep)
+        p.send_signal(signal.SIGKILL)
+        rc = p.wait()
+        err = p.stderr.read().decode()
+        log_lines.append((k, extra_sleep, rc, len(_shards(out))))
+        assert rc in (-signal.SIGKILL, 0), err
+
+    kill_after(2)
+    with pytest.raises(StoreError, match="incomplete"):
+        ScoreStore.open(out)
+    kill_after(len(_shards(out)) + 1, extra_sleep=rng.uniform(0.0, 0.3))  # a random moment
+    kill_after(min(len(_shards(out)) + 5, n_shards - 3))
+    print("kills (target, extra sleep, rc, shards after):", log_lines)
+    assert len(_shards(out)) < n_shards, log_lines
+    done = subprocess.run([sys.executable, worker.path, out], env=_env(), capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    final = ScoreStore.open(out)
+    assert_same_store(final, reference)
+    assert len(_shards(out)) == n_shards and not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert len(set(final.ids.tolist())) == 200, (seed, log_lines)
+
+
+def test_resume_skips_done_shards_and_removes_temp_files(tmp_path):
+    model = tiny()
+    recs = records(40)
+    out = tmp_path / "s"
+    ref = score_dataset(model, recs, str(out), **KW)
+    # an interrupted state: manifest not final, one shard gone, a partial temp file left by a kill
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["complete"] = False
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    victim = _shards(out)[2]
+    os.unlink(out / victim)
+    (out / f".{victim}.tmp-999-abcd").write_bytes(b"partial")
+    before = {n: os.stat(out / n).st_mtime_ns for n in _shards(out)}
+    store = score_dataset(model, recs, str(out), **KW)
+    assert_same_store(store, ref)
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    for n, t in before.items():
+        assert os.stat(out / n).st_mtime_ns == t, f"{n} was rewritten"
+    # complete store + same call: nothing is scored again
+    before = {n: os.stat(out / n).st_mtime_ns for n in _shards(out)}
+    assert_same_store(score_dataset(model, recs, str(out), **KW), ref)
+    assert before == {n: os.stat(out / n).st_mtime_ns for n in _shards(out)}
+    # resume=False scores everything again (same result)
+    assert_same_store(score_dataset(model, recs, str(out), resume=False, **KW), ref)
+
+
+# -- corruption and conflicts ---------------------------------------------------------------------------
+
+
+def test_corrupted_or_truncated_shard_is_detected_and_repaired(tmp_path, caplog):
+    model = tiny()
+    recs = records(40)
+    out = tmp_path / "s"
+    ref = score_dataset(model, recs, str(out), **KW)
+    names = _shards(out)
+    flip, trunc = names[1], names[3]
+    data = bytearray((out / flip).read_bytes())
+    data[-5] ^= 0x40  # a byte of the tensor payload
+    (out / flip).write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=flip):
+        ScoreStore.open(str(out))
+    raw = (out / trunc).read_bytes()
+    (out / trunc).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(StoreError, match=r"shard-0000\d\d-r0\.safetensors"):
+        ScoreStore.open(str(out))
+    with caplog.at_level(logging.WARNING, logger="gradsel_core"):
+        repaired = score_dataset(model, recs, str(out), **KW)
+    text = caplog.text
+    assert flip in text and trunc in text and "scored again" in text
+    assert_same_store(repaired, ref)
+    assert_same_store(ScoreStore.open(str(out)), ref)
+    ids_path = out / "ids.json"
+    ids_path.write_text(ids_path.read_text().replace("3", "4", 1))
+    with pytest.raises(StoreError, match="ids.json"):
+        ScoreStore.open(str(out))
+
+
+def test_conflicting_model_config_or_data_is_refused_unless_overwrite(tmp_path):
+    recs = records(16)
+    out = str(tmp_path / "s")
+    score_dataset(tiny(), recs, out, **KW)
+    other = tiny()
+    with torch.no_grad():
+        other.ln_f.bias.add_(1e-3)
+    with pytest.raises(StoreConflictError, match=r"different model .*content_sha256.*overwrite=True"):
+        score_dataset(other, recs, out, **KW)
+    with pytest.raises(StoreConflictError, match=r"scoring config .*config\.batch_size"):
+        score_dataset(tiny(), recs, out, **dict(KW, batch_size=8))
+    with pytest.raises(StoreConflictError, match="dataset"):
+        score_dataset(tiny(), records(16, seed=1), out, **KW)
+    with pytest.raises(StoreConflictError, match="params"):
+        score_dataset(tiny(), recs, out, **dict(KW, params=["lm_head.weight"]))
+    fresh = score_dataset(other, recs, str(tmp_path / "fresh"), **KW)
+    replaced = score_dataset(other, recs, out, overwrite=True, **KW)
+    assert_same_store(replaced, fresh)
+    assert_same_store(ScoreStore.open(out), fresh)
+
+
+# -- NaN --------------------------------------------------------------------------------------------------
+
+
+def test_nan_scores_are_recorded_and_counted(tmp_path, caplog):
+    model = tiny()
+    bad = 7
+    with torch.no_grad():
+        model.wte.weight[bad] = float("nan")  # records that contain token 7 get NaN
+    rng = np.random.default_rng(3)
+    recs, expect = [], []
+    for i in range(30):
+        ids = [int(t) for t in rng.choice([t for t in range(1, 50) if t != bad], int(rng.integers(3, 20)))]
+        if i % 4 == 1:
+            ids[1] = bad
+        recs.append({"input_ids": ids})
+        expect.append(i % 4 == 1)
+    with caplog.at_level(logging.INFO, logger="gradsel_core"):
+        store = score_dataset(model, recs, str(tmp_path / "s"), **KW)
+    expect = np.array(expect)
+    assert np.isnan(store.norms[expect]).all() and np.isnan(store.losses[expect]).all()
+    assert np.isfinite(store.norms[~expect]).all() and np.isfinite(store.losses[~expect]).all()
+    counts = ScoreStore.open(str(tmp_path / "s")).meta["counts"]
+    assert counts["nonfinite"] == counts["nan_norms"] == counts["nan_losses"] == int(expect.sum())
+    assert f"NaN/inf: {int(expect.sum())}" in caplog.text
+    assert np.isfinite(store.summary()["norm_mean"])
+
+
+# -- bucketing ------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 120), max_size=150),
+    batch_size=st.one_of(st.none(), st.integers(1, 9)),
+    max_tokens=st.one_of(st.none(), st.integers(1, 300)),
+    window=st.integers(1, 40),
+)
+def test_plan_batches_properties(lengths, batch_size, max_tokens, window):
+    if batch_size is None and max_tokens is None:
+        batch_size = 4
+    plan = plan_batches(lengths, batch_size, max_tokens, window, warn=False)
+    assert plan == plan_batches(lengths, batch_size, max_tokens, window, warn=False)  # deterministic
+    seen = []
+    start = 0
+    for i, sh in enumerate(plan):
+        assert sh.index == i and sh.start == start and sh.stop == min(len(lengths), start + window)
+        start = sh.stop
+        inside = sorted(p for b in sh.batches for p in b)
+        assert inside == list(range(sh.start, sh.stop))  # every record once, in its own window
+        for b in sh.batches:
+            Ls = [lengths[p] for p in b]
+            assert Ls[0] == max(Ls)
+            if batch_size is not None:
+                assert len(b) <= batch_size
+            if max_tokens is not None:
+                assert len(b) * max(Ls) <= max_tokens or len(b) == 1
+        seen += inside
+    assert seen == list(range(len(lengths)))
+
+
+def test_bucketing_groups_lengths_and_caps_tokens(tmp_path, caplog):
+    lengths = [2, 30] * 8
+    batches = bucket_batches(lengths, batch_size=4, window=16)
+    assert [sorted({lengths[p] for p in b}) for b in batches] == [[30], [30], [2], [2]]
+    with caplog.at_level(logging.WARNING, logger="gradsel_core"):
+        batches = bucket_batches([5, 50, 5, 5, 5], batch_size=8, max_tokens=12)
+    assert batches == [(1,), (0, 2), (3, 4)] and "longer than max_tokens=12" in caplog.text
+    # the scored store comes back in dataset order whatever the batch plan
+    model = tiny()
+    recs = records(20, lo=2, hi=40)
+    a = score_dataset(model, recs, str(tmp_path / "a"), **dict(KW, max_tokens=60))
+    b = score_dataset(model, recs, str(tmp_path / "b"), **dict(KW, batch_size=1, shard_size=20))
+    assert a.ids.tolist() == list(range(20))
+    assert np.allclose(a.norms, b.norms, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(a.tokens, b.tokens)
+
+
+def test_collate_pads_right():
+    b = collate([{"input_ids": [5, 6, 7]}, {"input_ids": [8], "labels": [-100]}], pad_id=3)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
+
+
+# -- torchrun ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo_equals_single_process(worker, reference, tmp_path):
+    out = str(tmp_path / "dist")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           worker.path, out, "dist"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-4000:]
+    store = ScoreStore.open(out)
+    assert_same_store(store, reference)
+    names = _shards(out)
+    assert len(names) == 25
+    assert {n.split("-r")[1] for n in names} == {"0.safetensors", "1.safetensors"}  # rank-tagged
+    assert store.meta["run"]["world_size"] == 2
