@@ -48,6 +48,12 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or interpreting()
 
 
+def _use_kernels(use_triton: bool, *ts: torch.Tensor) -> bool:
+    """Route to the kernels only where they run: fp64 inputs stay on the torch path (the kernels
+    accumulate in fp32 and refuse fp64)."""
+    return use_triton and all(t.dtype != torch.float64 for t in ts if t.is_floating_point())
+
+
 def _kernels():
     import gradsel_kernels  # noqa: WPS433 (deferred on purpose: imports triton)
 
@@ -61,7 +67,7 @@ def ghost_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torc
     """Σ_{t,s} (a_t·a_s)(g_t·g_s) = ⟨A Aᵀ, G Gᵀ⟩_F per sample: the Gram form of ||Gᵀ A||²_F.
 
     Cost B·T²·(d+p) time, B·T² memory (chunked over samples)."""
-    if use_triton:
+    if _use_kernels(use_triton, A, G):
         return _kernels().ghost_sq(A, G)
     acc = _acc(A, G)
     B, T, _ = A.shape
@@ -74,7 +80,7 @@ def ghost_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torc
 
 def direct_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
     """||A_bᵀ G_b||²_F per sample: the direct form. Cost B·T·d·p time, d·p memory per sample in a chunk."""
-    if use_triton:
+    if _use_kernels(use_triton, A, G):
         return _kernels().direct_sq(A, G)
     acc = _acc(A, G)
     B, _, d = A.shape
@@ -92,7 +98,7 @@ def embedding_sq(
     """Σ_{t,s} [x_t = x_s ≠ pad] (g_t·g_s) = Σ_v ||Σ_{t: x_t = v} g_t||² per sample.
 
     Torch path: segment sums over (sample, id) pairs, O(B·T·d), no T×T and no V×d buffer."""
-    if use_triton:
+    if _use_kernels(use_triton, G):
         return _kernels().embedding_sq(ids, G, padding_idx)
     acc = _acc(G)
     B, T = ids.shape
@@ -111,14 +117,14 @@ def embedding_sq(
 
 def rowsum_sq(G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
     """||Σ_t g_t||² per sample (bias, LayerNorm β)."""
-    if use_triton:
+    if _use_kernels(use_triton, G):
         return _kernels().rowsum_sq(G)
     return G.to(_acc(G)).sum(dim=1).pow(2).sum(dim=1)
 
 
 def weighted_rowsum_sq(X: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
     """||Σ_t x_t ⊙ g_t||² per sample (LayerNorm γ, RMSNorm w with X = x̂)."""
-    if use_triton:
+    if _use_kernels(use_triton, X, G):
         return _kernels().weighted_rowsum_sq(X, G)
     acc = _acc(X, G)
     return (X.to(acc) * G.to(acc)).sum(dim=1).pow(2).sum(dim=1)

@@ -52,7 +52,8 @@ import inspect
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -574,3 +575,67 @@ def keep_mask(
     mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs)
     out = torch.from_numpy(mask).to(device)
     return (out, summary) if return_summary else out
+
+
+@dataclass
+class SelectionConfig:
+    """Which samples to train on (see :func:`select` for the policies).
+
+    ``policy``: a name in ``gradsel_core.selection.POLICIES`` (``median_band`` is the paper's rule);
+    ``ratio``: fraction of each micro-batch kept (``⌊ratio·B⌋``); ``loss_filter_std``: the loss
+    pre-filter (``None`` disables it); ``params``: the parameters scored and updated (``"trainable"``,
+    ``"lora"``, names or a callable); ``policy_kwargs``: the policy's own parameters (``low_q``,
+    ``high_q`` for ``band``, ``max_norm`` for ``threshold``); ``group_by`` and ``length_normalize`` as
+    in :func:`select`. Used by ``ContinualTrainer``, ``GradSelTrainer`` and the CLI.
+    """
+
+    policy: str = "median_band"
+    ratio: float = 0.2
+    loss_filter_std: Optional[float] = 1.0
+    params: Any = "trainable"  # a ParamSpec: "trainable", "lora", names or callable(name, param)
+    group_by: Any = None  # offline selection only: select within each group
+    length_normalize: Union[bool, str, None] = False
+    policy_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown selection policy {self.policy!r}; known policies: {', '.join(policy_names())}")
+        try:
+            r = float(self.ratio)
+        except (TypeError, ValueError):
+            raise ValueError(f"ratio must be a number in [0, 1], got {self.ratio!r}") from None
+        if not (0.0 <= r <= 1.0):
+            raise ValueError(f"ratio must be in [0, 1] (the fraction of each batch to keep), got {self.ratio!r}")
+        if self.loss_filter_std is not None:
+            k = float(self.loss_filter_std)
+            if not (k >= 0.0) or math.isinf(k):
+                raise ValueError(f"loss_filter_std must be a finite number >= 0 or None, got {self.loss_filter_std!r}")
+        if self.policy_kwargs is None:
+            self.policy_kwargs = {}
+        if not isinstance(self.policy_kwargs, Mapping):
+            raise TypeError(f"policy_kwargs must be a dict, got {type(self.policy_kwargs).__name__}")
+        self.policy_kwargs = dict(self.policy_kwargs)
+
+    @classmethod
+    def coerce(cls, value: Union["SelectionConfig", Mapping[str, Any], str, None]) -> Optional["SelectionConfig"]:
+        """``None`` -> ``None``; a ``SelectionConfig`` as is; a policy name or a dict of its fields -> a
+        ``SelectionConfig``."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(policy=value)
+        if isinstance(value, Mapping):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise ValueError(f"selection has unknown key(s) {unknown}; allowed: {sorted(names)}")
+            return cls(**value)
+        raise TypeError(f"selection must be a SelectionConfig, a dict, a policy name or None, got {type(value).__name__}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if not isinstance(self.params, str):
+            d["params"] = "custom"
+        if callable(self.group_by):
+            d["group_by"] = getattr(self.group_by, "__name__", "<callable>")
+        return d

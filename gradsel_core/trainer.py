@@ -28,6 +28,7 @@ from torch import nn
 
 from .batching import per_sample_losses, prepare_batch
 from .params import ParamSpec, select_params
+from .selection import SelectionConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,31 +37,6 @@ Evaluator = Callable[[nn.Module], Mapping[str, float]]
 
 
 # -- configuration --------------------------------------------------------------------------------------
-
-
-@dataclass
-class SelectionConfig:
-    """Which samples to train on: a policy of ``gradsel_core.selection`` and its settings."""
-
-    policy: str = "median_band"
-    ratio: float = 0.2
-    loss_filter_std: Optional[float] = 1.0
-    group_by: Optional[str] = None  # offline only
-    length_normalize: Union[bool, str] = False
-    policy_kwargs: Dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def coerce(cls, spec: Union[None, "SelectionConfig", Mapping[str, Any], str]) -> Optional["SelectionConfig"]:
-        if spec is None or isinstance(spec, cls):
-            return spec
-        if isinstance(spec, str):
-            return cls(policy=spec)
-        if isinstance(spec, Mapping):
-            unknown = set(spec) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"unknown selection settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-            return cls(**spec)
-        raise TypeError(f"selection must be None, a SelectionConfig, a dict or a policy name, got {type(spec).__name__}")
 
 
 @dataclass
@@ -260,7 +236,7 @@ class ContinualTrainer:
 
     def _config_key(self) -> Dict[str, Any]:
         return {"tasks": [t.name for t in self.tasks], "mode": self.mode,
-                "selection": asdict(self.selection) if self.selection else None, "lr": self.lr,
+                "selection": self.selection.to_dict() if self.selection else None, "lr": self.lr,
                 "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed}
 
     def _load_state(self) -> Optional[Dict[str, Any]]:

@@ -1,14 +1,22 @@
 """Shared model and batch builders (random init from configs, no downloads)."""
 from __future__ import annotations
 
-import copy
-import logging
+import os
 
-import pytest
-import torch
-from torch import nn
+# Triton kernels are tested in interpreter mode on CPU tensors. Triton fixes interpreted vs compiled
+# at its first import (torch.utils.flop_counter imports it), so this must precede every import.
+# With GRADSEL_KERNEL_DEVICE=cuda (benchmarks/gpu_check.sh) the kernels run compiled on the GPU instead.
+if os.environ.get("GRADSEL_KERNEL_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import gradsel_core as gs
+import copy  # noqa: E402
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gradsel_core as gs  # noqa: E402
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
