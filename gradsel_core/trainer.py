@@ -159,7 +159,8 @@ def teacher_forced_scores(model: nn.Module, records: Sequence[Mapping[str, Any]]
     return {"exact_match": exact / max(1, n), "token_accuracy": tok_ok / max(1, tok_n)}
 
 
-def _metric(task: Task, pad_id: int) -> Metric:
+def task_metric(task: Task, pad_id: int) -> Metric:
+    """The callable metric of ``task`` (a named metric resolved to its function)."""
     if callable(task.metric):
         return task.metric
     if task.metric in ("exact_match", "token_accuracy"):
@@ -278,7 +279,7 @@ class ContinualTrainer:
             records, sel_summary = self._select_offline(i, task)
             train = self._train(i, task, records)
             for j in range(i + 1):
-                R[i][j] = float(_metric(self.tasks[j], self.pad_id)(self.model, self.tasks[j].eval))
+                R[i][j] = float(task_metric(self.tasks[j], self.pad_id)(self.model, self.tasks[j].eval))
             evals = {name: dict(fn(self.model)) for name, fn in self.evaluators.items()}
             row = {"event": "task_end", "task": task.name, "index": i, "accuracy": R[i][: i + 1],
                    "selection": sel_summary, "train": train, "evaluators": evals,

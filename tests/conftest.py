@@ -129,3 +129,32 @@ def assert_close_rel(a, b, rtol, what=""):
     scale = b.abs().max().clamp(min=1e-12)
     err = ((a - b).abs().max() / scale).item()
     assert err <= rtol, f"{what}: max relative error {err:.3g} > {rtol:g}\n{a}\n{b}"
+
+
+WORDS = (
+    "the a cat dog sat on mat what is two plus three answer four five six seven Q A : ? . hello world "
+    "tell me about safety please no yes why because"
+).split()
+
+
+def make_llama_dir(d) -> str:
+    """Save a tiny random LlamaForCausalLM and a word-level tokenizer over WORDS into directory ``d``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.save_pretrained(str(d))
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(str(d))
+    return str(d)

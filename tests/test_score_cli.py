@@ -21,15 +21,10 @@ from gradsel_core.data import (
 )
 from gradsel_core.store import ScoreStore, model_fingerprint
 from gradsel_core.params import select_params
+from conftest import WORDS, make_llama_dir
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-
-WORDS = (
-    "the a cat dog sat on mat what is two plus three answer four five six seven Q A : ? . hello world "
-    "tell me about safety please no yes why because"
-).split()
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -41,26 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("llama")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.save_pretrained(str(d))
-    cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=3, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(str(d))
-    return str(d)
+    return make_llama_dir(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
