@@ -293,8 +293,8 @@ def generate_ids(
             ids, mask = ids.to(device), mask.to(device)
             steps = max_new_tokens
             if max_len is not None and L + steps > max_len:
-                if not warned:
-                    log.warning("generation capped at the model context %d (prompt %d + %d new)", max_len, L, steps)
+                if not warned:  # expected with a generous max_new_tokens: informational
+                    log.info("generation capped at the model context %d (prompt %d + %d new)", max_len, L, steps)
                     warned = True
                 steps = max(0, max_len - L)
             if use_generate:
@@ -714,14 +714,19 @@ def evaluate_testbed(
     tasks: Optional[Sequence[str]] = None,
     judge: Optional[Any] = None,
     batch_size: int = 128,
-    max_new_tokens: int = 40,
+    max_new_tokens: int = 32,
 ) -> Dict[str, Any]:
     """Every drift measure of a testbed (duck-typed: ``tokenizer``, ``prompt_template``,
-    ``heldout_harmful``, ``heldout_benign``, ``facts_mc``, ``facts_gen``, ``tasks``).
+    ``heldout_harmful``, ``heldout_benign``, ``facts_mc``, ``facts_gen``, ``tasks``; optional
+    ``heldout_harmful_by_family`` and ``complied(prompt, response)``).
 
-    Returns a flat dict: ``refusal_rate``, ``asr`` (held-out harmful), ``benign_refusal_rate``
-    (over-refusal), ``fact_mc_acc``, ``fact_mc_acc_norm``, ``fact_mc_p``, ``fact_gen_em`` and
-    ``task/<name>`` scores (all tasks, or the named ones), plus ``details`` with the result objects.
+    Returns a flat dict: ``refusal_rate``, ``asr`` (keyword judge on held-out harmful prompts),
+    ``refusal_rate/<family>``, ``harmful_compliance`` (the fraction of harmful prompts whose
+    response actually carries out the request: a stricter attack success than ``asr``, which also
+    counts degenerate non-refusals), ``benign_refusal_rate`` (over-refusal), ``benign_compliance``
+    (helpfulness), ``fact_mc_acc``, ``fact_mc_acc_norm``, ``fact_mc_p``, ``fact_gen_em`` and
+    ``task/<name>`` scores (all tasks, or the named ones; pass ``tasks=[]`` for none), plus
+    ``details`` with the result objects.
     """
     tok, tpl = testbed.tokenizer, testbed.prompt_template
     out: Dict[str, Any] = {}
@@ -729,9 +734,18 @@ def evaluate_testbed(
     r = evaluate_refusal(model, tok, testbed.heldout_harmful, judge, tpl, max_new_tokens, batch_size)
     out["refusal_rate"], out["asr"] = r.refusal_rate, r.asr
     details["harmful"] = r
+    complied = getattr(testbed, "complied", None)
+    for fam, prompts in (getattr(testbed, "heldout_harmful_by_family", None) or {}).items():
+        fam_prompts = set(prompts)
+        verdicts = [x["refused"] for x in r.records if x["prompt"] in fam_prompts]
+        out[f"refusal_rate/{fam}"] = sum(verdicts) / len(verdicts) if verdicts else float("nan")
+    if complied is not None and r.n:
+        out["harmful_compliance"] = sum(complied(x["prompt"], x["response"]) for x in r.records) / r.n
     if getattr(testbed, "heldout_benign", None):
         b = evaluate_refusal(model, tok, testbed.heldout_benign, judge, tpl, max_new_tokens, batch_size)
         out["benign_refusal_rate"] = b.refusal_rate
+        if complied is not None and b.n:
+            out["benign_compliance"] = sum(complied(x["prompt"], x["response"]) for x in b.records) / b.n
         details["benign"] = b
     mc = evaluate_multiple_choice(model, tok, testbed.facts_mc, tpl, batch_size=batch_size)
     out["fact_mc_acc"], out["fact_mc_acc_norm"], out["fact_mc_p"] = mc.acc, mc.acc_norm_token, mc.mean_correct_prob

@@ -18,7 +18,7 @@ TINY = dict(n_pretrain=120, n_align=40, n_task_train=24, n_task_test=8, n_heldou
 def test_testbed_experiment_outputs(tmp_path):
     cfg = ExperimentConfig(seeds=(0, 1), methods=(("full", "offline"), ("median_band", "offline"), ("random", "online")),
                            testbed=TINY, pretrain_epochs=1, align_epochs=1, task_epochs=1, batch_size=8,
-                           eval_max_new_tokens=4, out_dir=str(tmp_path))
+                           eval_max_new_tokens=4, loss_filter_std=None, out_dir=str(tmp_path))
     res = run_experiment(cfg)
     assert sorted(os.listdir(tmp_path)) == ["norms.png", "refusal.png", "results.json", "results.md"]
     saved = json.load(open(tmp_path / "results.json"))

@@ -123,7 +123,7 @@ def test_resume_refuses_another_configuration(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         ContinualTrainer(model(), tasks(), mode="sometimes")
-    with pytest.raises(ValueError, match="unknown selection settings"):
+    with pytest.raises(ValueError, match="unknown key"):
         ContinualTrainer(model(), tasks(), selection={"polcy": "x"})
     with pytest.raises(ValueError, match="tasks is empty"):
         ContinualTrainer(model(), [])

@@ -69,9 +69,16 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    for noisy in ("gradsel_core.scoring", "gradsel_core.trainer", "gradsel_core.evaluation", "gradsel_core.store"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    result = run_experiment(cfg)
+    noisy = [logging.getLogger(n) for n in ("gradsel_core.scoring", "gradsel_core.trainer", "gradsel_core.evaluation",
+                                            "gradsel_core.store")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:  # per-batch and per-evaluation lines would drown the per-method summary
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        result = run_experiment(cfg)
+    finally:
+        for lg, level in zip(noisy, levels):
+            lg.setLevel(level)
     with open(os.path.join(cfg.out_dir, "results.md")) as f:
         print(f.read())
     print(f"results: {os.path.join(cfg.out_dir, 'results.json')}")
