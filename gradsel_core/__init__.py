@@ -10,7 +10,8 @@ from .filtered import FilteredBackward, FilteredResult, filtered_backward
 from .rules import ModuleCall, UnsupportedModule, register_norm_rule
 from .scoring import score_dataset
 from .store import ScoreStore, StoreConflictError, StoreError
-from .selection import Selection, keep_mask, select
+from .selection import Selection, SelectionConfig, keep_mask, select
+from .trainer import ContinualResult, ContinualTrainer, LoRAConfig, Task
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,11 @@ __all__ = [
     "select",
     "keep_mask",
     "Selection",
+    "SelectionConfig",
+    "ContinualTrainer",
+    "ContinualResult",
+    "LoRAConfig",
+    "Task",
     "filtered_backward",
     "FilteredBackward",
     "FilteredResult",

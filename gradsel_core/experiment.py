@@ -61,17 +61,19 @@ class ExperimentConfig:
     methods: Sequence[Method] = DEMO_METHODS
     keep_ratio: float = 0.5  # ρ: fraction of each task's samples kept by every selection method
     loss_filter_std: Optional[float] = 1.0  # the paper's loss pre-filter (median_band only)
-    lr: float = 3e-3
+    lr: float = 5e-4  # continual tasks
     batch_size: int = 32
-    task_epochs: int = 2
+    task_epochs: int = 8
     eval_max_new_tokens: int = 8
     device: str = "cpu"
     out_dir: str = "gradsel_runs/demo"
     # testbed source
     testbed: Dict[str, Any] = field(default_factory=dict)  # TestbedConfig overrides
     model_size: str = "small"
-    pretrain_epochs: int = 3
-    align_epochs: int = 3
+    pretrain_epochs: int = 5
+    pretrain_lr: float = 3e-3
+    align_epochs: int = 16
+    align_lr: float = 1e-3
     # real-model source (used when model_dir is set)
     model_dir: Optional[str] = None
     task_files: Sequence[Dict[str, str]] = ()  # [{"name", "train", "eval"}] JSONL with prompt/response
@@ -83,7 +85,7 @@ class ExperimentConfig:
     @classmethod
     def full(cls, **kw: Any) -> "ExperimentConfig":
         base = dict(seeds=(0, 1, 2), methods=FULL_METHODS, testbed={"full": True}, model_size="medium",
-                    pretrain_epochs=4, align_epochs=4, task_epochs=3, out_dir="gradsel_runs/full")
+                    pretrain_epochs=3, align_epochs=6, task_epochs=4, out_dir="gradsel_runs/full")
         base.update(kw)
         return cls(**base)
 
@@ -125,8 +127,9 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
     model = TinyGPT(recommended_model_config(tb, size=cfg.model_size)).to(cfg.device)
     pad = tb.tokenizer.pad_token_id
     t0 = time.perf_counter()
-    for name, records, epochs in (("pretrain", tb.pretrain, cfg.pretrain_epochs), ("align", tb.align, cfg.align_epochs)):
-        ContinualTrainer(model, [Task(name, tb.encode(records), [], "token_accuracy")], lr=cfg.lr, epochs=epochs,
+    for name, records, epochs, lr in (("pretrain", tb.pretrain, cfg.pretrain_epochs, cfg.pretrain_lr),
+                                      ("align", tb.align, cfg.align_epochs, cfg.align_lr)):
+        ContinualTrainer(model, [Task(name, tb.encode(records), [], "token_accuracy")], lr=lr, epochs=epochs,
                          batch_size=cfg.batch_size, seed=seed, pad_id=pad).run()
     prep_s = time.perf_counter() - t0
     tok, tpl = tb.tokenizer, tb.prompt_template
@@ -135,7 +138,10 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
         harm = evaluate_refusal(m, tok, tb.heldout_harmful, prompt_template=tpl, max_new_tokens=cfg.eval_max_new_tokens)
         benign = evaluate_refusal(m, tok, tb.heldout_benign, prompt_template=tpl, max_new_tokens=cfg.eval_max_new_tokens)
         mc = evaluate_multiple_choice(m, tok, tb.facts_mc, tpl)
-        return {"refusal_rate": harm.refusal_rate, "benign_refusal_rate": benign.refusal_rate, "fact_acc": mc.acc}
+        # keyword ASR also counts degenerate replies (a task's format) as attacks: report real compliance too
+        complied = sum(tb.complied(r["prompt"], r["response"]) for r in harm.records) / max(1, harm.n)
+        return {"refusal_rate": harm.refusal_rate, "harmful_compliance": complied,
+                "benign_refusal_rate": benign.refusal_rate, "fact_acc": mc.acc}
 
     tasks = [Task(t.name, tb.encode(t.train), tb.encode(t.test), "exact_match") for t in tb.tasks]
     return Source(model, tasks, evaluate, pad, {"prepare_s": prep_s, "testbed": asdict(tb_cfg)})
@@ -235,7 +241,8 @@ def _ms(values: Sequence[float]) -> Tuple[float, float]:
 
 def summarize(runs: List[Dict[str, Any]], aligned: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Mean ± std over seeds of each method's figures after each task, and at the end."""
-    out: Dict[str, Any] = {"aligned": {k: _ms([a[k] for a in aligned]) for k in ("refusal_rate", "fact_acc")
+    out: Dict[str, Any] = {"aligned": {k: _ms([a[k] for a in aligned])
+                                       for k in ("refusal_rate", "harmful_compliance", "fact_acc")
                                        if all(k in a for a in aligned)}}
     methods = list(dict.fromkeys(r["method"] for r in runs))
     for name in methods:
@@ -244,7 +251,8 @@ def summarize(runs: List[Dict[str, Any]], aligned: List[Dict[str, Any]]) -> Dict
         per_step = []
         for i in range(n_steps):
             row = {}
-            for k in ("refusal_rate", "benign_refusal_rate", "fact_acc", "mean_task_acc", "kept_fraction"):
+            for k in ("refusal_rate", "harmful_compliance", "benign_refusal_rate", "fact_acc", "mean_task_acc",
+                      "kept_fraction"):
                 if all(k in r["steps"][i] for r in rs):
                     row[k] = _ms([r["steps"][i][k] for r in rs])
             per_step.append(row)
@@ -269,7 +277,8 @@ def markdown(result: Dict[str, Any]) -> str:
     if al:
         lines.append("Aligned model before fine-tuning: " + ", ".join(f"{k} {_fmt(v)}" for k, v in al.items()))
         lines.append("")
-    hdr = ["method", "refusal (end)", "benign refusal (end)", "fact acc (end)", "task acc (end)", "BWT", "wall s"]
+    hdr = ["method", "refusal (end)", "harmful compliance (end)", "benign refusal (end)", "fact acc (end)",
+           "task acc (end)", "BWT", "wall s"]
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for name, v in summ.items():
         if name == "aligned":
@@ -277,6 +286,7 @@ def markdown(result: Dict[str, Any]) -> str:
         last = v["steps"][-1]
         lines.append("| " + " | ".join([
             name, _fmt(last.get("refusal_rate", (math.nan, math.nan))),
+            _fmt(last.get("harmful_compliance", (math.nan, math.nan))),
             _fmt(last.get("benign_refusal_rate", (math.nan, math.nan))), _fmt(last.get("fact_acc", (math.nan, math.nan))),
             _fmt(last["mean_task_acc"]), _fmt(v["bwt"]), _fmt(v["wall_s"], pct=False)]) + " |")
     lines += ["", "Refusal rate on held-out harmful prompts after each task (%):", ""]
@@ -338,11 +348,12 @@ def plot(result: Dict[str, Any], out_dir: str) -> Dict[str, str]:
             norms = np.asarray(sel["norms"], dtype=float)
             kept = np.asarray(sel["kept_mask"], dtype=bool)
             bins = np.histogram_bin_edges(norms[np.isfinite(norms)], bins=30)
-            ax.hist(norms[~kept], bins=bins, color="0.7", label="dropped")
-            ax.hist(norms[kept], bins=bins, color="tab:blue", alpha=0.8, label="kept (median band)")
+            finite = np.isfinite(norms)
+            ax.hist([norms[kept & finite], norms[~kept & finite]], bins=bins, stacked=True,
+                    color=["tab:blue", "0.75"], label=["kept (median band)", "dropped (band or loss filter)"])
             if kept.any():
                 for edge in (norms[kept].min(), norms[kept].max()):
-                    ax.axvline(edge, color="tab:red", lw=1)
+                    ax.axvline(edge, color="tab:red", lw=1)  # the band's edges
             ax.set_title(f"{name} (seed {run['seed']})")
             ax.set_xlabel("per-sample gradient norm")
         axes[0][0].legend(fontsize=8)

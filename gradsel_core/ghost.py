@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -102,10 +102,6 @@ def plan_claims(model: nn.Module, params: Dict[str, nn.Parameter]) -> GhostPlan:
             if rule is None and owner is model:
                 root_fallback.append(wanted[id(p)])
     return GhostPlan(plans, root_fallback)
-
-
-def ghost_coverage(model: nn.Module, params: Dict[str, nn.Parameter]) -> GhostPlan:
-    return plan_claims(model, params)
 
 
 # -- the tap: an identity node whose backward hands G to the capture ---------------------------------------
@@ -290,10 +286,7 @@ def _fallback_grads(rec: _Record, cap: GhostCapture) -> Dict[str, torch.Tensor]:
     flat, spec = tree_flatten((call.args, call.kwargs))
     in_dims = tuple(0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else None for v in flat)
     leaves = rec.leaves
-    cot = []
-    for i in leaves:
-        g = rec.grads.get(i)
-        cot.append(g)
+    cot = [rec.grads.get(i) for i in leaves]  # None: that output got no gradient
     ref = next(g for g in cot if g is not None)
     if any(g is not None and (g.dim() == 0 or g.shape[0] != B) for g in cot):
         raise UnsupportedModule(_ways_out(f"module {plan.name} (no norm rule) has outputs not batched on dim 0"))

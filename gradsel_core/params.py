@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Union
 
-import torch
 from torch import nn
 
 LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -79,20 +78,3 @@ def _describe(params: ParamSpec) -> str:
     if callable(params):
         return getattr(params, "__name__", "callable")
     return repr(list(params))[:80]
-
-
-def owner_modules(model: nn.Module, selected: Dict[str, nn.Parameter]):
-    """``{module_name: (module, {local_param_name: global_name})}`` for every module that directly owns a
-    selected parameter, over all aliases of tied parameters (a tied weight has several owners)."""
-    ids = {id(p): n for n, p in selected.items()}
-    owners = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for lname, p in mod.named_parameters(recurse=False):
-            if id(p) in ids:
-                entry = owners.setdefault(mname, (mod, {}))
-                entry[1][lname] = ids[id(p)]
-    return owners
-
-
-def requires_grad_state(params: Iterable[torch.Tensor]):
-    return [p.requires_grad for p in params]

@@ -14,14 +14,14 @@ Parameters with no rule are computed exactly by the torch.func fallback in ``gra
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factors import Dense, EmbRows, Factor, Outer, RowSum
+from .factors import EmbRows, Factor, Outer, RowSum
 
 
 @dataclass
@@ -34,7 +34,6 @@ class ModuleCall:
     kwargs: Dict[str, Any]
     grad_output: Optional[torch.Tensor] = None  # (B, ..., p) gradient of Σ_b L_b w.r.t. the output
     batch_size: int = 0
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     def input(self, i: int = 0) -> torch.Tensor:
         x = self.args[i] if i < len(self.args) else None
@@ -240,8 +239,3 @@ def peft_lora_embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str
         else:
             out[local] = EmbRows(ids, sg @ Bw.detach(), A.shape[1], None, transposed=True)  # (B, T, r)
     return out
-
-
-def dense_rule_result(g: Dict[str, torch.Tensor]) -> Dict[str, Factor]:
-    """Wrap explicit per-sample gradients (B, *shape) as factors (used by the fallback)."""
-    return {n: Dense(v) for n, v in g.items()}

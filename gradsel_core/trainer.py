@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -98,12 +98,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     targets = cfg.target_modules or _default_targets(model)
     use_peft = cfg.use_peft
     if use_peft is None:
-        try:
-            import peft  # noqa: F401
+        import importlib.util
 
-            use_peft = True
-        except ImportError:
-            use_peft = False
+        use_peft = importlib.util.find_spec("peft") is not None
     if use_peft:
         from peft import LoraConfig as PeftLoraConfig
         from peft import inject_adapter_in_model

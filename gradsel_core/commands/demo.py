@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 
-from ..experiment import DEMO_METHODS, FULL_METHODS, ExperimentConfig, method_label, run_experiment
+from ..experiment import FULL_METHODS, ExperimentConfig, method_label, run_experiment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -62,12 +62,9 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
-import math
 import tempfile
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
