@@ -51,19 +51,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--T", type=int, default=None, help="sequence length (default 128; --quick 16)")
     ap.add_argument("--B", type=int, default=None, help="batch size (default 16; --quick 4)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --quick 2)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--ref-samples", type=int, default=None,
-                    help="samples the loop reference covers (default: whole batch = reuse the loop row)")
-    ap.add_argument("--isolate", choices=["process", "none"], default=None,
-                    help="process (default): each method in a fresh subprocess, needed for CPU peak memory; "
-                    "none (--quick's default): all in this process, CPU peak memory not measured")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per method subprocess")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads for the runs (default: torch's default; --quick: 1)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    ap.add_argument("--out-dir", default=str(H.RESULTS_DIR), help="where engine-<timestamp>.json/.csv/.md go")
+    H.add_run_args(ap, METHODS, "method", "engine")
     args = ap.parse_args(argv)
 
     q = args.quick

@@ -281,22 +281,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--cases", default=None,
                     help="comma-separated case names or globs (default: all; see --list). e.g. 'tinygpt-d256-T128-*'")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     ap.add_argument("--B", type=int, default=16, help="batch size of the default cases")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --quick 2)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--ref-samples", type=int, default=None,
-                    help="samples the loop reference covers (default: whole batch = reuse the loop row)")
-    ap.add_argument("--isolate", choices=["process", "none"], default=None,
-                    help="process (default): each (case, method) in a fresh subprocess, needed for CPU peak "
-                    "memory; none (--quick's default): all in this process, CPU peak memory not measured")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per (case, method) subprocess")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads for the runs (default: torch's default; --quick: 1)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
-    ap.add_argument("--out-dir", default=str(H.RESULTS_DIR), help="where peers-<timestamp>.json/.csv/.md go")
+    H.add_run_args(ap, METHODS, "(case, method)", "peers")
     args = ap.parse_args(argv)
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -735,6 +735,23 @@ def write_results(
     return paths
 
 
+def add_run_args(ap: Any, methods: Sequence[str], unit: str, stem: str) -> None:
+    """The arguments every comparison script shares (methods, repeats, reference, isolation, device)."""
+    ap.add_argument("--methods", default=",".join(methods), help=f"comma-separated subset of {list(methods)}")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; --quick 2)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--ref-samples", type=int, default=None,
+                    help="samples the loop reference covers (default: whole batch = reuse the loop row)")
+    ap.add_argument("--isolate", choices=["process", "none"], default=None,
+                    help=f"process (default): each {unit} in a fresh subprocess, needed for CPU peak memory; "
+                    "none (--quick's default): all in this process, CPU peak memory not measured")
+    ap.add_argument("--timeout", type=float, default=3600.0, help=f"seconds per {unit} subprocess")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the runs (default: torch's default; --quick: 1)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR), help=f"where {stem}-<timestamp>.json/.csv/.md go")
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub markdown table (cells str()-ed, '|' escaped)."""
     def cell(x: Any) -> str:

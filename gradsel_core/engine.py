@@ -46,21 +46,31 @@ class RawScores:
 
 
 @contextlib.contextmanager
-def scoring_mode(model: nn.Module, params: Mapping[str, nn.Parameter]) -> Iterator[None]:
-    """Eval mode, grad enabled, selected parameters requiring grad; everything restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
+def grad_enabled_for(params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """Grad enabled (also inside ``torch.no_grad()``) and the selected parameters requiring grad;
+    ``requires_grad`` restored on exit."""
     flags = [(p, p.requires_grad) for p in params.values()]
-    model.eval()
     for p in params.values():
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
             yield
     finally:
-        for m, training in modes:
-            m.training = training
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module, params: Mapping[str, nn.Parameter]) -> Iterator[None]:
+    """Eval mode (dropout off) on top of :func:`grad_enabled_for`; every module's mode restored on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with grad_enabled_for(params):
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def acc_dtype(params: Mapping[str, torch.Tensor]) -> torch.dtype:

@@ -14,17 +14,16 @@ stepped, so it composes with any optimizer, scheduler or accumulation scheme.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .batching import LossFn, prepare_batch
 from .dispatch import triton_usable
-from .engine import GradNormEngine
+from .engine import GradNormEngine, grad_enabled_for
 from .ghost import capture_forward
 from .params import ParamSpec
 
@@ -44,19 +43,6 @@ class FilteredResult:
     @property
     def kept_fraction(self) -> float:
         return self.n_kept / max(1, self.kept.shape[0])
-
-
-@contextlib.contextmanager
-def _grad_enabled_for(params: Mapping[str, nn.Parameter]) -> Iterator[None]:
-    flags = [(p, p.requires_grad) for p in params.values()]
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 class FilteredBackward:
@@ -91,7 +77,7 @@ class FilteredBackward:
             return FilteredResult(empty.bool(), empty, empty.clone(), empty.long(), 0.0, 0, {"n": 0})
         use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
                                                   and triton_usable(device))
-        with _grad_enabled_for(engine.params):
+        with grad_enabled_for(engine.params):
             cap, losses, tokens = capture_forward(engine, prepared, use_triton, keep_factors=True)
             cap.backward(losses.sum(), engine.params)
         sq = cap.per_param_sq(engine.params, device)

@@ -100,34 +100,29 @@ def _only(names: Sequence[str], allowed: Sequence[str], call: ModuleCall) -> Non
 # -- built-in rules -------------------------------------------------------------------------------------
 
 
-@register_norm_rule(nn.Linear)
-def linear_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
-    """y = x Wᵀ + b on (B, ..., d) or (B, d) inputs: W -> Outer(A, G), b -> Σ_t g_t."""
+def _linear_like(call: ModuleCall, names: Sequence[str], transposed: bool) -> Dict[str, Factor]:
     _only(names, ("weight", "bias"), call)
     B = call.batch_size
     A = as_btd(call.input(), B, call.name)  # (B, T, d)
     G = as_btd(call.grad_output, B, call.name)  # (B, T, p)
     out: Dict[str, Factor] = {}
     if "weight" in names:
-        out["weight"] = Outer(A, G)
+        out["weight"] = Outer(A, G, transposed=transposed)
     if "bias" in names:
         out["bias"] = RowSum(G)
     return out
+
+
+@register_norm_rule(nn.Linear)
+def linear_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
+    """y = x Wᵀ + b on (B, ..., d) or (B, d) inputs: W -> Outer(A, G), b -> Σ_t g_t."""
+    return _linear_like(call, names, transposed=False)
 
 
 @register_norm_rule("transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D")
 def conv1d_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """HF GPT-2 Conv1D, y = x W + b with W stored (d, p): the Linear rule, transposed."""
-    _only(names, ("weight", "bias"), call)
-    B = call.batch_size
-    A = as_btd(call.input(), B, call.name)  # (B, T, d)
-    G = as_btd(call.grad_output, B, call.name)  # (B, T, p)
-    out: Dict[str, Factor] = {}
-    if "weight" in names:
-        out["weight"] = Outer(A, G, transposed=True)
-    if "bias" in names:
-        out["bias"] = RowSum(G)
-    return out
+    return _linear_like(call, names, transposed=True)
 
 
 @register_norm_rule(nn.Embedding)

@@ -72,6 +72,19 @@ def check_lengths(lengths: Optional[torch.Tensor], B: int, T: int, device: torch
     return lengths.clamp(0, T).to(torch.int32).contiguous()
 
 
+def check_pair(A: torch.Tensor, G: torch.Tensor, lengths: Optional[torch.Tensor]):
+    """Validate the (A (B, T, d), G (B, T, p), lengths) inputs of the Linear-like kernels.
+
+    Returns (device, lengths checked, compute dtype: the common dtype, or fp32 when they differ)."""
+    check_float("A", A, 3)
+    check_float("G", G, 3)
+    if A.shape[:2] != G.shape[:2]:
+        raise ValueError(f"A {tuple(A.shape)} and G {tuple(G.shape)} must agree on (B, T)")
+    device = check_device(("A", A), ("G", G))
+    lengths = check_lengths(lengths, A.shape[0], A.shape[1], device)
+    return device, lengths, (A.dtype if A.dtype == G.dtype else torch.float32)
+
+
 def dot_config(*dtypes: torch.dtype) -> Tuple[bool, Optional[str]]:
     """(UPCAST, PRECISION) for ``dot_acc`` on tiles of these dtypes.
 

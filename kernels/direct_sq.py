@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import block_for, check_device, check_float, check_lengths, dot_acc, dot_config, launch_opts
+from ._utils import block_for, check_pair, dot_acc, dot_config, launch_opts
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +140,11 @@ def direct_sq(A: torch.Tensor, G: torch.Tensor, lengths: Optional[torch.Tensor] 
         (B,) float32. fp64 inputs raise TypeError (use the torch path for fp64).
     Cost: B·T·d·p multiply-adds; reads A once per p tile and G once per d tile.
     """
-    check_float("A", A, 3)
-    check_float("G", G, 3)
-    if A.shape[:2] != G.shape[:2]:
-        raise ValueError(f"A {tuple(A.shape)} and G {tuple(G.shape)} must agree on (B, T)")
-    device = check_device(("A", A), ("G", G))
+    device, lengths, dtype = check_pair(A, G, lengths)
     B, T, d = A.shape
     p = G.shape[2]
-    lengths = check_lengths(lengths, B, T, device)
     if B == 0 or T == 0 or d == 0 or p == 0:
         return torch.zeros(B, dtype=torch.float32, device=device)
-    cfg = direct_config(T, d, p, A.dtype if A.dtype == G.dtype else torch.float32)
+    cfg = direct_config(T, d, p, dtype)
     log.debug("direct_sq B=%d T=%d d=%d p=%d %s", B, T, d, p, cfg)
     return direct_sq_launch(A, G, lengths, **cfg)

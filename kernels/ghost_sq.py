@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import block_for, check_device, check_float, check_lengths, dot_acc, dot_config, launch_opts, upper_pairs
+from ._utils import block_for, check_pair, dot_acc, dot_config, launch_opts, upper_pairs
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +147,11 @@ def ghost_sq(A: torch.Tensor, G: torch.Tensor, lengths: Optional[torch.Tensor] =
         (B,) float32. fp64 inputs raise TypeError (use the torch path for fp64).
     Cost: B·T²·(d+p)/2 multiply-adds (symmetry halves it), B·n_pairs fp32 partials of memory.
     """
-    check_float("A", A, 3)
-    check_float("G", G, 3)
-    if A.shape[:2] != G.shape[:2]:
-        raise ValueError(f"A {tuple(A.shape)} and G {tuple(G.shape)} must agree on (B, T)")
-    device = check_device(("A", A), ("G", G))
+    device, lengths, dtype = check_pair(A, G, lengths)
     B, T, d = A.shape
     p = G.shape[2]
-    lengths = check_lengths(lengths, B, T, device)
     if B == 0 or T == 0 or d == 0 or p == 0:
         return torch.zeros(B, dtype=torch.float32, device=device)
-    cfg = ghost_config(T, d, p, A.dtype if A.dtype == G.dtype else torch.float32)
+    cfg = ghost_config(T, d, p, dtype)
     log.debug("ghost_sq B=%d T=%d d=%d p=%d %s", B, T, d, p, cfg)
     return ghost_sq_launch(A, G, lengths, **cfg)

@@ -119,6 +119,15 @@ def build(name):
     return copy.deepcopy(_CACHE[name])
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster on a shared 2-core box (and matches subprocess workers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=list(MODEL_BUILDERS))
 def lm_name(request):
     return request.param
