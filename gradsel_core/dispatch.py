@@ -63,18 +63,31 @@ def _kernels():
 # -- reductions -----------------------------------------------------------------------------------
 
 
+# Gram blocks: below 2 blocks the full T×T products are cheaper than the loop over blocks
+GRAM_BLOCK = 64
+
+
 def ghost_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
     """Σ_{t,s} (a_t·a_s)(g_t·g_s) = ⟨A Aᵀ, G Gᵀ⟩_F per sample: the Gram form of ||Gᵀ A||²_F.
 
-    Cost B·T²·(d+p) time, B·T² memory (chunked over samples)."""
+    Cost B·T²·(d+p) time, B·T² memory (chunked over samples). Both Grams are symmetric, so for T ≥ 2
+    blocks only the upper-triangular (t, s) blocks are formed and off-diagonal ones counted twice:
+    nb(nb+1)/2 of nb² block products (3/4 of the work at T = 128, 9/16 at T = 512)."""
     if _use_kernels(use_triton, A, G):
         return _kernels().ghost_sq(A, G)
     acc = _acc(A, G)
     B, T, _ = A.shape
-    out = torch.empty(B, dtype=acc, device=A.device)
-    for sl in _chunks(B, 2 * T * T):
+    out = torch.zeros(B, dtype=acc, device=A.device)
+    blk = T if T < 2 * GRAM_BLOCK else GRAM_BLOCK
+    for sl in _chunks(B, 2 * T * blk):
         a, g = A[sl].to(acc), G[sl].to(acc)  # (b, T, d), (b, T, p)
-        out[sl] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))  # (b,)
+        for i in range(0, T, blk):
+            a_i, g_i = a[:, i:i + blk], g[:, i:i + blk]  # (b, blk, d), (b, blk, p)
+            for j in range(i, T, blk):
+                aa = torch.bmm(a_i, a[:, j:j + blk].transpose(1, 2))  # (b, blk, blk)
+                gg = torch.bmm(g_i, g[:, j:j + blk].transpose(1, 2))  # (b, blk, blk)
+                part = (aa * gg).sum(dim=(1, 2))  # (b,)
+                out[sl] += part if i == j else 2 * part
     return out
 
 

@@ -57,7 +57,7 @@ def method_label(m: Method) -> str:
 class ExperimentConfig:
     """Sizes and settings. Defaults: the small CPU demo; :meth:`full` the whole grid."""
 
-    seeds: Sequence[int] = (0, 1)
+    seeds: Sequence[int] = (0, 1, 2)
     methods: Sequence[Method] = DEMO_METHODS
     keep_ratio: float = 0.5  # ρ: fraction of each task's samples kept by every selection method
     loss_filter_std: Optional[float] = 1.0  # the paper's loss pre-filter (median_band only)
