@@ -83,11 +83,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     stem = f"engine-{H.utc_stamp()}{'-quick' if q else ''}"
     meta = {"bench": "engine", "argv": sys.argv if argv is None else argv, "env": env, "methods": methods,
             "cases": [spec.name], "repeats": repeats, "warmup": args.warmup, "isolate": isolate}
-    paths = H.write_results(rows, args.out_dir, stem, meta, markdown=md)
-    print()
-    print(md)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return rows
+    return H.finish(rows, args.out_dir, stem, meta, md)
 
 
 if __name__ == "__main__":

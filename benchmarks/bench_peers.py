@@ -317,11 +317,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     stem = f"peers-{H.utc_stamp()}{'-quick' if args.quick else ''}"
     meta = {"bench": "peers", "argv": sys.argv if argv is None else argv, "env": env, "methods": methods,
             "cases": [c.name for c in cases], "repeats": repeats, "warmup": args.warmup, "isolate": isolate}
-    paths = H.write_results(rows, args.out_dir, stem, meta, markdown=md)
-    print()
-    print(md)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return rows
+    return H.finish(rows, args.out_dir, stem, meta, md)
 
 
 if __name__ == "__main__":

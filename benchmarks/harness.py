@@ -752,6 +752,16 @@ def add_run_args(ap: Any, methods: Sequence[str], unit: str, stem: str) -> None:
     ap.add_argument("--out-dir", default=str(RESULTS_DIR), help=f"where {stem}-<timestamp>.json/.csv/.md go")
 
 
+def finish(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, stem: str, meta: Mapping[str, Any],
+           md: str) -> List[Mapping[str, Any]]:
+    """Write the results, print the markdown summary and where the files went; return the rows."""
+    paths = write_results(rows, out_dir, stem, meta, markdown=md)
+    print()
+    print(md)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return list(rows)
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub markdown table (cells str()-ed, '|' escaped)."""
     def cell(x: Any) -> str:

@@ -113,6 +113,11 @@ MODEL_BUILDERS = {
 _CACHE = {}
 
 
+def params_for(name):
+    """The parameters scored for a model of MODEL_BUILDERS: LoRA factors for the PEFT model."""
+    return "lora" if name == "peft_llama" else "trainable"
+
+
 def build(name):
     if name not in _CACHE:
         _CACHE[name] = MODEL_BUILDERS[name]()

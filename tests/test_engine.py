@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (VOCAB, Classifier, assert_close_rel, build, classifier_loss, lm_batch, tiny_gpt)
+from conftest import (VOCAB, Classifier, assert_close_rel, build, classifier_loss, lm_batch, params_for,
+                      tiny_gpt)
 
 import gradsel_core as gs
 from gradsel_core.batching import causal_lm_losses
-
-
-def params_for(name):
-    return "lora" if name == "peft_llama" else "trainable"
 
 
 def subset(name, model):

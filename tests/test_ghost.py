@@ -6,7 +6,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (VOCAB, Classifier, assert_close_rel, build, classifier_loss, lm_batch, tiny_gpt)
+from conftest import (VOCAB, Classifier, assert_close_rel, build, classifier_loss, lm_batch, params_for,
+                      tiny_gpt)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,10 +16,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import gradsel_core as gs
 from gradsel_core.factors import gram_is_cheaper
 from gradsel_core.ghost import plan_claims
-
-
-def params_for(name):
-    return "lora" if name == "peft_llama" else "trainable"
 
 
 def test_ghost_equals_loop_per_param(lm_name):
