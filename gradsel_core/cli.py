@@ -28,7 +28,8 @@ def _available():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradsel", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gradsel", description="Exact per-sample gradient norms and gradient-based sample selection.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in _available().items():
