@@ -1,4 +1,4 @@
-"""Install gradsel: the engine (`gradsel_core`) and its Triton kernels (`kernels/` -> `gradsel_kernels`)."""
+"""Install gradsel: the engine (`gradsel_core`) and its Triton kernels (`kernels/gradsel_kernels/`; `kernels/` itself is no package, so it never imports as the HF Hub `kernels`)."""
 from setuptools import find_packages, setup
 
 EXTRAS = {
@@ -18,7 +18,7 @@ setup(
     "for continual safety alignment.",
     python_requires=">=3.9",
     packages=find_packages(include=["gradsel_core", "gradsel_core.*"]) + ["gradsel_kernels"],
-    package_dir={"gradsel_kernels": "kernels"},
+    package_dir={"gradsel_kernels": "kernels/gradsel_kernels"},
     install_requires=["torch>=2.1", "numpy", "safetensors>=0.4", "tqdm"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["gradsel=gradsel_core.cli:main"]},

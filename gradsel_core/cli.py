@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from .errors import GradselError
+
 # command -> (module under gradsel_core.commands, one-line help)
 COMMANDS = {
     "demo": ("demo", "run the safety-drift experiment on the synthetic testbed (the main job)"),
@@ -31,19 +33,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradsel", description="Exact per-sample gradient norms and gradient-based sample selection.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod = importlib.import_module(f"gradsel_core.commands.{module}")
         mod.add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
         p.set_defaults(_run=mod.run)
     return parser
+
+
+# errors a user can act on: one line, exit 2, no traceback (unless --debug)
+USER_ERRORS = (GradselError, ValueError, TypeError, OSError, KeyError, UnicodeDecodeError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"gradsel {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place errors become a message and an exit code
+        if args.debug:
+            raise
+        return report_error(args.command, e)
+
+
+def report_error(command: str, e: BaseException) -> int:
+    """Print ``gradsel <cmd>: error: <cause>`` on stderr; 2 for errors a user can fix, 1 for the rest."""
+    known = isinstance(e, USER_ERRORS) or type(e).__name__ in ("StoreError", "StoreConflictError", "UnsupportedModule")
+    cause = str(e) if known and str(e) else f"{type(e).__name__}: {e}"
+    if isinstance(e, KeyError) and known:
+        cause = f"missing key {e}"
+    hint = "" if known else " (an internal error: rerun with --debug for the traceback, and report it)"
+    print(f"gradsel {command}: error: {cause}{hint}", file=sys.stderr)
+    return 2 if known else 1
 
 
 if __name__ == "__main__":
