@@ -87,7 +87,14 @@ def prepare_batch(batch: Mapping[str, Any], lm_loss: bool) -> PreparedBatch:
                 raise ValueError(f"batch['labels'] must have the shape of input_ids {(B, T)}, got {shape}")
             if labels.dtype.is_floating_point or labels.dtype == torch.bool:
                 raise TypeError(f"batch['labels'] must hold integer token ids or -100, got dtype {labels.dtype}")
-    full = dict(batch)
+    full = {k: _usable(v) for k, v in batch.items()}
+    pos = full.get("position_ids")
+    if isinstance(pos, torch.Tensor) and pos.dim() == 1:
+        if pos.shape[0] != T:
+            raise ValueError(f"batch['position_ids'] of shape {tuple(pos.shape)}: a 1-D position_ids must have "
+                             f"length T = {T} (one vector shared by the batch), or pass shape [B, T]")
+        full["position_ids"] = pos.unsqueeze(0)  # (1, T): one meaning in every backend, shared by the batch
+    labels = _usable(labels)
     return PreparedBatch(
         model_inputs={k: v for k, v in full.items() if k != "labels"},
         labels=labels,
@@ -95,6 +102,14 @@ def prepare_batch(batch: Mapping[str, Any], lm_loss: bool) -> PreparedBatch:
         batch_size=B,
         seq_len=T,
     )
+
+
+def _usable(v: Any) -> Any:
+    """Tensors made under ``torch.inference_mode()`` cannot enter autograd: copy them out of it."""
+    if isinstance(v, torch.Tensor) and v.is_inference():
+        with torch.inference_mode(False):
+            return v.clone()
+    return v
 
 
 def default_labels(ids: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

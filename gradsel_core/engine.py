@@ -2,80 +2,44 @@
 
 G_i = ||∇θ L(x_i)||_2 over the selected parameters θ, with L(x_i) sample i's own loss.
 Scoring is deterministic and side-effect free: it runs in eval mode (dropout off) and restores every
-module's mode, leaves ``param.grad`` and ``requires_grad`` as found, and works inside ``torch.no_grad()``.
+module's mode, leaves ``param.grad`` and ``requires_grad`` as found, and works inside ``torch.no_grad()``
+and ``torch.inference_mode()`` (it steps out of both for the scored forward).
+
+Backends (``gradsel_core.backends``): ``loop`` (the reference), ``vmap`` (torch.func), ``ghost`` (one
+activation backward) and ``triton`` (ghost with fused kernels). ``auto`` picks the fastest exact one and
+moves down the chain ghost → vmap → loop, with one warning naming the reason, when a path fails; with
+``verify`` (on by default under ``auto``) the first batch's fast norms of two samples are checked against a
+per-sample backward.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
 from torch import nn
 
+from .backends.ghost import GhostBackend, score_ghost
+from .backends.loop import score_loop
+from .backends.vmap import score_vmap
 from .batching import LossFn, PreparedBatch, prepare_batch
 from .params import ParamSpec, select_params
+from .rules import UnsupportedModule
+from .types import (Coverage, CoverageEntry, RawScores, ScoreResult, ScoringSpec, acc_dtype, finish_norms,
+                    grad_enabled_for, scoring_mode, tolerance)
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "loop", "vmap", "ghost", "triton")
+# samples the first-batch check compares against a per-sample backward
+VERIFY_SAMPLES = 2
+
+__all__ = ["GradNormEngine", "ScoreResult", "RawScores", "per_sample_grad_norms", "grad_enabled_for",
+           "scoring_mode", "acc_dtype", "BACKENDS"]
 
 
-@dataclass
-class ScoreResult:
-    """Per-sample scores of one batch (tensors on the batch's device)."""
-
-    norms: torch.Tensor  # (B,) float32: ||∇θ L_i||
-    losses: torch.Tensor  # (B,) float32: L_i
-    tokens: torch.Tensor  # (B,) int64: counted target tokens
-    per_param: Optional[Dict[str, torch.Tensor]] = None  # name -> (B,) float32 squared norms
-    backend: str = ""
-
-    def __len__(self) -> int:
-        return self.norms.shape[0]
-
-
-@dataclass
-class RawScores:
-    """What a backend returns: squared norms per parameter in the accumulation dtype."""
-
-    per_param_sq: Dict[str, torch.Tensor]  # name -> (B,)
-    losses: torch.Tensor  # (B,)
-    tokens: torch.Tensor  # (B,)
-
-
-@contextlib.contextmanager
-def grad_enabled_for(params: Mapping[str, nn.Parameter]) -> Iterator[None]:
-    """Grad enabled (also inside ``torch.no_grad()``) and the selected parameters requiring grad;
-    ``requires_grad`` restored on exit."""
-    flags = [(p, p.requires_grad) for p in params.values()]
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def scoring_mode(model: nn.Module, params: Mapping[str, nn.Parameter]) -> Iterator[None]:
-    """Eval mode (dropout off) on top of :func:`grad_enabled_for`; every module's mode restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with grad_enabled_for(params):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def acc_dtype(params: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """fp64 when any selected parameter is fp64, else fp32 (bf16/fp16 accumulate in fp32)."""
-    return torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+class VerificationError(UnsupportedModule):
+    """The fast norms disagree with a per-sample backward beyond the dtype's tolerance."""
 
 
 class GradNormEngine:
@@ -90,6 +54,9 @@ class GradNormEngine:
         per_param: also return each parameter's squared norms.
         chunk_size: samples per vmap chunk (memory bound); ``None`` = whole batch.
         loss_reduction: ``"mean"`` or ``"sum"`` over each sample's target tokens.
+        verify: on the first batch, compare the fast norms of two samples with a per-sample backward
+            (default: on for ``auto``, off otherwise). A mismatch moves ``auto`` to an exact backend with a
+            warning and raises :class:`VerificationError` for an explicit fast backend.
     """
 
     def __init__(
@@ -101,6 +68,7 @@ class GradNormEngine:
         per_param: bool = False,
         chunk_size: Optional[int] = None,
         loss_reduction: str = "mean",
+        verify: Optional[bool] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -117,6 +85,12 @@ class GradNormEngine:
         self.per_param = per_param
         self.chunk_size = chunk_size
         self.loss_reduction = loss_reduction
+        self.verify = backend == "auto" if verify is None else bool(verify)
+        self.spec = ScoringSpec(model, self.params, loss_fn, loss_reduction, chunk_size)
+        self.ghost = GhostBackend(self.spec)
+        self._settled: Optional[str] = None  # the backend auto moved to after a failure or a mismatch
+        self._verified = False
+        self.last_backend: Optional[str] = None
 
     # -- public -----------------------------------------------------------------------------------
     def score(self, batch: Mapping[str, Any]) -> ScoreResult:
@@ -128,52 +102,96 @@ class GradNormEngine:
             empty = torch.zeros(0, dtype=torch.float32, device=device)
             per = {n: empty.clone() for n in self.params} if self.per_param else None
             return ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend)
-        from .rules import UnsupportedModule
-
         with scoring_mode(self.model, self.params):
-            try:
-                raw = self._run_backend(backend, prepared)
-            except UnsupportedModule as e:
-                if self.backend != "auto":
-                    raise
-                log.warning("ghost backend cannot score this model exactly (%s); using backend='vmap'", e)
-                backend = "vmap"
-                raw = self._run_backend(backend, prepared)
+            raw, backend = self._score_raw(prepared, backend)
+            if self.verify and not self._verified and backend != "loop":
+                raw, backend = self._check(prepared, raw, backend)
+        self.last_backend = backend
         return self._finish(raw, backend)
 
     def resolve_backend(self, prepared: Optional[PreparedBatch] = None) -> str:
-        """The backend ``score`` will use: ``"auto"`` is ghost (triton on CUDA when triton imports) when
-        every selected parameter is covered by a norm rule or a module-level fallback, else vmap."""
+        """The backend ``score`` will use: ``"auto"`` is ghost (triton on CUDA when the kernels import) when
+        every selected parameter is covered by a rule, op uses or a module-level fallback, else vmap; after
+        a failure or a failed check, the exact backend auto moved to."""
         if self.backend != "auto":
             return self.backend
-        from .ghost import engine_plan  # local: keeps import light
-
-        if not engine_plan(self).complete:
+        if self._settled is not None:
+            return self._settled
+        if not self.ghost.plan.complete:
             return "vmap"
         from .dispatch import triton_usable
 
         device = prepared.full["input_ids"].device if prepared is not None else None
         return "triton" if device is not None and device.type == "cuda" and triton_usable(device) else "ghost"
 
+    def coverage(self) -> Coverage:
+        """How each selected parameter is scored: by a rule, op uses, a module fallback, whole-model vmap or
+        the loop. Reflects what the engine learned on the batches scored so far."""
+        backend = self.last_backend or self.resolve_backend()
+        if backend in ("ghost", "triton"):
+            return Coverage(backend, self.ghost.coverage())
+        how = "whole-model vmap" if backend == "vmap" else "loop"
+        return Coverage(backend, [CoverageEntry(n, how) for n in self.params])
+
     # -- internals --------------------------------------------------------------------------------
     def _run_backend(self, backend: str, prepared: PreparedBatch) -> RawScores:
         if backend == "loop":
-            from .backends.loop import score_loop
-
-            return score_loop(self, prepared)
+            return score_loop(self.spec, prepared)
         if backend == "vmap":
-            from .backends.vmap import score_vmap
+            return score_vmap(self.spec, prepared)
+        return score_ghost(self.ghost, prepared, use_triton=backend == "triton", strict=self.backend != "auto")
 
-            return score_vmap(self, prepared)
-        from .ghost import score_ghost
+    def _score_raw(self, prepared: PreparedBatch, backend: str):
+        if self.backend != "auto":
+            return self._run_backend(backend, prepared), backend
+        chain = _chain_from(backend)
+        for i, name in enumerate(chain):
+            try:
+                return self._run_backend(name, prepared), name
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - auto: any failure of a fast path moves down the chain
+                if i == len(chain) - 1:
+                    raise
+                nxt = chain[i + 1]
+                log.warning("backend %s cannot score this model (%s: %s); using backend=%r (exact)",
+                            name, type(e).__name__, _first_line(e), nxt)
+                self._settled = nxt
+        raise AssertionError("unreachable")
 
-        return score_ghost(self, prepared, use_triton=backend == "triton")
+    def _check(self, prepared: PreparedBatch, raw: RawScores, backend: str):
+        """First-batch safety net: the fast squared norms of up to two samples against the loop."""
+        B = prepared.batch_size
+        idx = torch.arange(min(VERIFY_SAMPLES, B), device=prepared.full["input_ids"].device)
+        ref = score_loop(self.spec, prepared.select(idx))
+        tol = tolerance(next(iter(self.params.values())).dtype)
+        bad = []
+        total = sum(ref.per_param_sq[m].double() for m in self.params)  # (k,)
+        for n in self.params:
+            fast, exact = raw.per_param_sq[n][idx].double(), ref.per_param_sq[n].double()
+            ok = ~torch.isfinite(exact) | ~torch.isfinite(total) | \
+                ((fast - exact).abs() <= tol * total.abs() + 1e-30)
+            if not bool(ok.all()):
+                err = ((fast - exact).abs() / total.abs().clamp(min=1e-30)).max().item()
+                bad.append((n, err))
+        self._verified = True
+        if not bad:
+            return raw, backend
+        worst = ", ".join(f"{n} (rel. error {e:.2g})" for n, e in sorted(bad, key=lambda x: -x[1])[:4])
+        msg = (f"backend {backend} disagrees with a per-sample backward on {len(bad)} parameter(s): {worst}; "
+               "a rule does not describe a module of this model")
+        if self.backend != "auto":
+            raise VerificationError(msg + "; pass backend='auto' or 'vmap' (exact)")
+        nxt = "vmap" if backend in ("ghost", "triton") else "loop"
+        log.warning("%s; using backend=%r (exact)", msg, nxt)
+        self._settled = nxt
+        return self._score_raw(prepared, nxt)
 
     def _finish(self, raw: RawScores, backend: str) -> ScoreResult:
         total = None
         for sq in raw.per_param_sq.values():
             total = sq if total is None else total + sq
-        norms = total.clamp(min=0).sqrt()
+        norms = finish_norms(total, raw.losses)
         per = {n: raw.per_param_sq[n].float() for n in self.params} if self.per_param else None
         return ScoreResult(
             norms=norms.float().detach(),
@@ -182,6 +200,16 @@ class GradNormEngine:
             per_param=per,
             backend=backend,
         )
+
+
+def _chain_from(backend: str) -> List[str]:
+    chain = ["triton", "ghost", "vmap", "loop"] if backend == "triton" else ["ghost", "vmap", "loop"]
+    return chain[chain.index(backend):]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def per_sample_grad_norms(model: nn.Module, batch: Mapping[str, Any], **kwargs: Any) -> torch.Tensor:

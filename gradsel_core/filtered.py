@@ -23,9 +23,9 @@ from torch import nn
 
 from .batching import LossFn, prepare_batch
 from .dispatch import triton_usable
-from .engine import GradNormEngine, grad_enabled_for
-from .ghost import capture_forward
+from .engine import GradNormEngine
 from .params import ParamSpec
+from .types import grad_enabled_for
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class FilteredBackward:
         use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
                                                   and triton_usable(device))
         with grad_enabled_for(engine.params):
-            cap, losses, tokens = capture_forward(engine, prepared, use_triton, keep_factors=True)
-            cap.backward(losses.sum(), engine.params)
+            cap, losses, tokens = engine.ghost.run(prepared, use_triton, keep_factors=True, strict=True)
         sq = cap.per_param_sq(engine.params, device)
         norms = torch.stack(list(sq.values())).sum(0).clamp(min=0).sqrt().float()  # (B,)
         losses = losses.detach().float()

@@ -66,16 +66,27 @@ def register_norm_rule(*targets: Union[type, str], predicate: Optional[Callable[
     return deco
 
 
-def find_rule(module: nn.Module) -> Optional[RuleFn]:
-    """The rule for ``module``: its class or nearest registered base class, then predicates."""
+def rule_status(module: nn.Module) -> Tuple[Optional[RuleFn], str]:
+    """The rule for ``module`` and why: ``(rule, "rule")``, ``(None, "overridden")`` when a registered base
+    class's rule does not apply because ``type(module)`` overrides its ``forward``, or ``(None, "none")``.
+
+    A rule describes one class's forward. It applies to that class, and to a subclass that does not
+    override ``forward`` (or registers a rule of its own). Predicates (look-alikes) are checked last."""
     for cls in type(module).__mro__:
         fn = _BY_TYPE.get(cls) or _BY_TYPE.get(f"{cls.__module__}.{cls.__qualname__}")
         if fn is not None:
-            return fn
+            if type(module).forward is not cls.forward:
+                return None, "overridden"
+            return fn, "rule"
     for pred, fn in _PREDICATES:
         if pred(module):
-            return fn
-    return None
+            return fn, "rule"
+    return None, "none"
+
+
+def find_rule(module: nn.Module) -> Optional[RuleFn]:
+    """The rule that applies to ``module`` (see :func:`rule_status`), or None."""
+    return rule_status(module)[0]
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -142,6 +153,30 @@ def embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     ids = ids.reshape(B, -1)  # (B, T)
     G = G.reshape(B, ids.shape[1], -1)  # (B, T, d)
     return {"weight": EmbRows(ids, G, m.num_embeddings, m.padding_idx)}
+
+
+# HF embeddings whose forward is ``super().forward(ids) * self.embed_scale``: the Embedding rule with g·scale
+_SCALED_EMBEDDINGS = tuple(
+    f"transformers.models.{mod}.modeling_{mod}.{cls}" for mod, cls in (
+        ("gemma", "GemmaTextScaledWordEmbedding"), ("gemma3", "Gemma3TextScaledWordEmbedding"),
+        ("gemma3n", "Gemma3nTextScaledWordEmbedding"), ("gemma4", "Gemma4TextScaledWordEmbedding"),
+        ("vaultgemma", "VaultGemmaTextScaledWordEmbedding"), ("t5gemma2", "T5Gemma2TextScaledWordEmbedding"),
+        ("bart", "BartScaledWordEmbedding"), ("mbart", "MBartScaledWordEmbedding"),
+        ("biogpt", "BioGptScaledWordEmbedding"), ("pegasus_x", "PegasusXScaledWordEmbedding"),
+        ("bigbird_pegasus", "BigBirdPegasusScaledWordEmbedding"),
+    ))
+
+
+@register_norm_rule(*_SCALED_EMBEDDINGS)
+def scaled_embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
+    """y = E[x] · s with s = ``embed_scale`` (Gemma: √d): the Embedding rule with output gradient s·g."""
+    m = call.module
+    scale = getattr(m, "embed_scale", None)
+    if scale is None:
+        raise UnsupportedModule(f"{call.name}: a scaled embedding without embed_scale")
+    s = scale.to(call.grad_output.dtype) if isinstance(scale, torch.Tensor) else float(scale)
+    scaled = ModuleCall(m, call.name, call.args, call.kwargs, call.grad_output * s, call.batch_size)
+    return embedding_rule(scaled, names)
 
 
 @register_norm_rule(nn.LayerNorm)

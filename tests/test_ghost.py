@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gradsel_core as gs
 from gradsel_core.factors import gram_is_cheaper
-from gradsel_core.ghost import plan_claims
+from gradsel_core.backends.ghost import plan_claims
 
 
 def test_ghost_equals_loop_per_param(lm_name):
@@ -197,10 +197,39 @@ class FunctionalUse(nn.Module):
         return F.linear(h, self.proj.weight) @ self.emb.weight.t()
 
 
-def test_parameter_used_outside_its_module_is_refused():
+def test_parameter_used_outside_its_module_is_scored_as_one_more_use():
+    """F.linear(h, proj.weight) with proj never called, and emb.weight tied functionally: op uses."""
     torch.manual_seed(0)
-    with pytest.raises(gs.UnsupportedModule, match="proj.weight"):
-        gs.GradNormEngine(FunctionalUse(), backend="ghost").score(lm_batch())
+    model = FunctionalUse()
+    ref = gs.GradNormEngine(model, backend="loop", per_param=True).score(lm_batch())
+    got = gs.GradNormEngine(model, backend="ghost", per_param=True).score(lm_batch())
+    for n in ref.per_param:
+        assert_close_rel(got.per_param[n], ref.per_param[n], 1e-5, n)
+
+
+class UnknownFunctionalUse(nn.Module):
+    """A Linear's bias added by hand at the root: an op without a rule, outside any module call."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.proj = nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.emb(input_ids))
+        return self.proj(h) + self.proj.bias * h.mean(-1, keepdim=True)
+
+
+def test_unknown_use_outside_the_owner_is_refused_by_ghost_and_exact_under_auto(caplog):
+    torch.manual_seed(0)
+    model = UnknownFunctionalUse()
+    with pytest.raises(gs.UnsupportedModule, match=r"proj\.bias.*test_ghost\.py:\d+"):
+        gs.GradNormEngine(model, backend="ghost").score(lm_batch())
+    ref = gs.GradNormEngine(model, backend="loop").score(lm_batch())
+    with caplog.at_level(logging.WARNING):
+        got = gs.GradNormEngine(model, backend="auto").score(lm_batch())
+    assert_close_rel(got.norms, ref.norms, 1e-5, "auto")
+    assert "proj.bias" in caplog.text
 
 
 def test_registering_a_rule():

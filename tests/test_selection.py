@@ -326,7 +326,7 @@ class TestGroups:
 
 class TestInputsAndLength:
     def test_score_result_like_torch_input(self):
-        from gradsel_core.engine import ScoreResult
+        from gradsel_core.types import ScoreResult
 
         res = ScoreResult(norms=torch.tensor(PAPER["norms"]), losses=torch.tensor(PAPER["losses"]),
                           tokens=torch.arange(1, 11))

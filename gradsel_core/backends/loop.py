@@ -1,18 +1,13 @@
 """The reference: one forward and one backward per sample. Slow and obviously correct."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..batching import PreparedBatch, per_sample_losses
-from ..engine import RawScores, acc_dtype
-
-if TYPE_CHECKING:
-    from ..engine import GradNormEngine
+from ..types import RawScores, ScoringSpec, acc_dtype
 
 
-def score_loop(engine: "GradNormEngine", batch: PreparedBatch) -> RawScores:
+def score_loop(engine: ScoringSpec, batch: PreparedBatch) -> RawScores:
     names = list(engine.params)
     tensors = [engine.params[n] for n in names]
     acc = acc_dtype(engine.params)

@@ -3,16 +3,13 @@ selected parameters. ``chunk_size`` bounds memory (samples per vectorised chunk)
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Dict, Iterator
+from typing import Dict, Iterator
 
 import torch
 from torch.func import functional_call, grad, vmap
 
 from ..batching import PreparedBatch, per_sample_losses
-from ..engine import RawScores, acc_dtype
-
-if TYPE_CHECKING:
-    from ..engine import GradNormEngine
+from ..types import RawScores, ScoringSpec, acc_dtype
 
 
 @contextlib.contextmanager
@@ -38,7 +35,7 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
             c._attn_implementation = impl
 
 
-def score_vmap(engine: "GradNormEngine", batch: PreparedBatch) -> RawScores:
+def score_vmap(engine: ScoringSpec, batch: PreparedBatch) -> RawScores:
     model = engine.model
     acc = acc_dtype(engine.params)
     names = list(engine.params)

@@ -1,0 +1,638 @@
+"""The ghost backend: exact per-sample gradient norms from one forward and one activation backward.
+
+How it works (math in ``docs/norm-math.md``):
+
+1. Every module that owns a selected parameter and has a norm rule (or a module-level fallback) gets a
+   forward hook for the scored forward only (registered per call, removed after, nothing stored on the
+   module). The hook records the module's input and routes its output through an identity autograd node,
+   a *tap*, tied to a scalar anchor.
+2. ``torch.autograd.grad(Σ_b L_b, anchor)`` runs the backward. Only activation gradients are computed: no
+   weight is an input of that call, so autograd skips every weight-gradient matmul. Each tap's backward
+   receives G, the gradient w.r.t. its module's output, whose slice b is sample b's own output gradient.
+3. On arrival, the module's rule (``gradsel_core.rules``) turns (input, G) into factors
+   (``gradsel_core.factors``), reduced at once, so activations and G are released as the backward proceeds.
+   A parameter with several uses (tied embeddings, a module called twice, a functional use) keeps its
+   factors until all uses have arrived, then adds the cross terms ||Σ_u g_u||² = Σ_u ||g_u||² + 2 Σ ⟨g_u, g_v⟩.
+4. Modules without a rule are computed exactly by a torch.func fallback restricted to that module:
+   ``vmap`` over samples of ``vjp`` of the module alone, at its captured inputs and output gradients.
+5. Every other use of a selected parameter is accounted for (``gradsel_core.backends.uses``): detected
+   through stand-ins at no cost, then scored as an op use (``F.linear``, ``x @ W.T``, ``F.embedding``) or
+   by moving the parameter to a module fallback that encloses all its uses. What cannot be scored exactly
+   is refused with :class:`UnsupportedModule`, naming the parameter and the place.
+
+A rule applies only to its registered class, or to a subclass that does not override ``forward``
+(``rules.find_rule``). Subclasses of Linear / Embedding that override ``forward`` (Gemma's scaled embedding,
+OPT's offset positions, a Linear that scales its output) are scored through their op uses.
+
+:class:`GhostBackend` holds what one engine learned about its model (moved modules, op-tracked parameters,
+taps that must copy because the model writes into module outputs in place); the first batch may take a few
+extra passes to learn it, each with one warning.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..batching import PreparedBatch, per_sample_losses
+from ..factors import Dense, EmbRows, Factor, Outer, RowSum
+from ..rules import ModuleCall, RuleFn, UnsupportedModule, as_btd, find_rule, rule_status
+from ..types import CoverageEntry, RawScores, ScoringSpec, acc_dtype
+from .uses import OpUse, Place, Slot, UseTracker, can_stand_in, make_stand_in, parameter_slots
+
+log = logging.getLogger(__name__)
+
+_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+# at most this many extra passes on one batch while learning how to score a model
+MAX_PASSES = 8
+
+
+def _ways_out(what: str) -> str:
+    return (
+        f"{what}; pass backend='auto' (moves to an exact path), backend='vmap' (exact, slower), or register a "
+        "norm rule with @gradsel_core.register_norm_rule(ModuleType)"
+    )
+
+
+class Retry(Exception):
+    """Internal: the capture learned something about the model; run the batch again."""
+
+
+# -- which module scores which parameter ----------------------------------------------------------------
+
+
+@dataclass
+class ModulePlan:
+    module: nn.Module
+    name: str
+    rule: Optional[RuleFn]  # None: torch.func fallback
+    names: Dict[str, str] = field(default_factory=dict)  # local parameter name -> global name
+    why: str = ""  # why the module is scored by the fallback (empty: no rule registered)
+
+
+@dataclass
+class GhostPlan:
+    modules: Dict[int, ModulePlan]  # id(module) -> plan
+    op_tracked: Dict[str, str]  # global name -> why it is scored through its op uses
+    root_fallback: List[str]  # selected parameters scored by a fallback over the whole model
+
+    @property
+    def complete(self) -> bool:
+        """Every selected parameter is scored by a rule, op uses, or a fallback smaller than the model."""
+        return not self.root_fallback
+
+    @property
+    def fallback(self) -> Dict[str, List[str]]:
+        return {p.name: sorted(p.names.values()) for p in self.modules.values() if p.rule is None}
+
+
+def _owner_of(mod: nn.Module, mname: str, local: str, parent: Dict[int, Tuple[nn.Module, str, str]]):
+    if isinstance(mod, _CONTAINERS) and id(mod) in parent:  # e.g. PEFT lora_embedding_A.<adapter>
+        up, up_name, cname = parent[id(mod)]
+        return up, up_name, f"{cname}.{local}"
+    return mod, mname, local
+
+
+def plan_claims(model: nn.Module, params: Dict[str, nn.Parameter], moved: Optional[Dict[str, Tuple[str, str]]] = None,
+                op_ok: bool = True) -> GhostPlan:
+    """Assign each selected parameter to the module whose calls score it.
+
+    ``moved``: global name -> (enclosing module name, reason), parameters taken from their owner to a
+    module fallback (a rule that failed, or uses that only an enclosing module sees)."""
+    moved = moved or {}
+    wanted = {id(p): n for n, p in params.items()}
+    named = dict(model.named_modules())  # each module object once
+    parent: Dict[int, Tuple[nn.Module, str, str]] = {}
+    for mname, mod in named.items():
+        for cname, child in mod.named_children():
+            parent.setdefault(id(child), (mod, mname, cname))
+    plans: Dict[int, ModulePlan] = {}
+    op_tracked: Dict[str, str] = {}
+    root_fallback: List[str] = []
+    done: Set[str] = set()
+
+    def add_fallback(owner: nn.Module, owner_name: str, local: str, gname: str, why: str):
+        plan = plans.setdefault(id(owner), ModulePlan(owner, owner_name, None, why=why))
+        if plan.rule is not None:  # the owner's rule cannot score this one: the whole module falls back
+            plan.rule, plan.why = None, why
+        plan.names[local] = gname
+        if owner is model:
+            root_fallback.append(gname)
+
+    for gname, (enc, why) in moved.items():
+        owner = named[enc]
+        local = next(n for n, p in owner.named_parameters(remove_duplicate=False) if p is params[gname])
+        add_fallback(owner, enc, local, gname, why)
+        done.add(gname)
+    for mname, mod in named.items():
+        for local, p in mod.named_parameters(recurse=False):
+            gname = wanted.get(id(p))
+            if gname is None or gname in done:
+                continue
+            owner, owner_name, owner_local = _owner_of(mod, mname, local, parent)
+            rule, status = rule_status(owner)
+            if rule is None and status == "overridden" and op_ok:
+                op_tracked[gname] = f"{type(owner).__name__} overrides the forward of a ruled class"
+                continue
+            if rule is None:
+                add_fallback(owner, owner_name, owner_local, gname,
+                             "its forward overrides a ruled class" if status == "overridden" else "")
+                continue
+            plan = plans.setdefault(id(owner), ModulePlan(owner, owner_name, rule))
+            plan.names[owner_local] = gname
+    # a module that falls back for one parameter scores all of its selected parameters by the fallback
+    return GhostPlan(plans, op_tracked, root_fallback)
+
+
+def _common_module(names: List[str]) -> str:
+    """The innermost module whose name is a prefix of all ``names`` ('' = the root)."""
+    parts = [n.split(".") if n else [] for n in names]
+    common: List[str] = []
+    for level in zip(*parts):
+        if all(x == level[0] for x in level):
+            common.append(level[0])
+        else:
+            break
+    return ".".join(common)
+
+
+# -- the tap: an identity node whose backward hands G to the capture ---------------------------------------
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, anchor, sink, key, copy):  # noqa: D401
+        ctx.sink, ctx.key = sink, key
+        return x.clone() if copy else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.sink(ctx.key, g)
+        return g, None, None, None, None
+
+
+@dataclass
+class _Record:
+    plan: Optional[ModulePlan]
+    call: Optional[ModuleCall]
+    use: Optional[OpUse] = None
+    leaves: List[int] = field(default_factory=list)  # output leaves tapped (fallback calls)
+    grads: Dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def names(self) -> Dict[str, str]:
+        return self.use.params if self.use is not None else self.plan.names
+
+
+class RuleFailure(UnsupportedModule):
+    """A rule (or an op use) could not score a call: which parameters, and where."""
+
+    def __init__(self, msg: str, params: List[str], module: str):
+        super().__init__(msg)
+        self.params, self.module = params, module
+
+
+class GhostCapture:
+    """Hooks for one scored forward, and the backward that reduces the norms.
+
+    ``keep_factors=True`` keeps every factor (in-step selection needs them to build the masked gradient
+    after the norms); otherwise single-use factors are reduced and dropped as G arrives.
+    """
+
+    def __init__(self, model: nn.Module, plan: GhostPlan, params: Dict[str, nn.Parameter], batch_size: int,
+                 use_triton: bool = False, keep_factors: bool = False, copy_taps: bool = False,
+                 track: Optional[Set[str]] = None, stand_ins: bool = True):
+        self.model, self.plan, self.params, self.B = model, plan, params, batch_size
+        self.use_triton, self.keep_factors, self.copy_taps = use_triton, keep_factors, copy_taps
+        self.track = set(track or ()) | set(plan.op_tracked)
+        self.records: List[_Record] = []
+        self.handles = []
+        self.active = False
+        self.anchor: Optional[torch.Tensor] = None
+        self.uses: Dict[str, int] = {}
+        self.sq: Dict[str, torch.Tensor] = {}
+        self.factors: Dict[str, List[Factor]] = {}
+        self.error: Optional[BaseException] = None
+        self.use_stand_ins = stand_ins and can_stand_in(params)
+        self.slots: Dict[str, List[Slot]] = parameter_slots(model, params) if self.use_stand_ins else {}
+        self.stand_ins: Dict[str, nn.Parameter] = {}
+        self.tracker: Optional[UseTracker] = None
+        self.module_names = {id(m): n for n, m in model.named_modules()}
+
+    # forward ----------------------------------------------------------------------------------------
+    def __enter__(self) -> "GhostCapture":
+        if self.use_stand_ins:
+            for name, slots in self.slots.items():
+                s = self.stand_ins[name] = make_stand_in(self.params[name])
+                for slot in slots:
+                    slot.holder._parameters[slot.key] = s
+        for plan in self.plan.modules.values():
+            own = self._own_slots(plan)
+            self.handles.append(plan.module.register_forward_pre_hook(self._pre_hook(own)))
+            self.handles.append(plan.module.register_forward_hook(self._hook(plan, own), with_kwargs=True))
+        tracked = {id(self.stand_ins[n]): n for n in self.track if n in self.stand_ins}
+        if tracked:
+            self.tracker = UseTracker(tracked, self._tap_use, self.module_names, self.B)
+            self.tracker.__enter__()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
+        if self.tracker is not None:
+            self.tracker.__exit__(None, None, None)
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for name, slots in self.slots.items():
+            for slot in slots:
+                slot.holder._parameters[slot.key] = self.params[name]
+
+    def _own_slots(self, plan: ModulePlan) -> List[Tuple[Slot, str]]:
+        """The slots inside ``plan.module`` of the parameters it scores: real inside its own call."""
+        if not self.use_stand_ins:
+            return []
+        inside = {id(m) for m in plan.module.modules()}
+        return [(s, g) for g in plan.names.values() for s in self.slots.get(g, ()) if id(s.holder) in inside]
+
+    def _pre_hook(self, own: List[Tuple[Slot, str]]):
+        def hook(mod, args):
+            if self.active:
+                for slot, g in own:
+                    slot.holder._parameters[slot.key] = self.params[g]
+            return None
+
+        return hook
+
+    def _anchor_for(self, t: torch.Tensor) -> torch.Tensor:
+        if self.anchor is None:
+            self.anchor = torch.zeros((), device=t.device, requires_grad=True)
+        return self.anchor
+
+    def _tap(self, t: torch.Tensor, key: Tuple[int, int]) -> torch.Tensor:
+        return _Tap.apply(t, self._anchor_for(t), self._sink, key, self.copy_taps)
+
+    def _tap_use(self, out: torch.Tensor, use: OpUse) -> torch.Tensor:
+        """A recognised op use (``uses.UseTracker``): record it and tap its output."""
+        if not self.active or not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return out
+        B = self.B
+        if B > 1 and out.dim() > 0 and out.shape[0] == 1 and use.x.dim() > 0 and use.x.shape[0] == 1:
+            use.x = use.x.expand(B, *use.x.shape[1:])  # a [1, T] lookup broadcast over the batch
+            out = out.expand(B, *out.shape[1:])
+        key = len(self.records)
+        self.records.append(_Record(None, None, use=use))
+        return self._tap(out, (key, 0))
+
+    def _hook(self, plan: ModulePlan, own: List[Tuple[Slot, str]]):
+        def hook(mod, args, kwargs, output):
+            if not self.active:
+                return None
+            for slot, g in own:
+                slot.holder._parameters[slot.key] = self.stand_ins[g]
+            B = self.B
+            x = args[0] if args else None
+            if (
+                plan.rule is not None
+                and B > 1
+                and isinstance(output, torch.Tensor)
+                and output.dim() > 0
+                and output.shape[0] == 1
+                and isinstance(x, torch.Tensor)
+                and x.dim() > 0
+                and x.shape[0] == 1
+            ):
+                # a [1, T] input broadcast over the batch (HF position_ids): score it per sample
+                args = (x.expand(B, *x.shape[1:]),) + tuple(args[1:])
+                output = output.expand(B, *output.shape[1:])
+            det = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            call = ModuleCall(mod, plan.name, tuple(det(a) for a in args),
+                              {k: det(v) for k, v in kwargs.items()} if plan.rule is None else {}, batch_size=B)
+            key = len(self.records)
+            rec = _Record(plan, call)
+            self.records.append(rec)
+            if plan.rule is not None:
+                if not isinstance(output, torch.Tensor):
+                    raise RuleFailure(f"module {plan.name} returned {type(output).__name__}, not a tensor",
+                                      list(plan.names.values()), plan.name)
+                if not output.requires_grad:
+                    return output
+                return self._tap(output, (key, 0))
+            leaves, spec = tree_flatten(output)
+            new = []
+            for i, leaf in enumerate(leaves):
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.is_floating_point():
+                    rec.leaves.append(i)
+                    leaf = self._tap(leaf, (key, i))
+                new.append(leaf)
+            return tree_unflatten(new, spec)
+
+        return hook
+
+    # backward ---------------------------------------------------------------------------------------
+    def _sink(self, key: Tuple[int, int], g: torch.Tensor) -> None:
+        if self.error is not None:
+            return
+        rec = self.records[key[0]]
+        try:
+            if rec.use is not None:
+                factors = _use_factors(rec.use, g, self.B)
+                for role, f in factors.items():
+                    self._add(rec.use.params[role], f)
+                rec.use.x = None
+                return
+            if rec.plan.rule is None:
+                rec.grads[key[1]] = g
+                return
+            rec.call.grad_output = g
+            try:
+                factors = rec.plan.rule(rec.call, list(rec.plan.names))
+            except UnsupportedModule as e:
+                raise RuleFailure(str(e), list(rec.plan.names.values()), rec.plan.name) from e
+            missing = set(rec.plan.names) - set(factors)
+            if missing:
+                raise RuleFailure(f"the rule for {rec.plan.name} returned nothing for {sorted(missing)}",
+                                  list(rec.plan.names.values()), rec.plan.name)
+            for local, f in factors.items():
+                self._add(rec.plan.names[local], f)
+            rec.call.args, rec.call.grad_output = (), None  # release the activations now
+        except BaseException as e:  # errors raised inside autograd lose their type: re-raise after
+            self.error = e
+
+    def _add(self, name: str, f: Factor) -> None:
+        if self.keep_factors or self.uses.get(name, 0) > 1:
+            self.factors.setdefault(name, []).append(f)  # reduced once all uses have arrived
+            return
+        sq = f.sq_norm(self.use_triton)
+        self.sq[name] = sq if name not in self.sq else self.sq[name] + sq
+
+    def backward(self, total: torch.Tensor, retain_graph: bool = False) -> Dict[str, List[Place]]:
+        """Run the activation backward of ``total`` = Σ_b L_b and reduce every norm.
+
+        Returns the parameters whose stand-ins got a gradient (uses nobody accounted for), with the places
+        the tracker saw (empty for untracked parameters). Nothing is reduced then: the caller learns and
+        runs the batch again."""
+        self.uses = {}
+        for rec in self.records:
+            for g in rec.names.values():
+                self.uses[g] = self.uses.get(g, 0) + 1
+        names = list(self.stand_ins)
+        inputs = ([self.anchor] if self.anchor is not None else []) + [self.stand_ins[n] for n in names]
+        unaccounted: Dict[str, List[Place]] = {}
+        if total.requires_grad and inputs:
+            grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=retain_graph)
+            if self.error is not None:
+                raise self.error
+            for n, g in zip(names, grads[len(inputs) - len(names):]):
+                if g is not None:
+                    places = self.tracker.unrecognised.get(n, []) if self.tracker is not None else []
+                    unaccounted[n] = places
+        if unaccounted:
+            return unaccounted
+        for rec in self.records:
+            if rec.plan is not None and rec.plan.rule is None:
+                for local, g in _fallback_grads(rec, self).items():
+                    self._add(rec.plan.names[local], Dense(g))
+        for name, fs in self.factors.items():
+            self.sq[name] = shared_sq_norm(fs, self.use_triton)
+        return {}
+
+    def per_param_sq(self, params: Dict[str, nn.Parameter], device: torch.device) -> Dict[str, torch.Tensor]:
+        acc = acc_dtype(params)
+        zero = torch.zeros(self.B, dtype=acc, device=device)
+        return {n: self.sq[n].to(acc) if n in self.sq else zero for n in params}
+
+
+def _use_factors(use: OpUse, G: torch.Tensor, B: int) -> Dict[str, Factor]:
+    """The factors of one recognised op use (see ``uses.OpUse``)."""
+    try:
+        if use.kind == "embedding":
+            ids = use.x
+            if ids.dim() == 0 or ids.shape[0] != B:
+                raise UnsupportedModule(f"ids of shape {tuple(ids.shape)} for a batch of {B}")
+            ids = ids.reshape(B, -1)  # (B, T)
+            return {"weight": EmbRows(ids, G.reshape(B, ids.shape[1], -1), use.num_rows, use.padding_idx)}
+        A = as_btd(use.x, B, str(use.place))  # (B, T, d)
+        Gb = as_btd(G, B, str(use.place))  # (B, T, p)
+        out: Dict[str, Factor] = {}
+        if "weight" in use.params:
+            out["weight"] = Outer(A, Gb, transposed=use.kind == "matmul_t")
+        if "bias" in use.params:
+            out["bias"] = RowSum(Gb)
+        return out
+    except UnsupportedModule as e:
+        raise RuleFailure(f"{use.place}: {e}", list(use.params.values()), use.place.module) from e
+
+
+def shared_sq_norm(fs: List[Factor], use_triton: bool = False) -> torch.Tensor:
+    """||Σ_u g_u||² per sample for the uses u of one parameter, cross terms included."""
+    total = None
+    for i, fu in enumerate(fs):
+        term = fu.sq_norm(use_triton)
+        for fv in fs[i + 1:]:
+            term = term + 2 * fu.inner(fv)
+        total = term if total is None else total + term
+    return total
+
+
+def _fallback_grads(rec: _Record, cap: GhostCapture) -> Dict[str, torch.Tensor]:
+    """Per-sample gradients (B, *shape) of a rule-less module's own selected parameters: vmap over
+    samples of the vjp of that module alone, at its captured inputs and output gradients."""
+    plan, call, B = rec.plan, rec.call, cap.B
+    module = plan.module
+    if not rec.leaves or not rec.grads:
+        return {}
+    params = {local: module.get_parameter(local).detach() for local in plan.names}
+    flat, spec = tree_flatten((call.args, call.kwargs))
+    in_dims = tuple(0 if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else None for v in flat)
+    leaves = rec.leaves
+    cot = [rec.grads.get(i) for i in leaves]  # None: that output got no gradient
+    ref = next(g for g in cot if g is not None)
+    if any(g is not None and (g.dim() == 0 or g.shape[0] != B) for g in cot):
+        raise UnsupportedModule(_ways_out(f"module {plan.name} (no norm rule) has outputs not batched on dim 0"))
+
+    def per_sample(flat_b, cot_b):
+        def f(p):
+            args, kwargs = tree_unflatten(
+                [v.unsqueeze(0) if d == 0 else v for v, d in zip(flat_b, in_dims)], spec)
+            out_leaves, _ = tree_flatten(functional_call(module, p, args, kwargs))
+            return tuple(out_leaves[i] for i in leaves)
+
+        outs, fn = vjp(f, params)
+        cts = tuple(torch.zeros_like(o) if c is None else c.unsqueeze(0).to(o.dtype) for o, c in zip(outs, cot_b))
+        return fn(cts)[0]
+
+    cot_dims = tuple(None if g is None else 0 for g in cot)
+    cot_vals = tuple(torch.zeros((), device=ref.device) if g is None else g for g in cot)
+    was = cap.active
+    cap.active = False
+    try:
+        with torch.enable_grad():
+            return vmap(per_sample, in_dims=(in_dims, cot_dims), randomness="error")(tuple(flat), cot_vals)
+    except UnsupportedModule:
+        raise
+    except Exception as e:  # noqa: BLE001 - vmap failures are reported with the ways out
+        raise UnsupportedModule(_ways_out(
+            f"module {plan.name} of type {type(module).__name__} has no norm rule and its torch.func "
+            f"fallback failed ({type(e).__name__}: {e})")) from e
+    finally:
+        cap.active = was
+
+
+# -- the backend -----------------------------------------------------------------------------------------
+
+
+def _is_inplace_view_error(e: BaseException) -> bool:
+    msg = str(e)
+    return isinstance(e, RuntimeError) and "is a view" in msg and "inplace" in msg.replace("in-place", "inplace")
+
+
+class GhostBackend:
+    """What one engine knows about scoring its model with the ghost path, learned on the first batch.
+
+    ``moved``: parameters taken from their owner's rule to a module fallback (name -> (module, why));
+    ``track``: parameters with uses outside their owner's call, scored through their op uses;
+    ``copy_taps``: the model writes into module outputs in place, so taps return copies, not views.
+    ``strict``: raise instead of warning when a parameter must move to a fallback (never used for exactness:
+    every move is exact; only the whole-model fallback is refused).
+    """
+
+    def __init__(self, spec: ScoringSpec):
+        self.spec = spec
+        self.moved: Dict[str, Tuple[str, str]] = {}
+        self.track: Set[str] = set()
+        self.copy_taps = False
+        self._plan: Optional[GhostPlan] = None
+
+    @property
+    def plan(self) -> GhostPlan:
+        if self._plan is None:
+            self._plan = plan_claims(self.spec.model, self.spec.params, self.moved)
+        return self._plan
+
+    def coverage(self) -> List[CoverageEntry]:
+        plan = self.plan
+        out: List[CoverageEntry] = []
+        owner: Dict[str, Tuple[str, str, str]] = {}
+        for mp in plan.modules.values():
+            for g in mp.names.values():
+                if mp.rule is not None:
+                    owner[g] = ("rule", mp.name, getattr(mp.rule, "__name__", "rule"))
+                else:
+                    why = self.moved.get(g, ("", mp.why))[1] or "no norm rule"
+                    owner[g] = ("whole-model vmap" if mp.module is self.spec.model else "module fallback",
+                                mp.name, why)
+        for g in self.spec.params:
+            if g in plan.op_tracked:
+                out.append(CoverageEntry(g, "op", "", plan.op_tracked[g]))
+            elif g in owner:
+                how, mod, detail = owner[g]
+                if g in self.track and how == "rule":
+                    detail += " + op uses outside its call"
+                out.append(CoverageEntry(g, how, mod, detail))
+            else:
+                out.append(CoverageEntry(g, "op" if g in self.track else "rule", "",
+                                         "used only outside module calls" if g in self.track else "never used"))
+        return out
+
+    # learning ---------------------------------------------------------------------------------------
+    def _move(self, names: List[str], places: List[str], why: str) -> None:
+        """Move parameters to a fallback over the innermost module enclosing all their uses."""
+        plan = self.plan
+        owners = []
+        for g in names:
+            for mp in plan.modules.values():
+                if g in mp.names.values():
+                    owners.append(mp.name)
+        enclosing = "" if "?" in places else _common_module(places + owners)
+        for g in names:
+            self.moved[g] = (enclosing, why)
+            self.track.discard(g)
+        self._plan = None
+        where = "the whole model" if enclosing == "" else f"module {enclosing}"
+        log.warning("ghost: %s: %s; scoring %s exactly by a torch.func fallback over %s",
+                    ", ".join(names), why, "it" if len(names) == 1 else "them", where)
+
+    def _learn(self, unaccounted: Dict[str, List[Place]]) -> None:
+        new = [n for n, places in unaccounted.items() if n not in self.track and n not in self.plan.op_tracked]
+        if new:
+            self.track.update(new)
+            self._plan = None
+            log.warning("ghost: %s %s used outside the call of the module that owns %s; scoring %s uses "
+                        "(F.linear, x @ W.T, F.embedding) as extra uses with cross terms",
+                        ", ".join(new), "is" if len(new) == 1 else "are", "it" if len(new) == 1 else "them",
+                        "its" if len(new) == 1 else "their")
+            return
+        for n, places in unaccounted.items():
+            where = "; ".join(sorted({str(p) for p in places})) or "an op gradsel cannot see"
+            self._move([n], [p.module for p in places] or ["?"], f"used by an op without a rule ({where})")
+
+    def run(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, strict: bool,
+            retain_graph: bool = False):
+        """Scored forward + activation backward, learning until every use is accounted for.
+
+        Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
+        parameter and the place) instead of falling back over the whole model."""
+        for _ in range(MAX_PASSES):
+            try:
+                cap, losses, tokens = self._attempt(batch, use_triton, keep_factors, retain_graph)
+            except Retry:
+                continue
+            refused = [n for n in self.plan.root_fallback if n in self.moved]
+            if strict and refused:
+                names = refused
+                why = "; ".join(sorted({self.moved[n][1] for n in names}))
+                raise UnsupportedModule(_ways_out(
+                    f"parameters {names[:4]} can only be scored by a fallback over the whole model ({why})"))
+            return cap, losses, tokens
+        raise UnsupportedModule(_ways_out(f"scoring did not settle after {MAX_PASSES} passes"))
+
+    def _attempt(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, retain_graph: bool):
+        spec = self.spec
+        cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
+                           copy_taps=self.copy_taps, track=self.track)
+        try:
+            with cap:
+                out = spec.model(**batch.model_inputs)
+        except RuleFailure as e:
+            if all(self.moved.get(n, ("", ""))[0] == e.module for n in e.params):
+                raise
+            self._move(e.params, [e.module], f"its rule cannot score this call ({e})")
+            raise Retry() from e
+        except RuntimeError as e:
+            if _is_inplace_view_error(e) and not self.copy_taps:
+                self.copy_taps = True
+                log.warning("ghost: the model writes into a module output in place (%s); taps copy outputs",
+                            str(e).splitlines()[0][:160])
+                raise Retry() from e
+            raise
+        losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
+        try:
+            unaccounted = cap.backward(losses.sum(), retain_graph)
+        except RuleFailure as e:
+            if all(self.moved.get(n, ("", ""))[0] == e.module for n in e.params):
+                raise
+            self._move(e.params, [e.module], f"its rule cannot score this call ({e})")
+            raise Retry() from e
+        except RuntimeError as e:
+            if _is_inplace_view_error(e) and not self.copy_taps:
+                self.copy_taps = True
+                raise Retry() from e
+            raise
+        if unaccounted:
+            self._learn(unaccounted)
+            raise Retry()
+        return cap, losses, tokens
+
+
+def score_ghost(backend: GhostBackend, batch: PreparedBatch, use_triton: bool = False,
+                strict: bool = False) -> RawScores:
+    cap, losses, tokens = backend.run(batch, use_triton, keep_factors=False, strict=strict)
+    device = batch.full["input_ids"].device
+    return RawScores(per_param_sq=cap.per_param_sq(backend.spec.params, device), losses=losses.detach(),
+                     tokens=tokens)
