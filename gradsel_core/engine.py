@@ -55,7 +55,9 @@ class GradNormEngine:
         chunk_size: samples per vmap chunk (memory bound); ``None`` = whole batch.
         loss_reduction: ``"mean"`` or ``"sum"`` over each sample's target tokens.
         verify: on the first batch, compare the fast norms of two samples with a per-sample backward
-            (default: on for ``auto``, off otherwise). A mismatch moves ``auto`` to an exact backend with a
+            (default: on for ``auto``, and for ``ghost``/``triton`` when any parameter is scored by something
+            other than a registered rule: a module fallback assumes dim 0 is the batch, which a model can
+            break when T == B; off for ``vmap`` and ``loop``). A mismatch moves ``auto`` to an exact backend with a
             warning and raises :class:`VerificationError` for an explicit fast backend.
     """
 
@@ -85,7 +87,7 @@ class GradNormEngine:
         self.per_param = per_param
         self.chunk_size = chunk_size
         self.loss_reduction = loss_reduction
-        self.verify = backend == "auto" if verify is None else bool(verify)
+        self.verify = verify
         self.spec = ScoringSpec(model, self.params, loss_fn, loss_reduction, chunk_size)
         self.ghost = GhostBackend(self.spec)
         self._settled: Optional[str] = None  # the backend auto moved to after a failure or a mismatch
@@ -104,7 +106,7 @@ class GradNormEngine:
             return ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend)
         with scoring_mode(self.model, self.params):
             raw, backend = self._score_raw(prepared, backend)
-            if self.verify and not self._verified and backend != "loop":
+            if not self._verified and backend != "loop" and self._should_verify(backend):
                 raw, backend = self._check(prepared, raw, backend)
         self.last_backend = backend
         return self._finish(raw, backend)
@@ -158,6 +160,13 @@ class GradNormEngine:
                             name, type(e).__name__, _first_line(e), nxt)
                 self._settled = nxt
         raise AssertionError("unreachable")
+
+    def _should_verify(self, backend: str) -> bool:
+        if self.verify is not None:
+            return bool(self.verify)
+        if self.backend == "auto":
+            return True
+        return backend in ("ghost", "triton") and any(e.how != "rule" for e in self.ghost.coverage())
 
     def _check(self, prepared: PreparedBatch, raw: RawScores, backend: str):
         """First-batch safety net: the fast squared norms of up to two samples against the loop."""

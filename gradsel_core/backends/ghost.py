@@ -279,8 +279,8 @@ class GhostCapture:
 
     def _tap_use(self, out: torch.Tensor, use: OpUse) -> torch.Tensor:
         """A recognised op use (``uses.UseTracker``): record it and tap its output."""
-        if not self.active or not isinstance(out, torch.Tensor) or not out.requires_grad:
-            return out
+        if not self.active or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out  # (the tap, tied to the anchor, is what makes a use of a detached weight reach G)
         B = self.B
         if B > 1 and out.dim() > 0 and out.shape[0] == 1 and use.x.dim() > 0 and use.x.shape[0] == 1:
             use.x = use.x.expand(B, *use.x.shape[1:])  # a [1, T] lookup broadcast over the batch
