@@ -439,6 +439,7 @@ def run(args: argparse.Namespace) -> int:
     summary["output"] = {"path": out, "format": args.format, "records": written,
                          "content": "records from " + os.path.abspath(args.data) if args.data else "scores"}
     summary["store"] = os.path.abspath(args.scores)
+    _make_parent("--summary-json", summary_path)
     try:
         atomic_write(summary_path, (json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n").encode("utf-8"))
     except OSError as e:
