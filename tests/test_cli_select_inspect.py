@@ -105,6 +105,9 @@ def test_select_data_must_be_the_scored_file(scored, tmp_path, capsys):
     assert not (tmp_path / "k.jsonl").exists() and not [n for n in os.listdir(tmp_path) if "partial" in n]
     rc, _, err = _run(capsys, ["select", "--scores", store, "--data", str(tmp_path), "--out", str(tmp_path / "k.jsonl")])
     assert rc == 2 and "--data" in err and "is a directory" in err
+    before = open(data, "rb").read()
+    rc, _, err = _run(capsys, ["select", "--scores", store, "--data", data, "--out", data])
+    assert rc == 2 and "is the --data file" in err and open(data, "rb").read() == before
 
 
 def test_select_hf_datasets_folder(scored, tmp_path, capsys):
@@ -158,6 +161,12 @@ def test_select_refuses_outputs_inside_a_store(scored, tmp_path, capsys):
         (other / "manifest.json").write_bytes(f.read())
     rc, _, err = _run(capsys, ["select", "--scores", store, "--out", str(other / "k.jsonl")])
     assert rc == 2 and "inside the score store" in err
+    # a manifest.json that is not a store's does not make a folder a store
+    web = tmp_path / "webapp"
+    web.mkdir()
+    (web / "manifest.json").write_text('{"name": "my app"}')
+    rc, _, err = _run(capsys, ["select", "--scores", store, "--out", str(web / "k.jsonl")])
+    assert rc == 0, err
 
 
 def test_select_out_onto_a_directory_or_a_read_only_place(scored, tmp_path, capsys):
@@ -321,6 +330,8 @@ def test_inspect_plot_errors(scored, tmp_path, capsys, monkeypatch):
     _, _, store = scored
     rc, text, err = _run(capsys, ["inspect", store, "--plot", os.path.join(store, "h.png")])
     assert rc == 2 and "inside the score store" in err and not os.path.exists(os.path.join(store, "h.png"))
+    rc, text, err = _run(capsys, ["inspect", store, "--plot", str(tmp_path)])
+    assert rc == 2 and f"--plot {tmp_path} is a directory" in err and "norms.png" in err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     rc, text, err = _run(capsys, ["inspect", store, "--plot", str(tmp_path / "h.png")])
     assert rc == 2 and text == ""  # refused before any work

@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--bins must be at least 1, got {args.bins}")
     if args.plot:
         require_matplotlib()  # before any work
-        check_output_path(args.plot, "--plot", store_dir=args.dir)
+        check_output_path(args.plot, "--plot", store_dir=args.dir, example="norms.png")
     store = ScoreStore.open(args.dir, verify=not args.no_verify)
     sel = run_policy(store, args) if args.policy else None
     groups, n_groups = split_groups(store, args.by, args.max_groups)

@@ -147,9 +147,7 @@ def _store_root(path: str) -> Optional[str]:
             try:
                 if read_manifest(d) is not None:
                     return d
-            except StoreError:  # a damaged manifest of ours still marks a store
-                return d
-            except OSError:
+            except (StoreError, OSError):  # unreadable or not ours: the shards decide
                 pass
             try:
                 if any(SHARD_RE.match(n) for n in os.listdir(d)):
@@ -162,9 +160,11 @@ def _store_root(path: str) -> Optional[str]:
         d = parent
 
 
-def check_output_path(path: str, arg: str, kind: str = "file", store_dir: Optional[str] = None) -> str:
+def check_output_path(path: str, arg: str, kind: str = "file", store_dir: Optional[str] = None,
+                      example: str = "kept.jsonl") -> str:
     """Refuse an output ``path`` (for option ``arg``) inside a score store, a file path that is a
-    directory, or a folder path that is a file; returns the absolute path. ``kind``: "file" or "dir"."""
+    directory, a folder path that is a file, or a place that cannot be written; returns the absolute path.
+    ``kind``: "file" or "dir"; ``example``: a file name the messages suggest."""
     full = os.path.abspath(path)
     root = _store_root(full)
     if root is None and store_dir is not None:
@@ -172,12 +172,12 @@ def check_output_path(path: str, arg: str, kind: str = "file", store_dir: Option
         if os.path.realpath(full) == real or os.path.realpath(full).startswith(real + os.sep):
             root = real
     if root is not None:
-        suggestion = os.path.join(os.path.dirname(root), os.path.basename(root) + "-kept.jsonl")
+        suggestion = os.path.join(os.path.dirname(root), os.path.basename(root) + "-" + example)
         raise UsageError(
             f"{arg} {path}: that is inside the score store {root}; gradsel writes nothing into a store but its "
             f"own files. Write it elsewhere, e.g. {arg} {suggestion}")
     if kind == "file" and os.path.isdir(full):
-        raise UsageError(f"{arg} {path} is a directory; give a file name, e.g. {arg} {os.path.join(path, 'kept.jsonl')}"
+        raise UsageError(f"{arg} {path} is a directory; give a file name, e.g. {arg} {os.path.join(path, example)}"
                          + (" (or --format hf to write a datasets folder)" if arg == "--out" else ""))
     if kind == "dir" and os.path.exists(full) and not os.path.isdir(full):
         raise UsageError(f"{arg} {path} is a file; --format hf writes a folder: give a new folder path")
@@ -427,6 +427,10 @@ def run(args: argparse.Namespace) -> int:
         check_hf_target(out)
     if args.data is not None and os.path.isdir(args.data):
         raise UsageError(f"--data {args.data} is a directory; give the JSONL file that was scored")
+    if args.data is not None and os.path.exists(args.data):
+        for arg, p in (("--out", out), ("--summary-json", summary_path)):
+            if os.path.exists(p) and os.path.samefile(p, args.data):
+                raise UsageError(f"{arg} {p} is the --data file; write the selection to another file")
 
     store = _open_store(args.scores)
     sel = run_policy(store, args)
