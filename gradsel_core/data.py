@@ -219,8 +219,9 @@ def tiny_model(seed: int = 0):
 def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Optional[Any] = None):
     """``(model, tokenizer)`` for ``"tiny"`` (TinyGPT + :class:`ByteTokenizer`) or a local directory:
     an HF causal-LM directory (``AutoModelForCausalLM``/``AutoTokenizer``), or a PEFT adapter directory
-    (``adapter_config.json``: the base is loaded from its ``base_model_name_or_path``, then the adapter
-    with its LoRA weights trainable, so ``params="trainable"`` selects them).
+    (``adapter_config.json``: the base is loaded from its ``base_model_name_or_path``, a relative path
+    taken from the adapter's folder first (:func:`adapter_base_path`), then the adapter with its LoRA
+    weights trainable, so ``params="trainable"`` selects them).
 
     ``dtype``: ``None``/``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
     """
@@ -243,13 +244,7 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
         if os.path.exists(adapter_cfg):
             from peft import PeftModel
 
-            with open(adapter_cfg, "r", encoding="utf-8") as f:
-                base_path = json.load(f).get("base_model_name_or_path")
-            if not base_path or not os.path.isdir(base_path):
-                raise FileNotFoundError(
-                    f"{adapter_cfg}: base_model_name_or_path={base_path!r} is not a local directory; "
-                    "edit it to point at the base model's directory"
-                )
+            base_path = adapter_base_path(spec)
             base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
             model = PeftModel.from_pretrained(base, spec, is_trainable=True)
             tok_dir = spec if _has_tokenizer(spec) else base_path
@@ -260,6 +255,31 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
     if device is not None:
         model = model.to(device)
     return model, tok
+
+
+def adapter_base_path(adapter_dir: str) -> str:
+    """The local base-model directory of the PEFT adapter in ``adapter_dir``: its ``adapter_config.json``
+    ``base_model_name_or_path``, a relative path resolved against the adapter's folder first, then
+    against the working directory. ``FileNotFoundError`` naming the file and the paths tried otherwise."""
+    adapter_cfg = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(adapter_cfg, "r", encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{adapter_cfg}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not isinstance(base, str) or not base:
+        raise FileNotFoundError(f"{adapter_cfg}: no base_model_name_or_path; set it to the base model's directory")
+    base = os.path.expanduser(base)
+    tried = [base] if os.path.isabs(base) else [os.path.join(adapter_dir, base), base]
+    for cand in tried:
+        if os.path.isdir(cand):
+            return cand
+    where = " or ".join(repr(os.path.abspath(c)) for c in tried)
+    raise FileNotFoundError(
+        f"{adapter_cfg}: base_model_name_or_path={base!r} is not a local directory (looked for {where}); "
+        "edit it to point at the base model's directory (a relative path is taken from the adapter's folder)"
+    )
 
 
 def _has_tokenizer(d: str) -> bool:

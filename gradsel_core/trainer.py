@@ -7,10 +7,17 @@ Per task:
 2. Train: a fresh optimizer per task, ``epochs`` passes, ``grad_accum`` micro-batches per step.
 3. Evaluate every task seen so far (its metric) and the extra ``evaluators`` (e.g. the safety suite).
 
-Outputs in ``out_dir``: ``metrics.jsonl`` (training logs and one ``task_end`` line per task),
-``checkpoints/task-<i>.safetensors`` after each task, ``state.json`` (what is done, for resume), and the
-offline score stores under ``scores/``. Re-running with the same ``out_dir`` resumes after the last
-finished task.
+Outputs in ``out_dir``: ``metrics.jsonl`` (training logs and one ``task_end`` line per task), a
+checkpoint after each task, ``state.json`` (what is done, for resume), and the offline score stores under
+``scores/``. Re-running with the same ``out_dir`` resumes after the last finished task.
+
+Checkpoints (``checkpoint_format``): ``"model"`` (default) writes the whole model as
+``checkpoints/task-<i>.safetensors``; ``"peft"`` (LoRA runs) writes a PEFT adapter folder
+``checkpoints/task-<i>/`` (``adapter_config.json`` + ``adapter_model.safetensors``, the layout of
+``PeftModel.save_pretrained``) that ``PeftModel.from_pretrained(base, folder)`` and
+``gradsel score --model folder`` load. Its ``base_model_name_or_path`` is ``base_model`` when given, else
+the model's ``name_or_path`` (absolute when it is a local folder). Checkpoint files get the permissions
+of any file the process creates (``0666 & ~umask``, e.g. 0644), not safetensors' private 0600.
 """
 from __future__ import annotations
 
@@ -18,7 +25,10 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -27,6 +37,7 @@ import torch
 from torch import nn
 
 from .batching import per_sample_losses, prepare_batch
+from .errors import UsageError
 from .params import ParamSpec, select_params
 from .selection import SelectionConfig
 
@@ -60,6 +71,10 @@ class Task:
     train: Sequence[Mapping[str, Any]]
     eval: Sequence[Mapping[str, Any]] = ()
     metric: Union[str, Metric] = "exact_match"
+
+
+CHECKPOINT_FORMATS = ("model", "peft")
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 # -- LoRA ------------------------------------------------------------------------------------------------
@@ -167,6 +182,85 @@ def task_metric(task: Task, pad_id: int) -> Metric:
                      "'token_accuracy' or a callable(model, records) -> float")
 
 
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+
+def normal_permissions(path: str) -> None:
+    """Give ``path`` the mode a plain ``open()`` would (``0666 & ~umask``): safetensors writes 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+_ADAPTER_NAME = re.compile(r"(lora_\w+)\.default(?=\.|$)")
+PEFT_PREFIX = "base_model.model."
+
+
+def _lora_params(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{saved PEFT key: parameter}`` of ``model``'s LoRA weights: the PeftModel prefix, no adapter name
+    (``model.q_proj.lora_A.default.weight`` -> ``base_model.model.model.q_proj.lora_A.weight``)."""
+    from .params import is_lora_name
+
+    return {PEFT_PREFIX + _ADAPTER_NAME.sub(r"\1", n): p for n, p in model.named_parameters() if is_lora_name(n)}
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The LoRA weights of ``model`` keyed as a saved PEFT adapter (``base_model.model.<module>.lora_A.weight``:
+    the PeftModel prefix, no adapter name), from PEFT's layers or the built-in :class:`LoRALinear`."""
+    out = {k: p.detach().to("cpu").contiguous() for k, p in _lora_params(model).items()}
+    if not out:
+        raise ValueError(f"{type(model).__name__} has no LoRA parameters to save as a PEFT adapter")
+    return out
+
+
+def save_adapter(model: nn.Module, path: str, lora: LoRAConfig, target_modules: Sequence[str],
+                 base_model: Optional[str]) -> None:
+    """Write ``model``'s LoRA adapter as a PEFT adapter folder at ``path`` (written beside it, then moved
+    in; an earlier folder there is replaced)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import save_file
+
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(target_modules),
+                       task_type="CAUSAL_LM", base_model_name_or_path=base_model).save_pretrained(tmp)
+        save_file(adapter_state_dict(model), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for f in os.listdir(tmp):
+            normal_permissions(os.path.join(tmp, f))
+        if os.path.isdir(path):  # left by a run killed before it recorded this task as done
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_adapter(model: nn.Module, path: str) -> None:
+    """Load a PEFT adapter folder written by :func:`save_adapter` into ``model``'s LoRA parameters (the
+    same targets and rank); errors name the folder and the parameters that do not match."""
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(path, ADAPTER_WEIGHTS))
+    mine = _lora_params(model)
+    missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+    bad = [k for k in set(mine) & set(saved) if tuple(mine[k].shape) != tuple(saved[k].shape)]
+    if missing or extra or bad:
+        raise ValueError(f"{path}: the adapter does not fit this model's LoRA layers (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}, shape mismatch {bad[:3]}); use the run's own config")
+    with torch.no_grad():
+        for k, p in mine.items():
+            p.copy_(saved[k].to(device=p.device, dtype=p.dtype))
+
+
+def _model_name_or_path(model: nn.Module) -> Optional[str]:
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return None
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
 # -- the trainer -----------------------------------------------------------------------------------------
 
 
@@ -202,13 +296,28 @@ class ContinualTrainer:
         max_grad_norm: Optional[float] = 1.0,
         pad_id: int = 0,
         log_every: int = 10,
+        checkpoint_format: str = "model",
+        base_model: Optional[str] = None,
     ):
+        if checkpoint_format not in CHECKPOINT_FORMATS:
+            raise UsageError(f"checkpoint_format must be 'model' or 'peft', got {checkpoint_format!r}")
+        if checkpoint_format == "peft":
+            if lora is None:
+                raise UsageError("checkpoint_format 'peft' saves LoRA adapters, but this run has no 'lora' config; "
+                                 "add one or use checkpoint_format 'model'")
+            import importlib.util
+
+            if importlib.util.find_spec("peft") is None:
+                raise UsageError("checkpoint_format 'peft' needs the peft package: pip install 'gradsel[hf]'")
         if mode not in ("offline", "online"):
             raise ValueError(f"mode must be 'offline' or 'online', got {mode!r}")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if not tasks:
             raise ValueError("tasks is empty")
+        self.checkpoint_format, self.lora = checkpoint_format, lora
+        self.base_model = base_model or _model_name_or_path(model)
+        self.lora_targets = (lora.target_modules or _default_targets(model)) if lora is not None else None
         self.model = apply_lora(model, lora) if lora is not None else model
         self.tasks = list(tasks)
         self.selection = SelectionConfig.coerce(selection)
@@ -251,9 +360,14 @@ class ContinualTrainer:
 
         from .store import atomic_write
 
-        ckpt = self._path("checkpoints", f"task-{i}.safetensors")
-        save_model(self.model, ckpt + ".tmp")
-        os.replace(ckpt + ".tmp", ckpt)
+        if self.checkpoint_format == "peft":
+            ckpt = self._path("checkpoints", f"task-{i}")
+            save_adapter(self.model, ckpt, self.lora, self.lora_targets, self.base_model)
+        else:
+            ckpt = self._path("checkpoints", f"task-{i}.safetensors")
+            save_model(self.model, ckpt + ".tmp")
+            normal_permissions(ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
         state["checkpoint"] = ckpt
         atomic_write(self._path("state.json"), json.dumps(state, default=_jsonable, indent=1).encode())
 
@@ -267,7 +381,10 @@ class ContinualTrainer:
         if state is not None:
             from safetensors.torch import load_model
 
-            load_model(self.model, state["checkpoint"])
+            if os.path.isdir(state["checkpoint"]):
+                load_adapter(self.model, state["checkpoint"])
+            else:
+                load_model(self.model, state["checkpoint"])
             R, per_task, start = state["accuracy"], state["per_task"], state["done"]
             log.info("resuming after task %d of %d from %s", start, T, state["checkpoint"])
         for i in range(start, T):

@@ -138,7 +138,7 @@ def test_score_cli_tiny_and_inspect(tmp_path, capsys):
     assert len(hist_lines) == 5 and sum(int(l.split()[-1]) for l in hist_lines) == 10
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc = main(["inspect", out, "--log"])
-    assert rc == 0 and "log10" in capsys.readouterr().out
+    assert rc == 0 and "log scale" in capsys.readouterr().out
 
     shard = sorted(n for n in os.listdir(out) if n.startswith("shard-"))[0]
     p = os.path.join(out, shard)

@@ -535,7 +535,8 @@ class TestCommand:
         assert [r["id"] for r in rows] == ["s02", "s03"]
         assert rows[0]["norm"] == pytest.approx(2.2) and rows[0]["loss"] == 3.0 and rows[0]["tokens"] == 8
         printed = capsys.readouterr().out
-        summary = json.loads(printed[printed.index("{"):])
+        assert "{" not in printed and "kept 2 of 10" in printed  # a short table, not the JSON summary
+        summary = json.loads((tmp_path / "sub" / "kept.summary.json").read_text())
         assert summary["kept"] == 2 and summary["median"] == pytest.approx(2.35)
 
     def test_run_group_by_and_params(self, tmp_path, monkeypatch, capsys):
@@ -548,20 +549,21 @@ class TestCommand:
         assert rc == 0
         direct = select(FakeStore(), policy="band", low_q=0.0, high_q=0.5, loss_filter_std=None, group_by="task")
         assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == direct.kept_ids.tolist()
-        assert '"group_by": "task"' in capsys.readouterr().out
+        assert json.loads((tmp_path / "kept.summary.json").read_text())["group_by"] == "task"
 
-    def test_run_group_by_without_fields_errors(self, tmp_path, monkeypatch, caplog):
+    def test_run_group_by_without_fields_errors(self, tmp_path, monkeypatch):
         from gradsel_core.commands import select as cmd
+        from gradsel_core.errors import UsageError
 
         monkeypatch.setattr(cmd, "_open_store", lambda path: FakeStore(with_fields=False))
         out = tmp_path / "kept.jsonl"
-        rc = cmd.run(_parse(["--scores", "D", "--group-by", "task", "--out", str(out)]))
-        assert rc == 2 and not out.exists()
-        assert "no per-record fields" in caplog.text
+        with pytest.raises(UsageError, match=r"--group-by 'task'.*no such field; its fields: \(none\)"):
+            cmd.run(_parse(["--scores", "D", "--group-by", "task", "--out", str(out)]))
+        assert not out.exists()
 
-    def test_run_bad_policy(self, tmp_path, monkeypatch, caplog):
+    def test_run_bad_policy(self, tmp_path, monkeypatch):
         from gradsel_core.commands import select as cmd
 
         monkeypatch.setattr(cmd, "_open_store", lambda path: FakeStore())
-        rc = cmd.run(_parse(["--scores", "D", "--policy", "bogus", "--out", str(tmp_path / "k.jsonl")]))
-        assert rc == 2 and "known policies" in caplog.text
+        with pytest.raises(ValueError, match="known policies"):
+            cmd.run(_parse(["--scores", "D", "--policy", "bogus", "--out", str(tmp_path / "k.jsonl")]))

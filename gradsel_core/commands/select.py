@@ -1,27 +1,47 @@
-"""``gradsel select``: select samples from a score store with a policy and write the kept ids.
+"""``gradsel select``: select samples from a score store with a policy and write what it keeps.
 
     gradsel select --scores DIR --policy median_band --ratio 0.2 [--loss-filter-std 1.0]
                    [--group-by FIELD] [--seed 0] [--length-normalize none|tokens|sqrt]
-                   [--param KEY=VALUE ...] --out kept.jsonl
+                   [--param KEY=VALUE ...] --out kept.jsonl [--data data.jsonl]
+                   [--format jsonl|hf] [--summary-json PATH]
 
-Writes one JSON line per kept sample, in ascending id order: ``{"id", "norm", "loss"}`` (plus
-``"tokens"`` when the store has token counts), then prints the selection summary as JSON.
+Writes the kept samples:
+
+* without ``--data``: one JSON line per kept sample, ``{"id", "norm", "loss"}`` (plus ``"tokens"`` when
+  the store has token counts), in ascending id order;
+* with ``--data`` (the JSONL file that was scored): the kept records themselves, every original field
+  kept, in the file's order, ready to train on. The file must be the one the store was scored from: same record count and
+  the same ids (a record without ``"id"`` has its position as id);
+* with ``--format hf``: the same rows as a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``;
+  load it with ``datasets.load_from_disk``). Needs ``pip install 'gradsel[datasets]'``.
+
+Prints a short table (per group with ``--group-by``) and writes the full selection summary as JSON to
+``--summary-json`` (default: next to ``--out``, ``kept.jsonl`` -> ``kept.summary.json``). Outputs are
+never written inside a score store, onto a directory (JSONL) or over a folder that is not a dataset.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
+import uuid
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, TextIO
 
 import numpy as np
+
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
 POLICY_HELP = "median_band (the paper's rule), keep_bottom, keep_top, drop_top, band, threshold, random"
+FORMATS = ("jsonl", "hf")
+MAX_TABLE_GROUPS = 20  # table rows shown; the summary file has every group
 
 
 def _opt_float(text: str) -> Optional[float]:
@@ -30,32 +50,44 @@ def _opt_float(text: str) -> Optional[float]:
     return float(text)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scores", required=True, metavar="DIR", help="score store directory")
-    p.add_argument("--policy", default="median_band", help=f"selection policy: {POLICY_HELP}")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of each group to keep (drop, for drop_top)")
+def add_policy_arguments(p: argparse.ArgumentParser, policy_default: Optional[str] = "median_band") -> None:
+    """The selection options, shared by ``select`` and ``inspect --policy``."""
+    p.add_argument("--policy", default=policy_default,
+                   help=f"selection policy: {POLICY_HELP}" + ("" if policy_default else " (default: none)"))
+    p.add_argument("--ratio", type=float, default=0.2,
+                   help="fraction of each group to keep (to drop, for drop_top) (default 0.2)")
     p.add_argument("--loss-filter-std", type=_opt_float, default=1.0, metavar="K",
                    help="keep only losses within K std of the mean first; 'none' disables (default 1.0)")
     p.add_argument("--group-by", default=None, metavar="FIELD", help="select within each value of this store field")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random policy")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random policy (default 0)")
     p.add_argument("--length-normalize", default="none", choices=["none", "tokens", "sqrt"],
-                   help="rank norm / tokens or norm / sqrt(tokens) instead of the norm")
+                   help="rank norm / tokens or norm / sqrt(tokens) instead of the norm (default none)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable (band: low_q, high_q; threshold: max_norm)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output JSONL of kept samples")
 
 
-def _open_store(path: str):
-    from gradsel_core.store import ScoreStore
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scores", required=True, metavar="DIR", help="score store directory")
+    add_policy_arguments(p)
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="output: a JSONL file, or a folder with --format hf (never inside the store)")
+    p.add_argument("--data", default=None, metavar="JSONL",
+                   help="the scored JSONL file: write the kept records with all their original fields")
+    p.add_argument("--format", default="jsonl", choices=FORMATS,
+                   help="jsonl (default) or hf: a Hugging Face datasets folder (pip install 'gradsel[datasets]')")
+    p.add_argument("--summary-json", default=None, metavar="PATH",
+                   help="full selection summary as JSON (default: next to --out, <name>.summary.json)")
 
-    return ScoreStore.open(path)
+
+# -- shared helpers (also used by ``inspect``) --------------------------------------------------------
 
 
-def _parse_params(items: List[str]) -> Dict[str, Any]:
+def parse_params(items: List[str]) -> Dict[str, Any]:
+    """``--param KEY=VALUE`` items as a dict (numbers as floats)."""
     out: Dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--param expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = float(v)
@@ -64,83 +96,365 @@ def _parse_params(items: List[str]) -> Dict[str, Any]:
     return out
 
 
-def _store_field(store: Any, name: str, where: str) -> Any:
+def store_field(store: Any, name: str, arg: str) -> np.ndarray:
+    """The store's metadata column ``name``; a ``UsageError`` naming ``arg`` and the fields it has."""
     fields = getattr(store, "fields", None)
-    if callable(fields) and not isinstance(fields, Mapping):
-        fields = fields()
-    if not isinstance(fields, Mapping):
-        raise ValueError(f"cannot --group-by {name!r}: the score store at {where} exposes no per-record fields (store.fields)")
-    if name not in fields:
-        raise ValueError(f"cannot --group-by {name!r}: the score store at {where} has fields {', '.join(map(str, fields)) or '(none)'}")
-    return fields[name]
+    if not isinstance(fields, Mapping) or name not in fields:
+        have = ", ".join(map(str, fields)) if isinstance(fields, Mapping) and fields else "(none)"
+        where = getattr(store, "path", "?")
+        raise UsageError(f"{arg} {name!r}: the score store at {where} has no such field; its fields: {have}")
+    return np.asarray(fields[name])
 
 
-def _jsonable(x: Any) -> Any:
+def run_policy(store: Any, args: argparse.Namespace):
+    """The :class:`~gradsel_core.selection.Selection` the policy options in ``args`` make on ``store``."""
+    from ..selection import select
+
+    if args.group_by:
+        store_field(store, args.group_by, "--group-by")
+    try:
+        return select(
+            store, policy=args.policy, ratio=args.ratio, loss_filter_std=args.loss_filter_std,
+            group_by=args.group_by, seed=args.seed, length_normalize=args.length_normalize,
+            **parse_params(args.param),
+        )
+    except TypeError as e:  # a --param the policy does not take
+        raise UsageError(f"--policy {args.policy} with --param {' '.join(args.param) or '(none)'}: {e}") from None
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` with numpy scalars as Python numbers and non-finite floats as strict JSON (NaN -> null)."""
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else str(x)  # strict JSON: NaN -> null, ±inf -> "inf"/"-inf"
+        return None if math.isnan(x) else str(x)  # ±inf -> "inf"/"-inf"
     return x
 
 
-def write_kept(path: str, sel, ids, norms, losses, tokens=None) -> int:
-    """Write one JSON line per kept sample (ascending id order); returns the number written."""
-    ids = np.asarray(ids)
-    norms, losses = np.asarray(norms, dtype=np.float64), np.asarray(losses, dtype=np.float64)
-    pos = np.flatnonzero(sel.kept_mask)
-    pos = pos[np.argsort(ids[pos], kind="stable")]
+def _store_root(path: str) -> Optional[str]:
+    """The score store that ``path`` is or lies in (a folder with a gradsel manifest or shards), else None."""
+    from ..store import SHARD_RE, StoreError, read_manifest
+
+    d = os.path.realpath(path)
+    if not os.path.isdir(d):
+        d = os.path.dirname(d)
+    while True:
+        if os.path.isdir(d):
+            try:
+                if read_manifest(d) is not None:
+                    return d
+            except (StoreError, OSError):  # unreadable or not ours: the shards decide
+                pass
+            try:
+                if any(SHARD_RE.match(n) for n in os.listdir(d)):
+                    return d
+            except OSError:
+                pass
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def check_output_path(path: str, arg: str, kind: str = "file", store_dir: Optional[str] = None,
+                      example: str = "kept.jsonl") -> str:
+    """Refuse an output ``path`` (for option ``arg``) inside a score store, a file path that is a
+    directory, a folder path that is a file, or a place that cannot be written; returns the absolute path.
+    ``kind``: "file" or "dir"; ``example``: a file name the messages suggest."""
+    full = os.path.abspath(path)
+    root = _store_root(full)
+    if root is None and store_dir is not None:
+        real = os.path.realpath(store_dir)
+        if os.path.realpath(full) == real or os.path.realpath(full).startswith(real + os.sep):
+            root = real
+    if root is not None:
+        suggestion = os.path.join(os.path.dirname(root), os.path.basename(root) + "-" + example)
+        raise UsageError(
+            f"{arg} {path}: that is inside the score store {root}; gradsel writes nothing into a store but its "
+            f"own files. Write it elsewhere, e.g. {arg} {suggestion}")
+    if kind == "file" and os.path.isdir(full):
+        raise UsageError(f"{arg} {path} is a directory; give a file name, e.g. {arg} {os.path.join(path, example)}"
+                         + (" (or --format hf to write a datasets folder)" if arg == "--out" else ""))
+    if kind == "dir" and os.path.exists(full) and not os.path.isdir(full):
+        raise UsageError(f"{arg} {path} is a file; --format hf writes a folder: give a new folder path")
+    existing = os.path.dirname(full)
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and (not os.path.isdir(existing) or not os.access(existing, os.W_OK)):
+        why = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise UsageError(f"{arg} {path}: cannot write there ({existing} {why}); choose a writable place")
+    return full
+
+
+def _cannot_write(arg: str, path: str, e: OSError) -> UsageError:
+    return UsageError(f"{arg} {path}: cannot write there ({e.strerror or e}); choose a writable place")
+
+
+def _make_parent(arg: str, path: str) -> str:
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        for i in pos:
-            rec = {"id": ids[i].item() if isinstance(ids[i], np.generic) else ids[i], "norm": float(norms[i]), "loss": float(losses[i])}
-            if tokens is not None and np.isfinite(tokens[i]):
-                rec["tokens"] = int(tokens[i])
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
-    return int(pos.shape[0])
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(arg, path, e) from None
+    return d
+
+
+@contextlib.contextmanager
+def atomic_text(path: str, arg: str) -> Iterator[TextIO]:
+    """Stream text into a temp file beside ``path`` and move it over ``path`` only when the block ends
+    without error; a failure leaves no partial file. Write errors become ``UsageError``s naming ``arg``."""
+    d = _make_parent(arg, path)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.gradsel-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        f = open(tmp, "w", encoding="utf-8")
+    except OSError as e:
+        raise _cannot_write(arg, path, e) from None
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quiet(tmp)
+        raise _cannot_write(arg, path, e) from None
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- rows -----------------------------------------------------------------------------------------------
+
+
+def _score_rows(store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
+    """``{"id", "norm", "loss"[, "tokens"]}`` of the kept positions, in ascending id order."""
+    tokens = getattr(store, "tokens", None)
+    ids = np.asarray(store.ids)
+    for i in kept[np.argsort(ids[kept], kind="stable")].tolist():
+        rid = store.ids[i]
+        rec = {"id": rid.item() if isinstance(rid, np.generic) else rid,
+               "norm": jsonable(float(store.norms[i])), "loss": jsonable(float(store.losses[i]))}
+        if tokens is not None and len(tokens) == len(store.norms):
+            rec["tokens"] = int(tokens[i])
+        yield rec
+
+
+def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
+    """The kept records of the scored JSONL ``path``, checked against the store record by record."""
+    from ..data import iter_jsonl
+
+    if os.path.isdir(path):
+        raise UsageError(f"--data {path} is a directory; give the JSONL file that was scored")
+    if not os.path.exists(path):
+        raise UsageError(f"--data {path}: no such file")
+    where = getattr(store, "path", "?")
+    keep = np.zeros(len(store.norms), dtype=bool)
+    keep[kept] = True
+    n = -1
+    for n, rec in enumerate(iter_jsonl(path)):
+        if n >= len(store.norms):
+            raise UsageError(f"--data {path} has more records than the store at {where} ({len(store.norms)}); "
+                             "give the file that was scored")
+        rid = rec.get("id", n)
+        sid = store.ids[n]
+        sid = sid.item() if isinstance(sid, np.generic) else sid
+        if rid != sid and str(rid) != str(sid):
+            raise UsageError(f"--data {path}: record {n} has id {rid!r}, the store at {where} has {sid!r} there; "
+                             "give the file that was scored")
+        if keep[n]:
+            yield rec
+    if n + 1 != len(store.norms):
+        raise UsageError(f"--data {path} has {n + 1} records, the store at {where} has {len(store.norms)}; "
+                         "give the file that was scored")
+
+
+# -- writers --------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: str, rows: Iterator[Dict[str, Any]]) -> int:
+    """One JSON line per row, atomically; returns the number written."""
+    n = 0
+    with atomic_text(path, "--out") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            n += 1
+    return n
+
+
+def _is_dataset_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
+def check_hf_target(path: str) -> None:
+    """``datasets`` is importable and ``path`` is new, empty or an earlier dataset folder (replaced)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise UsageError("--format hf needs the datasets package: pip install 'gradsel[datasets]' "
+                         "(or write JSONL with --format jsonl)") from None
+    if os.path.isdir(path) and os.listdir(path) and not _is_dataset_folder(path):
+        raise UsageError(f"--out {path} is a folder that is not a saved dataset; give a new folder path "
+                         "(gradsel replaces only an earlier dataset folder)")
+
+
+def write_hf(path: str, rows: Iterator[Dict[str, Any]]) -> int:
+    """The rows as a ``datasets`` folder (``save_to_disk``), written beside ``path`` and then moved in;
+    an earlier dataset folder at ``path`` is replaced. Returns the number of rows."""
+    from datasets import Dataset
+
+    check_hf_target(path)
+    from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    data = list(rows)
+    ds = Dataset.from_list(data)
+    parent = _make_parent("--out", path)
+    tag = uuid.uuid4().hex[:8]
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.gradsel-{tag}.partial")
+    old = os.path.join(parent, f".{os.path.basename(path)}.gradsel-{tag}.old")
+    bars_were_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        ds.save_to_disk(tmp)
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(old) and not os.path.exists(path):
+            os.replace(old, path)
+        raise _cannot_write("--out", path, e) from None
+    finally:
+        if not bars_were_off:
+            enable_progress_bars()
+    shutil.rmtree(old, ignore_errors=True)
+    return len(data)
+
+
+def default_summary_path(out: str) -> str:
+    """``kept.jsonl`` -> ``kept.summary.json``; a folder ``kept/`` -> ``kept.summary.json`` beside it."""
+    out = os.path.abspath(out)
+    root, ext = os.path.splitext(out)
+    return (root if ext.lower() in (".jsonl", ".json", ".ndjson") else out) + ".summary.json"
+
+
+# -- the table ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    label: str
+    n: int
+    nonfinite: int
+    loss_filtered: int
+    kept: int
+    norm_lo: float
+    norm_hi: float
+
+
+def _row(label: str, stats: Mapping[str, Any], norms: np.ndarray, mask: np.ndarray) -> Row:
+    kept = norms[mask]
+    kept = kept[np.isfinite(kept)]
+    return Row(label, int(stats.get("n", mask.size)), int(stats.get("nonfinite", 0)), int(stats.get("loss_filtered", 0)),
+               int(mask.sum()), float(kept.min()) if kept.size else math.nan, float(kept.max()) if kept.size else math.nan)
+
+
+def _same_label(value: Any, label: Any) -> bool:
+    """Whether a record's group value is the group ``label`` (missing values, None or NaN, form one group)."""
+    if label is None:
+        return value is None or (isinstance(value, float) and math.isnan(value))
+    return type(value) is type(label) and value == label
+
+
+def table_rows(store: Any, sel: Any, group_field: Optional[np.ndarray]) -> List[Row]:
+    """One row per group (in the summary's order; at most ``MAX_TABLE_GROUPS``) and the total."""
+    norms = np.asarray(store.norms, dtype=np.float64)
+    s = sel.summary
+    rows: List[Row] = []
+    groups = s.get("groups")
+    if groups and group_field is not None:
+        values = group_field.tolist()
+        for key, g in list(groups.items())[:MAX_TABLE_GROUPS]:
+            label = g.get("label", key)
+            m = np.asarray([_same_label(v, label) for v in values], dtype=bool)
+            rows.append(_row(str(label), g, norms[m], sel.kept_mask[m]))
+    rows.append(_row("all", s, norms, sel.kept_mask))
+    return rows
+
+
+def format_table(rows: List[Row], n_groups: int = 0) -> List[str]:
+    w = max(5, *(len(r.label) for r in rows))
+    lines = [f"  {'group':<{w}} {'records':>8} {'non-finite':>10} {'loss-filtered':>13} {'kept':>7} {'kept %':>7}  kept norms"]
+    for r in rows:
+        rng = "-" if math.isnan(r.norm_lo) else f"{r.norm_lo:.4g} .. {r.norm_hi:.4g}"
+        pct = f"{100.0 * r.kept / r.n:.1f}" if r.n else "-"
+        lines.append(f"  {r.label:<{w}} {r.n:>8} {r.nonfinite:>10} {r.loss_filtered:>13} {r.kept:>7} {pct:>7}  {rng}")
+    if n_groups > MAX_TABLE_GROUPS:
+        lines.insert(-1, f"  ... {n_groups - MAX_TABLE_GROUPS} more groups in the summary file")
+    return lines
+
+
+# -- run ------------------------------------------------------------------------------------------------
+
+
+def _open_store(path: str):
+    from ..store import ScoreStore
+
+    return ScoreStore.open(path)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradsel_core.selection import select
+    from ..store import atomic_write
 
+    # every output path is checked before any work
+    kind = "dir" if args.format == "hf" else "file"
+    out = check_output_path(args.out, "--out", kind=kind, store_dir=args.scores)
+    summary_path = check_output_path(args.summary_json or default_summary_path(out), "--summary-json",
+                                     store_dir=args.scores)
+    if os.path.abspath(summary_path) == out:
+        raise UsageError(f"--summary-json {summary_path} is the --out path; give another file")
+    if args.format == "hf":
+        check_hf_target(out)
+    if args.data is not None and os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data} is a directory; give the JSONL file that was scored")
+    if args.data is not None and os.path.exists(args.data):
+        for arg, p in (("--out", out), ("--summary-json", summary_path)):
+            if os.path.exists(p) and os.path.samefile(p, args.data):
+                raise UsageError(f"{arg} {p} is the --data file; write the selection to another file")
+
+    store = _open_store(args.scores)
+    sel = run_policy(store, args)
+    group_field = store_field(store, args.group_by, "--group-by") if args.group_by else None
+    kept = np.flatnonzero(sel.kept_mask)  # ascending dataset positions
+    rows = _data_rows(args.data, store, kept) if args.data else _score_rows(store, kept)
+    written = write_hf(out, rows) if args.format == "hf" else write_jsonl(out, rows)
+
+    summary = dict(sel.summary)
+    summary["output"] = {"path": out, "format": args.format, "records": written,
+                         "content": "records from " + os.path.abspath(args.data) if args.data else "scores"}
+    summary["store"] = os.path.abspath(args.scores)
+    _make_parent("--summary-json", summary_path)
     try:
-        store = _open_store(args.scores)
-    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError covers the store's StoreError
-        log.error("cannot open score store %s: %s", args.scores, e)
-        return 2
-    try:
-        cols = {
-            "ids": np.asarray(store.ids) if getattr(store, "ids", None) is not None else None,
-            "norms": np.asarray(store.norms),
-            "losses": np.asarray(store.losses),
-            "tokens": np.asarray(store.tokens) if getattr(store, "tokens", None) is not None else None,
-        }
-        if cols["ids"] is None:
-            cols["ids"] = np.arange(cols["norms"].shape[0])
-        groups = _store_field(store, args.group_by, args.scores) if args.group_by else None
-        sel = select(
-            cols,
-            policy=args.policy,
-            ratio=args.ratio,
-            loss_filter_std=args.loss_filter_std,
-            group_by=groups,
-            seed=args.seed,
-            length_normalize=args.length_normalize,
-            **_parse_params(args.param),
-        )
-    except ValueError as e:
-        log.error("%s", e)
-        return 2
-    if args.group_by:
-        sel.summary["group_by"] = args.group_by
-    written = write_kept(args.out, sel, cols["ids"], cols["norms"], cols["losses"], cols["tokens"])
+        atomic_write(summary_path, (json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n").encode("utf-8"))
+    except OSError as e:
+        raise _cannot_write("--summary-json", summary_path, e) from None
+
     s = sel.summary
-    print(f"{args.policy}: kept {s['kept']} of {s['n']} samples -> {args.out} ({written} lines)")
-    print(json.dumps(_jsonable(s), indent=2))
+    lf = "no loss filter" if s.get("loss_filter_std") is None else f"loss filter ±{s['loss_filter_std']:g} std"
+    extra = f", by {args.group_by}" if args.group_by else ""
+    print(f"{args.policy}, ratio {s['ratio']:g}, {lf}{extra}: store {args.scores} ({len(store.norms)} records)")
+    print("\n".join(format_table(table_rows(store, sel, group_field), int(s.get("n_groups", 0)))))
+    what = "records" if args.data else "score rows"
+    print(f"kept {s['kept']} of {s['n']} -> {args.out} ({written} {what}, {args.format})")
+    print(f"summary -> {summary_path}")
     return 0

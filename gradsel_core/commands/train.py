@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping
 log = logging.getLogger(__name__)
 
 TRAINER_KEYS = ("mode", "lr", "weight_decay", "epochs", "batch_size", "grad_accum", "seed", "optimizer",
-                "max_grad_norm", "params")
+                "max_grad_norm", "params", "checkpoint_format")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
