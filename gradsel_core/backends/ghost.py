@@ -197,6 +197,14 @@ class RuleFailure(UnsupportedModule):
         self.params, self.module = params, module
 
 
+class RuleFailures(UnsupportedModule):
+    """Every rule or fallback that failed in one pass (all are moved at once)."""
+
+    def __init__(self, failures: List[RuleFailure]):
+        super().__init__("; ".join(str(f) for f in failures[:3]))
+        self.failures = failures
+
+
 class GhostCapture:
     """Hooks for one scored forward, and the backward that reduces the norms.
 
@@ -218,6 +226,7 @@ class GhostCapture:
         self.sq: Dict[str, torch.Tensor] = {}
         self.factors: Dict[str, List[Factor]] = {}
         self.error: Optional[BaseException] = None
+        self.failures: List[RuleFailure] = []
         self.use_stand_ins = stand_ins and can_stand_in(params)
         self.slots: Dict[str, List[Slot]] = parameter_slots(model, params) if self.use_stand_ins else {}
         self.stand_ins: Dict[str, nn.Parameter] = {}
@@ -361,6 +370,8 @@ class GhostCapture:
             for local, f in factors.items():
                 self._add(rec.plan.names[local], f)
             rec.call.args, rec.call.grad_output = (), None  # release the activations now
+        except RuleFailure as e:  # collected: every failing module of this pass is moved at once
+            self.failures.append(e)
         except BaseException as e:  # errors raised inside autograd lose their type: re-raise after
             self.error = e
 
@@ -388,6 +399,8 @@ class GhostCapture:
             grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=retain_graph)
             if self.error is not None:
                 raise self.error
+            if self.failures:
+                raise RuleFailures(self.failures)
             for n, g in zip(names, grads[len(inputs) - len(names):]):
                 if g is not None:
                     places = self.tracker.unrecognised.get(n, []) if self.tracker is not None else []
@@ -396,8 +409,15 @@ class GhostCapture:
             return unaccounted
         for rec in self.records:
             if rec.plan is not None and rec.plan.rule is None:
-                for local, g in _fallback_grads(rec, self).items():
+                try:
+                    grads = _fallback_grads(rec, self)
+                except UnsupportedModule as e:
+                    self.failures.append(RuleFailure(str(e), list(rec.plan.names.values()), rec.plan.name))
+                    continue
+                for local, g in grads.items():
                     self._add(rec.plan.names[local], Dense(g))
+        if self.failures:
+            raise RuleFailures(self.failures)
         for name, fs in self.factors.items():
             self.sq[name] = shared_sq_norm(fs, self.use_triton)
         return {}
@@ -541,22 +561,54 @@ class GhostBackend:
         return out
 
     # learning ---------------------------------------------------------------------------------------
-    def _move(self, names: List[str], places: List[str], why: str) -> None:
-        """Move parameters to a fallback over the innermost module enclosing all their uses."""
+    def _move(self, names: List[str], places: List[str], why: str, exact_target: bool = False,
+              quiet: bool = False) -> None:
+        """Move parameters to a fallback over the innermost module enclosing all their uses (``places``
+        and their owners), or over ``places[0]`` itself with ``exact_target``."""
         plan = self.plan
         owners = []
         for g in names:
             for mp in plan.modules.values():
                 if g in mp.names.values():
                     owners.append(mp.name)
-        enclosing = "" if "?" in places else _common_module(places + owners)
+        if exact_target:
+            enclosing = places[0]
+        else:
+            enclosing = "" if "?" in places else _common_module(places + owners)
         for g in names:
             self.moved[g] = (enclosing, why)
             self.track.discard(g)
         self._plan = None
         where = "the whole model" if enclosing == "" else f"module {enclosing}"
+        if quiet:
+            return
         log.warning("ghost: %s: %s; scoring %s exactly by a torch.func fallback over %s",
                     ", ".join(names), why, "it" if len(names) == 1 else "them", where)
+
+    def _climb(self, failures: List[RuleFailure]) -> None:
+        """Move each failing call's parameters one step out: a rule to its module's own fallback, a module
+        fallback (or an op use) to the enclosing module's fallback. Raises when a fallback over the whole
+        model fails too (nothing left inside ghost); otherwise raises :class:`Retry`."""
+        moves: Dict[str, Tuple[List[str], str]] = {}
+        fallback_at = {mp.name: set(mp.names.values()) for mp in self.plan.modules.values() if mp.rule is None}
+        for f in failures:
+            here = f.module if f.module != "?" else ""
+            already = set(f.params) <= fallback_at.get(here, set())
+            if already:
+                if here == "":
+                    raise UnsupportedModule(_ways_out(
+                        f"a fallback over the whole model cannot score {f.params[:3]} ({f})"))
+                here = here.rpartition(".")[0]
+            names, why = moves.setdefault(here, ([], f"{f.module}: {str(f).split(';')[0][:160]}"))
+            names += [n for n in f.params if n not in names]
+        for target, (names, why) in moves.items():
+            self._move(names, [target], why, exact_target=True, quiet=True)
+        targets = sorted(moves)
+        first = moves[targets[0]][1]
+        log.warning("ghost: %d module(s) cannot be scored by their rules or fallbacks (e.g. %s); scoring their "
+                    "parameters exactly by torch.func fallbacks over %s", len(failures), first,
+                    ", ".join(t or "the whole model" for t in targets[:4]) + (", ..." if len(targets) > 4 else ""))
+        raise Retry()
 
     def _learn(self, unaccounted: Dict[str, List[Place]]) -> None:
         new = [n for n, places in unaccounted.items() if n not in self.track and n not in self.plan.op_tracked]
@@ -600,10 +652,7 @@ class GhostBackend:
             with cap:
                 out = spec.model(**batch.model_inputs)
         except RuleFailure as e:
-            if all(self.moved.get(n, ("", ""))[0] == e.module for n in e.params):
-                raise
-            self._move(e.params, [e.module], f"its rule cannot score this call ({e})")
-            raise Retry() from e
+            self._climb([e])
         except RuntimeError as e:
             if _is_inplace_view_error(e) and not self.copy_taps:
                 self.copy_taps = True
@@ -614,11 +663,8 @@ class GhostBackend:
         losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
         try:
             unaccounted = cap.backward(losses.sum(), retain_graph)
-        except RuleFailure as e:
-            if all(self.moved.get(n, ("", ""))[0] == e.module for n in e.params):
-                raise
-            self._move(e.params, [e.module], f"its rule cannot score this call ({e})")
-            raise Retry() from e
+        except RuleFailures as e:
+            self._climb(e.failures)
         except RuntimeError as e:
             if _is_inplace_view_error(e) and not self.copy_taps:
                 self.copy_taps = True
