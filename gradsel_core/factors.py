@@ -14,6 +14,7 @@ Forms (notation of ``shared/design/norm-math.md``: A (B,T,d) inputs, G (B,T,p) o
 * ``RowSum(G, X=None)``        Σ_t g_t, or Σ_t x_t ⊙ g_t (bias, LayerNorm/RMSNorm weights)
 * ``Outer(A, G)``              Σ_t g_t a_tᵀ (p, d); ``transposed``: Σ_t a_t g_tᵀ (d, p) (HF Conv1D)
 * ``EmbRows(ids, G, V)``       Σ_t e_{x_t} g_tᵀ (V, d); ``transposed``: its transpose (d, V)
+* ``Stacked(parts, dim)``      blocks concatenated along ``dim`` (MultiheadAttention ``in_proj_weight``)
 """
 from __future__ import annotations
 
@@ -191,6 +192,35 @@ class EmbRows(Factor):
         return out.t() if self.transposed else out
 
 
+@dataclass
+class Stacked(Factor):
+    """Per-sample gradients of a parameter made of blocks along ``dim`` (nn.MultiheadAttention's
+    ``in_proj_weight`` = [W_q; W_k; W_v]): disjoint blocks, so the squared norm is the sum of the parts'."""
+
+    parts: Tuple[Factor, ...]
+    dim: int = 0
+
+    @property
+    def shape(self):
+        shapes = [tuple(p.shape) for p in self.parts]
+        out = list(shapes[0])
+        out[self.dim] = sum(s[self.dim] for s in shapes)
+        return tuple(out)
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        total = None
+        for p in self.parts:
+            sq = p.sq_norm(use_triton)
+            total = sq if total is None else total + sq
+        return total
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([p.dense() for p in self.parts], dim=1 + self.dim)
+
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.cat([p.weighted_sum(w, index) for p in self.parts], dim=self.dim)
+
+
 # -- cross terms between two uses of one parameter (return None to use the dense fallback) --------------
 
 
@@ -229,7 +259,18 @@ def _dense_any(dn: Dense, other: Factor):
     return (a.to(acc) * b.to(acc)).flatten(1).sum(1)
 
 
+def _stacked_stacked(u: Stacked, v: Stacked):
+    if u.dim != v.dim or [p.shape for p in u.parts] != [p.shape for p in v.parts]:
+        return None
+    total = None
+    for a, b in zip(u.parts, v.parts):
+        t = a.inner(b)
+        total = t if total is None else total + t
+    return total
+
+
 _INNER = {
+    (Stacked, Stacked): _stacked_stacked,
     (Outer, Outer): _outer_outer,
     (EmbRows, EmbRows): _emb_emb,
     (EmbRows, Outer): _emb_outer,

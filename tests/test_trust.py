@@ -412,3 +412,50 @@ def test_coverage_summary_line():
     eng.score(lm_batch())
     line = eng.coverage().summary()
     assert line.startswith("backend ghost:") and "by rules" in line and "by op uses" in line
+
+
+class MHAVariants(nn.Module):
+    """nn.MultiheadAttention called directly: key padding mask, causal mask, bias_k/bias_v, kdim/vdim."""
+
+    def __init__(self, separate: bool, add_bias_kv: bool, need_weights: bool):
+        super().__init__()
+        self.need_weights = need_weights
+        self.emb = nn.Embedding(VOCAB, D)
+        kv = D + 4 if separate else None
+        self.kv = nn.Linear(D, kv) if separate else nn.Identity()
+        self.mha = nn.MultiheadAttention(D, 2, batch_first=True, add_bias_kv=add_bias_kv, kdim=kv, vdim=kv)
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)  # (B, T, D)
+        T = h.shape[1]
+        causal = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+        kv = self.kv(h)
+        a, w = self.mha(h, kv, kv, key_padding_mask=attention_mask == 0, attn_mask=causal,
+                        need_weights=self.need_weights)
+        return self.out(torch.tanh(a) + h)
+
+
+@pytest.mark.parametrize("separate,add_bias_kv", [(False, False), (True, False), (False, True)])
+def test_multihead_attention_rule_variants(separate, add_bias_kv):
+    torch.manual_seed(0)
+    batch = lm_batch(padding=False)
+    batch["attention_mask"][1, 7:] = 0  # key padding (no fully masked rows)
+    model = MHAVariants(separate, add_bias_kv, need_weights=False)
+    eng = exact(model, "ghost", batch=batch)
+    cov = {e.param: e.how for e in eng.coverage().entries}
+    assert all(cov[n] == "rule" for n in cov if n.startswith("mha.")), cov
+    filtered_grad_is_exact(model, batch=batch)
+
+
+def test_multihead_attention_weights_used_downstream_fall_back():
+    """need_weights=True and the weights feed the loss: the rule (output 0 only) must step aside."""
+
+    class UsesWeights(MHAVariants):
+        def forward(self, input_ids, attention_mask):
+            h = self.emb(input_ids)
+            a, w = self.mha(h, h, h, need_weights=True)
+            return self.out(torch.tanh(a) + w.sum(-1, keepdim=True))
+
+    torch.manual_seed(0)
+    exact(UsesWeights(False, False, True), "ghost")

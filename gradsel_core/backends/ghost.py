@@ -124,6 +124,20 @@ def plan_claims(model: nn.Module, params: Dict[str, nn.Parameter], moved: Option
         if owner is model:
             root_fallback.append(gname)
 
+    # rules that score some of their children's parameters (nn.MultiheadAttention: out_proj)
+    for mname, mod in named.items():
+        if mname in {e for e, _ in moved.values()}:
+            continue
+        rule, _ = rule_status(mod)
+        for local in getattr(rule, "claims", ()):
+            try:
+                p = mod.get_parameter(local)
+            except AttributeError:
+                continue
+            gname = wanted.get(id(p))
+            if gname is not None and gname not in moved:
+                plans.setdefault(id(mod), ModulePlan(mod, mname, rule)).names[local] = gname
+                done.add(gname)
     for gname, (enc, why) in moved.items():
         owner = named[enc]
         local = next(n for n, p in owner.named_parameters(remove_duplicate=False) if p is params[gname])
@@ -182,6 +196,7 @@ class _Record:
     call: Optional[ModuleCall]
     use: Optional[OpUse] = None
     leaves: List[int] = field(default_factory=list)  # output leaves tapped (fallback calls)
+    first: int = 0  # the output leaf a rule describes
     grads: Dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -320,18 +335,27 @@ class GhostCapture:
                 args = (x.expand(B, *x.shape[1:]),) + tuple(args[1:])
                 output = output.expand(B, *output.shape[1:])
             det = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
-            call = ModuleCall(mod, plan.name, tuple(det(a) for a in args),
-                              {k: det(v) for k, v in kwargs.items()} if plan.rule is None else {}, batch_size=B)
+            call = ModuleCall(mod, plan.name, tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()},
+                              batch_size=B)
             key = len(self.records)
             rec = _Record(plan, call)
             self.records.append(rec)
             if plan.rule is not None:
-                if not isinstance(output, torch.Tensor):
+                leaves, spec = tree_flatten(output)
+                first = next((i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)), None)
+                if first is None:
                     raise RuleFailure(f"module {plan.name} returned {type(output).__name__}, not a tensor",
                                       list(plan.names.values()), plan.name)
-                if not output.requires_grad:
-                    return output
-                return self._tap(output, (key, 0))
+                rec.first = first
+                if getattr(plan.rule, "keeps_output", False):
+                    call.output = leaves[first].detach()
+                new = list(leaves)
+                for i, leaf in enumerate(leaves):
+                    # the rule sees the gradient of the first output; any other output that gets one is
+                    # a use the rule does not describe (caught in the sink)
+                    if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.is_floating_point():
+                        new[i] = self._tap(leaf, (key, i))
+                return new[0] if isinstance(output, torch.Tensor) else tree_unflatten(new, spec)
             leaves, spec = tree_flatten(output)
             new = []
             for i, leaf in enumerate(leaves):
@@ -358,6 +382,9 @@ class GhostCapture:
             if rec.plan.rule is None:
                 rec.grads[key[1]] = g
                 return
+            if key[1] != rec.first:
+                raise RuleFailure(f"module {rec.plan.name}: its output {key[1]} is used, and its rule describes "
+                                  "output 0 only", list(rec.plan.names.values()), rec.plan.name)
             rec.call.grad_output = g
             try:
                 factors = rec.plan.rule(rec.call, list(rec.plan.names))
@@ -369,7 +396,7 @@ class GhostCapture:
                                   list(rec.plan.names.values()), rec.plan.name)
             for local, f in factors.items():
                 self._add(rec.plan.names[local], f)
-            rec.call.args, rec.call.grad_output = (), None  # release the activations now
+            rec.call.args, rec.call.kwargs, rec.call.grad_output, rec.call.output = (), {}, None, None  # release
         except RuleFailure as e:  # collected: every failing module of this pass is moved at once
             self.failures.append(e)
         except BaseException as e:  # errors raised inside autograd lose their type: re-raise after
