@@ -7,6 +7,9 @@ a config here (remote code, vision towers, missing optional dependencies) raise 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Dict
+
 import torch
 
 VOCAB = 96
@@ -51,7 +54,6 @@ def causal_lm_families():
 
 
 def build_family(fam: str, seed: int = 0):
-    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -84,7 +86,6 @@ def build_family(fam: str, seed: int = 0):
     except Exception as e:  # noqa: BLE001
         raise FamilySkip(f"build: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
     model.eval()
-    del transformers
     return model
 
 
@@ -96,3 +97,73 @@ def family_batch(B: int = 3, T: int = 8, seed: int = 1):
         mask[1, T // 2:] = 0  # right padding
         ids[1, T // 2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+# families whose tiny model takes over ~20 s per scoring on 2 CPU cores here (reference kernels in pure
+# Python): swept by ``benchmarks/family_sweep.py --all``, skipped by the CI test
+SLOW = {"bailing_hybrid", "blt", "dots3_note", "dots3_note_text"}
+
+
+@dataclass
+class FamilyResult:
+    family: str
+    status: str  # "ok", "skip" (cannot be built / run from a tiny config here)
+    reason: str = ""
+    auto_backend: str = ""
+    auto_err: float = float("nan")
+    auto_coverage: Dict[str, int] = field(default_factory=dict)
+    ghost: str = ""  # "exact", "refused: ...", or "WRONG" / "crash: ..." (defects)
+    ghost_err: float = float("nan")
+    ghost_coverage: Dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def how(self) -> str:
+        """rules / module fallbacks / whole-model vmap / loop: how auto scores it."""
+        if self.status != "ok":
+            return "skip"
+        if self.auto_backend in ("vmap", "loop"):
+            return "whole-model vmap" if self.auto_backend == "vmap" else "loop"
+        if self.auto_coverage.get("module fallback") or self.auto_coverage.get("whole-model vmap"):
+            return "module fallbacks"
+        return "rules (+ op uses)" if self.auto_coverage.get("op") else "rules"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    d = (a - b).abs().masked_fill(both_nan, 0)
+    return float(d.max() / b.abs().masked_fill(both_nan, 0).max().clamp(min=1e-12))
+
+
+def sweep_one(fam: str, tol: float = 1e-5) -> FamilyResult:
+    """Build ``fam`` tiny, score one batch with the loop, ``auto`` and ``ghost``; compare."""
+    import time
+
+    import gradsel_core as gs
+
+    t0 = time.perf_counter()
+    try:
+        model = build_family(fam)
+    except FamilySkip as e:
+        return FamilyResult(fam, "skip", str(e))
+    batch = family_batch()
+    try:
+        ref = gs.GradNormEngine(model, backend="loop").score(batch)
+    except Exception as e:  # noqa: BLE001 - the model's own forward/backward fails on this config
+        return FamilyResult(fam, "skip", f"the tiny model does not run: {type(e).__name__}: {str(e)[:120]}")
+    res = FamilyResult(fam, "ok")
+    eng = gs.GradNormEngine(model, backend="auto")
+    got = eng.score(batch)
+    res.auto_backend, res.auto_err, res.auto_coverage = got.backend, rel_err(got.norms, ref.norms), eng.coverage().counts()
+    try:
+        eng = gs.GradNormEngine(model, backend="ghost")
+        got = eng.score(batch)
+        res.ghost_err, res.ghost_coverage = rel_err(got.norms, ref.norms), eng.coverage().counts()
+        res.ghost = "exact" if res.ghost_err <= tol else "WRONG"
+    except gs.UnsupportedModule as e:
+        res.ghost = "refused: " + str(e).splitlines()[0][:140]
+    except Exception as e:  # noqa: BLE001 - a crash is a defect the test reports
+        res.ghost = f"crash: {type(e).__name__}: {str(e)[:140]}"
+    res.seconds = time.perf_counter() - t0
+    return res
