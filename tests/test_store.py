@@ -192,7 +192,7 @@ def test_round_trip_matches_engine_and_manifest(tmp_path):
     assert len(m["shards"]) == 3 and all(len(s["sha256"]) == 64 for s in m["shards"])
     # nothing is stored with pickle: every data file is safetensors or JSON
     for name in os.listdir(tmp_path / "s"):
-        assert name.endswith((".safetensors", ".json")) or name == ".lock", name
+        assert name.endswith((".safetensors", ".json")) or name in (".gradsel-lock", ".gradsel-store"), name
 
 
 def test_int_ids_positions_and_dataset_kinds(tmp_path):
@@ -277,7 +277,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(worker, reference, tmp_pa
     assert done.returncode == 0, done.stderr.decode()
     final = ScoreStore.open(out)
     assert_same_store(final, reference)
-    assert len(_shards(out)) == n_shards and not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert len(_shards(out)) == n_shards and not [n for n in os.listdir(out) if n.startswith(".gradsel-tmp-")]
     assert len(set(final.ids.tolist())) == 200, (seed, log_lines)
 
 
@@ -292,11 +292,11 @@ def test_resume_skips_done_shards_and_removes_temp_files(tmp_path):
     (out / MANIFEST).write_text(json.dumps(manifest))
     victim = _shards(out)[2]
     os.unlink(out / victim)
-    (out / f".{victim}.tmp-999-abcd").write_bytes(b"partial")
+    (out / f".gradsel-tmp-{victim}-999-abcd1234").write_bytes(b"partial")
     before = {n: os.stat(out / n).st_mtime_ns for n in _shards(out)}
     store = score_dataset(model, recs, str(out), **KW)
     assert_same_store(store, ref)
-    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    assert not [n for n in os.listdir(out) if n.startswith(".gradsel-tmp-")]
     for n, t in before.items():
         assert os.stat(out / n).st_mtime_ns == t, f"{n} was rewritten"
     # complete store + same call: nothing is scored again
