@@ -504,12 +504,12 @@ def _repair_hint(out_dir: str) -> str:
 
 def _require(doc: Mapping[str, Any], key: str, types, path: str, hint: str, prefix: str = "") -> Any:
     if key not in doc:
-        raise StoreError(f"{path}: key {prefix}{key!r} is missing; {hint}")
+        raise StoreError(f"{path}: key '{prefix}{key}' is missing; {hint}")
     v = doc[key]
     ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)))
     if not ok:
         want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise StoreError(f"{path}: key {prefix}{key!r} must be {want}, got {type(v).__name__}; {hint}")
+        raise StoreError(f"{path}: key '{prefix}{key}' must be {want}, got {type(v).__name__}; {hint}")
     return v
 
 
