@@ -306,11 +306,10 @@ def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> 
 
     The layout is fixed (header keys sorted, tensors in name order, no whitespace but the padding to 8
     bytes), so the same tensors and metadata always give the same bytes."""
+    meta_json = json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), allow_nan=False)
     header: Dict[str, Any] = {
-        "__metadata__": {
-            "gradsel": json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), allow_nan=False),
-            "payload_sha256": payload_hash(tensors),
-        }
+        "__metadata__": {"gradsel": meta_json, "gradsel_sha256": sha256_bytes(meta_json.encode("utf-8")),
+                         "payload_sha256": payload_hash(tensors)}
     }
     chunks = []
     offset = 0
@@ -355,12 +354,17 @@ def decode_shard(data: bytes, name: str = "<shard>") -> Tuple[Dict[str, np.ndarr
         raise StoreError(f"{name}: not a gradsel shard (no checksum in its header)")
     if payload_hash(tensors) != want:
         raise StoreError(f"{name}: checksum mismatch: the shard is corrupted")
+    meta_sha = hdr.get("gradsel_sha256")
+    if meta_sha is not None and sha256_bytes(hdr["gradsel"].encode("utf-8")) != meta_sha:
+        raise StoreError(f"{name}: checksum mismatch in the header metadata: the shard is corrupted")
     try:
         meta = json.loads(hdr["gradsel"])
     except json.JSONDecodeError:
         raise StoreError(f"{name}: corrupted header metadata") from None
     if not isinstance(meta, dict):
         raise StoreError(f"{name}: corrupted header metadata")
+    if meta_sha is None and meta.get("format_version", 1) != 1:
+        raise StoreError(f"{name}: no checksum of the header metadata: the shard is corrupted")
     return tensors, meta
 
 
