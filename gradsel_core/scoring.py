@@ -19,9 +19,11 @@ How it works
 Resume
     Rerunning the same call after a crash or ``kill -9`` validates the shards present (checksums in
     their headers, the run key), removes partial temp files and corrupted shards (with a warning naming
-    them), and scores only what is missing. Every sample is scored in the same batch as before, so the
-    final store equals an uninterrupted run's bit for bit (same device and software). A directory that
-    holds another model, config or dataset is refused unless ``overwrite=True``.
+    them), rebuilds a lost or corrupted manifest from the shards, and scores only what is missing. Every
+    sample is scored in the same batch as before, so the final store equals an uninterrupted run's, and on
+    CPU its shard files are byte-identical (tested; on GPUs only where the kernels are deterministic). A
+    directory that holds another model, config or dataset (per the manifest or any shard) is refused
+    unless ``overwrite=True``; so is a non-empty directory that is not a store.
 
 Multi-GPU and multi-node (``torch.distributed``)
     When ``torch.distributed`` is initialised, each rank scores a disjoint, strided part of the

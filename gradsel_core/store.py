@@ -390,22 +390,22 @@ def hash_state(model: torch.nn.Module, threads: Optional[int] = None) -> Tuple[s
     shapes and the sha256 of each tensor's raw bytes, in module order. Exact (a change of any byte changes
     it); tensors are hashed in parallel threads (hashlib releases the GIL)."""
     entries: List[Tuple[str, str, torch.Tensor]] = []
-    seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):
         entries.append(("p", name, p))
-        seen.add(id(p))
     for name, b in model.named_buffers(remove_duplicate=False):
         if b is not None:
             entries.append(("b", name, b))
+    unique = list({id(t): t for _, _, t in entries}.values())  # a tied weight is hashed once, named twice
     threads = threads or min(8, os.cpu_count() or 1)
-    if threads > 1 and len(entries) > 1:
+    if threads > 1 and len(unique) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            digests = list(pool.map(lambda e: _tensor_digest(e[2]), entries))
+            digests = dict(zip(map(id, unique), pool.map(_tensor_digest, unique)))
     else:
-        digests = [_tensor_digest(e[2]) for e in entries]
+        digests = {id(t): _tensor_digest(t) for t in unique}
     h = hashlib.sha256()
     dtypes: Dict[str, int] = {}
-    for (kind, name, t), d in zip(entries, digests):
+    for kind, name, t in entries:
+        d = digests[id(t)]
         dt = str(t.dtype).replace("torch.", "")
         h.update(f"{kind}\x00{name}\x00{dt}\x00{tuple(t.shape)}\x00{d}\n".encode("utf-8"))
         dtypes[dt] = dtypes.get(dt, 0) + int(t.numel())
