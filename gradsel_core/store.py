@@ -425,7 +425,6 @@ def model_fingerprint(model: torch.nn.Module, params: Mapping[str, torch.Tensor]
         "n_selected": int(sum(p.numel() for p in params.values())),
         "n_total": int(sum(p.numel() for _, p in model.named_parameters())),
         "dtypes": dtypes,
-        "training": bool(model.training),
         "content_sha256": content,
         "structure_sha256": canonical_hash(structure),
     }
