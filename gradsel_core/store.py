@@ -245,8 +245,9 @@ def classify_dir(out_dir: str) -> Tuple[str, List[str]]:
             m = json.loads(read_bytes(mpath).decode("utf-8"))
         except (ValueError, OSError):
             m = None
-        if isinstance(m, dict) and m.get("format") == FORMAT:
-            return "v1", names
+        if isinstance(m, dict) and m.get("format") == FORMAT:  # a store whose marker was lost: by its version
+            v = m.get("format_version", 1)
+            return ("v1" if isinstance(v, int) and v < 2 else "store"), names
     for name in names:
         if SHARD_RE.match(name) and os.path.isfile(os.path.join(out_dir, name)):
             with contextlib.suppress(Exception):
