@@ -17,6 +17,7 @@ COMMANDS = {
     "score": ("score", "score a dataset into a resumable score store"),
     "inspect": ("inspect", "summarise a score store, with a norm histogram"),
     "select": ("select", "select samples from a score store with a policy"),
+    "repair": ("repair", "rebuild a score store's manifest.json from its shards"),
     "train": ("train", "run the continual trainer from a JSON config"),
 }
 

@@ -44,19 +44,54 @@ DEFAULT_MAX_LENGTH = 1024
 # -- JSONL ------------------------------------------------------------------------------------------
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def check_record_values(record: Mapping[str, Any], where: str) -> None:
+    """Refuse, naming ``where`` (``file:line`` or ``record N``), an ``id`` that is not an int or a str, and
+    an int (id or metadata field) that does not fit in 64 bits: the store keeps them as int64."""
+    from .errors import UsageError
+
+    rid = record.get("id")
+    if isinstance(rid, np.integer):
+        rid = int(rid)
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (int, str))):
+        raise UsageError(f"{where}: id must be an int or a str, got {type(rid).__name__} {rid!r}")
+    if isinstance(rid, int) and not INT64_MIN <= rid <= INT64_MAX:
+        raise UsageError(f"{where}: id {rid} does not fit in 64 bits; write it as a string (\"id\": \"{rid}\")")
+    for k, v in extra_fields(record).items():
+        if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
+            raise UsageError(f"{where}: field {k!r} = {v} does not fit in 64 bits; write it as a string")
+
+
 def iter_jsonl(path: str) -> Iterator[Dict[str, Any]]:
-    """Yield the JSON objects of a JSONL file (blank lines skipped); errors name the file and line."""
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+    """Yield the JSON objects of a JSONL file (blank lines skipped). Errors (``UsageError``) name the file
+    and line: invalid JSON or UTF-8, a line that is not an object, an id or int field that does not fit."""
+    from .errors import UsageError
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory; give a JSONL file (one JSON object per line)")
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file; give a JSONL file (one JSON object per line)")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise UsageError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "re-encode the file as UTF-8"
+                ) from None
             if not line:
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
+                raise UsageError(f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
+            check_record_values(obj, f"{path}:{lineno}")
             yield obj
 
 

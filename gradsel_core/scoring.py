@@ -19,9 +19,11 @@ How it works
 Resume
     Rerunning the same call after a crash or ``kill -9`` validates the shards present (checksums in
     their headers, the run key), removes partial temp files and corrupted shards (with a warning naming
-    them), and scores only what is missing. Every sample is scored in the same batch as before, so the
-    final store equals an uninterrupted run's bit for bit (same device and software). A directory that
-    holds another model, config or dataset is refused unless ``overwrite=True``.
+    them), rebuilds a lost or corrupted manifest from the shards, and scores only what is missing. Every
+    sample is scored in the same batch as before, so the final store equals an uninterrupted run's, and on
+    CPU its shard files are byte-identical (tested; on GPUs only where the kernels are deterministic). A
+    directory that holds another model, config or dataset (per the manifest or any shard) is refused
+    unless ``overwrite=True``; so is a non-empty directory that is not a store.
 
 Multi-GPU and multi-node (``torch.distributed``)
     When ``torch.distributed`` is initialised, each rank scores a disjoint, strided part of the
@@ -59,36 +61,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import prepare_batch
-from .data import as_int_array, collate, extra_fields, model_pad_id, plan_batches, PlannedShard
+from .batching import IGNORE_INDEX, prepare_batch
+from .data import as_int_array, check_record_values, collate, extra_fields, model_pad_id, plan_batches, PlannedShard
 from .engine import GradNormEngine
+from .errors import UsageError
 from .params import ParamSpec
 from .store import (
     FIELDS_FILE,
-    FORMAT,
-    FORMAT_VERSION,
+    IDENTITY_KEYS,
     IDS_FILE,
-    LOCK_FILE,
     MANIFEST,
+    MARKER,
     PP_PREFIX,
+    FORMAT_VERSION,
     ScoreStore,
     StoreConflictError,
     StoreError,
     atomic_write,
+    build_manifest,
     canonical_hash,
-    decode_shard,
-    describe_difference,
+    classify_dir,
+    conflict_message,
+    dir_lock,
     encode_shard,
     json_bytes,
-    list_shards,
+    marker_bytes,
     model_fingerprint,
-    read_bytes,
+    now,
     read_manifest,
     remove_temp_files,
+    scan_shard_files,
     sha256_bytes,
     shard_name,
     store_files,
-    summarize,
+    SHARD_RE,
+    TMP_PREFIX,
 )
 
 log = logging.getLogger(__name__)
@@ -132,8 +139,25 @@ def _py_scalar(v: Any) -> Any:
     return v
 
 
-def scan_dataset(dataset: Any) -> DataScan:
-    """Validate every record; collect lengths, ids, metadata fields and a content hash."""
+def _check_vocab(a: np.ndarray, vocab: Optional[int], what: str, labels: bool = False) -> None:
+    """Refuse token ids outside ``[0, vocab)`` (labels may also be -100), naming ``what`` and the vocab."""
+    if vocab is None or not a.size:
+        return
+    bad = (a < 0) | (a >= vocab)
+    if labels:
+        bad &= a != IGNORE_INDEX
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise UsageError(
+            f"{what}[{j}] = {int(a[j])} is outside the model's vocabulary [0, {vocab})"
+            f"{' (and is not -100)' if labels else ''}; are the tokenizer and the model the same family?"
+        )
+
+
+def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optional[int] = None) -> DataScan:
+    """Validate every record (token ids inside ``[0, vocab)`` when given; labels inside
+    ``[0, label_vocab)`` or -100; ids and int fields within 64 bits); collect lengths, ids, metadata fields
+    and a content hash. Errors name the record (its position and id)."""
     source, it, n = _indexable(dataset)
     h = hashlib.sha256()
     lengths = np.zeros(n, dtype=np.int64)
@@ -150,10 +174,14 @@ def scan_dataset(dataset: Any) -> DataScan:
                 f"record {pos} has no 'input_ids' (keys: {sorted(rec)}); tokenize first "
                 "(gradsel_core.data.encode_record) or use `gradsel score --data file.jsonl`"
             )
-        ids_a = as_int_array(rec["input_ids"], f"record {pos}: input_ids")
+        rid = rec.get("id")
+        where = f"record {pos}" + (f" (id {rid!r})" if isinstance(rid, (int, str, np.integer)) else "")
+        check_record_values(rec, where)
+        ids_a = as_int_array(rec["input_ids"], f"{where}: input_ids")
         L = len(ids_a)
         if L == 0:
-            raise ValueError(f"record {pos} has empty input_ids")
+            raise UsageError(f"{where} has empty input_ids (T = 0); drop it or give it at least one token")
+        _check_vocab(ids_a, vocab, f"{where}: input_ids")
         lengths[pos] = L
         h.update(b"R")
         h.update(ids_a.tobytes())
@@ -162,9 +190,11 @@ def scan_dataset(dataset: Any) -> DataScan:
             if v is None:
                 h.update(b"-")
                 continue
-            a = as_int_array(v, f"record {pos}: {key}")
+            a = as_int_array(v, f"{where}: {key}")
             if len(a) != L:
-                raise ValueError(f"record {pos}: {key} has length {len(a)}, input_ids has {L}")
+                raise UsageError(f"{where}: {key} has length {len(a)}, input_ids has {L}")
+            if key == "labels":
+                _check_vocab(a, label_vocab if label_vocab is not None else vocab, f"{where}: labels", labels=True)
             h.update(key.encode())
             h.update(a.tobytes())
         rid = _py_scalar(rec.get("id"))
@@ -227,27 +257,6 @@ def _all_gather(obj: Any, world: int) -> List[Any]:
     return out
 
 
-@contextlib.contextmanager
-def _dir_lock(out_dir: str):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"{out_dir} is being written by another gradsel run (it holds {LOCK_FILE}); wait for it to "
-                "finish or use another directory"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
 # -- helpers ----------------------------------------------------------------------------------------
 
 
@@ -276,116 +285,156 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def _model_vocab(model: nn.Module) -> Tuple[Optional[int], Optional[int]]:
+    """``(input vocab, output vocab)`` of a language model (embedding rows, LM-head rows; else the
+    config's ``vocab_size``); ``None`` when the model does not say."""
+    cfg = getattr(model, "config", None)
+    v = getattr(cfg, "vocab_size", None) if cfg is not None else None
+    v = v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    vin, vout = v, v
+    with contextlib.suppress(Exception):
+        e = model.get_input_embeddings()
+        if isinstance(e, nn.Embedding):
+            vin = e.num_embeddings
+    with contextlib.suppress(Exception):
+        o = model.get_output_embeddings()
+        if isinstance(o, nn.Linear):
+            vout = o.out_features
+    return vin, vout
 
 
-def _validate_existing(out_dir: str, plan: Sequence[PlannedShard], run_key: str, warn: bool = True):
-    """``{plan index: (file, bytes, tensors)}`` of the valid shards present; corrupted or foreign shard
-    files and duplicates are removed (corrupted ones with a warning naming the file)."""
-    found = list_shards(out_dir)
+def _open_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Checks before the lock is taken: ``out_dir`` is a directory (created when missing) that is empty,
+    a store, or (with ``overwrite``) a directory whose files do not clash with the store's."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"out_dir {out_dir} exists and is not a directory; give a directory for the score store")
+    kind, others = classify_dir(out_dir)
+    if kind == "foreign":
+        listing = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        if not overwrite:
+            raise StoreConflictError(
+                f"{out_dir} is not empty and is not a gradsel score store (it holds {listing}); choose a new or "
+                "empty directory, or pass overwrite=True (CLI: --overwrite) to put the store's files next to them "
+                "(gradsel never touches files it did not create)"
+            )
+        clash = [n for n in others if n in (MANIFEST, IDS_FILE, FIELDS_FILE) or SHARD_RE.match(n) or n.startswith(TMP_PREFIX)]
+        if clash:
+            raise StoreConflictError(
+                f"{out_dir}: {', '.join(clash[:5])} would be overwritten, but gradsel did not create "
+                f"{'them' if len(clash) > 1 else 'it'}; move {'them' if len(clash) > 1 else 'it'} away or choose another directory"
+            )
+    elif kind == "v1" and not overwrite:
+        raise StoreConflictError(
+            f"{out_dir} holds a score store of format 1 (written by an older gradsel), whose fingerprint does not "
+            "cover the whole model, so it cannot be resumed (it can still be read: ScoreStore.open, gradsel "
+            "inspect/select). Pass overwrite=True (CLI: --overwrite) to score again into it, or choose another directory."
+        )
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the directory {out_dir}: {e.strerror or e}") from None
+
+
+def _claim_dir(out_dir: str) -> None:
+    """Under the lock: make ``out_dir`` a store of this format (a format-1 store's files are removed:
+    ``_open_out_dir`` only lets one through with ``overwrite``)."""
+    kind, _ = classify_dir(out_dir)
+    if kind == "v1":
+        for name in store_files(out_dir, v1=True):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out_dir, name))
+        log.info("overwrite: removed the format-1 store files in %s", out_dir)
+    if kind != "store":
+        atomic_write(os.path.join(out_dir, MARKER), marker_bytes())
+
+
+def _validate_existing(out_dir: str, plan: Sequence[PlannedShard], run_key: str, found=None):
+    """``{plan index: (file, bytes, tensors)}`` of the valid shards present; corrupted shards, shards
+    that do not fit the plan, and duplicates are removed (with a warning naming the file)."""
+    if found is None:
+        found = scan_shard_files(out_dir)
     valid: Dict[int, Tuple[str, bytes, Dict[str, np.ndarray]]] = {}
     by_index = {sh.index: sh for sh in plan}
-    for idx, names in found.items():
+    for name, idx, data, tensors, meta, err in found:
         sh = by_index.get(idx)
-        for name in names:
-            path = os.path.join(out_dir, name)
-            reason = None
-            try:
-                data = read_bytes(path)
-                tensors, meta = decode_shard(data, path)
-            except StoreError as e:
-                reason = str(e)
-            else:
-                if meta.get("run_key") != run_key:
-                    reason = f"{path}: written by another run (different model/config/data)"
-                elif sh is None or meta.get("start") != sh.start or meta.get("stop") != sh.stop:
-                    reason = f"{path}: does not match the batch plan"
-                elif not np.array_equal(tensors.get("positions"), np.arange(sh.start, sh.stop)):
-                    reason = f"{path}: positions do not cover [{sh.start}, {sh.stop})"
-            if reason is None and idx not in valid:
-                valid[idx] = (name, data, tensors)
-                continue
-            if reason is not None and warn:
-                log.warning("%s; removing it, it will be scored again", reason)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        path = os.path.join(out_dir, name)
+        reason = err
+        if reason is None:
+            if meta.get("run_key") != run_key:
+                reason = f"{path}: written by another run (different model/config/data)"
+            elif sh is None or meta.get("start") != sh.start or meta.get("stop") != sh.stop:
+                reason = f"{path}: does not match the batch plan"
+            elif not np.array_equal(tensors.get("positions"), np.arange(sh.start, sh.stop)):
+                reason = f"{path}: positions do not cover [{sh.start}, {sh.stop})"
+        if reason is None and idx not in valid:
+            valid[idx] = (name, data, tensors)
+            continue
+        if reason is not None:
+            log.warning("%s; removing it, it will be scored again", reason)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     return valid
 
 
-def _identity(fingerprint, config, scan: DataScan) -> Dict[str, Any]:
-    return {
-        "model": fingerprint,
-        "config": config,
-        "data": {"n_records": len(scan), "sha256": scan.sha256, "id_kind": scan.id_kind},
-    }
+def _identity(fingerprint, config, scan: DataScan, source: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    data: Dict[str, Any] = {"n_records": len(scan), "sha256": scan.sha256, "id_kind": scan.id_kind}
+    if source:
+        data["source"] = dict(source)
+    return {"model": fingerprint, "config": config, "data": data}
 
 
 def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, versions) -> Dict[str, Any]:
-    """Rank 0: conflict checks, cleanup, resume validation, side files. Returns what the ranks need."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Rank 0, under the lock: conflict checks, cleanup, resume validation, side files. Returns what the
+    ranks need."""
+    _claim_dir(out_dir)
     remove_temp_files(out_dir)
     try:
         old = read_manifest(out_dir)
-    except StoreError:
-        if not overwrite:
-            raise StoreError(
-                f"{os.path.join(out_dir, MANIFEST)} is corrupted; pass overwrite=True (CLI: --overwrite) to "
-                "start over in this directory"
-            ) from None
+    except StoreError as e:
+        log.warning("%s; rebuilding it from the shards", e)
         old = None
-    if old is not None and not overwrite:
-        old_id = {k: old.get(k) for k in ("model", "config", "data")}
-        diffs = describe_difference(old_id, identity)
-        if diffs:
-            what = sorted({d.split(".")[0] for d in diffs})
-            names = {"model": "model", "config": "scoring config", "data": "dataset"}
-            raise StoreConflictError(
-                f"{out_dir} already holds scores of a different {' and '.join(names[w] for w in what)} "
-                f"(differs in: {', '.join(diffs[:8])}{', ...' if len(diffs) > 8 else ''}). Pass overwrite=True "
-                "(CLI: --overwrite) to replace them, or choose another directory."
-            )
+    found = scan_shard_files(out_dir)
+    if not overwrite:
+        if old is not None and old["run_key"] != run_key:
+            raise StoreConflictError(conflict_message(out_dir, {k: old.get(k) for k in IDENTITY_KEYS}, identity))
+        for name, _, _, _, meta, err in found:
+            if err is None and meta.get("run_key") != run_key:
+                other = meta.get("identity")
+                if isinstance(other, dict):
+                    raise StoreConflictError(conflict_message(out_dir, other, identity, where=f" (in {name})"))
+                raise StoreConflictError(
+                    f"{out_dir}: {name} holds scores of another run (model, config or data); pass overwrite=True "
+                    "(CLI: --overwrite) to replace them, or choose another directory")
     if overwrite or not resume:
         removed = store_files(out_dir)
         for name in removed:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out_dir, name))
-            except OSError:
-                pass
-        old = None
+        old, found = None, []
         if removed:
             log.info("%s: removed the previous store files in %s", "overwrite" if overwrite else "no resume", out_dir)
-    if old is not None and old.get("complete") and resume:
+    if old is not None and old["complete"] and resume:
         try:
             ScoreStore.open(out_dir, verify=True)
             return {"complete": True, "done": [sh.index for sh in plan]}
         except StoreError as e:
             log.warning("%s; repairing the store", e)
-    valid = _validate_existing(out_dir, plan, run_key)
-    ids_doc = json_bytes({"kind": scan.id_kind, "ids": scan.ids})
-    files = {IDS_FILE: sha256_bytes(ids_doc)}
-    atomic_write(os.path.join(out_dir, IDS_FILE), ids_doc)
+    valid = _validate_existing(out_dir, plan, run_key, found)
+    side: Dict[str, Tuple[str, int]] = {}
+    docs = [(IDS_FILE, json_bytes({"kind": scan.id_kind, "ids": scan.ids}))]
     if scan.fields:
-        fields_doc = json_bytes(scan.fields)
-        files[FIELDS_FILE] = sha256_bytes(fields_doc)
-        atomic_write(os.path.join(out_dir, FIELDS_FILE), fields_doc)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "run_key": run_key,
-        **identity,
-        "counts": {"records": len(scan), "shards_planned": len(plan)},
-        "files": files,
-        "versions": versions,
-        "created": (old or {}).get("created") or _now(),
-    }
+        docs.append((FIELDS_FILE, json_bytes(scan.fields)))
+    for name, doc in docs:
+        side[name] = (sha256_bytes(doc), len(doc))
+        atomic_write(os.path.join(out_dir, name), doc)
+    if not scan.fields and os.path.exists(os.path.join(out_dir, FIELDS_FILE)):
+        os.unlink(os.path.join(out_dir, FIELDS_FILE))  # ours (the directory is a store): stale from a replaced run
+    created = (old or {}).get("created") or now()
+    manifest = build_manifest(identity, run_key, len(scan), len(plan), side, versions, created)
     atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
     if valid:
         log.info("resuming %s: %d of %d shards already scored", out_dir, len(valid), len(plan))
-    return {"complete": False, "done": sorted(valid), "files": files, "created": manifest["created"]}
+    return {"complete": False, "done": sorted(valid), "side": side, "created": created}
 
 
 def _merge(out_dir, plan, run_key, identity, scan, prep, versions, info) -> ScoreStore:
@@ -394,39 +443,20 @@ def _merge(out_dir, plan, run_key, identity, scan, prep, versions, info) -> Scor
     missing = [sh.index for sh in plan if sh.index not in valid]
     if missing:
         raise StoreError(f"{out_dir}: shards {missing[:10]} are missing after the run; rerun to finish them")
+    shards = []
     parts: Dict[str, List[np.ndarray]] = {}
-    entries = []
     for sh in plan:
         name, data, tensors = valid[sh.index]
-        entries.append({"file": name, "index": sh.index, "start": sh.start, "count": sh.size, "sha256": sha256_bytes(data)})
+        shards.append(({"file": name, "index": sh.index, "start": sh.start, "count": sh.size,
+                        "batches": len(sh.batches)}, data, tensors))
         for k, v in tensors.items():
             parts.setdefault(k, []).append(v)
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-    z = np.zeros(0, dtype=np.float32)
-    stats = summarize(cat.get("norms", z), cat.get("losses", z), cat.get("tokens", np.zeros(0, dtype=np.int64)))
-    counts = {
-        "records": len(scan),
-        "shards_planned": len(plan),
-        "shards": len(plan),
-        "batches": sum(len(sh.batches) for sh in plan),
-        **{k: stats[k] for k in ("nan_norms", "inf_norms", "nan_losses", "inf_losses", "nonfinite", "tokens")},
-    }
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": True,
-        "run_key": run_key,
-        **identity,
-        "counts": counts,
-        "summary": {k: (v if math.isfinite(v) else None) if isinstance(v, float) else v for k, v in stats.items()},
-        "files": prep["files"],
-        "shards": entries,
-        "versions": versions,
-        "run": info,
-        "created": prep["created"],
-        "finished": _now(),
-    }
+    manifest = build_manifest(identity, run_key, len(scan), len(plan), prep["side"], versions, prep["created"],
+                              shards=shards, run=info)
     atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
+    if manifest["counts"]["nonfinite"]:
+        log.warning("%s: NaN/inf: %d records have a non-finite loss or norm (stored as such, counted in "
+                    "store.meta['counts'])", out_dir, manifest["counts"]["nonfinite"])
     ids_doc = {"kind": scan.id_kind, "ids": scan.ids}
     return ScoreStore.from_parts(out_dir, manifest, parts, ids_doc, scan.fields)
 
@@ -509,6 +539,7 @@ def score_dataset(
     pad_id: Optional[int] = None,
     chunk_size: Optional[int] = None,
     loss_reduction: str = "mean",
+    source: Optional[Mapping[str, Any]] = None,
 ) -> ScoreStore:
     """Score every record of ``dataset`` into the score store ``out_dir`` and return it.
 
@@ -525,6 +556,13 @@ def score_dataset(
         overwrite: replace a store of another model/config/dataset in ``out_dir``.
         shard_size: records per shard, which is also the length-bucketing window (``64 * batch_size``).
         pad_id: padding id (default: the model config's ``pad_token_id``, else 0).
+        source: how the records were made, e.g. ``{"tokenizer": tokenizer_fingerprint(tok), "max_length":
+            512}`` (JSON values): part of the store's identity, so a store made another way is refused.
+
+    ``overwrite`` also lets a non-empty directory that is not a store be used (the store's files are
+    put next to the others; a file of the same name as one of the store's is refused). Without it only
+    an empty directory or a store of the same identity is written to. The returned store's ``run`` says
+    what this call did (``records_scored``, ``tokens_scored``, ``elapsed_s``, ``scoring_s``).
 
     NaN/inf losses and norms are stored as such and counted in ``store.meta["counts"]``.
     Under ``torch.distributed`` every rank must call this with the same arguments (see module doc).
@@ -534,7 +572,8 @@ def score_dataset(
     engine = GradNormEngine(
         model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction
     )
-    scan = scan_dataset(dataset)
+    vocab_in, vocab_out = _model_vocab(model)
+    scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out)
     window = shard_size if shard_size is not None else (64 * batch_size if batch_size is not None else 4096)
     plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0)
     device = _model_device(model)
@@ -555,9 +594,11 @@ def score_dataset(
         "pad_id": pad,
         "chunk_size": chunk_size,
         "loss_reduction": loss_reduction,
+        "loss": {"kind": "causal_lm_cross_entropy", "shift": 1, "ignore_index": IGNORE_INDEX,
+                 "reduction": loss_reduction},
     }
     fingerprint = model_fingerprint(model, engine.params)
-    identity = _identity(fingerprint, config, scan)
+    identity = _identity(fingerprint, config, scan, source)
     run_key = canonical_hash(identity)
     keys = _all_gather(run_key, world)
     if len(set(keys)) > 1:
@@ -573,10 +614,8 @@ def score_dataset(
         prep: Any
         if rank == 0:
             try:
-                if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-                    raise NotADirectoryError(f"out_dir {out_dir} exists and is not a directory")
-                os.makedirs(out_dir, exist_ok=True)
-                stack.enter_context(_dir_lock(out_dir))
+                _open_out_dir(out_dir, overwrite)
+                stack.enter_context(dir_lock(out_dir))
                 prep = _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, versions)
             except Exception as e:
                 _broadcast({"error": f"{type(e).__name__}: {e}"}, world)
@@ -587,15 +626,22 @@ def score_dataset(
             if "error" in prep:
                 raise RuntimeError(f"rank 0 failed: {prep['error']}")
 
+        run = {"world_size": world, "device": str(device), "backend_used": resolved, "records_total": len(scan),
+               "records_scored": 0, "shards_scored": 0, "tokens_scored": 0, "scoring_s": 0.0}
         if prep["complete"]:
             store = ScoreStore.open(out_dir, verify=False)  # rank 0 has just verified it
+            run["elapsed_s"] = round(time.perf_counter() - t_start, 3)
+            store.run = run
             if rank == 0:
-                log.info("%s is complete already (%d records); nothing to score", out_dir, len(store))
+                log.debug("%s is complete already (%d records); nothing to score", out_dir, len(store))
             return store
 
         done = set(prep["done"])
         todo = [sh for sh in plan if sh.index not in done]
         mine = todo[rank::world]
+        run["records_scored"] = int(sum(sh.size for sh in todo))
+        run["shards_scored"] = len(todo)
+        run["tokens_scored"] = int(sum(int(scan.lengths[sh.start:sh.stop].sum()) for sh in todo))
         bar = None
         if progress and rank == 0:
             from tqdm.auto import tqdm
@@ -606,10 +652,13 @@ def score_dataset(
             )
         clock = {"t0": time.perf_counter(), "tokens": 0}
         batches = _Batches(scan.source, pad, device)
+        header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": len(scan),
+                  "shards_planned": len(plan), "side_files": {k: v[0] for k, v in prep["side"].items()},
+                  "versions": versions, "rank": rank}
         try:
             for sh in mine:
                 out = _score_shard(engine, sh, batches, scan.lengths, bar, clock)
-                meta = {"run_key": run_key, "index": sh.index, "start": sh.start, "stop": sh.stop, "rank": rank}
+                meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches)}
                 atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
         finally:
             batches.close()
@@ -617,30 +666,23 @@ def score_dataset(
                 bar.close()
         if world > 1:
             torch.distributed.barrier()
+        run["scoring_s"] = round(time.perf_counter() - clock["t0"], 3)
 
-        info = {
-            "world_size": world,
-            "device": str(device),
-            "backend_used": resolved,
-            "shards_scored_last_run": len(todo),
-            "elapsed_s_last_run": round(time.perf_counter() - t_start, 3),
-        }
         if rank == 0:
             try:
-                store = _merge(out_dir, plan, run_key, identity, scan, prep, versions, info)
+                run["elapsed_s"] = round(time.perf_counter() - t_start, 3)
+                store = _merge(out_dir, plan, run_key, identity, scan, prep, versions, run)
             except Exception as e:
                 _broadcast({"error": f"{type(e).__name__}: {e}"}, world)
                 raise
             _broadcast({"ok": True}, world)
-            s = store.meta["counts"]
-            summ = store.summary()
-            log.info(
-                "scored %d records into %s (%d shards new) in %.1f s; NaN/inf: %d; norm mean %.4g, median %.4g",
-                len(store), out_dir, len(todo), time.perf_counter() - t_start, s["nonfinite"],
-                summ["norm_mean"], summ["norm_median"],
-            )
+            store.run = run
+            log.debug("scored %d of %d records into %s in %.1f s", run["records_scored"], len(store), out_dir,
+                      run["elapsed_s"])
             return store
         status = _broadcast(None, world)
         if "error" in status:
             raise RuntimeError(f"rank 0 failed to write the manifest: {status['error']}")
-        return ScoreStore.open(out_dir, verify=False)
+        store = ScoreStore.open(out_dir, verify=False)
+        store.run = run
+        return store

@@ -1,55 +1,76 @@
 """The score store: a directory of safetensors shards, JSON side files and a ``manifest.json``.
 
-Layout of ``out_dir``::
+Layout of ``out_dir`` (format 2)::
 
-    manifest.json                     format, model fingerprint, scoring config, data hash, counts,
-                                      package versions, and the sha256 of every file below
+    .gradsel-store                    marker: this directory is a score store (gradsel touches only its own
+                                      files, and only in a directory holding this marker)
+    manifest.json                     format, identity (model fingerprint, scoring config, data and
+                                      tokenizer), counts, package versions, and the sha256 and size of
+                                      every file below
     ids.json                          {"kind": "int"|"str", "ids": [...]} in dataset order
     fields.json                       metadata columns {name: [value per record]} (only when any)
     shard-000000-r0.safetensors       one shard per plan window (dataset positions [start, stop)),
     shard-000001-r1.safetensors       tagged with the rank that scored it; tensors: positions (int64),
     ...                               norms, losses (float32), tokens (int64), pp.<param> (float32,
                                       squared per-parameter norms, with per_param=True)
+    .gradsel-lock                     flock'ed by the run writing the store
+    .gradsel-tmp-*                    partial files of a writer that was killed (removed on resume)
 
 Every file is written atomically (temp file in the same directory, fsync, ``os.replace``). Each shard's
-safetensors header carries the run key (model + config + data identity) and a sha256 of its tensor
-payload, so a resumed run can validate shards before a manifest lists them; the manifest then holds
-each file's whole-file sha256, checked by :meth:`ScoreStore.open`. Nothing is ever unpickled.
+safetensors header carries the run's whole identity, its run key (a hash of the identity), the sha256 of
+the side files and of its own tensor payload, so a shard is self-describing: a resumed run validates
+shards before a manifest lists them, and a lost or corrupted manifest is rebuilt from the shards
+(:func:`repair_store`, ``gradsel repair DIR``). Shards are written with a fixed layout (sorted header keys,
+sorted tensors), so identical runs give byte-identical shard files. Nothing is ever unpickled, and only
+plain file names inside the store, of regular files of the recorded size, are read.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import struct
+import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .errors import GradselError
+
 log = logging.getLogger(__name__)
 
 FORMAT = "gradsel-score-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 IDS_FILE = "ids.json"
 FIELDS_FILE = "fields.json"
-LOCK_FILE = ".lock"
+MARKER = ".gradsel-store"
+LOCK_FILE = ".gradsel-lock"
+TMP_PREFIX = ".gradsel-tmp-"
 SHARD_RE = re.compile(r"^shard-(\d{6,})-r(\d+)\.safetensors$")
-TMP_MARK = ".tmp-"
+# temp files of format-1 writers (".NAME.tmp-PID-XXXXXXXX"), removed only when replacing a format-1 store
+V1_TMP_RE = re.compile(r"^\.(manifest\.json|ids\.json|fields\.json|shard-\d{6,}-r\d+\.safetensors)\.tmp-\d+-[0-9a-f]{8}$")
+V1_LOCK = ".lock"
 PP_PREFIX = "pp."
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_HEADER = 100_000_000
 
 
-class StoreError(RuntimeError):
-    """A score store is unreadable: a missing, truncated or corrupted file (named in the message)."""
+class StoreError(GradselError, RuntimeError):
+    """A score store is unreadable or busy: a missing, truncated or corrupted file (named in the message)."""
 
 
-class StoreConflictError(RuntimeError):
-    """``out_dir`` holds scores of another model, config or dataset."""
+class StoreConflictError(GradselError, RuntimeError):
+    """``out_dir`` holds scores of another model, config or dataset, or files that are not a store's."""
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -73,20 +94,23 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+    """Write ``data`` to ``path`` atomically: temp file ``.gradsel-tmp-*`` in the same directory, fsync,
+    ``os.replace``. A write error names the file."""
     d, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(d, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = os.path.join(d, f"{TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, GradselError):
+            raise StoreError(f"cannot write {path}: {e.strerror or e} (is the directory writable, is the disk full?)") from e
         raise
     fsync_dir(d)
 
@@ -104,11 +128,50 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def remove_temp_files(out_dir: str) -> int:
-    """Remove temp files left by killed writers; returns how many."""
+def check_plain_name(out_dir: str, name: Any, what: str = "file") -> str:
+    """``os.path.join(out_dir, name)`` when ``name`` is a plain file name (no directory part, not ``..``);
+    ``StoreError`` otherwise (the name is never followed)."""
+    bad = (
+        not isinstance(name, str) or not name or name in (".", "..") or "\x00" in name or "/" in name
+        or (os.altsep is not None and os.altsep in name) or os.sep in name or os.path.basename(name) != name
+    )
+    if bad:
+        raise StoreError(
+            f"{os.path.join(out_dir, MANIFEST)}: {what} name {name!r} is not a plain file name inside the store; "
+            f"the manifest was edited or forged (run `gradsel repair {out_dir}` to rebuild it from the shards)"
+        )
+    return os.path.join(out_dir, name)
+
+
+def read_store_file(out_dir: str, name: Any, size: Optional[int] = None, pattern: Optional[re.Pattern] = None) -> bytes:
+    """The bytes of the store's file ``name``: a plain name (matching ``pattern``), a regular file (not a
+    link, device or directory), of ``size`` bytes when given; all checked before a byte is read."""
+    path = check_plain_name(out_dir, name)
+    if pattern is not None and not pattern.match(name):
+        raise StoreError(f"{os.path.join(out_dir, MANIFEST)}: {name!r} is not a shard file name (shard-NNNNNN-rR.safetensors)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing file listed in the manifest") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: not a regular file (a link, directory or device); the store only reads its own files")
+    if size is not None and st.st_size != size:
+        raise StoreError(f"{path}: {st.st_size} bytes, the manifest records {size}: truncated or replaced")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(st.st_size + 1)
+    if len(data) != st.st_size:
+        raise StoreError(f"{path}: changed size while being read")
+    return data
+
+
+def remove_temp_files(out_dir: str, v1: bool = False) -> int:
+    """Remove partial temp files left by killed writers (``.gradsel-tmp-*``; with ``v1`` also a format-1
+    writer's); returns how many."""
     n = 0
     for name in os.listdir(out_dir):
-        if TMP_MARK in name:
+        if name.startswith(TMP_PREFIX) or (v1 and V1_TMP_RE.match(name)):
             try:
                 os.unlink(os.path.join(out_dir, name))
                 n += 1
@@ -124,27 +187,108 @@ def shard_name(index: int, rank: int) -> str:
 
 
 def list_shards(out_dir: str) -> Dict[int, List[str]]:
-    """``{plan index: [file names]}`` of the shard files present."""
+    """``{plan index: [file names]}`` of the shard files present (regular files only)."""
     found: Dict[int, List[str]] = {}
     for name in sorted(os.listdir(out_dir)):
         m = SHARD_RE.match(name)
-        if m:
+        if m and os.path.isfile(os.path.join(out_dir, name)) and not os.path.islink(os.path.join(out_dir, name)):
             found.setdefault(int(m.group(1)), []).append(name)
     return found
 
 
-def store_files(out_dir: str) -> List[str]:
-    """Every file of ours in ``out_dir`` (what ``overwrite`` removes); the manifest last."""
+def store_files(out_dir: str, v1: bool = False) -> List[str]:
+    """Every file of the store in ``out_dir`` (what ``overwrite`` removes; not the marker); the manifest
+    last."""
     names = []
     for name in sorted(os.listdir(out_dir)):
-        if SHARD_RE.match(name) or name in (IDS_FILE, FIELDS_FILE) or TMP_MARK in name:
+        if SHARD_RE.match(name) or name in (IDS_FILE, FIELDS_FILE) or name.startswith(TMP_PREFIX):
+            names.append(name)
+        elif v1 and V1_TMP_RE.match(name):
             names.append(name)
     if os.path.exists(os.path.join(out_dir, MANIFEST)):
         names.append(MANIFEST)
     return names
 
 
+# -- the directory ---------------------------------------------------------------------------------
+
+
+def marker_bytes() -> bytes:
+    return json_bytes({"format": FORMAT, "format_version": FORMAT_VERSION,
+                       "note": "a gradsel score store; gradsel creates, replaces and removes only its own files here"})
+
+
+def is_store_dir(path: str) -> bool:
+    """Whether ``path`` is (or is inside) a score store: a marker file, or a format-1 manifest."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return True
+    try:
+        return read_manifest(path) is not None
+    except StoreError:
+        return False
+
+
+def classify_dir(out_dir: str) -> Tuple[str, List[str]]:
+    """``(kind, other files)``; kind: ``"missing"``, ``"empty"``, ``"store"`` (marker), ``"v1"`` (a store of
+    format 1, without marker) or ``"foreign"`` (a non-empty directory that is not a store)."""
+    if not os.path.exists(out_dir):
+        return "missing", []
+    names = [n for n in sorted(os.listdir(out_dir)) if n != LOCK_FILE]
+    if MARKER in names:
+        return "store", []
+    if not names:
+        return "empty", []
+    mpath = os.path.join(out_dir, MANIFEST)
+    if os.path.isfile(mpath):
+        try:
+            m = json.loads(read_bytes(mpath).decode("utf-8"))
+        except (ValueError, OSError):
+            m = None
+        if isinstance(m, dict) and m.get("format") == FORMAT:  # a store whose marker was lost: by its version
+            v = m.get("format_version", 1)
+            return ("v1" if isinstance(v, int) and v < 2 else "store"), names
+    for name in names:
+        if SHARD_RE.match(name) and os.path.isfile(os.path.join(out_dir, name)):
+            with contextlib.suppress(Exception):
+                _, meta = decode_shard(read_store_file(out_dir, name), name)
+                return "v1" if int(meta.get("format_version", 1)) < 2 else "store", names
+    return "foreign", names
+
+
+@contextlib.contextmanager
+def dir_lock(out_dir: str) -> Iterator[None]:
+    """Hold ``out_dir/.gradsel-lock`` (flock); ``StoreError`` when another run holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = os.path.join(out_dir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"cannot create {path}: {e.strerror or e} (is the directory writable?)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                f"{out_dir} is being written by another gradsel run (it holds {LOCK_FILE}); wait for it to "
+                "finish or use another directory"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 # -- shards -----------------------------------------------------------------------------------------
+
+ST_DTYPES = {
+    np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+}
 
 
 def payload_hash(tensors: Mapping[str, np.ndarray]) -> str:
@@ -159,22 +303,38 @@ def payload_hash(tensors: Mapping[str, np.ndarray]) -> str:
 
 
 def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    """safetensors bytes with ``meta`` (JSON under ``"gradsel"``) and the payload hash in the header."""
-    from safetensors.numpy import save
+    """safetensors bytes with ``meta`` (JSON under ``"gradsel"``) and the payload hash in the header.
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    header = {"gradsel": json.dumps(dict(meta), sort_keys=True), "payload_sha256": payload_hash(tensors)}
-    return save(tensors, metadata=header)
+    The layout is fixed (header keys sorted, tensors in name order, no whitespace but the padding to 8
+    bytes), so the same tensors and metadata always give the same bytes."""
+    meta_json = json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    header: Dict[str, Any] = {
+        "__metadata__": {"gradsel": meta_json, "gradsel_sha256": sha256_bytes(meta_json.encode("utf-8")),
+                         "payload_sha256": payload_hash(tensors)}
+    }
+    chunks = []
+    offset = 0
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(tensors[k])
+        if a.dtype not in ST_DTYPES:
+            raise TypeError(f"shard tensor {k!r}: dtype {a.dtype} cannot be stored")
+        b = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[k] = {"dtype": ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+        chunks.append(b)
+        offset += len(b)
+    h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(chunks)
 
 
 def read_header_metadata(data: bytes) -> Dict[str, str]:
     if len(data) < 8:
         raise ValueError("file shorter than a safetensors header")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 100_000_000:
+    if n > len(data) - 8 or n > MAX_HEADER:
         raise ValueError("header length beyond the end of the file")
     header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    meta = header.get("__metadata__") or {}
+    meta = header.get("__metadata__") or {} if isinstance(header, dict) else None
     if not isinstance(meta, dict):
         raise ValueError("bad __metadata__")
     return meta
@@ -195,57 +355,136 @@ def decode_shard(data: bytes, name: str = "<shard>") -> Tuple[Dict[str, np.ndarr
         raise StoreError(f"{name}: not a gradsel shard (no checksum in its header)")
     if payload_hash(tensors) != want:
         raise StoreError(f"{name}: checksum mismatch: the shard is corrupted")
+    meta_sha = hdr.get("gradsel_sha256")
+    if meta_sha is not None and sha256_bytes(hdr["gradsel"].encode("utf-8")) != meta_sha:
+        raise StoreError(f"{name}: checksum mismatch in the header metadata: the shard is corrupted")
     try:
         meta = json.loads(hdr["gradsel"])
     except json.JSONDecodeError:
         raise StoreError(f"{name}: corrupted header metadata") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{name}: corrupted header metadata")
+    if meta_sha is None and meta.get("format_version", 1) != 1:
+        raise StoreError(f"{name}: no checksum of the header metadata: the shard is corrupted")
     return tensors, meta
 
 
-# -- model fingerprint ------------------------------------------------------------------------------
+# -- fingerprints -----------------------------------------------------------------------------------
 
 
-def tensor_bytes_hash(h: "hashlib._Hash", t: torch.Tensor) -> None:
+def _tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (any dtype, any device; copied to the CPU when needed)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
+    h = hashlib.sha256()
     if t.numel():
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
+        if t.dtype == torch.bool:
+            t = t.to(torch.uint8)
+        h.update(t.view(torch.uint8).numpy())  # a view: no copy of the bytes
+    return h.hexdigest()
+
+
+def hash_state(model: torch.nn.Module, threads: Optional[int] = None) -> Tuple[str, Dict[str, int]]:
+    """``(sha256, {dtype: numel})`` over every parameter and buffer of ``model``: names, kinds, dtypes,
+    shapes and the sha256 of each tensor's raw bytes, in module order. Exact (a change of any byte changes
+    it); tensors are hashed in parallel threads (hashlib releases the GIL)."""
+    entries: List[Tuple[str, str, torch.Tensor]] = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        entries.append(("p", name, p))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        if b is not None:
+            entries.append(("b", name, b))
+    unique = list({id(t): t for _, _, t in entries}.values())  # a tied weight is hashed once, named twice
+    threads = threads or min(8, os.cpu_count() or 1)
+    if threads > 1 and len(unique) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            digests = dict(zip(map(id, unique), pool.map(_tensor_digest, unique)))
+    else:
+        digests = {id(t): _tensor_digest(t) for t in unique}
+    h = hashlib.sha256()
+    dtypes: Dict[str, int] = {}
+    for kind, name, t in entries:
+        d = digests[id(t)]
+        dt = str(t.dtype).replace("torch.", "")
+        h.update(f"{kind}\x00{name}\x00{dt}\x00{tuple(t.shape)}\x00{d}\n".encode("utf-8"))
+        dtypes[dt] = dtypes.get(dt, 0) + int(t.numel())
+    return h.hexdigest(), dict(sorted(dtypes.items()))
 
 
 def model_fingerprint(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """Names, shapes and dtypes of the selected parameters, a sha256 over their bytes (in order), and a
-    hash of the whole model's parameter structure (names, shapes, dtypes)."""
-    h = hashlib.sha256()
-    spec = []
-    for name, p in params.items():
-        spec.append({"name": name, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", "")})
-        h.update(name.encode("utf-8"))
-        tensor_bytes_hash(h, p)
+    """What the scores depend on in the model: the selected parameters (names, shapes, dtypes), a sha256
+    over the bytes of *every* parameter and buffer (frozen ones and a LoRA adapter's base included), the
+    dtypes, and a hash of the parameter structure."""
+    spec = [{"name": name, "shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", "")} for name, p in params.items()]
+    content, dtypes = hash_state(model)
     structure = [[n, list(p.shape), str(p.dtype)] for n, p in model.named_parameters()]
     return {
         "class": type(model).__name__,
         "params": spec,
         "n_selected": int(sum(p.numel() for p in params.values())),
         "n_total": int(sum(p.numel() for _, p in model.named_parameters())),
-        "content_sha256": h.hexdigest(),
+        "dtypes": dtypes,
+        "content_sha256": content,
         "structure_sha256": canonical_hash(structure),
     }
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> Optional[Dict[str, Any]]:
+    """What the token ids depend on in a tokenizer: its class, a hash of its whole definition (the fast
+    tokenizer's JSON, else its vocabulary), its special tokens and their ids, and its chat template."""
+    if tokenizer is None:
+        return None
+    out: Dict[str, Any] = {"class": type(tokenizer).__name__}
+    definition = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        with contextlib.suppress(Exception):
+            definition = backend.to_str()
+    if definition is None and hasattr(tokenizer, "get_vocab"):
+        with contextlib.suppress(Exception):
+            definition = json.dumps(sorted((str(k), int(v)) for k, v in tokenizer.get_vocab().items()))
+    if definition is None:  # e.g. ByteTokenizer: the class and its sizes define it
+        definition = json.dumps({"vocab_size": getattr(tokenizer, "vocab_size", None)})
+    out["definition_sha256"] = sha256_bytes(definition.encode("utf-8"))
+    specials: Dict[str, Any] = {}
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token"):
+        for suffix, key in (("", attr), ("_id", attr + "_id")):
+            v = getattr(tokenizer, attr + suffix, None) if suffix else getattr(tokenizer, attr, None)
+            if isinstance(v, (str, int)) and not isinstance(v, bool):
+                specials[key] = v
+    extra = getattr(tokenizer, "added_tokens_encoder", None)
+    if isinstance(extra, Mapping):
+        specials["added_tokens"] = sorted((str(k), int(v)) for k, v in extra.items())
+    out["special_tokens"] = specials
+    for attr in ("add_bos_token", "add_eos_token", "padding_side", "truncation_side"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, (bool, str)):
+            out[attr] = v
+    tmpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tmpl, str):
+        out["chat_template_sha256"] = sha256_bytes(tmpl.encode("utf-8"))
+    return out
 
 
 # -- columns ----------------------------------------------------------------------------------------
 
 
+def _fits_int64(v: Any) -> bool:
+    return INT64_MIN <= v <= INT64_MAX
+
+
 def column_array(values: List[Any]) -> np.ndarray:
-    """A metadata column as numpy: ints -> int64, numbers (None -> nan) -> float64, bools -> bool,
-    anything else (strings, mixed) -> object."""
+    """A metadata column as numpy: ints -> int64 (object when one does not fit), numbers (None -> nan)
+    -> float64, bools -> bool, anything else (strings, mixed) -> object."""
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, bool) for v in present) and len(present) == len(values):
         return np.asarray(values, dtype=bool)
-    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present) and len(present) == len(values):
+    ints = present and all(isinstance(v, int) and not isinstance(v, bool) for v in present)
+    if ints and len(present) == len(values) and all(_fits_int64(v) for v in present):
         return np.asarray(values, dtype=np.int64)
-    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+    if present and not ints and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
         return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
     arr = np.empty(len(values), dtype=object)
     arr[:] = values
@@ -260,6 +499,100 @@ def ids_array(kind: str, ids: List[Any]) -> np.ndarray:
     return arr
 
 
+# -- manifest and side files: validation ------------------------------------------------------------
+
+
+def _repair_hint(out_dir: str) -> str:
+    return f"run `gradsel repair {out_dir}` to rebuild it from the shards"
+
+
+def _require(doc: Mapping[str, Any], key: str, types, path: str, hint: str, prefix: str = "") -> Any:
+    if key not in doc:
+        raise StoreError(f"{path}: key '{prefix}{key}' is missing; {hint}")
+    v = doc[key]
+    ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)))
+    if not ok:
+        want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise StoreError(f"{path}: key '{prefix}{key}' must be {want}, got {type(v).__name__}; {hint}")
+    return v
+
+
+def validate_manifest(manifest: Any, out_dir: str) -> Dict[str, Any]:
+    """The manifest when every key the reader uses is present with the right type; ``StoreError`` naming
+    the key otherwise."""
+    path = os.path.join(out_dir, MANIFEST)
+    hint = _repair_hint(out_dir)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a gradsel score store manifest")
+    version = _require(manifest, "format_version", int, path, hint)
+    if version > FORMAT_VERSION:
+        raise StoreError(f"{path}: format version {version} is newer than this gradsel reads ({FORMAT_VERSION}); upgrade gradsel")
+    if version not in READABLE_VERSIONS:
+        raise StoreError(f"{path}: format version {version} is not readable by this gradsel")
+    _require(manifest, "complete", bool, path, hint)
+    _require(manifest, "run_key", str, path, hint)
+    for key in ("model", "config", "data", "counts", "files"):
+        _require(manifest, key, dict, path, hint)
+    counts = manifest["counts"]
+    for key in ("records", "shards_planned"):
+        if _require(counts, key, int, path, hint, "counts.") < 0:
+            raise StoreError(f"{path}: counts.{key} is negative; {hint}")
+    for name, sha in manifest["files"].items():
+        if not isinstance(sha, str):
+            raise StoreError(f"{path}: files[{name!r}] must be a sha256 string; {hint}")
+    _require(manifest["config"], "per_param", bool, path, hint, "config.")
+    if manifest["config"]["per_param"]:
+        params = _require(manifest["model"], "params", list, path, hint, "model.")
+        if not all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in params):
+            raise StoreError(f"{path}: model.params must be a list of {{'name': ...}}; {hint}")
+    if manifest["complete"]:
+        shards = _require(manifest, "shards", list, path, hint)
+        for i, sh in enumerate(shards):
+            if not isinstance(sh, dict):
+                raise StoreError(f"{path}: shards[{i}] must be an object; {hint}")
+            for key, types in (("file", str), ("sha256", str), ("index", int), ("start", int), ("count", int)):
+                _require(sh, key, types, path, hint, f"shards[{i}].")
+            if version >= 2:
+                _require(sh, "size", int, path, hint, f"shards[{i}].")
+        if version >= 2:
+            sizes = _require(manifest, "file_sizes", dict, path, hint)
+            for name in manifest["files"]:
+                if not isinstance(sizes.get(name), int):
+                    raise StoreError(f"{path}: file_sizes[{name!r}] must be an int; {hint}")
+    return manifest
+
+
+def parse_ids(data: bytes, path: str, n: int) -> Dict[str, Any]:
+    """``{"kind", "ids"}`` of ``ids.json`` when well-formed (``n`` ids of one kind, ints in int64)."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: malformed ids file ({e}); rerun the same `gradsel score` command to rewrite it") from None
+    kind = doc.get("kind") if isinstance(doc, dict) else None
+    ids = doc.get("ids") if isinstance(doc, dict) else None
+    if kind not in ("int", "str") or not isinstance(ids, list):
+        raise StoreError(f"{path}: malformed ids file (needs {{'kind': 'int'|'str', 'ids': [...]}}); rerun the same "
+                         "`gradsel score` command to rewrite it")
+    if len(ids) != n:
+        raise StoreError(f"{path}: {len(ids)} ids for {n} records; rerun the same `gradsel score` command to rewrite it")
+    for i, v in enumerate(ids):
+        ok = (isinstance(v, int) and not isinstance(v, bool) and _fits_int64(v)) if kind == "int" else isinstance(v, str)
+        if not ok:
+            raise StoreError(f"{path}: id {i} ({v!r}) is not a{' 64-bit int' if kind == 'int' else ' str'}; "
+                             "rerun the same `gradsel score` command to rewrite it")
+    return doc
+
+
+def parse_fields(data: bytes, path: str, n: int) -> Dict[str, List[Any]]:
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise StoreError(f"{path}: malformed fields file ({e})") from None
+    if not isinstance(doc, dict) or not all(isinstance(v, list) and len(v) == n for v in doc.values()):
+        raise StoreError(f"{path}: malformed fields file (needs {{name: [one value per record]}})")
+    return doc
+
+
 # -- the store --------------------------------------------------------------------------------------
 
 
@@ -269,7 +602,8 @@ class ScoreStore:
 
     ``ids`` (int64, or object array of str), ``norms``/``losses`` (float32), ``tokens`` (int64),
     ``per_param`` (``{name: float32 squared norms}`` or ``None``), ``fields`` (metadata columns recorded
-    from the records, e.g. ``fields["task"]``), ``meta`` (the manifest), ``path``.
+    from the records, e.g. ``fields["task"]``), ``meta`` (the manifest), ``path``; ``run``: what the
+    :func:`score_dataset` call that returned it did (records and tokens scored, times; empty from ``open``).
     """
 
     path: str
@@ -280,6 +614,7 @@ class ScoreStore:
     per_param: Optional[Dict[str, np.ndarray]]
     fields: Dict[str, np.ndarray]
     meta: Dict[str, Any]
+    run: Dict[str, Any] = field(default_factory=dict)  # what the score_dataset call that returned it did
 
     def __len__(self) -> int:
         return int(self.norms.shape[0])
@@ -290,46 +625,52 @@ class ScoreStore:
     # -- reading ----------------------------------------------------------------------------------
     @classmethod
     def open(cls, out_dir: str, verify: bool = True) -> "ScoreStore":
-        """Load a finished store. Checks every file's sha256 against the manifest (``verify``) and the
+        """Load a finished store. Every file is checked before it is read (a plain name inside the store,
+        a regular file of the recorded size), then its sha256 against the manifest (``verify``), and the
         shards' coverage of the dataset; errors name the offending file."""
+        out_dir = os.fspath(out_dir)
+        if not os.path.isdir(out_dir):
+            raise StoreError(f"{out_dir}: not a directory (a score store is a directory)")
         manifest = read_manifest(out_dir)
         if manifest is None:
+            if list_shards(out_dir):
+                raise StoreError(f"{out_dir}: no {MANIFEST} but shards are present; {_repair_hint(out_dir)}")
             raise StoreError(f"{out_dir}: no {MANIFEST}; not a score store (or its run never started)")
         if not manifest.get("complete"):
             done = len(list_shards(out_dir))
-            total = manifest.get("counts", {}).get("shards_planned", "?")
+            total = manifest["counts"]["shards_planned"]
             raise StoreError(
                 f"{out_dir}: the store is incomplete ({done}/{total} shards); rerun the same score command "
                 "(resume is on by default) to finish it"
             )
-        files = manifest.get("files", {})
+        files = manifest["files"]
+        sizes = manifest.get("file_sizes", {})
 
-        def load_checked(name: str) -> bytes:
-            path = os.path.join(out_dir, name)
-            if not os.path.exists(path):
-                raise StoreError(f"{path}: missing file listed in the manifest")
-            data = read_bytes(path)
-            if verify and name in files and sha256_bytes(data) != files[name]:
-                raise StoreError(f"{path}: checksum mismatch (sha256 differs from the manifest): corrupted or truncated")
+        def load_checked(name: str, sha: Optional[str], size: Optional[int], pattern=None) -> bytes:
+            data = read_store_file(out_dir, name, size, pattern)
+            if verify and sha is not None and sha256_bytes(data) != sha:
+                raise StoreError(
+                    f"{os.path.join(out_dir, name)}: checksum mismatch (sha256 differs from the manifest): corrupted or truncated")
             return data
 
-        ids_doc = json.loads(load_checked(IDS_FILE).decode("utf-8"))
-        fields_doc = json.loads(load_checked(FIELDS_FILE).decode("utf-8")) if FIELDS_FILE in files else {}
+        n = manifest["counts"]["records"]
+        ids_doc = parse_ids(load_checked(IDS_FILE, files.get(IDS_FILE), sizes.get(IDS_FILE)), os.path.join(out_dir, IDS_FILE), n)
+        fields_doc: Dict[str, List[Any]] = {}
+        if FIELDS_FILE in files:
+            fields_doc = parse_fields(load_checked(FIELDS_FILE, files[FIELDS_FILE], sizes.get(FIELDS_FILE)),
+                                      os.path.join(out_dir, FIELDS_FILE), n)
         parts: Dict[str, List[np.ndarray]] = {}
         expect = 0
         for sh in manifest["shards"]:
             name = sh["file"]
-            data = load_checked(name)
-            if verify and sha256_bytes(data) != sh["sha256"]:
-                raise StoreError(f"{os.path.join(out_dir, name)}: checksum mismatch: corrupted or truncated shard")
+            data = load_checked(name, sh["sha256"], sh.get("size"), SHARD_RE)
             tensors, _ = decode_shard(data, os.path.join(out_dir, name))
-            pos = tensors["positions"]
-            if not np.array_equal(pos, np.arange(expect, expect + len(pos))):
+            pos = tensors.get("positions")
+            if pos is None or not np.array_equal(pos, np.arange(expect, expect + len(pos))):
                 raise StoreError(f"{os.path.join(out_dir, name)}: positions do not continue the dataset at {expect}")
             expect += len(pos)
             for k, v in tensors.items():
                 parts.setdefault(k, []).append(v)
-        n = manifest["counts"]["records"]
         if expect != n:
             raise StoreError(f"{out_dir}: shards hold {expect} records, the manifest says {n}")
         return cls.from_parts(out_dir, manifest, parts, ids_doc, fields_doc)
@@ -390,18 +731,18 @@ def summarize(norms: np.ndarray, losses: np.ndarray, tokens: np.ndarray) -> Dict
 
 
 def read_manifest(out_dir: str) -> Optional[Dict[str, Any]]:
+    """The validated manifest, ``None`` when there is none; ``StoreError`` naming the file (and the key)
+    when it is corrupted."""
     path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise StoreError(f"{path}: not a regular file")
     try:
         manifest = json.loads(read_bytes(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: corrupted manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a gradsel score store manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise StoreError(f"{path}: format version {manifest.get('format_version')} is newer than this gradsel reads")
-    return manifest
+        raise StoreError(f"{path}: corrupted manifest ({e}); {_repair_hint(out_dir)}") from None
+    return validate_manifest(manifest, out_dir)
 
 
 def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> List[str]:
@@ -415,3 +756,190 @@ def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
         elif a != b:
             out.append(key)
     return out
+
+
+def conflict_message(out_dir: str, old_identity: Mapping[str, Any], identity: Mapping[str, Any], where: str = "") -> str:
+    diffs = describe_difference(dict(old_identity), dict(identity))
+    what = sorted({d.split(".")[0] for d in diffs}) or ["model"]
+    names = {"model": "model", "config": "scoring config", "data": "dataset"}
+    return (
+        f"{out_dir} already holds scores of a different {' and '.join(names.get(w, w) for w in what)}{where} "
+        f"(differs in: {', '.join(diffs[:8])}{', ...' if len(diffs) > 8 else ''}). Pass overwrite=True "
+        "(CLI: --overwrite) to replace them, or choose another directory."
+    )
+
+
+# -- building a manifest ----------------------------------------------------------------------------
+
+
+IDENTITY_KEYS = ("model", "config", "data")
+
+
+def build_manifest(
+    identity: Mapping[str, Any], run_key: str, records: int, shards_planned: int, side_files: Mapping[str, Tuple[str, int]],
+    versions: Mapping[str, Any], created: Optional[str], shards: Optional[Sequence[Tuple[Mapping[str, Any], bytes, Mapping[str, np.ndarray]]]] = None,
+    run: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """A manifest: incomplete without ``shards``; complete with ``shards`` = one ``(entry, bytes,
+    tensors)`` per plan window in order (``entry``: file, index, start, count, batches)."""
+    manifest: Dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": shards is not None,
+        "run_key": run_key,
+        **{k: identity[k] for k in IDENTITY_KEYS},
+        "counts": {"records": records, "shards_planned": shards_planned},
+        "files": {k: v[0] for k, v in side_files.items()},
+        "file_sizes": {k: v[1] for k, v in side_files.items()},
+        "versions": dict(versions),
+        "created": created,
+    }
+    if shards is None:
+        return manifest
+    entries, parts = [], {}
+    n_batches = 0
+    for entry, data, tensors in shards:
+        entries.append({**{k: entry[k] for k in ("file", "index", "start", "count")},
+                        "sha256": sha256_bytes(data), "size": len(data)})
+        n_batches += int(entry.get("batches", 0))
+        for k, v in tensors.items():
+            parts.setdefault(k, []).append(v)
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    z = np.zeros(0, dtype=np.float32)
+    stats = summarize(cat.get("norms", z), cat.get("losses", z), cat.get("tokens", np.zeros(0, dtype=np.int64)))
+    manifest["counts"].update({
+        "shards": len(entries),
+        "batches": n_batches,
+        **{k: stats[k] for k in ("nan_norms", "inf_norms", "nan_losses", "inf_losses", "nonfinite", "tokens")},
+    })
+    manifest["summary"] = {k: (v if np.isfinite(v) else None) if isinstance(v, float) else v for k, v in stats.items()}
+    manifest["shards"] = entries
+    if run is not None:
+        manifest["run"] = dict(run)
+    manifest["finished"] = now()
+    return manifest
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def scan_shard_files(out_dir: str) -> List[Tuple[str, int, Optional[bytes], Optional[Dict[str, np.ndarray]], Optional[Dict[str, Any]], Optional[str]]]:
+    """Every shard file: ``(name, index, bytes, tensors, meta, error)`` (``error`` set when unreadable)."""
+    out = []
+    for idx, names in sorted(list_shards(out_dir).items()):
+        for name in names:
+            path = os.path.join(out_dir, name)
+            try:
+                data = read_store_file(out_dir, name)
+                tensors, meta = decode_shard(data, path)
+            except StoreError as e:
+                out.append((name, idx, None, None, None, str(e)))
+            else:
+                out.append((name, idx, data, tensors, meta, None))
+    return out
+
+
+@dataclass
+class RepairReport:
+    """What :func:`repair_store` found and did."""
+
+    path: str
+    complete: bool
+    shards_valid: int
+    shards_planned: int
+    removed: List[str]
+    missing: List[int]
+    message: str
+
+
+def repair_store(out_dir: str) -> RepairReport:
+    """Rebuild ``manifest.json`` from the shards, which carry the run's identity, their positions and
+    checksums. Corrupted shards are removed (they are rescored by rerunning the same ``gradsel score``
+    command). The manifest is complete when every planned shard is valid and ``ids.json`` (and
+    ``fields.json``) match the checksums the shards record; otherwise it is marked incomplete, and the
+    message says what rescoring will redo."""
+    out_dir = os.fspath(out_dir)
+    kind, _ = classify_dir(out_dir)
+    if kind == "missing":
+        raise StoreError(f"{out_dir}: no such directory")
+    if kind == "v1":
+        raise StoreError(f"{out_dir}: a store of format 1 (an older gradsel) cannot be repaired: its shards do not "
+                         "carry their identity; score again into a new directory (or with --overwrite)")
+    if kind != "store":
+        raise StoreError(f"{out_dir}: not a gradsel score store (no {MARKER}); nothing to repair")
+    with dir_lock(out_dir):
+        remove_temp_files(out_dir)
+        try:
+            old = read_manifest(out_dir)
+        except StoreError as e:
+            log.warning("%s", e)
+            old = None
+        found = scan_shard_files(out_dir)
+        good = [f for f in found if f[5] is None and isinstance(f[4].get("identity"), dict)]
+        keys = sorted({f[4].get("run_key") for f in good})
+        if old is not None and old["run_key"] in keys:
+            key = old["run_key"]
+        elif len(keys) == 1:
+            key = keys[0]
+        elif not keys:
+            raise StoreError(f"{out_dir}: no readable shard to rebuild the manifest from; score again with --overwrite")
+        else:
+            counts = {k: sum(1 for f in good if f[4].get("run_key") == k) for k in keys}
+            raise StoreConflictError(
+                f"{out_dir}: shards of {len(keys)} different runs ({', '.join(f'{k[:12]}: {c} shards' for k, c in counts.items())}); "
+                "move the files of the run you do not want out of the store, then repair again")
+        removed = []
+        for name, idx, data, tensors, meta, err in found:
+            if err is not None:
+                log.warning("%s; removing it, rerun the score command to score it again", err)
+                removed.append(name)
+                os.unlink(os.path.join(out_dir, name))
+        meta0 = next(f[4] for f in good if f[4].get("run_key") == key)
+        identity = meta0["identity"]
+        if canonical_hash({k: identity.get(k) for k in IDENTITY_KEYS}) != key:
+            raise StoreError(f"{out_dir}: the shards' identity does not hash to their run key; score again with --overwrite")
+        records, planned = int(meta0["records"]), int(meta0["shards_planned"])
+        chosen: Dict[int, Tuple[Mapping[str, Any], bytes, Mapping[str, np.ndarray]]] = {}
+        for name, idx, data, tensors, meta, err in found:
+            if err is not None or meta.get("run_key") != key or idx in chosen:
+                continue
+            start, stop = int(meta["start"]), int(meta["stop"])
+            if meta.get("index") != idx or not np.array_equal(tensors.get("positions"), np.arange(start, stop)):
+                log.warning("%s: positions do not match its header; ignoring it", os.path.join(out_dir, name))
+                continue
+            chosen[idx] = ({"file": name, "index": idx, "start": start, "count": stop - start,
+                            "batches": meta.get("batches", 0)}, data, tensors)
+        missing = [i for i in range(planned) if i not in chosen]
+        side_want = meta0.get("side_files", {})
+        side: Dict[str, Tuple[str, int]] = {}
+        bad_side = []
+        for name, sha in side_want.items():
+            try:
+                data = read_store_file(out_dir, name)
+            except StoreError:
+                bad_side.append(name)
+                continue
+            if sha256_bytes(data) != sha:
+                bad_side.append(name)
+            side[name] = (sha, len(data))
+        contiguous = not missing and sum(int(e[0]["count"]) for e in chosen.values()) == records
+        complete = contiguous and not bad_side
+        created = (old or {}).get("created") if old is not None and old["run_key"] == key else None
+        manifest = build_manifest(
+            identity, key, records, planned, side, meta0.get("versions", {}), created,
+            shards=[chosen[i] for i in range(planned)] if complete else None,
+            run={"repaired": now()} if complete else None,
+        )
+        atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
+    if complete:
+        msg = f"rebuilt {os.path.join(out_dir, MANIFEST)}: complete, {records} records in {planned} shards"
+    else:
+        why = []
+        if missing:
+            why.append(f"{len(missing)} of {planned} shards missing or corrupted")
+        if bad_side:
+            why.append(f"{', '.join(bad_side)} missing or corrupted")
+        msg = (f"rebuilt {os.path.join(out_dir, MANIFEST)} as incomplete ({'; '.join(why)}); rerun the same "
+               "`gradsel score` command to finish the store")
+    return RepairReport(out_dir, complete, len(chosen), planned, removed, missing, msg)

@@ -3,6 +3,7 @@ adapter directory and the built-in tiny model; and the data helpers behind them.
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import numpy as np
@@ -227,3 +228,187 @@ def test_score_cli_under_torchrun_gloo(tmp_path, capsys):
     assert two.meta["run"]["world_size"] == 2
     assert one.ids.tolist() == two.ids.tolist()
     assert np.array_equal(one.norms, two.norms) and np.array_equal(one.losses, two.losses)
+
+
+# -- issue 11 / issue 10 item 7: the score CLI's errors and its one summary ---------------------------------
+
+
+def _tiny_data(tmp_path, n=10):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"id": f"x{i}", "text": "ab " * (1 + i % 5)}) + "\n" for i in range(n)))
+    return str(path)
+
+
+def _score(*extra):
+    return main(["score", "--model", "tiny", "--batch-size", "2", "--shard-size", "4", "--no-progress", *extra])
+
+
+def _err(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("gradsel ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_score_prints_one_summary_counting_only_this_runs_records(tmp_path, capsys, caplog):
+    data = _tiny_data(tmp_path, 10)
+    out = str(tmp_path / "s")
+    assert _score("--data", data, "--out", out) == 0
+    cap = capsys.readouterr()
+    lines = [l for l in cap.out.splitlines() if l.strip()]
+    assert len(lines) == 1 and "scored" not in cap.err and "scored" not in caplog.text, (cap.out, cap.err)
+    assert lines[0].startswith("scored 10 records in ") and "samples/s" in lines[0] and "tokens/s" in lines[0]
+    assert "10 records in the store" in lines[0]
+    # a no-op resume reports no rate
+    assert _score("--data", data, "--out", out) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("nothing to score: all 10 records were scored by an earlier run") and "samples/s" not in line and "tokens/s" not in line
+    # a resumed run counts only what it scored
+    m = json.loads(open(os.path.join(out, "manifest.json")).read())
+    os.unlink(os.path.join(out, "manifest.json"))
+    os.unlink(os.path.join(out, m["shards"][1]["file"]))
+    assert _score("--data", data, "--out", out) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("scored 4 records (+6 from an earlier run) in ") and "10 records in the store" in line
+
+
+def test_score_rejects_bad_numeric_arguments(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    for flag, value in (("--max-length", "-5"), ("--max-length", "0"), ("--batch-size", "0"),
+                        ("--shard-size", "-1"), ("--max-tokens", "x")):
+        with pytest.raises(SystemExit) as e:
+            _score("--data", data, "--out", str(tmp_path / "s"), flag, value)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be a positive integer" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_score_errors_name_the_file_line_record_or_argument(tmp_path, capsys, monkeypatch):
+    data = _tiny_data(tmp_path)
+    out = str(tmp_path / "s")
+    cases = []
+
+    def bad(i, content):
+        p = tmp_path / f"bad{i}.jsonl"
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+        return ["--data", str(p), "--out", out]
+
+    cases.append((bad(1, b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), r"bad1\.jsonl:2: not valid UTF-8 \(byte 0xe9"))
+    cases.append((bad(2, '{"text": "ok"}\n{"text": "x", "id": 9223372036854775808}\n'),
+                  r"bad2\.jsonl:2: id 9223372036854775808 does not fit in 64 bits"))
+    cases.append((bad(3, '{"input_ids": [256, 1, 2]}\n{"input_ids": [1, 300, 2]}\n'),
+                  r"record 1: input_ids\[1\] = 300 is outside the model's vocabulary \[0, 259\)"))
+    cases.append((bad(4, '{"input_ids": [256, 1, 2]}\n{"input_ids": [1, -3, 2]}\n'), r"record 1: input_ids\[1\] = -3 is outside"))
+    cases.append((bad(5, '{"input_ids": [256, 1, 2]}\n{"input_ids": []}\n'), r"record 1 has empty input_ids \(T = 0\)"))
+    cases.append((["--data", str(tmp_path), "--out", out], r"--data .* is a directory; give a JSONL file"))
+    cases.append((["--data", str(tmp_path / "missing.jsonl"), "--out", out], r"--data .*missing\.jsonl: no such file"))
+    cases.append((["--data", data, "--out", data], r"--out .*d\.jsonl is a file, not a directory"))
+    for argv, want in cases:
+        assert _score(*argv) == 2, argv
+        assert re.search(r"^gradsel score: error: .*" + want, _err(capsys)), (argv, want)
+    assert not os.path.exists(out)  # refused before any work
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert _score("--data", data, "--out", out) == 2
+    assert "environment variable WORLD_SIZE='two' is not an integer >= 1" in _err(capsys)
+    monkeypatch.setenv("WORLD_SIZE", "0")
+    assert _score("--data", data, "--out", out) == 2
+    assert "WORLD_SIZE='0'" in _err(capsys)
+
+
+def test_score_refuses_unwritable_out_and_a_held_lock(tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    import gradsel_core.store as store_mod
+
+    data = _tiny_data(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:  # root writes anyway: then the check is exercised through os.access below
+        os.chmod(ro, 0o555)
+    else:
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if os.path.abspath(p) == str(ro) else real_access(p, m))
+    assert _score("--data", data, "--out", str(ro)) == 2
+    assert re.search(r"--out .*ro is not writable; choose a writable directory", _err(capsys))
+    assert _score("--data", data, "--out", str(ro / "sub")) == 2
+    assert re.search(r"--out .*sub cannot be created \(.*ro is not writable\)", _err(capsys))
+    monkeypatch.undo()
+    os.chmod(ro, 0o755)
+    # a read-only file system (what root meets too): the write error names the file
+    real_replace = os.replace
+
+    def erofs(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(store_mod.os, "replace", erofs)
+    assert _score("--data", data, "--out", str(ro)) == 2
+    assert re.search(r"cannot write .*ro/\.gradsel-store: Read-only file system", _err(capsys))
+    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    # a second run while the first holds the lock
+    out = tmp_path / "s"
+    assert _score("--data", data, "--out", str(out)) == 0
+    capsys.readouterr()
+    fd = os.open(out / ".gradsel-lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert _score("--data", data, "--out", str(out)) == 2
+        assert "is being written by another gradsel run" in _err(capsys)
+    finally:
+        os.close(fd)
+
+
+def test_store_read_errors_exit_2_naming_the_key_or_file(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    out = tmp_path / "s"
+    assert _score("--data", data, "--out", str(out)) == 0
+    capsys.readouterr()
+    mpath = out / "manifest.json"
+    good = mpath.read_text()
+    m = json.loads(good)
+    m["counts"]["records"] = "ten"
+    mpath.write_text(json.dumps(m))
+    assert main(["inspect", str(out)]) == 2
+    assert "key 'counts.records' must be int, got str" in _err(capsys)
+    mpath.write_text(good)
+    (out / "ids.json").write_text("[1, 2")
+    assert main(["inspect", str(out)]) == 2
+    assert "ids.json" in _err(capsys)
+
+
+def test_repair_cli_and_tokenizer_or_max_length_change_is_refused(tmp_path, capsys):
+    data = _tiny_data(tmp_path)
+    out = tmp_path / "s"
+    assert _score("--data", data, "--out", str(out)) == 0
+    ref = ScoreStore.open(str(out))
+    capsys.readouterr()
+    (out / "manifest.json").write_text("{ torn")
+    assert main(["repair", str(out)]) == 0
+    assert "rebuilt" in capsys.readouterr().out and np.array_equal(ScoreStore.open(str(out)).norms, ref.norms)
+    assert main(["repair", str(tmp_path)]) == 2
+    assert "not a gradsel score store" in _err(capsys)
+    # the max length is part of the identity, even where it truncates nothing
+    assert _score("--data", data, "--out", str(out), "--max-length", "500") == 2
+    assert re.search(r"different dataset .*data\.source\.max_length", _err(capsys))
+
+
+def test_tokenizer_change_is_refused(llama_dir, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(WORDS[i : i + 4])}) + "\n" for i in range(6)))
+    out = str(tmp_path / "s")
+    common = ["--data", str(path), "--out", out, "--batch-size", "2", "--no-progress"]
+    assert main(["score", "--model", llama_dir, *common]) == 0
+    other = tmp_path / "llama2"
+    shutil.copytree(llama_dir, other)
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.add_special_tokens({"additional_special_tokens": ["<extra>"]})  # a new token the data never uses
+    tok.save_pretrained(str(other))
+    capsys.readouterr()
+    assert main(["score", "--model", str(other), *common]) == 2
+    assert re.search(r"different dataset .*data\.source\.tokenizer", _err(capsys))

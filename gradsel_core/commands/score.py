@@ -17,10 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 BACKEND_CHOICES = ("auto", "loop", "vmap", "ghost", "triton")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,11 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="trainable", choices=("trainable", "lora", "all"),
                    help="parameters the norm is taken over (default: trainable)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="engine backend (default: auto)")
-    p.add_argument("--batch-size", type=int, default=16, help="records per batch at most (default 16)")
-    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch at most (B * T_max)")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="truncate records to this many tokens (default: the model's max positions, else 1024)")
-    p.add_argument("--shard-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=16, help="records per batch at most (default 16)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="padded tokens per batch at most (B * T_max)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="truncate records to this many tokens, >= 1 (default: the model's max positions, else 1024)")
+    p.add_argument("--shard-size", type=positive_int, default=None,
                    help="records per shard and length-bucketing window (default 64 * batch size)")
     p.add_argument("--per-param", action="store_true", help="also store each parameter's squared norm")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "float64"),
@@ -42,10 +52,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)")
     p.add_argument("--no-resume", action="store_true", help="score everything again instead of resuming")
-    p.add_argument("--overwrite", action="store_true", help="replace a store of another model/config/data in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a store of another model/config/data in --out; also allows a non-empty directory "
+                        "that is not a store (gradsel adds its files and never touches the others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="minutes ranks wait for each other under torchrun (default 120)")
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    from ..errors import UsageError
+
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = None
+    if v is None or v < minimum:
+        raise UsageError(f"environment variable {name}={raw!r} is not an integer >= {minimum}; unset it, or start "
+                         "the command with torchrun, which sets it")
+    return v
 
 
 def _init_distributed(timeout_min: float = 120.0):
@@ -55,8 +83,8 @@ def _init_distributed(timeout_min: float = 120.0):
     import torch
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    world = _env_int("WORLD_SIZE", 1, 1)
+    local = _env_int("LOCAL_RANK", 0, 0)
     if world <= 1 or not dist.is_available() or dist.is_initialized():
         return False, local
     timeout = datetime.timedelta(minutes=timeout_min)
@@ -68,13 +96,49 @@ def _init_distributed(timeout_min: float = 120.0):
     return True, local
 
 
+def check_paths(data: str, out: str) -> None:
+    """Fail fast, before the model is loaded, on a ``--data`` that is not a file and an ``--out`` that is a
+    file or not writable."""
+    from ..errors import UsageError
+
+    if os.path.isdir(data):
+        raise UsageError(f"--data {data} is a directory; give a JSONL file (one JSON object per line)")
+    if not os.path.exists(data):
+        raise UsageError(f"--data {data}: no such file")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a directory; give a directory for the score store")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UsageError(f"--out {out}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == os.path.abspath(out) else f"cannot be created ({probe} is not writable)"
+        raise UsageError(f"--out {out} {what}; choose a writable directory")
+
+
 def summary_line(store, elapsed: float) -> str:
+    """One line: records scored by this run and in the store, the time, samples/s and tokens/s (over this
+    run's records; none for a run that had nothing to do), NaN/inf count and the norm mean and median."""
     s = store.summary()
-    rate = s["count"] / elapsed if elapsed > 0 else float("nan")
+    run = getattr(store, "run", None) or {}
+    total = len(store)
+    new = int(run.get("records_scored", total))
+    earlier = total - new
+    if new == 0:
+        head = f"nothing to score: all {total} records were scored by an earlier run (checked in {elapsed:.1f} s)"
+    else:
+        t = float(run.get("scoring_s") or 0.0)
+        rates = (f"{new / t:.1f} samples/s, {run.get('tokens_scored', 0) / t:,.0f} tokens/s" if t > 0
+                 else "too fast to time")
+        head = (f"scored {new} records{f' (+{earlier} from an earlier run)' if earlier else ''} in {elapsed:.1f} s "
+                f"(scoring {t:.1f} s: {rates})")
     return (
-        f"scored {s['count']} records in {elapsed:.1f} s ({rate:.1f} samples/s) -> {store.path} | "
-        f"NaN/inf: {s['nonfinite']} | norm mean {s['norm_mean']:.4g} median {s['norm_median']:.4g} | "
-        f"target tokens {s['tokens']}"
+        f"{head} -> {store.path} | {total} records in the store | NaN/inf: {s['nonfinite']} | "
+        f"norm mean {s['norm_mean']:.4g} median {s['norm_median']:.4g} | target tokens {s['tokens']}"
     )
 
 
@@ -83,26 +147,24 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import encode_records, iter_jsonl, load_model_and_tokenizer, model_max_length
     from ..scoring import score_dataset
-    from ..store import StoreConflictError, StoreError
+    from ..store import tokenizer_fingerprint
 
     t0 = time.perf_counter()
+    check_paths(args.data, args.out)
     initialised, local = _init_distributed(args.dist_timeout)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     try:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        try:
-            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-            max_length = args.max_length or model_max_length(model)
-            records = encode_records(iter_jsonl(args.data), tok, max_length, compact=True)
-            store = score_dataset(
-                model, records, args.out,
-                batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
-                per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress,
-                overwrite=args.overwrite, shard_size=args.shard_size,
-            )
-        except (StoreConflictError, StoreError, FileNotFoundError, ValueError, TypeError) as e:
-            print(f"gradsel score: error: {e}", file=sys.stderr)
-            return 2
+        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+        max_length = args.max_length or model_max_length(model)
+        records = encode_records(iter_jsonl(args.data), tok, max_length, compact=True)
+        store = score_dataset(
+            model, records, args.out,
+            batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
+            per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress,
+            overwrite=args.overwrite, shard_size=args.shard_size,
+            source={"tokenizer": tokenizer_fingerprint(tok), "max_length": max_length},
+        )
         if rank == 0:
             print(summary_line(store, time.perf_counter() - t0))
         return 0
