@@ -88,6 +88,12 @@ def prepare_batch(batch: Mapping[str, Any], lm_loss: bool) -> PreparedBatch:
             if labels.dtype.is_floating_point or labels.dtype == torch.bool:
                 raise TypeError(f"batch['labels'] must hold integer token ids or -100, got dtype {labels.dtype}")
     full = {k: _usable(v) for k, v in batch.items()}
+    if ids.dtype != torch.long:  # int32 / uint8 ids: embeddings and the loss need int64
+        full["input_ids"] = full["input_ids"].long()
+    if isinstance(labels, torch.Tensor) and labels.dtype != torch.long:
+        labels = labels.long()
+        if "labels" in full:
+            full["labels"] = labels
     pos = full.get("position_ids")
     if isinstance(pos, torch.Tensor) and pos.dim() == 1:
         if pos.shape[0] != T:

@@ -667,6 +667,7 @@ def score_dataset(
         if world > 1:
             torch.distributed.barrier()
         run["scoring_s"] = round(time.perf_counter() - clock["t0"], 3)
+        run["coverage"] = engine.coverage().summary()  # how each parameter was scored (rules, fallbacks...)
 
         if rank == 0:
             try:

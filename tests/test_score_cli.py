@@ -258,6 +258,7 @@ def test_score_prints_one_summary_counting_only_this_runs_records(tmp_path, caps
     cap = capsys.readouterr()
     lines = [l for l in cap.out.splitlines() if l.strip()]
     assert len(lines) == 1 and "scored" not in cap.err and "scored" not in caplog.text, (cap.out, cap.err)
+    assert "params by rules" in lines[0], lines[0]  # the engine's coverage, in the same line
     assert lines[0].startswith("scored 10 records in ") and "samples/s" in lines[0] and "tokens/s" in lines[0]
     assert "10 records in the store" in lines[0]
     # a no-op resume reports no rate

@@ -136,10 +136,13 @@ def summary_line(store, elapsed: float) -> str:
                  else "too fast to time")
         head = (f"scored {new} records{f' (+{earlier} from an earlier run)' if earlier else ''} in {elapsed:.1f} s "
                 f"(scoring {t:.1f} s: {rates})")
-    return (
+    line = (
         f"{head} -> {store.path} | {total} records in the store | NaN/inf: {s['nonfinite']} | "
         f"norm mean {s['norm_mean']:.4g} median {s['norm_median']:.4g} | target tokens {s['tokens']}"
     )
+    if new and run.get("coverage"):
+        line += f" | {run['coverage']}"
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
