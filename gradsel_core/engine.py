@@ -106,8 +106,11 @@ class GradNormEngine:
             return ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend)
         with scoring_mode(self.model, self.params):
             raw, backend = self._score_raw(prepared, backend)
-            if not self._verified and backend != "loop" and self._should_verify(backend):
-                raw, backend = self._check(prepared, raw, backend)
+            if not self._verified and backend != "loop":
+                if self._should_verify(backend):
+                    raw, backend = self._check(prepared, raw, backend)
+                elif prepared.batch_size >= VERIFY_SAMPLES:
+                    self._verified = True  # decided once, on the first batch that could be checked
         self.last_backend = backend
         return self._finish(raw, backend)
 
