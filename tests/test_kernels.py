@@ -91,7 +91,13 @@ def all_ops(A, G, X, ids, pad):
 
 
 def test_core_import_does_not_import_triton():
-    code = "import sys, gradsel_core, gradsel_core.dispatch; assert 'triton' not in sys.modules, 'triton imported'"
+    """Neither importing gradsel_core nor asking triton_usable about a CPU device (no interpreter)
+    imports triton or gradsel_kernels."""
+    code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "import torch, gradsel_core, gradsel_core.dispatch as D\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n"
+            "assert not D.triton_usable(torch.device('cpu'))\n"
+            "assert 'gradsel_kernels' not in sys.modules and 'triton' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
 
@@ -145,17 +151,6 @@ def test_triton_usable_falls_back_with_one_warning(monkeypatch, caplog):
         monkeypatch.undo()
         D._kernels_problem.cache_clear()
     assert D.triton_usable(torch.device("cuda") if not _INTERPRET else torch.device("cpu"))
-
-
-def test_triton_usable_without_cuda_does_not_import():
-    if not _INTERPRET:
-        pytest.skip("checks the CPU path")
-    code = ("import os, sys; os.environ.pop('TRITON_INTERPRET', None)\n"
-            "import torch; from gradsel_core import dispatch as D\n"
-            "assert not D.triton_usable(torch.device('cpu'))\n"
-            "assert 'gradsel_kernels' not in sys.modules and 'triton' not in sys.modules\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert r.returncode == 0, r.stderr
 
 
 # -- launches run under the tensors' device -------------------------------------------------------------
@@ -254,26 +249,26 @@ def test_split_paths_match_reference(dtype):
     """Every launcher with its loop split over 2 and 3 programs (partials reduced in a fixed order)
     equals the unsplit launch and the torch reference: odd shapes, lengths, padding ids, small blocks."""
     gen = torch.Generator().manual_seed(7)
-    B, T, d, p = 3, 45, 37, 70  # 3 row blocks of 16 (last partial), 3 and 5 column steps of 16
+    B, T, d, p = 2, 40, 37, 50  # 3 row blocks of 16 (last partial), 3 and 4 column steps of 16
     A, G, X = rnd(B, T, d, dtype=dtype, gen=gen), rnd(B, T, p, dtype=dtype, gen=gen), rnd(B, T, p, dtype=dtype, gen=gen)
     Af, Gf, Xf = A.float(), G.float(), X.float()
-    lengths = torch.tensor([45, 20, 0]).to(DEV)
+    lengths = torch.tensor([20, 0]).to(DEV)
     Gz = Gf.clone()
     for b, n in enumerate(lengths.tolist()):
         Gz[b, n:] = 0
     ref, ref_len = D.ghost_sq(Af, Gf), D.ghost_sq(Af, Gz)
     ids = torch.randint(0, 4, (B, T), generator=gen).to(DEV)
     ids[0, :30] = 2  # a long run of one id crossing block borders
-    for n_split in (2, 3):
+    for n_split in ((2, 3) if dtype == torch.float32 else (3,)):
         what = f"n_split={n_split}"
         assert_close(ghost_sq_launch(A, G, None, 16, 16, n_split), ref, dtype, f"ghost {what}")
         out = ghost_sq_launch(A, G, lengths.int(), 16, 16, n_split)
         assert_close(out, ref_len, dtype, f"ghost lengths {what}")
-        assert float(out[2]) == 0.0
+        assert float(out[1]) == 0.0
         assert_close(direct_sq_launch(A, G, None, 16, 16, 16, n_split), ref, dtype, f"direct {what}")
         out = direct_sq_launch(A, G, lengths.int(), 16, 32, 16, n_split)
         assert_close(out, ref_len, dtype, f"direct lengths {what}")
-        assert float(out[2]) == 0.0
+        assert float(out[1]) == 0.0
         assert_close(row_sq_launch(None, G, 16, 32, n_split), D.rowsum_sq(Gf), dtype, f"rowsum {what}")
         assert_close(row_sq_launch(X, G, 16, 32, n_split), D.weighted_rowsum_sq(Xf, Gf), dtype, f"wrowsum {what}")
         for pad in (None, 2):
