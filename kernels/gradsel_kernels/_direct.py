@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (block_for, check_pair, device_guard, dot_acc, dot_config, launch_opts, n_splits, sm_count,
-                     split_len)
+                     split_len, warps_for)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _direct_sq_kernel(
         acc = dot_acc(tl.trans(a), g, acc, UPCAST, PRECISION)  # (BD, BP) += (BD, BT) @ (BT, BP)
 
     if SPLIT:
-        offs_blk = tl.arange(0, BLOCK_D)[:, None] * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]  # (BD, BP)
+        offs_blk = (tl.arange(0, BLOCK_D)[:, None] * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]).to(tl.int64)  # (BD, BP)
         tl.store(out_ptr + ((b * n_tiles + pid_tile) * n_split + split) * (BLOCK_D * BLOCK_P) + offs_blk, acc)
     else:
         # epilogue: square and sum the tile
@@ -143,7 +143,7 @@ def direct_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, sms: int) 
     - LoRA-like (min(d, p) <= 64): the narrow side is kept whole (its power of two, >= 16) and the
       wide side gets 128 columns (64 if the narrow side is 64), so the grid is cdiv(wide, 128)·B.
     - otherwise 64×64 gradient tiles.
-    BLOCK_T (the reduction step) is 64 for 2-byte dtypes, 32 for fp32. When B·tiles programs fall short
+    BLOCK_T (the reduction step) is 64 for 2-byte dtypes (8 warps), 32 for fp32 (4 warps). When B·tiles programs fall short
     of two per SM, the reduction over T is split (``n_split``, each split >= 2 BLOCK_T steps).
     """
     block_t = block_for(T, 16, 32 if dtype == torch.float32 else 64)
@@ -158,8 +158,9 @@ def direct_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, sms: int) 
         block_d, block_p = 64, 64
     n_tiles = triton.cdiv(d, block_d) * triton.cdiv(p, block_p)
     n_split = n_splits(B * n_tiles, triton.cdiv(T, block_t), sms)
-    return {"block_d": block_d, "block_p": block_p, "block_t": block_t, "n_split": n_split, "num_warps": 4,
-            "num_stages": 3}
+    # 8 warps at BLOCK_T = 64: with 4, ptxas spills the unaligned LoRA-B tiles (r = 4, 8) on sm_90
+    return {"block_d": block_d, "block_p": block_p, "block_t": block_t, "n_split": n_split,
+            "num_warps": warps_for(block_t), "num_stages": 3}
 
 
 def direct_sq(A: torch.Tensor, G: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -103,7 +103,7 @@ def _ghost_sq_kernel(
 
     if SPLIT:
         # partial Gram blocks to scratch: out[b, pair, split, 0 | 1] (BT, BT) each
-        offs_blk = tl.arange(0, BLOCK_T)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]  # (BT, BT)
+        offs_blk = (tl.arange(0, BLOCK_T)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]).to(tl.int64)  # (BT, BT)
         base = out_ptr + ((b * n_pairs + pid_pair) * n_split + split) * (2 * BLOCK_T * BLOCK_T)
         tl.store(base + offs_blk, gram_a)
         tl.store(base + BLOCK_T * BLOCK_T + offs_blk, gram_g)
