@@ -622,6 +622,13 @@ def test_bench_kernels_case_tables():
         assert all(c["bytes"] > 0 for c in kc)
         ec = bk.e2e_cases(quick)
         assert any(c["kind"] == "llama" and c["lora"] for c in ec) and any(c["kind"] == "tiny" for c in ec)
+    if HAS_TRITON:  # each benchmark row records the launch configuration the kernel picks
+        A, G = rnd(2, 8, 5), rnd(2, 8, 6)
+        ids = torch.zeros(2, 8, dtype=torch.long, device=DEV)
+        for op, args in (("ghost_sq", (A, G)), ("direct_sq", (A, G)), ("embedding_sq", (ids, G, 0)),
+                         ("rowsum_sq", (G,)), ("weighted_rowsum_sq", (G, G))):
+            cfg = bk.launch_config(op, args)
+            assert cfg["n_split"] >= 1 and cfg["num_warps"] in (4, 8), (op, cfg)
 
 
 def test_gpu_check_script_syntax():
