@@ -296,7 +296,8 @@ def write_report(results: List[CompileResult], json_path: Optional[str], md_path
             "runs the same compiles). Registers and spills from ptxas -v, shared memory from triton's metadata "
             f"(limit {H200_SMEM_PER_BLOCK} B per block); config = the launcher's choice for an H200 ({H200_SMS} SMs).",
             "",
-            "| case | kernel | aligned | blocks | n_split | warps | stages | regs | spill st/ld B | smem B | int64 tiles |",
+            "| case | kernel | aligned | blocks | n_split | warps | stages | regs | spill st/ld B | smem B "
+            "| int64 tiles |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results:
@@ -305,7 +306,8 @@ def write_report(results: List[CompileResult], json_path: Optional[str], md_path
             if r.ok:
                 lines.append(f"| {r.case} | {r.kernel} | {'yes' if r.aligned else 'no'} | {blocks} | "
                              f"{c.get('n_split')} | {c.get('num_warps')} | {c.get('num_stages')} | {r.n_regs} | "
-                             f"{r.spill_stores}/{r.spill_loads} | {r.shared} | {'yes' if r.int64_tile_offsets else 'NO'} |"
+                             f"{r.spill_stores}/{r.spill_loads} | {r.shared} | "
+                             f"{'yes' if r.int64_tile_offsets else 'NO'} |"
                              + (f" (binary of {r.same_as})" if r.same_as else ""))
             else:
                 lines.append(f"| {r.case} | {r.kernel} | {'yes' if r.aligned else 'no'} | {blocks} | | | | "

@@ -143,8 +143,9 @@ def direct_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, sms: int) 
     - LoRA-like (min(d, p) <= 64): the narrow side is kept whole (its power of two, >= 16) and the
       wide side gets 128 columns (64 if the narrow side is 64), so the grid is cdiv(wide, 128)·B.
     - otherwise 64×64 gradient tiles.
-    BLOCK_T (the reduction step) is 64 for 2-byte dtypes (8 warps), 32 for fp32 (4 warps). When B·tiles programs fall short
-    of two per SM, the reduction over T is split (``n_split``, each split >= 2 BLOCK_T steps).
+    BLOCK_T (the reduction step) is 64 for 2-byte dtypes (8 warps), 32 for fp32 (4 warps). When B·tiles
+    programs fall short of two per SM, the reduction over T is split (``n_split``, each split >= 2 BLOCK_T
+    steps).
     """
     block_t = block_for(T, 16, 32 if dtype == torch.float32 else 64)
     small = min(d, p)

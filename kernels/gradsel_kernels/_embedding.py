@@ -51,7 +51,8 @@ def _embedding_sq_kernel(
     """One program = one sample b, one block pair (I, J), J >= I, of sorted positions and one split c of
     the columns (k ∈ c):
 
-        part[b, (I, J), c] = w_IJ · Σ_{i∈I, j∈J} [y_i = y_j ≠ pad] Σ_{k∈c} g_{π(i),k} g_{π(j),k},  w = 1 if I == J else 2
+        part[b, (I, J), c] = w_IJ · Σ_{i∈I, j∈J} [y_i = y_j ≠ pad] Σ_{k∈c} g_{π(i),k} g_{π(j),k}
+        w_IJ = 1 if I == J else 2
 
     with y the sorted ids and π the sorting permutation. Sum over pairs and splits =
     Σ_{t,s}[x_t = x_s ≠ pad](g_t·g_s). Offsets in int64.
