@@ -282,8 +282,8 @@ def test_split_paths_match_reference(dtype):
 @needs_triton
 def test_split_launches_are_deterministic():
     """The split partials are combined in a fixed order (no atomics): repeated launches are bitwise equal."""
-    A, G = rnd(2, 40, 37, dtype=torch.bfloat16), rnd(2, 40, 50, dtype=torch.bfloat16)
-    ids = torch.randint(0, 3, (2, 40)).to(DEV)
+    A, G = rnd(2, 24, 37, dtype=torch.bfloat16), rnd(2, 24, 50, dtype=torch.bfloat16)
+    ids = torch.randint(0, 3, (2, 24)).to(DEV)
     launches = [
         lambda: ghost_sq_launch(A, G, None, 16, 16, 3),
         lambda: direct_sq_launch(A, G, None, 16, 16, 16, 3),
@@ -292,7 +292,7 @@ def test_split_launches_are_deterministic():
     ]
     for i, fn in enumerate(launches):
         first = fn()
-        assert all(torch.equal(first, fn()) for _ in range(2)), f"launch {i} not bitwise reproducible"
+        assert torch.equal(first, fn()), f"launch {i} not bitwise reproducible"
 
 
 @needs_triton
