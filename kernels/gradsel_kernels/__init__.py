@@ -18,8 +18,9 @@ returns float32 (B,). float64 inputs raise TypeError: compute them with the torc
 (``gradsel_core.dispatch`` with ``use_triton=False``). No device is queried at import time and there is
 no autotuning: block sizes are fixed functions of the shapes and of the device's SM count (``*_config``).
 
-Implementation modules: ``_ghost``, ``_direct``, ``_embedding``, ``_row`` (kernels, launchers, configs)
-and ``_utils`` (checks, block rules, the device guard).
+Implementation modules: ``_ghost``, ``_direct``, ``_embedding``, ``_row`` (kernels, launchers, configs),
+``_utils`` (checks, block and split rules, the device guard) and ``_compile`` (compiles every launch
+configuration for sm_90a without a GPU: ``python -m gradsel_kernels._compile``).
 """
 from __future__ import annotations
 
