@@ -38,6 +38,11 @@ from typing import Any, Callable, Dict, List, Optional
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+# a source checkout without `pip install -e .`: gradsel_kernels lives in kernels/ (no package there)
+import importlib.util  # noqa: E402
+
+if importlib.util.find_spec("gradsel_kernels") is None:
+    sys.path.insert(1, str(REPO_ROOT / "kernels"))
 
 import torch  # noqa: E402
 
@@ -168,6 +173,14 @@ def kernel_cases(quick: bool) -> List[Dict[str, Any]]:
         # ghost: upper triangle only -> B·T²·(d+p) flops (a multiply-add = 2 flops, half the Gram)
         add("ghost_sq", bf, B * T * T * (d + p), B * T * (d + p) * e, B=B, T=T, d=d, p=p)
         add("direct_sq", bf, 2 * B * T * d * p, B * T * (d + p) * e, B=B, T=T, d=d, p=p)
+    # short sequences / small batches: few (sample, block) programs, so the launchers split the loops
+    B, T, d, p = 16, 128, 4096, 4096
+    add("ghost_sq", bf, B * T * T * (d + p), B * T * (d + p) * 2, B=B, T=T, d=d, p=p)
+    B, T, d, r = 2, 256, 4096, 16
+    add("direct_sq", bf, 2 * B * T * d * r, B * T * (d + r) * 2, B=B, T=T, d=d, p=r)
+    if not quick:
+        add("embedding_sq", bf, None, 16 * 128 * (2048 * 2 + 8), B=16, T=128, d=2048, vocab=32000)
+        add("rowsum_sq", bf, 2 * 1 * 2048 * 2048, 1 * 2048 * 2048 * 2, B=1, T=2048, p=2048)
     # the LM head (p = vocab) in ghost form
     B, T, d, V = (4, 1024, 2048, 32000)
     add("ghost_sq", bf, B * T * T * (d + V), B * T * (d + V) * 2, B=B, T=T, d=d, p=V)
@@ -213,6 +226,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
+def launch_config(op: str, args: tuple) -> Dict[str, Any]:
+    """The launch configuration (blocks, n_split, warps) the kernel picks for these inputs on this GPU."""
+    from gradsel_kernels import _direct, _embedding, _ghost, _row, _utils
+
+    if op == "embedding_sq":
+        G = args[1]
+        return _embedding.embedding_config(*G.shape[:2], G.shape[2], G.dtype, _utils.sm_count(G.device))
+    G = args[-1]
+    sms = _utils.sm_count(G.device)
+    if op in ("rowsum_sq", "weighted_rowsum_sq"):
+        return _row.row_config(*G.shape, sms)
+    A = args[0]
+    dtype = A.dtype if A.dtype == G.dtype else torch.float32
+    fn = _ghost.ghost_config if op == "ghost_sq" else _direct.direct_config
+    return fn(*A.shape, G.shape[2], dtype, sms)
+
+
 def bench_kernel(case: Dict[str, Any], ceil: Dict[str, Any], repeats: int, check_only: bool) -> Dict[str, Any]:
     import gradsel_kernels as K
     from gradsel_core import dispatch as D
@@ -225,6 +255,7 @@ def bench_kernel(case: Dict[str, Any], ceil: Dict[str, Any], repeats: int, check
     try:
         args = make_inputs(case)
         kfn, tfn = getattr(K, op), getattr(D, op)
+        row["config"] = launch_config(op, args)
         out = kfn(*args)
         ref = tfn(*_upcast(args))  # torch reference on the fp32 upcast
         torch.cuda.synchronize()

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 from typing import Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # elements of fp32 scratch one chunk of a reduction may hold (≈256 MiB)
 CHUNK_ELEMS = 64 * 1024 * 1024
@@ -40,12 +43,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_usable(device: torch.device) -> bool:
-    """Whether the fused kernels can run on ``device`` (checked per call, never at import)."""
-    device = torch.device(device)
+@functools.lru_cache(maxsize=None)
+def _kernels_problem() -> Optional[str]:
+    """Why the fused kernels cannot be used here (None when they can), checked once per process:
+    triton installed, and ``gradsel_kernels`` with its kernel modules importable. A failure is logged
+    once, as one warning."""
     if not _triton_importable():
+        problem = "triton is not installed (pip install 'gradsel[triton]')"
+    else:
+        try:
+            import gradsel_kernels  # noqa: WPS433 (deferred on purpose: its kernels import triton)
+
+            gradsel_kernels.load()
+            problem = None
+        except Exception as e:  # noqa: BLE001 - any failure (missing package, broken triton) means: torch path
+            problem = (f"gradsel_kernels does not import ({type(e).__name__}: {e}); install gradsel "
+                       "(pip install -e . from the repository root) so that the kernels are importable")
+    if problem is not None:
+        log.warning("fused Triton kernels unavailable: %s. Scoring uses the exact torch path instead "
+                    "(same numbers, slower).", problem)
+    return problem
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the fused kernels can run on ``device`` (checked per call, never at import): a CUDA
+    device (or any device under ``TRITON_INTERPRET=1``), and triton plus ``gradsel_kernels`` importable.
+    When they are not importable, this says so once with a warning and returns False (torch path)."""
+    device = torch.device(device)
+    if not (device.type == "cuda" or interpreting()):
         return False
-    return device.type == "cuda" or interpreting()
+    return _kernels_problem() is None
 
 
 def _use_kernels(use_triton: bool, *ts: torch.Tensor) -> bool:
@@ -55,8 +82,14 @@ def _use_kernels(use_triton: bool, *ts: torch.Tensor) -> bool:
 
 
 def _kernels():
-    import gradsel_kernels  # noqa: WPS433 (deferred on purpose: imports triton)
-
+    """The ``gradsel_kernels`` package; ImportError saying what to do when it is not installed."""
+    try:
+        import gradsel_kernels  # noqa: WPS433 (deferred on purpose)
+    except ImportError as e:
+        raise ImportError(
+            f"backend='triton' needs the gradsel_kernels package ({e}): install gradsel "
+            "(pip install -e . from the repository root), or use backend='ghost' (the exact torch path)"
+        ) from e
     return gradsel_kernels
 
 

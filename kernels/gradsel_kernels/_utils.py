@@ -1,10 +1,12 @@
-"""Shared helpers of the gradsel kernels: input checks, block-size rules and the fp32-accumulating dot.
+"""Shared helpers of the gradsel kernels: input checks, block-size and split rules, the device guard and
+the fp32-accumulating dot.
 
-Nothing here queries a device at import time; whether Triton interprets (``TRITON_INTERPRET=1``) is
-read from the environment at call time.
+Nothing here queries a device at import time (the SM count is read at launch, once per device); whether
+Triton interprets (``TRITON_INTERPRET=1``) is read from the environment at call time.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional, Tuple
@@ -121,6 +123,53 @@ def upper_pairs(n_blocks: int, device: torch.device) -> torch.Tensor:
             _PAIRS_DEV.clear()
         _PAIRS_DEV[key] = table
     return table
+
+
+# SM count assumed when there is no CUDA device to ask (the interpreter): small, so that CPU tests run the
+# split paths of the launchers as well as the unsplit ones
+INTERPRET_SM_COUNT = 4
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_sm_count(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (queried at launch, cached per device index);
+    ``INTERPRET_SM_COUNT`` for non-CUDA devices (the interpreter)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRET_SM_COUNT
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def n_splits(programs: int, steps: int, sms: int, min_steps: int = 2) -> int:
+    """How many programs share one unit of work (its loop of ``steps`` steps) so that the grid reaches
+    about two waves (2 programs per SM); 1 when ``programs`` already does. Each split keeps at least
+    ``min_steps`` steps of the loop. The partial results are combined in a fixed order (no atomics)."""
+    target = 2 * max(1, sms)
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, max(1, programs)), steps // max(1, min_steps)))
+
+
+def split_len(n: int, block: int, n_split: int) -> int:
+    """Length of each split of a loop over ``n`` in steps of ``block``: a multiple of ``block``."""
+    return block * triton.cdiv(triton.cdiv(n, block), n_split)
+
+
+def device_guard(device: torch.device):
+    """Context for one launch: CUDA tensors launch under their own device (Triton launches on the current
+    device and its current stream, so a tensor on cuda:1 needs cuda:1 current); a no-op otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def warps_for(block_t: int) -> int:
+    """num_warps of the Gram kernels: 8 for 64-row blocks (with 4, unaligned shapes spill registers)."""
+    return 8 if block_t >= 64 else 4
 
 
 def launch_opts(num_warps: int, num_stages: int) -> dict:

@@ -8,7 +8,11 @@ hold a match only if max id of I == min id of J: every other off-diagonal pair e
 loads. Typical cost ≈ B·T·BLOCK_T·d (diagonal and touching pairs), worst case (one long run of
 one id) B·T²·d/2.
 
-Three layers: ``_embedding_sq_kernel`` (Triton), ``embedding_sq_launch``, ``embedding_sq`` (public).
+The result is linear in the G Gram, so when there are few (sample, block pair) programs the column loop
+is split over ``n_split`` programs that each write one scalar partial; the launcher sums them.
+
+Three layers: ``_embedding_sq_kernel`` (Triton), ``embedding_sq_launch``, ``embedding_sq`` (the entry point
+behind ``gradsel_kernels.embedding_sq``).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import block_for, check_device, check_float, dot_acc, dot_config, launch_opts, upper_pairs
+from ._utils import (block_for, check_device, check_float, device_guard, dot_acc, dot_config, launch_opts, n_splits,
+                     sm_count, split_len, upper_pairs, warps_for)
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +35,12 @@ def _embedding_sq_kernel(
     perm_ptr,  # (B, T) int64 contiguous: perm[b, i] = row of G holding sorted id i
     G_ptr,  # (B, T, d) output gradients of the embedding, fp32/fp16/bf16, any strides
     pairs_ptr,  # (n_pairs, 2) int32 contiguous: (t_block, s_block) with s_block >= t_block
-    part_ptr,  # (B, n_pairs) fp32 contiguous, zero-initialised: one partial per (sample, block pair)
+    part_ptr,  # (B, n_pairs, n_split) fp32 contiguous, zeroed: one partial per (sample, block pair, split)
     T,  # ids per sample
     d,  # embedding dim (columns of G)
     n_pairs,  # number of block pairs
+    n_split,  # programs per block pair (grid axis 2), each over cols columns of G
+    cols,  # columns of G per split (a multiple of BLOCK_K; d when unsplit)
     pad_id,  # padding id (used only when HAS_PAD)
     stride_gb, stride_gt, stride_gd,  # G strides (elements) over B, T, d
     HAS_PAD: tl.constexpr,  # positions whose id == pad_id contribute nothing
@@ -41,14 +48,18 @@ def _embedding_sq_kernel(
     BLOCK_T: tl.constexpr,  # sorted positions per block
     BLOCK_K: tl.constexpr,  # columns of G per inner-product step
 ):
-    """One program = one sample b and one block pair (I, J), J >= I, of sorted positions:
+    """One program = one sample b, one block pair (I, J), J >= I, of sorted positions and one split c of
+    the columns (k ∈ c):
 
-        part[b, (I, J)] = w_IJ · Σ_{i∈I, j∈J} [y_i = y_j ≠ pad] (g_{π(i)}·g_{π(j)}),  w = 1 if I == J else 2
+        part[b, (I, J), c] = w_IJ · Σ_{i∈I, j∈J} [y_i = y_j ≠ pad] Σ_{k∈c} g_{π(i),k} g_{π(j),k}
+        w_IJ = 1 if I == J else 2
 
-    with y the sorted ids and π the sorting permutation. Sum over pairs = Σ_{t,s}[x_t = x_s ≠ pad](g_t·g_s).
+    with y the sorted ids and π the sorting permutation. Sum over pairs and splits =
+    Σ_{t,s}[x_t = x_s ≠ pad](g_t·g_s). Offsets in int64.
     """
     pid_pair = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     tb = tl.load(pairs_ptr + 2 * pid_pair)
     sb = tl.load(pairs_ptr + 2 * pid_pair + 1)
     t0 = tb * BLOCK_T
@@ -74,10 +85,11 @@ def _embedding_sq_kernel(
         match = match & (id_t[:, None] != pad_id)
 
     g_base = G_ptr + b * stride_gb
-    offs_k = tl.arange(0, BLOCK_K)  # (BK,)
-    gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)  # (BT, BT): g_{π(i)}·g_{π(j)}
-    for k0 in range(0, d, BLOCK_K):
-        kk = k0 + offs_k  # (BK,)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # (BK,)
+    gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)  # (BT, BT): g_{π(i)}·g_{π(j)} over the split
+    k_lo = split * cols
+    for k0 in range(k_lo, tl.minimum(d, k_lo + cols), BLOCK_K):
+        kk = k0 + offs_k  # (BK,) int64
         mk = kk < d
         g_t = tl.load(g_base + row_t[:, None] * stride_gt + kk[None, :] * stride_gd,
                       mask=mask_t[:, None] & mk[None, :], other=0.0)  # (BT, BK) gathered rows
@@ -87,7 +99,7 @@ def _embedding_sq_kernel(
 
     val = tl.sum(tl.sum(tl.where(match, gram, 0.0), axis=1), axis=0)  # scalar
     w = tl.where(tb == sb, 1.0, 2.0)
-    tl.store(part_ptr + b * n_pairs + pid_pair, val * w)
+    tl.store(part_ptr + (b * n_pairs + pid_pair) * n_split + split, val * w)
 
 
 def embedding_sq_launch(
@@ -96,37 +108,50 @@ def embedding_sq_launch(
     padding_idx: Optional[int] = None,
     block_t: int = 64,
     block_k: int = 64,
-    num_warps: int = 4,
+    n_split: int = 1,
+    num_warps: int = 8,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """Sort ids per sample and launch ``_embedding_sq_kernel``; ids (B, T) ints, G (B, T, d). fp32 (B,)."""
+    """Sort ids per sample and launch ``_embedding_sq_kernel``; ids (B, T) ints, G (B, T, d). fp32 (B,).
+
+    ``n_split`` > 1 splits the column loop over that many programs per block pair. Runs under G's CUDA
+    device (and so on its current stream)."""
     B, T, d = G.shape
-    sorted_ids, perm = torch.sort(ids.long(), dim=1)  # (B, T), (B, T) int64 contiguous
-    n_blocks = triton.cdiv(T, block_t)
-    pairs = upper_pairs(n_blocks, G.device)  # (n_pairs, 2)
-    n_pairs = pairs.shape[0]
-    part = torch.zeros(B, n_pairs, dtype=torch.float32, device=G.device)  # (B, n_pairs)
-    upcast, precision = dot_config(G.dtype)
-    grid = (n_pairs, B)
-    _embedding_sq_kernel[grid](
-        sorted_ids, perm, G, pairs, part,
-        T, d, n_pairs, int(padding_idx) if padding_idx is not None else 0,
-        G.stride(0), G.stride(1), G.stride(2),
-        HAS_PAD=padding_idx is not None,
-        UPCAST=upcast, PRECISION=precision,
-        BLOCK_T=block_t, BLOCK_K=block_k,
-        **launch_opts(num_warps, num_stages),
-    )
-    return part.sum(dim=1)  # (B,)
+    with device_guard(G.device):
+        sorted_ids, perm = torch.sort(ids.long(), dim=1)  # (B, T), (B, T) int64 contiguous
+        n_blocks = triton.cdiv(T, block_t)
+        pairs = upper_pairs(n_blocks, G.device)  # (n_pairs, 2)
+        n_pairs = pairs.shape[0]
+        part = torch.zeros(B, n_pairs, n_split, dtype=torch.float32, device=G.device)  # (B, n_pairs, n_split)
+        upcast, precision = dot_config(G.dtype)
+        grid = (n_pairs, B, n_split)
+        _embedding_sq_kernel[grid](
+            sorted_ids, perm, G, pairs, part,
+            T, d, n_pairs, n_split, split_len(d, block_k, n_split) if n_split > 1 else d,
+            int(padding_idx) if padding_idx is not None else 0,
+            G.stride(0), G.stride(1), G.stride(2),
+            HAS_PAD=padding_idx is not None,
+            UPCAST=upcast, PRECISION=precision,
+            BLOCK_T=block_t, BLOCK_K=block_k,
+            **launch_opts(num_warps, num_stages),
+        )
+        return part.sum(dim=(1, 2))  # (B,) fixed order
 
 
-def embedding_config(T: int, d: int, dtype: torch.dtype) -> dict:
-    """Fixed block sizes: BLOCK_T = 64 (16 minimum), BLOCK_K = 64 for 2-byte dtypes, 32 for fp32."""
+def embedding_config(B: int, T: int, d: int, dtype: torch.dtype, sms: int) -> dict:
+    """Fixed launch configuration: BLOCK_T = 64 (16 minimum; 8 warps at 64), BLOCK_K = 64 for 2-byte
+    dtypes, 32 for fp32; the column loop split over ``n_split`` programs when B·n_pairs programs fall
+    short of two per SM."""
+    block_t = block_for(T, 16, 64)
+    block_k = block_for(d, 16, 64 if dtype != torch.float32 else 32)
+    nb = triton.cdiv(T, block_t)
     return {
-        "block_t": block_for(T, 16, 64),
-        "block_k": block_for(d, 16, 64 if dtype != torch.float32 else 32),
-        "num_warps": 4,
-        "num_stages": 2,
+        "block_t": block_t,
+        "block_k": block_k,
+        "n_split": n_splits(B * nb * (nb + 1) // 2, triton.cdiv(d, block_k), sms),
+        "num_warps": warps_for(block_t),
+        # 3 stages: with 2, triton 3.6's ptxas spills 16 B on fp32 with unaligned rows (sm_90)
+        "num_stages": 3,
     }
 
 
@@ -155,6 +180,6 @@ def embedding_sq(ids: torch.Tensor, G: torch.Tensor, padding_idx: Optional[int] 
     device = check_device(("G", G), ("ids", ids))
     if B == 0 or T == 0 or d == 0:
         return torch.zeros(B, dtype=torch.float32, device=device)
-    cfg = embedding_config(T, d, G.dtype)
+    cfg = embedding_config(B, T, d, G.dtype, sm_count(device))
     log.debug("embedding_sq B=%d T=%d d=%d pad=%s %s", B, T, d, padding_idx, cfg)
     return embedding_sq_launch(ids, G, padding_idx, **cfg)
