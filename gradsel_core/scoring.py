@@ -147,8 +147,8 @@ def scan_dataset(dataset: Any) -> DataScan:
             raise TypeError(f"record {pos} is a {type(rec).__name__}; records must be dicts with 'input_ids'")
         if "input_ids" not in rec:
             raise ValueError(
-                f"record {pos} has no 'input_ids' (keys: {sorted(rec)}); tokenize first "
-                "(gradsel_core.data.encode_record) or use `gradsel score --data file.jsonl`"
+                f"record {pos} has no 'input_ids' (keys: {sorted(rec)}); pass tokenizer= to score_dataset to "
+                "tokenize 'text', 'prompt' + 'response' or 'messages' records, or use `gradsel score --data file.jsonl`"
             )
         ids_a = as_int_array(rec["input_ids"], f"record {pos}: input_ids")
         L = len(ids_a)
@@ -509,6 +509,8 @@ def score_dataset(
     pad_id: Optional[int] = None,
     chunk_size: Optional[int] = None,
     loss_reduction: str = "mean",
+    tokenizer: Any = None,
+    max_length: Optional[int] = None,
 ) -> ScoreStore:
     """Score every record of ``dataset`` into the score store ``out_dir`` and return it.
 
@@ -525,11 +527,22 @@ def score_dataset(
         overwrite: replace a store of another model/config/dataset in ``out_dir``.
         shard_size: records per shard, which is also the length-bucketing window (``64 * batch_size``).
         pad_id: padding id (default: the model config's ``pad_token_id``, else 0).
+        tokenizer: tokenize records given as ``text``, ``prompt`` + ``response`` or chat ``messages``, as
+            ``gradsel score --data`` does (:func:`gradsel_core.data.encode_record`: the loss covers the
+            response / assistant turns only); records that have ``input_ids`` pass through unchanged.
+        max_length: with ``tokenizer``, truncate records to this many tokens (default: the model's
+            maximum positions, else 1024).
 
     NaN/inf losses and norms are stored as such and counted in ``store.meta["counts"]``.
     Under ``torch.distributed`` every rank must call this with the same arguments (see module doc).
     """
     t_start = time.perf_counter()
+    if tokenizer is not None:
+        from .data import encode_records, model_max_length
+
+        dataset = encode_records(_indexable(dataset)[1], tokenizer, max_length or model_max_length(model), compact=True)
+    elif max_length is not None:
+        raise ValueError("max_length truncates while tokenizing: it needs tokenizer= as well")
     rank, world = _dist()
     engine = GradNormEngine(
         model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction
