@@ -16,6 +16,7 @@ import torch
 _DEVICE = os.environ.get("GRADSEL_KERNEL_DEVICE", "cpu")
 _INTERPRET = _DEVICE == "cpu"
 
+pytestmark = pytest.mark.needs_triton
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'gradsel[triton]')")
 import triton.language as _tl  # noqa: E402
 
