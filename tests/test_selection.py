@@ -550,18 +550,19 @@ class TestCommand:
         assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == direct.kept_ids.tolist()
         assert '"group_by": "task"' in capsys.readouterr().out
 
-    def test_run_group_by_without_fields_errors(self, tmp_path, monkeypatch, caplog):
+    # errors propagate out of run(); the CLI prints them as `gradsel select: error: ...` (tests/test_cli.py)
+    def test_run_group_by_without_fields_errors(self, tmp_path, monkeypatch):
         from gradsel_core.commands import select as cmd
 
         monkeypatch.setattr(cmd, "_open_store", lambda path: FakeStore(with_fields=False))
         out = tmp_path / "kept.jsonl"
-        rc = cmd.run(_parse(["--scores", "D", "--group-by", "task", "--out", str(out)]))
-        assert rc == 2 and not out.exists()
-        assert "no per-record fields" in caplog.text
+        with pytest.raises(ValueError, match="no per-record fields"):
+            cmd.run(_parse(["--scores", "D", "--group-by", "task", "--out", str(out)]))
+        assert not out.exists()
 
-    def test_run_bad_policy(self, tmp_path, monkeypatch, caplog):
+    def test_run_bad_policy(self, tmp_path, monkeypatch):
         from gradsel_core.commands import select as cmd
 
         monkeypatch.setattr(cmd, "_open_store", lambda path: FakeStore())
-        rc = cmd.run(_parse(["--scores", "D", "--policy", "bogus", "--out", str(tmp_path / "k.jsonl")]))
-        assert rc == 2 and "known policies" in caplog.text
+        with pytest.raises(ValueError, match="known policies"):
+            cmd.run(_parse(["--scores", "D", "--policy", "bogus", "--out", str(tmp_path / "k.jsonl")]))

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List
 
 import numpy as np
@@ -119,13 +118,9 @@ def plot_histogram(store, path: str, bins: int = 20, log: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..store import ScoreStore, StoreError
+    from ..store import ScoreStore
 
-    try:
-        store = ScoreStore.open(args.dir, verify=not args.no_verify)
-    except StoreError as e:
-        print(f"gradsel inspect: error: {e}", file=sys.stderr)
-        return 2
+    store = ScoreStore.open(args.dir, verify=not args.no_verify)  # errors: `gradsel inspect: error: ...` (cli)
     print(describe(store, bins=args.bins, width=args.width, log=args.log))
     if args.plot:
         plot_histogram(store, args.plot, bins=args.bins, log=args.log)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 BACKEND_CHOICES = ("auto", "loop", "vmap", "ghost", "triton")
@@ -83,26 +82,21 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import encode_records, iter_jsonl, load_model_and_tokenizer, model_max_length
     from ..scoring import score_dataset
-    from ..store import StoreConflictError, StoreError
-
     t0 = time.perf_counter()
     initialised, local = _init_distributed(args.dist_timeout)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     try:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        try:
-            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-            max_length = args.max_length or model_max_length(model)
-            records = encode_records(iter_jsonl(args.data), tok, max_length, compact=True)
-            store = score_dataset(
-                model, records, args.out,
-                batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
-                per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress,
-                overwrite=args.overwrite, shard_size=args.shard_size,
-            )
-        except (StoreConflictError, StoreError, FileNotFoundError, ValueError, TypeError) as e:
-            print(f"gradsel score: error: {e}", file=sys.stderr)
-            return 2
+        # errors propagate to the CLI's one error style (`gradsel score: error: ...`, exit 2)
+        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+        max_length = args.max_length or model_max_length(model)
+        records = encode_records(iter_jsonl(args.data), tok, max_length, compact=True)
+        store = score_dataset(
+            model, records, args.out,
+            batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
+            per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress,
+            overwrite=args.overwrite, shard_size=args.shard_size,
+        )
         if rank == 0:
             print(summary_line(store, time.perf_counter() - t0))
         return 0

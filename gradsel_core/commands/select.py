@@ -109,34 +109,26 @@ def write_kept(path: str, sel, ids, norms, losses, tokens=None) -> int:
 def run(args: argparse.Namespace) -> int:
     from gradsel_core.selection import select
 
-    try:
-        store = _open_store(args.scores)
-    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError covers the store's StoreError
-        log.error("cannot open score store %s: %s", args.scores, e)
-        return 2
-    try:
-        cols = {
-            "ids": np.asarray(store.ids) if getattr(store, "ids", None) is not None else None,
-            "norms": np.asarray(store.norms),
-            "losses": np.asarray(store.losses),
-            "tokens": np.asarray(store.tokens) if getattr(store, "tokens", None) is not None else None,
-        }
-        if cols["ids"] is None:
-            cols["ids"] = np.arange(cols["norms"].shape[0])
-        groups = _store_field(store, args.group_by, args.scores) if args.group_by else None
-        sel = select(
-            cols,
-            policy=args.policy,
-            ratio=args.ratio,
-            loss_filter_std=args.loss_filter_std,
-            group_by=groups,
-            seed=args.seed,
-            length_normalize=args.length_normalize,
-            **_parse_params(args.param),
-        )
-    except ValueError as e:
-        log.error("%s", e)
-        return 2
+    store = _open_store(args.scores)  # errors are printed by the CLI: `gradsel select: error: ...`
+    cols = {
+        "ids": np.asarray(store.ids) if getattr(store, "ids", None) is not None else None,
+        "norms": np.asarray(store.norms),
+        "losses": np.asarray(store.losses),
+        "tokens": np.asarray(store.tokens) if getattr(store, "tokens", None) is not None else None,
+    }
+    if cols["ids"] is None:
+        cols["ids"] = np.arange(cols["norms"].shape[0])
+    groups = _store_field(store, args.group_by, args.scores) if args.group_by else None
+    sel = select(
+        cols,
+        policy=args.policy,
+        ratio=args.ratio,
+        loss_filter_std=args.loss_filter_std,
+        group_by=groups,
+        seed=args.seed,
+        length_normalize=args.length_normalize,
+        **_parse_params(args.param),
+    )
     if args.group_by:
         sel.summary["group_by"] = args.group_by
     written = write_kept(args.out, sel, cols["ids"], cols["norms"], cols["losses"], cols["tokens"])
