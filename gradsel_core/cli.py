@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         mod = importlib.import_module(f"gradsel_core.commands.{module}")
         mod.add_arguments(p)
+        for action in p._actions:  # an option without help text still shows its default
+            if action.help is None and action.option_strings and action.default not in (None, False, []):
+                action.help = "(default: %(default)s)"
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
         p.set_defaults(_run=mod.run)

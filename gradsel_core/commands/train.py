@@ -166,9 +166,9 @@ def default_config() -> Dict[str, Any]:
         out[k.key] = k.default
     placeholders = {"name": "task1", "train": "task1_train.jsonl"}  # the required task keys
     out["tasks"] = [{name: placeholders.get(name, k.default) for k in config_keys()
-                     for sec, _, name in [k.key.partition(".")] if sec == "tasks[]"}]
+                     for sec, _, name in [k.key.partition(".")] if sec == "tasks[]" and name}]
     out["selection"] = {name: k.default for k in config_keys()
-                        for sec, _, name in [k.key.partition(".")] if sec == "selection"}
+                        for sec, _, name in [k.key.partition(".")] if sec == "selection" and name}
     return out
 
 
