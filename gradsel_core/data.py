@@ -224,7 +224,7 @@ def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optiona
         mask = [1] * len(ids)
     else:
         raise ValueError(
-            f"a record needs 'text', 'prompt' + 'response', chat 'messages' or 'input_ids'; got keys {sorted(record)}"
+            f"a record needs 'text', or 'prompt' + 'response', or chat 'messages', or 'input_ids'; got keys {sorted(record)}"
         )
     if len(labels) != len(ids) or len(mask) != len(ids):
         raise ValueError(f"record {record.get('id')!r}: labels/attention_mask must have the length of input_ids")
