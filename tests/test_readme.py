@@ -51,3 +51,24 @@ def test_relative_links_resolve(doc):
         assert path.exists(), f"{doc.name} links {target}, which does not exist"
         assert REPO in path.parents, f"{doc.name} links {target}, outside the repository"
     assert "shared/design" not in text, f"{doc.name} cites notes outside the repository"
+
+
+def test_ci_runs_the_readme_commands_first():
+    """.ci/run's first phase is the README's two commands (pip's -q and `python3 -m pip` aside)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## The two commands\n+```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [c.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")
+                for c in line.split("&&")]
+    assert commands == ['pip install torch==2.13.0 -e ".[dev,hf]"', "gradsel demo", "python3 -m pytest -q tests"]
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    phase1 = ci[ci.index("phase 1"):ci.index("phase 2")]
+    def normal(line: str) -> str:
+        if line.startswith("python3 -m pip "):
+            return " ".join(w for w in line[len("python3 -m "):].split() if w != "-q")
+        if line.startswith("run_pytest "):  # .ci/run's wrapper of `python3 -m pytest` (exit 5 fails)
+            return "python3 -m pytest " + line[len("run_pytest "):]
+        return line
+
+    lines = [normal(line.strip()) for line in phase1.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    positions = [lines.index(c) for c in commands]  # each command is a line of phase 1, in this order
+    assert positions == sorted(positions)
