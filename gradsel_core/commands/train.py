@@ -15,9 +15,13 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..selection import SelectionConfig
+    from ..trainer import LoRAConfig
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +240,8 @@ class TrainConfig:
 
     tasks: List[TaskSpec]
     model: str = "tiny"
-    selection: Any = None  # a SelectionConfig, or None
-    lora: Any = None  # a LoRAConfig, or None
+    selection: Optional["SelectionConfig"] = None  # None: train on everything
+    lora: Optional["LoRAConfig"] = None
     safety: Dict[str, Any] = field(default_factory=dict)
     max_length: Optional[int] = None
     out_dir: Optional[str] = None
@@ -257,9 +261,7 @@ class TrainConfig:
             raise UsageError(f"{where}: tasks must hold at least one task")
         tasks = []
         for i, t in enumerate(cfg["tasks"]):
-            if not isinstance(t, dict):
-                raise UsageError(f"{where}: tasks[{i}] must be an object, got {json.dumps(t)}")
-            _check_section(t, "tasks[].", where, keys, shown=f"tasks[{i}].")
+            _check_section(t, "tasks[].", where, keys, shown=f"tasks[{i}].")  # t is a dict: list[object]
             paths = {p: _existing(base_dir, t[p], f"{where}: tasks[{i}].{p}") for p in ("train", "eval") if t.get(p)}
             tasks.append(TaskSpec(t["name"], paths["train"], paths.get("eval"), t.get("metric", "exact_match")))
         names = [t.name for t in tasks]
@@ -270,7 +272,10 @@ class TrainConfig:
             selection = {"policy": selection}
         if selection is not None:
             _check_section(selection, "selection.", where, keys)
-            selection = SelectionConfig(**selection)
+            try:
+                selection = SelectionConfig(**selection)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"{where}: selection: {e}") from e
         lora = cfg.get("lora")
         if lora is not None:
             _check_section(lora, "lora.", where, keys)
