@@ -79,9 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"gradsel {args.command}: interrupted", file=sys.stderr)
         return 130
     except SystemExit as e:  # a command's `raise SystemExit("message")` gets the one error style too
-        if not isinstance(e.code, str):
-            raise
-        if args.debug:
+        if not isinstance(e.code, str) or args.debug:
             raise
         return report_error(args.command, UsageError(e.code))
     except Exception as e:  # noqa: BLE001 - the one place errors become a message and an exit code

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import encode_records, iter_jsonl, load_model_and_tokenizer, model_max_length
     from ..scoring import score_dataset
+
     t0 = time.perf_counter()
     initialised, local = _init_distributed(args.dist_timeout)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
