@@ -252,3 +252,16 @@ def test_internal_errors_exit_1_with_a_hint(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("gradsel inspect: error: ZeroDivisionError: boom") and "--debug" in err
     assert "Traceback" not in err
+
+
+def test_score_reads_text_prompt_response_and_chat_records(tmp_path, capsys):
+    from gradsel_core.store import ScoreStore
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    write_jsonl(tmp_path / "d.jsonl", [{"id": "t", "text": "abc"}, {"id": "p", "prompt": "q", "response": "ab"},
+                                       {"id": "m", "messages": chat}])
+    assert main(["score", "--model", "tiny", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "s"),
+                 "--no-progress"]) == 0
+    store = ScoreStore.open(str(tmp_path / "s"))
+    # text: every token but the first (BOS + 3 bytes); response + EOS; the assistant turn "hello\n"
+    assert store.ids.tolist() == ["t", "p", "m"] and store.tokens.tolist() == [3, 3, 6]
