@@ -3,6 +3,7 @@ copies one), in a fresh interpreter, in an empty temporary directory (the blocks
 runs/ relative to it). Links to files in the repository resolve."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -37,7 +38,11 @@ def test_the_readme_has_python_blocks():
 def test_python_block_runs_as_printed(doc, line, code, tmp_path):
     script = tmp_path / "block.py"
     script.write_text(code, encoding="utf-8")
-    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)
+    # this checkout's code, whatever is installed (the block runs outside the repo, in tmp_path)
+    path = [str(REPO), str(REPO / "kernels"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=TIMEOUT)
     assert r.returncode == 0, f"{doc.name}:{line} failed:\n{code}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-5000:]}"
 
 
