@@ -18,7 +18,7 @@ setup(
     description="Exact per-sample gradient norms at the cost of one backward, and gradient-based sample selection "
     "for continual safety alignment.",
     python_requires=">=3.9",
-    packages=find_packages(include=["gradsel_core", "gradsel_core.*"]) + ["gradsel_kernels"],
+    packages=find_packages(include=["gradsel_core", "gradsel_core.*"]) + ["gradsel", "gradsel_kernels"],  # gradsel: alias of gradsel_core
     package_dir={"gradsel_kernels": "kernels/gradsel_kernels"},
     install_requires=["torch>=2.1", "numpy", "safetensors>=0.4", "tqdm"],
     extras_require=EXTRAS,

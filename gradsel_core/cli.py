@@ -8,12 +8,11 @@ import logging
 import sys
 from typing import List, Optional
 
-from .errors import GradselError
+from .errors import GradselError, UsageError
 
 # command -> (module under gradsel_core.commands, one-line help)
 COMMANDS = {
     "demo": ("demo", "run the safety-drift experiment on the synthetic testbed (the main job)"),
-    "score-demo": ("score_demo", "score TinyGPT on generated data and print the norms"),
     "score": ("score", "score a dataset into a resumable score store"),
     "inspect": ("inspect", "summarise a score store, with a norm histogram"),
     "select": ("select", "select samples from a score store with a policy"),
@@ -30,16 +29,38 @@ def _available():
     return found
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default, unless its help text states it already or there is none to
+    show (a flag, ``None``); descriptions and epilogs are printed as written (tables, examples)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"gradsel {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gradsel", description="Exact per-sample gradient norms and gradient-based sample selection.")
+        prog="gradsel", description="Exact per-sample gradient norms and gradient-based sample selection.",
+        formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in _available().items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         mod = importlib.import_module(f"gradsel_core.commands.{module}")
         mod.add_arguments(p)
+        for action in p._actions:  # an option without help text still shows its default
+            if action.help is None and action.option_strings and action.default not in (None, False, []):
+                action.help = "(default: %(default)s)"
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
         p.set_defaults(_run=mod.run)
@@ -58,6 +79,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"gradsel {args.command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a command's `raise SystemExit("message")` gets the one error style too
+        if not isinstance(e.code, str) or args.debug:
+            raise
+        return report_error(args.command, UsageError(e.code))
     except Exception as e:  # noqa: BLE001 - the one place errors become a message and an exit code
         if args.debug:
             raise

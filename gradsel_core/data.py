@@ -7,13 +7,16 @@ Records
     ``"source"``) ride along as metadata columns.
 
 JSONL
-    Each line is a JSON object with either ``"text"`` or ``"prompt"`` + ``"response"`` (or already
-    tokenized ``"input_ids"``), plus an optional ``"id"`` and metadata fields. :func:`encode_record`
+    Each line is a JSON object with ``"text"``, ``"prompt"`` + ``"response"`` or chat ``"messages"`` (or
+    already tokenized ``"input_ids"``), plus an optional ``"id"`` and metadata fields. :func:`encode_record`
     tokenizes it: ``text`` is encoded with the tokenizer's special tokens and every token is a target;
     ``prompt`` + ``response`` follow the SFT convention: the prompt is encoded with the special tokens
     (e.g. BOS), the response without them and followed by EOS (when the tokenizer has one), and the
     prompt's labels are -100, so the loss (and the gradient norm) covers response tokens only.
     Prompt and response are tokenized separately, so the boundary never merges across them.
+    ``messages`` (``[{"role": "user"|"system"|"assistant", "content": str}, ...]``) are rendered with the
+    tokenizer's chat template; the assistant turns (with their end-of-turn tokens) are the targets, every
+    other token is -100. Each turn is tokenized on its own, so no token merges across a turn boundary.
 
 Byte tokenizer (``--model tiny``)
     :class:`ByteTokenizer` maps UTF-8 bytes to ids 0..255 and has three specials: 256 ``<bos>``,
@@ -35,7 +38,7 @@ from .batching import IGNORE_INDEX, default_labels
 log = logging.getLogger(__name__)
 
 # keys with a meaning of their own; every other scalar top-level field is a metadata column
-RESERVED_KEYS = frozenset({"id", "input_ids", "labels", "attention_mask", "text", "prompt", "response"})
+RESERVED_KEYS = frozenset({"id", "input_ids", "labels", "attention_mask", "text", "prompt", "response", "messages"})
 TOKEN_KEYS = ("input_ids", "labels", "attention_mask")
 
 DEFAULT_MAX_LENGTH = 1024
@@ -137,6 +140,18 @@ class ByteTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    # a fixed, plain chat format, so ``messages`` records work with ``--model tiny`` too
+    chat_template = "byte-chat: <|role|>, newline, content, newline per message"
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> Any:
+        """``"<|role|>\\n" + content + "\\n"`` per message, then ``"<|assistant|>\\n"`` for a generation
+        prompt; the text (``tokenize=False``) or its byte ids."""
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "<|assistant|>\n"
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> List[int]:
     if not isinstance(text, str):
@@ -153,13 +168,73 @@ def extra_fields(record: Mapping[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in record.items() if k not in RESERVED_KEYS and isinstance(k, str) and _is_scalar(v)}
 
 
+def _render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
+    if not isinstance(text, str):
+        raise TypeError(f"{type(tokenizer).__name__}.apply_chat_template(tokenize=False) returned "
+                        f"{type(text).__name__}, not a string")
+    return text
+
+
+def encode_messages(messages: Any, tokenizer: Any) -> Tuple[List[int], List[int]]:
+    """``(input_ids, labels)`` of a chat: the tokenizer's chat template renders it, assistant turns are the
+    targets (labels = ids), every other token is -100.
+
+    The conversation text is cut where each assistant turn starts (the render of the turns before it with
+    the generation prompt) and ends (the render up to and including it); each piece is tokenized on its
+    own, without added special tokens (a chat template writes its own). A template whose renders of the
+    shorter conversations are not prefixes of the full one cannot be split exactly: that is an error.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for k, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{k}] must be a dict with string 'role' and 'content', got {m!r}")
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError("'messages' has no assistant turn: nothing to score (the assistant turns are the targets)")
+    if not callable(getattr(tokenizer, "apply_chat_template", None)) or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no chat template, so 'messages' records cannot be rendered; set "
+            "tokenizer.chat_template (a Jinja template), or give the records as 'prompt' + 'response'"
+        )
+    full = _render_chat(tokenizer, messages, False)
+    cuts: List[Tuple[int, int]] = []  # (start, end) character spans of the assistant turns in `full`
+    for k in turns:
+        before = _render_chat(tokenizer, messages[:k], True)  # up to this turn's content (generation prompt)
+        upto = _render_chat(tokenizer, messages[: k + 1], False)  # up to and including this turn
+        if not (full.startswith(upto) and upto.startswith(before)) or (cuts and len(before) < cuts[-1][1]):
+            raise ValueError(
+                f"the chat template does not render messages[:{k}] as a prefix of the whole conversation, so "
+                "the assistant turn cannot be cut out exactly; give the records as 'prompt' + 'response'"
+            )
+        cuts.append((len(before), len(upto)))
+    ids: List[int] = []
+    labels: List[int] = []
+    pos = 0
+    for start, end in cuts:
+        for piece, target in ((full[pos:start], False), (full[start:end], True)):
+            if piece:
+                t = _encode(tokenizer, piece, add_special_tokens=False)
+                ids += t
+                labels += t if target else [IGNORE_INDEX] * len(t)
+        pos = end
+    if full[pos:]:
+        t = _encode(tokenizer, full[pos:], add_special_tokens=False)
+        ids, labels = ids + t, labels + [IGNORE_INDEX] * len(t)
+    return ids, labels
+
+
 def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optional[int] = None) -> Dict[str, Any]:
-    """Tokenize one JSONL record into ``{"input_ids", "labels", "attention_mask", "id", ...metadata}``.
+    """Tokenize one record into ``{"input_ids", "labels", "attention_mask", "id", ...metadata}``.
 
     ``text`` -> all tokens are targets; ``prompt`` + ``response`` -> only response tokens (and EOS) are
-    targets; a record that already has ``input_ids`` is passed through. Everything is truncated on the
-    right to ``max_length`` tokens. ``id`` is the record's ``"id"`` or ``None``.
+    targets; chat ``messages`` -> only the assistant turns are targets (:func:`encode_messages`); a record
+    that already has ``input_ids`` is passed through. Everything is truncated on the right to
+    ``max_length`` tokens. ``id`` is the record's ``"id"`` or ``None``.
     """
+    if not isinstance(record, Mapping):
+        raise TypeError(f"a record must be a dict, got {type(record).__name__}")
     if "input_ids" in record:
         ids = [int(i) for i in record["input_ids"]]
         labels = [int(i) for i in record["labels"]] if record.get("labels") is not None else list(ids)
@@ -175,13 +250,16 @@ def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optiona
         ids = p + r
         labels = [IGNORE_INDEX] * len(p) + list(r)
         mask = [1] * len(ids)
+    elif "messages" in record:
+        ids, labels = encode_messages(record["messages"], tokenizer)
+        mask = [1] * len(ids)
     elif "text" in record:
         ids = _encode(tokenizer, record["text"], add_special_tokens=True)
         labels = list(ids)
         mask = [1] * len(ids)
     else:
         raise ValueError(
-            f"a record needs 'text', or 'prompt' + 'response', or 'input_ids'; got keys {sorted(record)}"
+            f"a record needs 'text', or 'prompt' + 'response', or chat 'messages', or 'input_ids'; got keys {sorted(record)}"
         )
     if len(labels) != len(ids) or len(mask) != len(ids):
         raise ValueError(f"record {record.get('id')!r}: labels/attention_mask must have the length of input_ids")
@@ -221,8 +299,12 @@ def encode_records(
     than lists for large datasets); warns about records that truncation left without targets."""
     out = []
     empty = 0
-    for r in records:
-        e = encode_record(r, tokenizer, max_length)
+    for pos, r in enumerate(records):
+        try:
+            e = encode_record(r, tokenizer, max_length)
+        except (ValueError, TypeError) as err:
+            rid = r.get("id") if isinstance(r, Mapping) else None
+            raise type(err)(f"record {pos}{'' if rid is None else f' (id {rid!r})'}: {err}") from err
         if all(l == IGNORE_INDEX for l in e["labels"][1:]):
             empty += 1
         out.append(compact_record(e) if compact else e)

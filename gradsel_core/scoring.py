@@ -171,8 +171,8 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
             raise TypeError(f"record {pos} is a {type(rec).__name__}; records must be dicts with 'input_ids'")
         if "input_ids" not in rec:
             raise ValueError(
-                f"record {pos} has no 'input_ids' (keys: {sorted(rec)}); tokenize first "
-                "(gradsel_core.data.encode_record) or use `gradsel score --data file.jsonl`"
+                f"record {pos} has no 'input_ids' (keys: {sorted(rec)}); pass tokenizer= to score_dataset to "
+                "tokenize 'text', 'prompt' + 'response' or 'messages' records, or use `gradsel score --data file.jsonl`"
             )
         rid = rec.get("id")
         where = f"record {pos}" + (f" (id {rid!r})" if isinstance(rid, (int, str, np.integer)) else "")
@@ -540,6 +540,8 @@ def score_dataset(
     chunk_size: Optional[int] = None,
     loss_reduction: str = "mean",
     source: Optional[Mapping[str, Any]] = None,
+    tokenizer: Any = None,
+    max_length: Optional[int] = None,
 ) -> ScoreStore:
     """Score every record of ``dataset`` into the score store ``out_dir`` and return it.
 
@@ -563,11 +565,30 @@ def score_dataset(
     put next to the others; a file of the same name as one of the store's is refused). Without it only
     an empty directory or a store of the same identity is written to. The returned store's ``run`` says
     what this call did (``records_scored``, ``tokens_scored``, ``elapsed_s``, ``scoring_s``).
+        tokenizer: tokenize records given as ``text``, ``prompt`` + ``response`` or chat ``messages``, as
+            ``gradsel score --data`` does (:func:`gradsel_core.data.encode_record`: the loss covers the
+            response / assistant turns only); records that have ``input_ids`` pass through unchanged.
+        max_length: with ``tokenizer``, truncate records to this many tokens (default: the model's
+            maximum positions, else 1024).
 
     NaN/inf losses and norms are stored as such and counted in ``store.meta["counts"]``.
     Under ``torch.distributed`` every rank must call this with the same arguments (see module doc).
     """
     t_start = time.perf_counter()
+    if tokenizer is not None:
+        from .data import encode_records, model_max_length
+        from .store import tokenizer_fingerprint
+
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise UsageError(f"max_length must be a positive int (tokens per record), got {max_length!r}")
+        length = max_length or model_max_length(model)
+        dataset = encode_records(_indexable(dataset)[1], tokenizer, length, compact=True)
+        # how the records were made is part of the store's identity (another tokenizer or length is refused)
+        source = dict(source or {})
+        source.setdefault("tokenizer", tokenizer_fingerprint(tokenizer))
+        source.setdefault("max_length", length)
+    elif max_length is not None:
+        raise ValueError("max_length truncates while tokenizing: it needs tokenizer= as well")
     rank, world = _dist()
     engine = GradNormEngine(
         model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction

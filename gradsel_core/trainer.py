@@ -351,8 +351,22 @@ class ContinualTrainer:
             return None
         with open(self._path("state.json")) as f:
             state = json.load(f)
-        if state.get("config") != json.loads(json.dumps(self._config_key(), default=_jsonable)):
-            raise ValueError(f"{self.out_dir} holds a run with another configuration; use a new out_dir")
+        new = json.loads(json.dumps(self._config_key(), default=_jsonable))
+        if state.get("config") != new:
+            from .store import describe_difference
+
+            old = state.get("config") or {}
+
+            def at(d: Any, key: str) -> Any:
+                for part in key.split("."):
+                    d = d.get(part) if isinstance(d, dict) else None
+                return d
+
+            changed = [f"{k} {json.dumps(at(old, k))} -> {json.dumps(at(new, k))}" for k in describe_difference(old, new)]
+            raise ValueError(
+                f"{self.out_dir} holds a run with another configuration (changed: {'; '.join(changed)}); "
+                "use a new out_dir, or restore the previous values to resume it"
+            )
         return state
 
     def _save(self, i: int, state: Dict[str, Any]) -> None:

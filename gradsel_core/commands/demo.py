@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 
+from ..errors import UsageError
 from ..experiment import FULL_METHODS, ExperimentConfig, method_label, run_experiment
 
 
@@ -48,17 +49,17 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         known = {method_label(m): m for m in FULL_METHODS}
         bad = [m for m in args.methods if m not in known]
         if bad:
-            raise SystemExit(f"unknown methods {bad}; choose from {sorted(known)}")
+            raise UsageError(f"--methods: unknown methods {bad}; choose from {sorted(known)}")
         kw["methods"] = tuple(known[m] for m in args.methods)
     if args.model:
         if not args.task:
-            raise SystemExit("--model needs at least one --task NAME=TRAIN[,EVAL]")
+            raise UsageError("--model needs at least one --task NAME=TRAIN[,EVAL]")
         files = []
         for spec in args.task:
             name, _, paths = spec.partition("=")
             train, _, ev = paths.partition(",")
             if not name or not train:
-                raise SystemExit(f"--task {spec!r}: use NAME=TRAIN.jsonl[,EVAL.jsonl]")
+                raise UsageError(f"--task {spec!r}: use NAME=TRAIN.jsonl[,EVAL.jsonl]")
             files.append({"name": name, "train": train, "eval": ev or None})
         kw.update(model_dir=args.model, task_files=files, harmful_prompts=args.harmful, mc_file=args.mc,
                   prompt_template=args.template, seeds=kw.get("seeds", (0,)))

@@ -35,7 +35,8 @@ def positive_int(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local HF model or PEFT adapter directory, or 'tiny'")
-    p.add_argument("--data", required=True, help="JSONL: {text} or {prompt, response}, optional id and metadata")
+    p.add_argument("--data", required=True,
+                   help="JSONL: {text}, {prompt, response} or chat {messages}, optional id and metadata")
     p.add_argument("--out", required=True, help="score store directory (created; resumable)")
     p.add_argument("--params", default="trainable", choices=("trainable", "lora", "all"),
                    help="parameters the norm is taken over (default: trainable)")
@@ -148,9 +149,8 @@ def summary_line(store, elapsed: float) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import encode_records, iter_jsonl, load_model_and_tokenizer, model_max_length
+    from ..data import iter_jsonl, load_model_and_tokenizer
     from ..scoring import score_dataset
-    from ..store import tokenizer_fingerprint
 
     t0 = time.perf_counter()
     check_paths(args.data, args.out)
@@ -158,15 +158,13 @@ def run(args: argparse.Namespace) -> int:
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     try:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        # errors propagate to the CLI's one error style (`gradsel score: error: ...`, exit 2)
         model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
-        max_length = args.max_length or model_max_length(model)
-        records = encode_records(iter_jsonl(args.data), tok, max_length, compact=True)
-        store = score_dataset(
-            model, records, args.out,
+        store = score_dataset(  # the Python API's path: tokenizer= encodes the JSONL records
+            model, iter_jsonl(args.data), args.out, tokenizer=tok, max_length=args.max_length,
             batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
             per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress,
             overwrite=args.overwrite, shard_size=args.shard_size,
-            source={"tokenizer": tokenizer_fingerprint(tok), "max_length": max_length},
         )
         if rank == 0:
             print(summary_line(store, time.perf_counter() - t0))
