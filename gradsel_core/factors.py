@@ -8,7 +8,7 @@ computes
 * ``inner(other)``    ⟨∇_b^u, ∇_b^v⟩ between two uses of a shared parameter -> (B,)
 * ``weighted_sum(w)`` Σ_b w_b ∇_b, the masked batch gradient             -> parameter shape
 
-Forms (notation of ``shared/design/norm-math.md``: A (B,T,d) inputs, G (B,T,p) output gradients):
+Forms (notation of ``docs/norm-math.md``: A (B,T,d) inputs, G (B,T,p) output gradients):
 
 * ``Dense(g)``                 g (B, *shape) explicit (fallback results, tiny parameters)
 * ``RowSum(G, X=None)``        Σ_t g_t, or Σ_t x_t ⊙ g_t (bias, LayerNorm/RMSNorm weights)
