@@ -649,7 +649,11 @@ class GhostBackend:
             return
         for n, places in unaccounted.items():
             where = "; ".join(sorted({str(p) for p in places})) or "an op gradsel cannot see"
-            self._move([n], [p.module for p in places] or ["?"], f"used by an op without a rule ({where})")
+            targets = [p.module for p in places] or ["?"]
+            if n in self.moved:  # its fallback module never ran around this use: one step further out
+                prev = self.moved[n][0]
+                targets = ["?"] if prev == "" else [prev.rpartition(".")[0]]
+            self._move([n], targets, f"used by an op without a rule ({where})")
 
     def run(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, strict: bool,
             retain_graph: bool = False):
@@ -657,10 +661,12 @@ class GhostBackend:
 
         Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
         parameter and the place) instead of falling back over the whole model."""
+        last = ""
         for _ in range(MAX_PASSES):
             try:
                 cap, losses, tokens = self._attempt(batch, use_triton, keep_factors, retain_graph)
-            except Retry:
+            except Retry as r:
+                last = str(r.__cause__ or r)[:200]
                 continue
             refused = [n for n in self.plan.root_fallback if n in self.moved]
             if strict and refused:
@@ -669,7 +675,8 @@ class GhostBackend:
                 raise UnsupportedModule(_ways_out(
                     f"parameters {names[:4]} can only be scored by a fallback over the whole model ({why})"))
             return cap, losses, tokens
-        raise UnsupportedModule(_ways_out(f"scoring did not settle after {MAX_PASSES} passes"))
+        raise UnsupportedModule(_ways_out(
+            f"scoring did not settle after {MAX_PASSES} passes moving parameters to fallbacks (last: {last})"))
 
     def _attempt(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, retain_graph: bool):
         spec = self.spec

@@ -88,7 +88,9 @@ def find_place(module_names: Dict[int, str], op: str) -> Place:
         fn = frame.f_code.co_filename
         if where == "?" and not fn.startswith(_TORCH_DIR) and not fn.startswith(_THIS_DIR):
             where = f"{os.path.basename(fn)}:{frame.f_lineno}"
-        owner = frame.f_locals.get("self") if module == "?" else None
+        # the innermost module whose *forward* runs (a helper method of a module that is not called, such as
+        # JetMoe's experts.map, does not enclose the use: its caller's forward does)
+        owner = frame.f_locals.get("self") if module == "?" and frame.f_code.co_name == "forward" else None
         if isinstance(owner, nn.Module) and id(owner) in module_names:
             module = module_names[id(owner)]
         if module != "?" and where != "?":

@@ -36,12 +36,12 @@ Group = Tuple[Optional[str], np.ndarray]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="score store directory")
-    p.add_argument("--bins", type=int, default=20, help="histogram bins (default 20)")
+    p.add_argument("--bins", type=int, default=20, help="histogram bins")
     p.add_argument("--log", action="store_true", help="log-scale bins (edges printed as norms)")
-    p.add_argument("--width", type=int, default=50, help="width of the longest text bar (default 50)")
+    p.add_argument("--width", type=int, default=50, help="width of the longest text bar")
     p.add_argument("--by", default=None, metavar="FIELD", help="one histogram per value of this store field")
     p.add_argument("--max-groups", type=int, default=12,
-                   help="with --by, show the largest this many groups (default 12)")
+                   help="with --by, show the largest this many groups")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the histogram image here (needs matplotlib)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
     g = p.add_argument_group("mark what a selection policy keeps (the options of `gradsel select`)")

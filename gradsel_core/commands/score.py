@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="trainable", choices=("trainable", "lora", "all"),
                    help="parameters the norm is taken over (default: trainable)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="engine backend (default: auto)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="records per batch at most (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="records per batch at most")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="padded tokens per batch at most (B * T_max)")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="truncate records to this many tokens, >= 1 (default: the model's max positions, else 1024)")
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "that is not a store (gradsel adds its files and never touches the others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dist-timeout", type=float, default=120.0,
-                   help="minutes ranks wait for each other under torchrun (default 120)")
+                   help="minutes ranks wait for each other under torchrun")
 
 
 def _env_int(name: str, default: int, minimum: int) -> int:

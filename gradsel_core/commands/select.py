@@ -55,13 +55,13 @@ def add_policy_arguments(p: argparse.ArgumentParser, policy_default: Optional[st
     p.add_argument("--policy", default=policy_default,
                    help=f"selection policy: {POLICY_HELP}" + ("" if policy_default else " (default: none)"))
     p.add_argument("--ratio", type=float, default=0.2,
-                   help="fraction of each group to keep (to drop, for drop_top) (default 0.2)")
+                   help="fraction of each group to keep (to drop, for drop_top)")
     p.add_argument("--loss-filter-std", type=_opt_float, default=1.0, metavar="K",
                    help="keep only losses within K std of the mean first; 'none' disables (default 1.0)")
     p.add_argument("--group-by", default=None, metavar="FIELD", help="select within each value of this store field")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random policy (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random policy")
     p.add_argument("--length-normalize", default="none", choices=["none", "tokens", "sqrt"],
-                   help="rank norm / tokens or norm / sqrt(tokens) instead of the norm (default none)")
+                   help="rank norm / tokens or norm / sqrt(tokens) instead of the norm")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable (band: low_q, high_q; threshold: max_norm)")
 

@@ -123,6 +123,9 @@ def config_keys() -> List[ConfigKey]:
         K("safety.prompt_template", "str | null", None, "prompt template with {prompt}, e.g. 'USER: {prompt} ASSISTANT:'"),
         K("out_dir", "str | null", tr["out_dir"], "where metrics.jsonl, checkpoints and state.json go (resumable); "
           "null: nothing is written (--out overrides)"),
+        K("checkpoint_format", "str", tr.get("checkpoint_format", "model"),
+          "model: the whole model as safetensors per task; peft: a PEFT adapter folder per task (needs lora)",
+          allowed=("model", "peft")),
     ]
 
 
