@@ -8,6 +8,7 @@ from . import models
 from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
 from .filtered import FilteredBackward, FilteredResult, filtered_backward
 from .rules import ModuleCall, UnsupportedModule, register_norm_rule
+from .reference import ReferenceGradient, reference_gradient
 from .scoring import score_dataset
 from .store import ScoreStore, StoreConflictError, StoreError
 from .selection import Selection, SelectionConfig, keep_mask, select
@@ -23,6 +24,8 @@ __all__ = [
     "ModuleCall",
     "UnsupportedModule",
     "score_dataset",
+    "reference_gradient",
+    "ReferenceGradient",
     "ScoreStore",
     "StoreError",
     "StoreConflictError",

@@ -95,24 +95,40 @@ class GradNormEngine:
         self.last_backend: Optional[str] = None
 
     # -- public -----------------------------------------------------------------------------------
-    def score(self, batch: Mapping[str, Any]) -> ScoreResult:
-        """Score one batch. Returns a :class:`ScoreResult`; B = 0 gives empty tensors."""
+    def score(self, batch: Mapping[str, Any], reference: Any = None) -> ScoreResult:
+        """Score one batch. Returns a :class:`ScoreResult`; B = 0 gives empty tensors.
+
+        ``reference``: a mapping name -> tensor (``gs.reference_gradient``) or a list of them: the result
+        then also holds ``dots`` ⟨∇θ L_i, r⟩ and ``cosines``, (B,) for one reference, (B, R) for a list."""
         prepared = prepare_batch(batch, lm_loss=self.loss_fn is None)
+        refs = None
+        if reference is not None:
+            from .reference import stack_references
+
+            refs = stack_references(reference, self.params, acc_dtype(self.params))
         backend = self.resolve_backend(prepared)
         device = prepared.full["input_ids"].device
         if prepared.batch_size == 0:
             empty = torch.zeros(0, dtype=torch.float32, device=device)
             per = {n: empty.clone() for n in self.params} if self.per_param else None
-            return ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend)
+            res = ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend)
+            if refs is not None:
+                R = next(iter(refs.values())).shape[0]
+                shape = (0,) if isinstance(reference, Mapping) else (0, R)
+                res.dots, res.cosines = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+            return res
         with scoring_mode(self.model, self.params):
-            raw, backend = self._score_raw(prepared, backend)
+            raw, backend = self._score_raw(prepared, backend, refs)
             if not self._verified and backend != "loop":
                 if self._should_verify(backend):
-                    raw, backend = self._check(prepared, raw, backend)
+                    raw, backend = self._check(prepared, raw, backend, refs)
                 elif prepared.batch_size >= VERIFY_SAMPLES:
                     self._verified = True  # decided once, on the first batch that could be checked
         self.last_backend = backend
-        return self._finish(raw, backend)
+        res = self._finish(raw, backend)
+        if refs is not None:
+            res.dots, res.cosines = _alignment(raw, res.norms, refs, single=isinstance(reference, Mapping))
+        return res
 
     def resolve_backend(self, prepared: Optional[PreparedBatch] = None) -> str:
         """The backend ``score`` will use: ``"auto"`` is ghost (triton on CUDA when the kernels import) when
@@ -139,20 +155,21 @@ class GradNormEngine:
         return Coverage(backend, [CoverageEntry(n, how) for n in self.params])
 
     # -- internals --------------------------------------------------------------------------------
-    def _run_backend(self, backend: str, prepared: PreparedBatch) -> RawScores:
+    def _run_backend(self, backend: str, prepared: PreparedBatch, refs=None) -> RawScores:
         if backend == "loop":
-            return score_loop(self.spec, prepared)
+            return score_loop(self.spec, prepared, refs)
         if backend == "vmap":
-            return score_vmap(self.spec, prepared)
-        return score_ghost(self.ghost, prepared, use_triton=backend == "triton", strict=self.backend != "auto")
+            return score_vmap(self.spec, prepared, refs)
+        return score_ghost(self.ghost, prepared, use_triton=backend == "triton", strict=self.backend != "auto",
+                           refs=refs)
 
-    def _score_raw(self, prepared: PreparedBatch, backend: str):
+    def _score_raw(self, prepared: PreparedBatch, backend: str, refs=None):
         if self.backend != "auto":
-            return self._run_backend(backend, prepared), backend
+            return self._run_backend(backend, prepared, refs), backend
         chain = _chain_from(backend)
         for i, name in enumerate(chain):
             try:
-                return self._run_backend(name, prepared), name
+                return self._run_backend(name, prepared, refs), name
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - auto: any failure of a fast path moves down the chain
@@ -171,7 +188,7 @@ class GradNormEngine:
             return True
         return backend in ("ghost", "triton") and any(e.how != "rule" for e in self.ghost.coverage())
 
-    def _check(self, prepared: PreparedBatch, raw: RawScores, backend: str):
+    def _check(self, prepared: PreparedBatch, raw: RawScores, backend: str, refs=None):
         """First-batch safety net: the fast squared norms of up to two samples against the loop."""
         B = prepared.batch_size
         idx = torch.arange(min(VERIFY_SAMPLES, B), device=prepared.full["input_ids"].device)
@@ -197,7 +214,7 @@ class GradNormEngine:
         nxt = "vmap" if backend in ("ghost", "triton") else "loop"
         log.warning("%s; using backend=%r (exact)", msg, nxt)
         self._settled = nxt
-        return self._score_raw(prepared, nxt)
+        return self._score_raw(prepared, nxt, refs)
 
     def _finish(self, raw: RawScores, backend: str) -> ScoreResult:
         total = None
@@ -212,6 +229,20 @@ class GradNormEngine:
             per_param=per,
             backend=backend,
         )
+
+
+def _alignment(raw: RawScores, norms: torch.Tensor, refs, single: bool):
+    """Summed dots (B, R) and cosines; a zero gradient or a zero reference gives cosine 0, never NaN."""
+    from .reference import reference_norms
+
+    dots = None
+    for d in raw.dots.values():
+        dots = d if dots is None else dots + d  # (B, R)
+    rn = reference_norms(refs).to(dots.dtype)  # (R,)
+    denom = norms.to(dots.dtype)[:, None] * rn[None, :]  # (B, R)
+    cos = torch.where(denom > 0, dots / denom.clamp(min=torch.finfo(dots.dtype).tiny), torch.zeros_like(dots))
+    dots, cos = dots.float().detach(), cos.float().detach()
+    return (dots[:, 0], cos[:, 0]) if single else (dots, cos)
 
 
 def _chain_from(backend: str) -> List[str]:

@@ -6,6 +6,7 @@ computes
 
 * ``sq_norm()``       ||∇_b||² for every sample b                         -> (B,)
 * ``inner(other)``    ⟨∇_b^u, ∇_b^v⟩ between two uses of a shared parameter -> (B,)
+* ``dot(V)``          ⟨∇_b, V_r⟩ against references V (R, *shape)         -> (B, R)
 * ``weighted_sum(w)`` Σ_b w_b ∇_b, the masked batch gradient             -> parameter shape
 
 Forms (notation of ``docs/norm-math.md``: A (B,T,d) inputs, G (B,T,p) output gradients):
@@ -55,6 +56,13 @@ class Factor:
     def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Σ_k w_k ∇_{index_k} (all samples when ``index`` is None), in the parameter's shape."""
         raise NotImplementedError
+
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        """⟨∇_b, V_r⟩ for every sample b and reference r: V (R, *shape) -> (B, R). Linear in the gradient, so
+        the uses of a shared parameter just add (no cross terms)."""
+        g = self.dense()
+        acc = _acc(g, V)
+        return torch.einsum("b...,r...->br", g.to(acc), V.to(acc))
 
     def inner(self, other: "Factor") -> torch.Tensor:
         fn = _INNER.get((type(self), type(other)))
@@ -121,6 +129,10 @@ class RowSum(Factor):
         rows = self._rows(index)
         return torch.einsum("b,btp->p", w.to(rows.dtype), rows).reshape(self.shape)
 
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        rows = self._rows().sum(1)  # (B, p)
+        return rows @ V.reshape(V.shape[0], -1).to(rows.dtype).t()  # (B, R)
+
 
 @dataclass
 class Outer(Factor):
@@ -143,6 +155,16 @@ class Outer(Factor):
         acc = _acc(self.A, self.G)
         g = torch.einsum("btp,btd->bpd", self.G.to(acc), self.A.to(acc))  # (B, p, d)
         return g.transpose(1, 2) if self.transposed else g
+
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        """Σ_t g_tᵀ V a_t per sample: one forward-sized product (A Vᵀ) per reference, no per-sample gradient."""
+        acc = _acc(self.A, self.G, V)
+        A, G = self.A.to(acc), self.G.to(acc)  # (B, T, d), (B, T, p)
+        out = []
+        for v in V.to(acc):  # (p, d), or (d, p) transposed
+            av = A @ v if self.transposed else A @ v.t()  # (B, T, p)
+            out.append((av * G).sum(dim=(1, 2)))  # (B,)
+        return torch.stack(out, 1)  # (B, R)
 
     def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         acc = _acc(self.A, self.G)
@@ -183,6 +205,16 @@ class EmbRows(Factor):
         out.scatter_add_(1, self.ids.long().unsqueeze(-1).expand(B, T, d), g)  # (B, V, d)
         return out.transpose(1, 2) if self.transposed else out
 
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        """Σ_t g_t · V[x_t] per sample (rows gathered at the ids; padding rows have zero g)."""
+        g = self._g()  # (B, T, d)
+        acc = g.dtype
+        out = []
+        for v in V.to(acc):
+            rows = v.t() if self.transposed else v  # (V, d)
+            out.append((rows[self.ids.long()] * g).sum(dim=(1, 2)))  # (B,)
+        return torch.stack(out, 1)  # (B, R)
+
     def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         ids = self.ids if index is None else self.ids[index]
         g = self._g(index) * w.to(_acc(self.G))[:, None, None]  # (K, T, d)
@@ -219,6 +251,14 @@ class Stacked(Factor):
 
     def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         return torch.cat([p.weighted_sum(w, index) for p in self.parts], dim=self.dim)
+
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        sizes = [p.shape[self.dim] for p in self.parts]
+        total = None
+        for part, v in zip(self.parts, V.split(sizes, dim=1 + self.dim)):
+            d = part.dot(v)
+            total = d if total is None else total + d
+        return total
 
 
 # -- cross terms between two uses of one parameter (return None to use the dense fallback) --------------

@@ -33,6 +33,8 @@ class ScoreResult:
     tokens: torch.Tensor  # (B,) int64: counted target tokens
     per_param: Optional[Dict[str, torch.Tensor]] = None  # name -> (B,) float32 squared norms
     backend: str = ""
+    dots: Optional[torch.Tensor] = None  # (B,) or (B, R) float32: ⟨∇θ L_i, r⟩ (score(..., reference=))
+    cosines: Optional[torch.Tensor] = None  # (B,) or (B, R): dots / (||∇θ L_i|| ||r||), 0 where either is 0
 
     def __len__(self) -> int:
         return self.norms.shape[0]
@@ -45,6 +47,7 @@ class RawScores:
     per_param_sq: Dict[str, torch.Tensor]  # name -> (B,)
     losses: torch.Tensor  # (B,)
     tokens: torch.Tensor  # (B,)
+    dots: Optional[Dict[str, torch.Tensor]] = None  # name -> (B, R): ⟨per-sample gradient, reference⟩
 
 
 @dataclass

@@ -229,8 +229,11 @@ class GhostCapture:
 
     def __init__(self, model: nn.Module, plan: GhostPlan, params: Dict[str, nn.Parameter], batch_size: int,
                  use_triton: bool = False, keep_factors: bool = False, copy_taps: bool = False,
-                 track: Optional[Set[str]] = None, stand_ins: bool = True):
+                 track: Optional[Set[str]] = None, stand_ins: bool = True,
+                 refs: Optional[Dict[str, torch.Tensor]] = None):
         self.model, self.plan, self.params, self.B = model, plan, params, batch_size
+        self.refs = refs or {}  # name -> (R, *shape): references the per-sample gradients are dotted with
+        self.dots: Dict[str, torch.Tensor] = {}
         self.use_triton, self.keep_factors, self.copy_taps = use_triton, keep_factors, copy_taps
         self.track = set(track or ()) | set(plan.op_tracked)
         self.records: List[_Record] = []
@@ -403,6 +406,9 @@ class GhostCapture:
             self.error = e
 
     def _add(self, name: str, f: Factor) -> None:
+        if name in self.refs:  # linear in the gradient: the uses of a shared parameter just add
+            d = f.dot(self.refs[name])  # (B, R)
+            self.dots[name] = d if name not in self.dots else self.dots[name] + d
         if self.keep_factors or self.uses.get(name, 0) > 1:
             self.factors.setdefault(name, []).append(f)  # reduced once all uses have arrived
             return
@@ -448,6 +454,13 @@ class GhostCapture:
         for name, fs in self.factors.items():
             self.sq[name] = shared_sq_norm(fs, self.use_triton)
         return {}
+
+    def per_param_dots(self, refs: Optional[Dict[str, torch.Tensor]], device) -> Optional[Dict[str, torch.Tensor]]:
+        """name -> (B, R) dots with the references (zeros for a parameter that got no gradient)."""
+        if not refs:
+            return None
+        return {n: self.dots[n] if n in self.dots else torch.zeros(self.B, V.shape[0], dtype=V.dtype, device=device)
+                for n, V in refs.items()}
 
     def per_param_sq(self, params: Dict[str, nn.Parameter], device: torch.device) -> Dict[str, torch.Tensor]:
         acc = acc_dtype(params)
@@ -656,7 +669,7 @@ class GhostBackend:
             self._move([n], targets, f"used by an op without a rule ({where})")
 
     def run(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, strict: bool,
-            retain_graph: bool = False):
+            retain_graph: bool = False, refs: Optional[Dict[str, torch.Tensor]] = None):
         """Scored forward + activation backward, learning until every use is accounted for.
 
         Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
@@ -664,7 +677,7 @@ class GhostBackend:
         last = ""
         for _ in range(MAX_PASSES):
             try:
-                cap, losses, tokens = self._attempt(batch, use_triton, keep_factors, retain_graph)
+                cap, losses, tokens = self._attempt(batch, use_triton, keep_factors, retain_graph, refs)
             except Retry as r:
                 last = str(r.__cause__ or r)[:200]
                 continue
@@ -678,10 +691,11 @@ class GhostBackend:
         raise UnsupportedModule(_ways_out(
             f"scoring did not settle after {MAX_PASSES} passes moving parameters to fallbacks (last: {last})"))
 
-    def _attempt(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, retain_graph: bool):
+    def _attempt(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, retain_graph: bool,
+                 refs: Optional[Dict[str, torch.Tensor]] = None):
         spec = self.spec
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
-                           copy_taps=self.copy_taps, track=self.track)
+                           copy_taps=self.copy_taps, track=self.track, refs=refs)
         try:
             with cap:
                 out = spec.model(**batch.model_inputs)
@@ -711,8 +725,8 @@ class GhostBackend:
 
 
 def score_ghost(backend: GhostBackend, batch: PreparedBatch, use_triton: bool = False,
-                strict: bool = False) -> RawScores:
-    cap, losses, tokens = backend.run(batch, use_triton, keep_factors=False, strict=strict)
+                strict: bool = False, refs: Optional[Dict[str, torch.Tensor]] = None) -> RawScores:
+    cap, losses, tokens = backend.run(batch, use_triton, keep_factors=False, strict=strict, refs=refs)
     device = batch.full["input_ids"].device
     return RawScores(per_param_sq=cap.per_param_sq(backend.spec.params, device), losses=losses.detach(),
-                     tokens=tokens)
+                     tokens=tokens, dots=cap.per_param_dots(refs, device))

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import torch
 
+from typing import Dict, Optional
+
 from ..batching import PreparedBatch, per_sample_losses
 from ..types import RawScores, ScoringSpec, acc_dtype
 
 
-def score_loop(engine: ScoringSpec, batch: PreparedBatch) -> RawScores:
+def score_loop(engine: ScoringSpec, batch: PreparedBatch,
+               refs: Optional[Dict[str, torch.Tensor]] = None) -> RawScores:
+    """``refs``: name -> (R, *shape) references; the dots ⟨g_b, r⟩ are taken from the explicit gradients."""
     names = list(engine.params)
     tensors = [engine.params[n] for n in names]
     acc = acc_dtype(engine.params)
     sq = {n: [] for n in names}
+    dots = {n: [] for n in (refs or {})}
     losses, tokens = [], []
     for b in range(batch.batch_size):
         sub = batch.select(slice(b, b + 1))
@@ -24,10 +29,15 @@ def score_loop(engine: ScoringSpec, batch: PreparedBatch) -> RawScores:
         for n, p, g in zip(names, tensors, grads):
             val = torch.zeros((), dtype=acc, device=p.device) if g is None else g.to(acc).pow(2).sum()
             sq[n].append(val)
+            if n in dots:
+                V = refs[n]  # (R, *shape)
+                dots[n].append(torch.zeros(V.shape[0], dtype=acc, device=p.device) if g is None
+                               else V.to(acc).flatten(1) @ g.to(acc).flatten())  # (R,)
         losses.append(loss.detach())
         tokens.append(tok)
     return RawScores(
         per_param_sq={n: torch.stack(v) for n, v in sq.items()},
         losses=torch.cat(losses),
         tokens=torch.cat(tokens),
+        dots={n: torch.stack(v) for n, v in dots.items()} if refs else None,
     )

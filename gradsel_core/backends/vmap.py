@@ -3,7 +3,7 @@ selected parameters. ``chunk_size`` bounds memory (samples per vectorised chunk)
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -35,7 +35,8 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
             c._attn_implementation = impl
 
 
-def score_vmap(engine: ScoringSpec, batch: PreparedBatch) -> RawScores:
+def score_vmap(engine: ScoringSpec, batch: PreparedBatch,
+               refs: Optional[Dict[str, torch.Tensor]] = None) -> RawScores:
     model = engine.model
     acc = acc_dtype(engine.params)
     names = list(engine.params)
@@ -68,4 +69,5 @@ def score_vmap(engine: ScoringSpec, batch: PreparedBatch) -> RawScores:
             detached, vm_args, labels
         )
     per_param_sq = {n: grads[n].to(acc).pow(2).flatten(1).sum(1) for n in names}
-    return RawScores(per_param_sq=per_param_sq, losses=losses, tokens=tokens)
+    dots = {n: grads[n].to(acc).flatten(1) @ V.to(acc).flatten(1).t() for n, V in refs.items()} if refs else None
+    return RawScores(per_param_sq=per_param_sq, losses=losses, tokens=tokens, dots=dots)

@@ -1,0 +1,115 @@
+"""Per-sample alignment with a reference direction: dots and cosines, exact against the loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_rel, build, lm_batch, params_for
+from test_trust import CalledAndFunctional, FunctionalTying, MHAVariants, SubclassNet
+
+import gradsel_core as gs
+from gradsel_core.errors import UsageError
+
+
+def _ref(model, params="trainable", seed=7, B=3):
+    return gs.reference_gradient(model, [lm_batch(B=B, seed=seed)], params=params)
+
+
+def _check(model, params="trainable", backends=("ghost", "vmap", "auto"), batch=None, rtol=1e-5):
+    batch = batch if batch is not None else lm_batch()
+    refs = [_ref(model, params), _ref(model, params, seed=11)]
+    ref = gs.GradNormEngine(model, params=params, backend="loop").score(batch, reference=refs)
+    assert ref.dots.shape == (batch["input_ids"].shape[0], 2)
+    for backend in backends:
+        got = gs.GradNormEngine(model, params=params, backend=backend).score(batch, reference=refs)
+        assert_close_rel(got.dots, ref.dots, rtol, f"{backend} dots")
+        assert_close_rel(got.cosines, ref.cosines, rtol, f"{backend} cosines")
+        one = gs.GradNormEngine(model, params=params, backend=backend).score(batch, reference=refs[0])
+        assert one.dots.shape == (batch["input_ids"].shape[0],)
+        assert_close_rel(one.dots, ref.dots[:, 0], rtol, f"{backend} single reference")
+
+
+def test_dots_equal_the_loop_on_the_model_zoo(lm_name):
+    """Full parameters and LoRA (peft_llama): Linear, Conv1D, Embedding, norms, tied weights, LoRA."""
+    model = build(lm_name)
+    _check(model, params_for(lm_name), backends=("ghost", "auto"))
+
+
+def test_dots_vmap_and_full_params_of_a_lora_model():
+    _check(build("peft_llama"), "all", backends=("vmap", "ghost"))
+
+
+@pytest.mark.parametrize("cls", [FunctionalTying, CalledAndFunctional, SubclassNet])
+def test_dots_through_op_uses_and_overridden_forwards(cls):
+    torch.manual_seed(0)
+    _check(cls(), backends=("ghost",))
+
+
+def test_dots_through_multihead_attention_and_module_fallbacks():
+    torch.manual_seed(0)
+    batch = lm_batch(padding=False)
+    _check(MHAVariants(False, True, need_weights=False), batch=batch, backends=("ghost",))
+
+
+def test_dots_fp64():
+    model = build("gpt2").double()
+    _check(model, backends=("ghost",), rtol=1e-10)
+
+
+def test_own_gradient_gives_cosine_one_and_zero_target_gives_zero():
+    model = build("tinygpt")
+    batch = lm_batch()  # sample 2 has a single token: no target, zero gradient
+    own = gs.reference_gradient(model, [{k: v[:1] for k, v in batch.items()}])
+    res = gs.GradNormEngine(model, backend="ghost").score(batch, reference=own)
+    assert abs(float(res.cosines[0]) - 1.0) < 1e-5
+    assert float(res.dots[2]) == 0.0 and float(res.cosines[2]) == 0.0
+    assert torch.isfinite(res.cosines).all()
+    zero = {n: torch.zeros_like(t) for n, t in own.items()}
+    res0 = gs.GradNormEngine(model, backend="ghost").score(batch, reference=zero)
+    assert float(res0.cosines.abs().max()) == 0.0 and torch.isfinite(res0.cosines).all()
+
+
+def test_reference_gradient_is_the_mean_per_sample_gradient_and_round_trips(tmp_path):
+    model = build("tinygpt")
+    batches = [lm_batch(B=3, seed=1), lm_batch(B=2, seed=2)]
+    ref = gs.reference_gradient(model, batches)
+    assert ref.count == 5 and ref.fingerprint
+    # by hand: mean over the 5 samples of each sample's own loss gradient
+    from gradsel_core.batching import per_sample_losses, prepare_batch
+
+    model.zero_grad()
+    total = 0
+    for b in batches:
+        p = prepare_batch(b, lm_loss=True)
+        losses, _ = per_sample_losses(model(**p.model_inputs), p, None, "mean")
+        total = total + losses.sum()
+    (total / 5).backward()
+    for n, prm in model.named_parameters():
+        assert_close_rel(ref[n], prm.grad, 1e-5, n)
+    model.zero_grad()
+    path = tmp_path / "ref.safetensors"
+    ref.save(str(path))
+    back = gs.ReferenceGradient.load(str(path))
+    assert back.fingerprint == ref.fingerprint and back.count == 5 and back.digest() == ref.digest()
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    with pytest.raises(UsageError, match="bad.safetensors"):
+        gs.ReferenceGradient.load(str(tmp_path / "bad.safetensors"))
+
+
+def test_reference_must_match_the_scored_parameters():
+    model = build("tinygpt")
+    ref = _ref(model)
+    names = list(ref)
+    with pytest.raises(UsageError, match="missing"):
+        gs.GradNormEngine(model, backend="ghost").score(lm_batch(), reference={n: ref[n] for n in names[1:]})
+    with pytest.raises(UsageError, match="shape"):
+        bad = dict(ref)
+        bad[names[0]] = bad[names[0]][..., :1]
+        gs.GradNormEngine(model, backend="ghost").score(lm_batch(), reference=bad)
+
+
+def test_empty_batch_with_a_reference():
+    model = build("tinygpt")
+    ref = _ref(model)
+    empty = {"input_ids": torch.zeros(0, 5, dtype=torch.long)}
+    res = gs.GradNormEngine(model).score(empty, reference=ref)
+    assert res.dots.shape == (0,) and res.cosines.shape == (0,)
