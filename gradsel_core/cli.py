@@ -14,6 +14,7 @@ from .errors import GradselError, UsageError
 COMMANDS = {
     "demo": ("demo", "run the safety-drift experiment on the synthetic testbed (the main job)"),
     "score": ("score", "score a dataset into a resumable score store"),
+    "reference": ("reference", "compute a reference gradient (mean over reference data) for alignment scores"),
     "inspect": ("inspect", "summarise a score store, with a norm histogram"),
     "select": ("select", "select samples from a score store with a policy"),
     "repair": ("repair", "rebuild a score store's manifest.json from its shards"),

@@ -494,15 +494,19 @@ class _Batches:
             self.pool.shutdown(wait=True)
 
 
-def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, lengths: np.ndarray, bar, clock):
-    pos, norms, losses, tokens = [], [], [], []
+def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, lengths: np.ndarray, bar, clock,
+                 reference=None):
+    pos, norms, losses, tokens, dots, cosines = [], [], [], [], [], []
     pp: Dict[str, List[torch.Tensor]] = {n: [] for n in engine.params} if engine.per_param else {}
     for positions, batch in batches(sh.batches):
-        res = engine.score(batch)
+        res = engine.score(batch, reference=reference)
         pos.extend(positions)
         norms.append(res.norms)
         losses.append(res.losses)
         tokens.append(res.tokens)
+        if reference is not None:
+            dots.append(res.dots)
+            cosines.append(res.cosines)
         for n in pp:
             pp[n].append(res.per_param[n])
         if bar is not None:
@@ -519,7 +523,33 @@ def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, le
     }
     for n, v in pp.items():
         out[PP_PREFIX + n] = torch.cat(v).float().cpu().numpy()[order]
+    if reference is not None:  # (N,) for one reference, (N, R) for several
+        out["dots"] = torch.cat(dots).float().cpu().numpy()[order]
+        out["cosines"] = torch.cat(cosines).float().cpu().numpy()[order]
     return out
+
+
+def _reference_identity(reference: Any, fingerprint: Mapping[str, Any], engine: GradNormEngine) -> Dict[str, Any]:
+    """What the store records of its reference(s): digests, counts, norms; checked against the model."""
+    from collections.abc import Mapping as MappingABC
+
+    from .reference import stack_references
+
+    many = [reference] if isinstance(reference, MappingABC) else list(reference)
+    stack_references(many, engine.params, torch.float32)  # names and shapes match the scored parameters
+    out = []
+    for k, r in enumerate(many):
+        fp = getattr(r, "fingerprint", None)
+        if fp and fp != fingerprint["content_sha256"]:
+            raise UsageError(f"reference {k} was computed on other weights (fingerprint {fp[:12]}..., this model "
+                             f"{fingerprint['content_sha256'][:12]}...); recompute it on this model")
+        digest = r.digest() if hasattr(r, "digest") else None
+        if digest is None:
+            from .reference import ReferenceGradient
+
+            digest = ReferenceGradient(r).digest()
+        out.append({"digest": digest, "count": int(getattr(r, "count", 0)), "fingerprint": fp or None})
+    return {"references": out, "single": isinstance(reference, MappingABC)}
 
 
 def score_dataset(
@@ -542,6 +572,7 @@ def score_dataset(
     source: Optional[Mapping[str, Any]] = None,
     tokenizer: Any = None,
     max_length: Optional[int] = None,
+    reference: Any = None,
 ) -> ScoreStore:
     """Score every record of ``dataset`` into the score store ``out_dir`` and return it.
 
@@ -553,6 +584,9 @@ def score_dataset(
         batch_size: records per batch at most (``None``: only ``max_tokens`` limits).
         max_tokens: padded tokens per batch at most (``B * T_max``).
         params, backend, per_param, chunk_size, loss_reduction: as in :class:`GradNormEngine`.
+        reference: a :class:`gradsel_core.ReferenceGradient` (or a list of them): the store also holds
+            ``dots`` and ``cosines`` per record; the manifest records each reference's digest, so a store made
+            with another reference (or none) is refused. A reference computed on other weights is refused.
         resume: reuse valid shards of an interrupted identical run (``False``: score everything again).
         progress: tqdm bar (rank 0) with samples/s and tokens/s.
         overwrite: replace a store of another model/config/dataset in ``out_dir``.
@@ -619,6 +653,8 @@ def score_dataset(
                  "reduction": loss_reduction},
     }
     fingerprint = model_fingerprint(model, engine.params)
+    if reference is not None:
+        config["reference"] = _reference_identity(reference, fingerprint, engine)
     identity = _identity(fingerprint, config, scan, source)
     run_key = canonical_hash(identity)
     keys = _all_gather(run_key, world)
@@ -678,7 +714,7 @@ def score_dataset(
                   "versions": versions, "rank": rank}
         try:
             for sh in mine:
-                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock)
+                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference)
                 meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches)}
                 atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
         finally:

@@ -601,7 +601,8 @@ class ScoreStore:
     """Scores of a dataset, in the dataset's order.
 
     ``ids`` (int64, or object array of str), ``norms``/``losses`` (float32), ``tokens`` (int64),
-    ``per_param`` (``{name: float32 squared norms}`` or ``None``), ``fields`` (metadata columns recorded
+    ``per_param`` (``{name: float32 squared norms}`` or ``None``), ``dots``/``cosines`` (with a reference:
+    (N,) or (N, R) float32, else ``None``), ``fields`` (metadata columns recorded
     from the records, e.g. ``fields["task"]``), ``meta`` (the manifest), ``path``; ``run``: what the
     :func:`score_dataset` call that returned it did (records and tokens scored, times; empty from ``open``).
     """
@@ -615,6 +616,8 @@ class ScoreStore:
     fields: Dict[str, np.ndarray]
     meta: Dict[str, Any]
     run: Dict[str, Any] = field(default_factory=dict)  # what the score_dataset call that returned it did
+    dots: Optional[np.ndarray] = None  # (N,) or (N, R) float32: ⟨∇θ L_i, r⟩ (scored with reference=)
+    cosines: Optional[np.ndarray] = None  # (N,) or (N, R) float32
 
     def __len__(self) -> int:
         return int(self.norms.shape[0])
@@ -694,6 +697,8 @@ class ScoreStore:
             per_param=per_param,
             fields=fields,
             meta=manifest,
+            dots=np.concatenate(parts["dots"]) if parts.get("dots") else None,
+            cosines=np.concatenate(parts["cosines"]) if parts.get("cosines") else None,
         )
 
     # -- summaries --------------------------------------------------------------------------------

@@ -113,3 +113,46 @@ def test_empty_batch_with_a_reference():
     empty = {"input_ids": torch.zeros(0, 5, dtype=torch.long)}
     res = gs.GradNormEngine(model).score(empty, reference=ref)
     assert res.dots.shape == (0,) and res.cosines.shape == (0,)
+
+
+def test_score_dataset_stores_dots_and_cosines_and_refuses_another_reference(tmp_path):
+    model = build("tinygpt")
+    records = [{"input_ids": lm_batch(B=1, seed=s, padding=False)["input_ids"][0].tolist(), "id": s} for s in range(6)]
+    ref = _ref(model)
+    store = gs.score_dataset(model, records, str(tmp_path / "s"), batch_size=4, reference=ref, progress=False)
+    eng = gs.GradNormEngine(model, backend="loop")
+    for i, r in enumerate(records):
+        res = eng.score({"input_ids": torch.tensor([r["input_ids"]])}, reference=ref)
+        assert abs(float(store.dots[i]) - float(res.dots[0])) <= 1e-5 * max(1.0, abs(float(res.dots[0])))
+        assert abs(float(store.cosines[i]) - float(res.cosines[0])) <= 1e-5
+    again = gs.ScoreStore.open(str(tmp_path / "s"))
+    assert again.meta["config"]["reference"]["references"][0]["digest"] == ref.digest()
+    assert (again.cosines == store.cosines).all()
+    other = _ref(model, seed=99)
+    with pytest.raises(gs.StoreConflictError, match="reference"):
+        gs.score_dataset(model, records, str(tmp_path / "s"), batch_size=4, reference=other, progress=False)
+    with torch.no_grad():  # a reference from other weights is refused
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(UsageError, match="other weights"):
+        gs.score_dataset(model, records, str(tmp_path / "t"), batch_size=4, reference=ref, progress=False)
+
+
+def test_cli_reference_then_score(tmp_path, capsys):
+    import json
+
+    from gradsel_core.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i} ", "response": "no, I cannot help with that" if i % 2 else
+                                        "sure, here you go"}) + "\n" for i in range(6)))
+    ref_path = tmp_path / "ref.safetensors"
+    assert main(["reference", "--model", "tiny", "--data", str(data), "--out", str(ref_path)]) == 0
+    assert "reference over 6 records" in capsys.readouterr().out
+    assert main(["score", "--model", "tiny", "--data", str(data), "--out", str(tmp_path / "s"), "--no-progress",
+                 "--reference", str(ref_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cosine with the reference" in out
+    store = gs.ScoreStore.open(str(tmp_path / "s"))
+    assert store.cosines.shape == (6,) and (abs(store.cosines) <= 1 + 1e-5).all()
+    assert main(["reference", "--model", "tiny", "--data", str(data), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=positive_int, default=None,
                    help="records per shard and length-bucketing window (default 64 * batch size)")
     p.add_argument("--per-param", action="store_true", help="also store each parameter's squared norm")
+    p.add_argument("--reference", action="append", default=None, metavar="REF.safetensors",
+                   help="also store each record's dot and cosine with this reference gradient (`gradsel "
+                        "reference`); repeat for several")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "float64"),
                    help="model dtype (default: the checkpoint's)")
     p.add_argument("--device", default=None,
@@ -143,6 +146,15 @@ def summary_line(store, elapsed: float) -> str:
     )
     if new and run.get("coverage"):
         line += f" | {run['coverage']}"
+    cos = getattr(store, "cosines", None)
+    if cos is not None and len(cos):
+        import numpy as np
+
+        c = cos if cos.ndim == 1 else cos[:, 0]
+        fin = c[np.isfinite(c)]
+        if len(fin):
+            line += (f" | cosine with the reference{' 1' if cos.ndim > 1 else ''}: median {np.median(fin):.3g}, "
+                     f"{int((fin < 0).sum())} opposed (< 0)")
     return line
 
 
@@ -160,11 +172,17 @@ def run(args: argparse.Namespace) -> int:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         # errors propagate to the CLI's one error style (`gradsel score: error: ...`, exit 2)
         model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+        reference = None
+        if args.reference:
+            from ..reference import ReferenceGradient
+
+            refs = [ReferenceGradient.load(path, device=device) for path in args.reference]
+            reference = refs[0] if len(refs) == 1 else refs
         store = score_dataset(  # the Python API's path: tokenizer= encodes the JSONL records
             model, iter_jsonl(args.data), args.out, tokenizer=tok, max_length=args.max_length,
             batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
             per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress,
-            overwrite=args.overwrite, shard_size=args.shard_size,
+            overwrite=args.overwrite, shard_size=args.shard_size, reference=reference,
         )
         if rank == 0:
             print(summary_line(store, time.perf_counter() - t0))
