@@ -556,7 +556,12 @@ def score_dataset(
         "chunk_size": chunk_size,
         "loss_reduction": loss_reduction,
     }
-    fingerprint = model_fingerprint(model, engine.params)
+    from .integrations.fsdp import FullParams, is_sharded, unsharded_class_name
+
+    sharded = is_sharded(engine.params)  # FSDP2: hash whole weights (one gathered at a time), as unsharded
+    fingerprint = model_fingerprint(model, FullParams(engine.params) if sharded else engine.params)
+    if sharded:  # fully_shard renames the class FSDP<Name>: fingerprint the model, not the wrapper
+        fingerprint["class"] = unsharded_class_name(model)
     identity = _identity(fingerprint, config, scan)
     run_key = canonical_hash(identity)
     keys = _all_gather(run_key, world)
@@ -611,6 +616,11 @@ def score_dataset(
                 out = _score_shard(engine, sh, batches, scan.lengths, bar, clock)
                 meta = {"run_key": run_key, "index": sh.index, "start": sh.start, "stop": sh.stop, "rank": rank}
                 atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
+            if sharded and world > 1:  # FSDP forwards are collective: as many on every rank
+                from .integrations.fsdp import pad_collective_forwards
+
+                per_rank = [sum(len(sh.batches) for sh in todo[r::world]) for r in range(world)]
+                pad_collective_forwards(engine, per_rank, rank, lambda: batches._make([0]))
         finally:
             batches.close()
             if bar is not None:
