@@ -19,7 +19,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(HERE, "dist"))
 
 import gradsel_core as gs  # noqa: E402
-from fsdp_common import LR, RATIO, STEPS, global_batch, local_batch, score_records, tiny_llama  # noqa: E402
+from fsdp_common import LR, RATIO, STEPS, global_batch, local_batch, tiny_llama  # noqa: E402
 
 WORLD = 2
 
@@ -78,17 +78,54 @@ def test_two_pass_training_equals_single_process(tmp_path, one_thread):
     assert (num / den) ** 0.5 < 1e-4, f"relative error of the 3-step update {(num / den) ** 0.5:.3g}"
 
 
-def test_sharded_scoring_store_equals_single_process(tmp_path, one_thread):
+def _score_data(path, n=20):
+    import json
+
+    from conftest import WORDS
+
+    rows = []
+    for i in range(n):
+        if i % 2:
+            rows.append({"id": f"p{i}", "prompt": "Q : what is " + WORDS[10 + i % 4] + " ?",
+                         "response": "A : " + " ".join(WORDS[i % 9: i % 9 + 2 + i % 4])})
+        else:
+            rows.append({"id": f"t{i}", "text": " ".join(WORDS[i: i + 3 + i % 6])})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_gradsel_score_fsdp_store_equals_single_process(tmp_path, one_thread):
+    """`gradsel score --fsdp` under torchrun (score_dataset on a fully_shard model) writes the store a single
+    process writes. 20 records, shards of 6, batches of 3: shards of 2, 2, 2 and 1 batches, so rank 0 scores
+    4 batches and rank 1 scores 3 and pads one collective forward."""
+    from conftest import make_llama_dir
+
+    from gradsel_core.cli import main
     from gradsel_core.store import ScoreStore, read_manifest
 
-    torchrun(os.path.join(HERE, "dist", "fsdp_worker.py"), "score", str(tmp_path))
-    sharded = ScoreStore.open(str(tmp_path / "store"))
-    single = gs.score_dataset(tiny_llama(), score_records(), str(tmp_path / "single"), batch_size=4, shard_size=8,
-                              progress=False)
-    assert len(sharded) == len(single) == 28
+    model_dir = make_llama_dir(tmp_path / "llama")
+    data = _score_data(tmp_path / "d.jsonl")
+    common = ["--model", model_dir, "--data", data, "--batch-size", "3", "--shard-size", "6", "--no-progress"]
+    torchrun("-m", "gradsel_core.cli", "score", "--fsdp", "--out", str(tmp_path / "sharded"), *common)
+    assert main(["score", "--out", str(tmp_path / "single"), *common]) == 0
+    sharded, single = ScoreStore.open(str(tmp_path / "sharded")), ScoreStore.open(str(tmp_path / "single"))
+    assert len(sharded) == len(single) == 20
     assert list(sharded.ids) == list(single.ids)
     np.testing.assert_allclose(sharded.norms, single.norms, rtol=1e-5, atol=0)
     np.testing.assert_allclose(sharded.losses, single.losses, rtol=1e-6, atol=0)
     np.testing.assert_array_equal(sharded.tokens, single.tokens)
-    m_sh, m_one = read_manifest(str(tmp_path / "store")), read_manifest(str(tmp_path / "single"))
-    assert m_sh["model"] == m_one["model"]  # the same model identity: either can resume the other
+    assert np.all(sharded.norms > 0)
+    # the same model identity (whole-weight hash, the model's own class): either run can resume the other
+    assert read_manifest(str(tmp_path / "sharded"))["model"] == read_manifest(str(tmp_path / "single"))["model"]
+
+
+def test_gradsel_score_fsdp_needs_torchrun(tmp_path, capsys):
+    from conftest import make_llama_dir
+
+    from gradsel_core.cli import main
+
+    data = _score_data(tmp_path / "d.jsonl", n=2)
+    rc = main(["score", "--fsdp", "--model", make_llama_dir(tmp_path / "m"), "--data", data, "--out",
+               str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    assert "torchrun" in capsys.readouterr().err

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="score everything again instead of resuming")
     p.add_argument("--overwrite", action="store_true", help="replace a store of another model/config/data in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model over the ranks with FSDP2 fully_shard, one decoder layer "
+                        "at a time (a model larger than one device); each rank loads it on the CPU first")
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="minutes ranks wait for each other under torchrun (default 120)")
 
@@ -91,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         try:
-            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device="cpu" if args.fsdp else device)
+            if args.fsdp:  # fully_shard moves each layer's shard to this rank's device
+                from ..integrations.fsdp import shard_decoder_layers
+
+                model = shard_decoder_layers(model)
             max_length = args.max_length or model_max_length(model)
             records = encode_records(iter_jsonl(args.data), tok, max_length, compact=True)
             store = score_dataset(
