@@ -132,6 +132,29 @@ def sharded_param_names(params: Mapping[str, torch.Tensor]) -> List[str]:
     return [n for n, p in params.items() if isinstance(p, DTensor)]
 
 
+_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "max_length_q", "max_length_k")
+
+
+def packed_rows(batch: Mapping[str, Any]) -> Optional[str]:
+    """Why ``batch`` holds packed rows (several sequences in one row: padding-free / packing collators),
+    or ``None``. Packed when it carries flash-attention varlen keys (``cu_seq_lens_q``...), or when
+    ``position_ids`` restart inside a row's attended tokens."""
+    keys = [k for k in _PACKED_KEYS if k in batch]
+    if keys:
+        return f"the batch carries {keys[0]!r} (a padding-free batch: sequences flattened into one row)"
+    pos = batch.get("position_ids")
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2:
+        return None
+    restart = pos[:, 1:] <= pos[:, :-1]  # (B, T-1)
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.shape == pos.shape:
+        restart &= mask[:, 1:].bool()
+    if not bool(restart.any()):
+        return None
+    b, t = (int(v) for v in restart.nonzero()[0])
+    return f"row {b} of the batch packs several sequences (its position_ids restart at token {t + 1})"
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
