@@ -81,8 +81,8 @@ def make_args(tmp_path, **kw):
     return TrainingArguments(**cfg)
 
 
-class RecordingTrainer(GradSelTrainer):
-    """Keeps every micro-batch the trainer trains on (after _prepare_inputs) with its FilteredResult."""
+class Recording:
+    """Mixin: keeps every micro-batch the trainer trains on (after _prepare_inputs) with its FilteredResult."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
@@ -93,6 +93,10 @@ class RecordingTrainer(GradSelTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.seen.append((batch, self.gradsel_last, float(loss)))
         return loss
+
+
+class RecordingTrainer(Recording, GradSelTrainer):
+    pass
 
 
 def sgd(model, lr):

@@ -152,11 +152,14 @@ class _Stats:
 # the trainer
 
 
-def _accepts(fn: Any, name: str) -> bool:
+def _accepts(fn: Any, name: str, or_var_args: bool = False) -> bool:
+    """``fn`` takes a parameter ``name`` (or, with ``or_var_args``, any positional via ``*args``: a
+    subclass's ``training_step(*args, **kwargs)`` such as TRL's passes it on)."""
     try:
-        return name in inspect.signature(fn).parameters
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+    return name in params or (or_var_args and any(p.kind is p.VAR_POSITIONAL for p in params.values()))
 
 
 _UNSUPPORTED = ("MEGATRON_LM", "XLA")
@@ -302,7 +305,7 @@ class GradSelMixin:
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch: Any = None,
                       *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.selection is None:
-            if _accepts(super().training_step, "num_items_in_batch"):
+            if _accepts(super().training_step, "num_items_in_batch", or_var_args=True):
                 return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
             return super().training_step(model, inputs, *args, **kwargs)
         # num_items_in_batch (the accumulation window's target-token count) is deliberately unused: the
