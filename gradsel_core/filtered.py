@@ -19,6 +19,7 @@ cost of one more activation backward.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -35,6 +36,28 @@ from .params import ParamSpec
 from .rules import UnsupportedModule
 
 log = logging.getLogger(__name__)
+
+
+def _explain_reentrant_checkpointing(step: Callable) -> Callable:
+    """Turn torch's error about reentrant activation checkpointing (deep inside the activation backward,
+    which is a ``.grad()`` call) into one that says what to change."""
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        except RuntimeError as e:
+            if "use_reentrant" not in str(e) and "Checkpointing is not compatible" not in str(e):
+                raise
+            raise UsageError(
+                "in-step filtering does not work with reentrant activation checkpointing (its activation "
+                "backward is a torch.autograd.grad call, which reentrant checkpointing refuses). Use "
+                "non-reentrant checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}), TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': "
+                "False}), or torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+            ) from e
+
+    return wrapper
 
 
 @dataclass
@@ -79,6 +102,7 @@ class FilteredBackward:
                 "filtered_backward(..., mode='two_pass') or TwoPassFilteredBackward, whose update runs through "
                 "the sharding engine's own backward")
 
+    @_explain_reentrant_checkpointing
     def step(self, batch: Mapping[str, Any], loss_scale: float = 1.0, seed: Any = 0) -> FilteredResult:
         from .selection import keep_mask
 
@@ -226,6 +250,7 @@ class TwoPassFilteredBackward(FilteredBackward):
         super().__init__(model, *args, **kwargs)
         self.backward_fn = backward_fn
 
+    @_explain_reentrant_checkpointing
     def step(self, batch: Mapping[str, Any], loss_scale: float = 1.0, seed: Any = 0) -> FilteredResult:
         from .selection import keep_mask
 
