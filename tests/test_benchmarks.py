@@ -129,16 +129,3 @@ def test_harness_helpers(tmp_path):
         assert next(csv.DictReader(f))["env_torch_version"] == "x"
     with pytest.raises(ValueError):
         H.CaseSpec(params="prefix")
-
-
-def test_bench_two_pass_quick(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/bench_two_pass.py", "--quick", "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(next(tmp_path.glob("two-pass-*-quick.json")).read_text())["rows"]
-    assert {(r["case"], r["method"]) for r in rows} == {(c, m) for c in ("quick-full", "quick-lora")
-                                                        for m in ("plain", "one_backward", "two_pass")}
-    for r in rows:
-        assert r["median_s"] > 0 and len(r["all_s"]) == r["repeats"] == 2 and "torch_version" in r["env"]
-        if r["method"] == "plain":
-            assert r["ratio_to_plain"] == 1.0

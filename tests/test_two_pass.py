@@ -167,3 +167,23 @@ def test_fully_shard_one_rank(one_rank_group):
         assert_close_rel(p.grad.full_tensor(), want[n], 1e-5, n)
     with pytest.raises(UsageError, match="sharded already"):
         shard_decoder_layers(model)
+
+
+def test_bench_two_pass_quick(tmp_path):
+    """benchmarks/bench_two_pass.py runs end to end (--quick) and writes a row per case and method."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/bench_two_pass.py", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(next(tmp_path.glob("two-pass-*-quick.json")).read_text())["rows"]
+    assert {(r["case"], r["method"]) for r in rows} == {(c, m) for c in ("quick-full", "quick-lora")
+                                                        for m in ("plain", "one_backward", "two_pass")}
+    for r in rows:
+        assert r["median_s"] > 0 and len(r["all_s"]) == r["repeats"] == 2 and "torch_version" in r["env"]
+        if r["method"] == "plain":
+            assert r["ratio_to_plain"] == 1.0
