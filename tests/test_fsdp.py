@@ -36,46 +36,80 @@ def torchrun(*args, timeout=300):
     return proc
 
 
-def test_two_pass_training_equals_single_process(tmp_path, one_thread):
-    torchrun(os.path.join(HERE, "dist", "fsdp_worker.py"), "train", str(tmp_path))
-    run = torch.load(tmp_path / "train.pt")
-    assert run["world"] == WORLD and len(run["steps"]) == STEPS
+def reference_run(micro_batches, kept):
+    """Single process, unsharded: SGD on, per step, the mean over ranks of each rank's kept-sample mean loss
+    (FSDP averages the ranks' gradients). ``micro_batches[step][rank]``, ``kept[step][rank]``. Checks on
+    the way that each rank's selection is the one a single process makes on that micro-batch. Returns the
+    model."""
+    from gradsel_core.batching import per_sample_losses, prepare_batch
 
-    # single process, unsharded: the same global batch, each rank's micro-batch selected on its own
     ref = tiny_llama().train()
-    params = dict(ref.named_parameters())
     opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    for step, ranks in enumerate(run["steps"]):
-        gb = global_batch(step)
+    for step, ranks in enumerate(micro_batches):
         total = 0.0
-        for r, got in enumerate(ranks):
-            mb = local_batch(gb, r, WORLD)
+        for r, mb in enumerate(ranks):
             scored = gs.GradNormEngine(ref, backend="loop").score(mb)  # the reference norms
-            np.testing.assert_allclose(got["norms"], scored.norms.numpy(), rtol=1e-5, atol=1e-7)
-            np.testing.assert_allclose(got["losses"], scored.losses.numpy(), rtol=1e-6, atol=1e-7)
-            kept = gs.keep_mask(scored.norms, scored.losses, policy="median_band", ratio=RATIO, loss_filter_std=None)
-            assert got["kept"] == kept.tolist(), f"step {step} rank {r}: another selection"
-            assert sum(got["kept"]) == int(RATIO * mb["input_ids"].shape[0])
-            from gradsel_core.batching import per_sample_losses, prepare_batch
-
+            want = gs.keep_mask(scored.norms, scored.losses, policy="median_band", ratio=RATIO, loss_filter_std=None)
+            assert kept[step][r] == want.tolist(), f"step {step} rank {r}: another selection"
+            assert sum(kept[step][r]) == int(RATIO * mb["input_ids"].shape[0])
             prepared = prepare_batch(mb, lm_loss=True)
             losses, _ = per_sample_losses(ref(**prepared.model_inputs), prepared, None, "mean")
-            total = total + losses[kept].mean() / WORLD  # FSDP averages the ranks' gradients
+            total = total + losses[want].mean() / WORLD
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return ref
 
+
+def assert_same_parameters(state, ref):
     init = dict(tiny_llama().named_parameters())
     num = den = 0.0
-    for n, p in params.items():
-        got = run["state"][n]
+    for n, p in ref.named_parameters():
+        got = state[n]
+        torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
         want_delta = (p.detach() - init[n].detach()).double()
         got_delta = (got - init[n].detach()).double()
         num += float((got_delta - want_delta).pow(2).sum())
         den += float(want_delta.pow(2).sum())
-        torch.testing.assert_close(got, p.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
     assert den > 0
     assert (num / den) ** 0.5 < 1e-4, f"relative error of the 3-step update {(num / den) ** 0.5:.3g}"
+
+
+def test_two_pass_training_equals_single_process(tmp_path, one_thread):
+    torchrun(os.path.join(HERE, "dist", "fsdp_worker.py"), "train", str(tmp_path))
+    run = torch.load(tmp_path / "train.pt")
+    assert run["world"] == WORLD and len(run["steps"]) == STEPS
+    micro = [[local_batch(global_batch(step), r, WORLD) for r in range(WORLD)] for step in range(STEPS)]
+    for step, ranks in enumerate(run["steps"]):  # the norms and losses each rank computed under FSDP
+        for r, got in enumerate(ranks):
+            one = gs.GradNormEngine(tiny_llama(), backend="loop").score(micro[step][r]) if step == 0 else None
+            if one is not None:
+                np.testing.assert_allclose(got["norms"], one.norms.numpy(), rtol=1e-5, atol=1e-7)
+                np.testing.assert_allclose(got["losses"], one.losses.numpy(), rtol=1e-6, atol=1e-7)
+    ref = reference_run(micro, [[got["kept"] for got in ranks] for ranks in run["steps"]])
+    assert_same_parameters(run["state"], ref)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate enables FSDP only on accelerators (on CPU "
+                    "it falls back to multi-process DDP): needs 2 GPUs")
+def test_hf_trainer_accelerate_fsdp2_equals_single_process(tmp_path, one_thread):
+    """GradSelTrainer under torchrun with TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2}): the
+    trainer picks two-pass filtering and trains as a single process on the same micro-batches would."""
+    torchrun(os.path.join(HERE, "dist", "hf_fsdp_worker.py"), str(tmp_path))
+    run = torch.load(tmp_path / "hf.pt", map_location="cpu")
+    assert run["mode"] == "two_pass"
+    seen = run["seen"]  # seen[rank][step]
+    assert [len(s) for s in seen] == [STEPS] * WORLD
+    micro = [[{k: torch.tensor(v) for k, v in seen[r][step]["batch"].items()} for r in range(WORLD)]
+             for step in range(STEPS)]
+    for step in range(STEPS):  # accelerate gave rank r the r-th slice of each global batch
+        gb = global_batch(step)
+        for r in range(WORLD):
+            assert torch.equal(micro[step][r]["input_ids"], local_batch(gb, r, WORLD)["input_ids"])
+    ref = reference_run(micro, [[seen[r][step]["kept"] for r in range(WORLD)] for step in range(STEPS)])
+    assert_same_parameters(run["state"], ref)
+    logs = [h for h in run["logs"] if "gradsel/kept_fraction" in h]
+    assert len(logs) == STEPS and all(h["gradsel/kept_fraction"] == RATIO for h in logs)
 
 
 def _score_data(path, n=20):

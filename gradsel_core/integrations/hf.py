@@ -80,7 +80,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from ..errors import UsageError
-from ..filtered import FilteredBackward, FilteredResult, TwoPassFilteredBackward, packed_rows
+from ..filtered import MODES, FilteredBackward, FilteredResult, TwoPassFilteredBackward, packed_rows
 from ..params import ParamSpec
 from ..selection import Selection, SelectionConfig, select
 
@@ -178,11 +178,19 @@ class GradSelMixin:
     Attributes:
         gradsel_last: the :class:`~gradsel_core.FilteredResult` of the last micro-batch (or ``None``).
         gradsel_step: the results of the micro-batches of the current / last optimizer step.
-        gradsel_mode: ``"one_backward"`` or ``"two_pass"`` (FSDP2 / DeepSpeed), known after the first step.
+        gradsel_mode: ``"one_backward"`` or ``"two_pass"``, known after the first step.
+
+    ``gradsel_mode="auto"`` (the constructor argument): two-pass under FSDP2 and DeepSpeed ZeRO-1/2 (their
+    engine owns the backward), else one backward; ``"two_pass"`` forces it on one process (to compare);
+    ``"one_backward"`` refuses the engines that own the backward.
     """
 
-    def __init__(self, *args: Any, selection: Union[SelectionConfig, Mapping[str, Any], None] = None, **kwargs: Any):
+    def __init__(self, *args: Any, selection: Union[SelectionConfig, Mapping[str, Any], None] = None,
+                 gradsel_mode: str = "auto", **kwargs: Any):
+        if gradsel_mode not in MODES:
+            raise UsageError(f"gradsel_mode={gradsel_mode!r} is unknown; choose one of {MODES}")
         self.selection = SelectionConfig.coerce(selection)
+        self._gradsel_mode_arg = gradsel_mode
         super().__init__(*args, **kwargs)
         self.gradsel_last: Optional[FilteredResult] = None
         self.gradsel_step: List[FilteredResult] = []
@@ -257,10 +265,23 @@ class GradSelMixin:
                     "GradSelTrainer does not support DeepSpeed ZeRO-3 (its norm rules read module weights that "
                     "ZeRO-3 partitions); use FSDP2 (fsdp_config={'fsdp_version': 2}) or ZeRO-1/2"
                 )
+        wanted = self._gradsel_mode_arg
         if name in _TWO_PASS:
+            if wanted == "one_backward":
+                raise UsageError(f"gradsel_mode='one_backward' cannot run under distributed_type={name} (the engine "
+                                 "owns the backward and shards the gradients); use gradsel_mode='auto'")
             self.gradsel_mode = "two_pass"
             log.info("GradSelTrainer: distributed_type=%s owns the backward: two-pass filtering (norms from an "
                      "activation backward, then the engine's backward of the kept samples' loss)", name)
+        elif wanted == "two_pass":
+            if int(getattr(self.accelerator, "num_processes", 1) or 1) > 1:
+                raise UsageError(
+                    "gradsel_mode='two_pass' under DDP is not supported (the filter's forward runs on the unwrapped "
+                    "model, outside DDP's reducer); use gradsel_mode='auto' (one backward, gradients averaged over "
+                    "the processes by gradsel)")
+            self.gradsel_mode = "two_pass"
+        else:
+            self.gradsel_mode = "one_backward"
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and getattr(pc, "cp_enabled", False):
             raise NotImplementedError("GradSelTrainer does not support context parallelism")
