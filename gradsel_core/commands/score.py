@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model over the ranks with FSDP2 fully_shard, one decoder layer "
-                        "at a time (a model larger than one device); each rank loads it on the CPU first")
+                        "at a time (a model larger than one device); rank 0 reads the checkpoint, the others "
+                        "get their shards from it")
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="minutes ranks wait for each other under torchrun (default 120)")
 
@@ -94,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         try:
-            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device="cpu" if args.fsdp else device)
-            if args.fsdp:  # fully_shard moves each layer's shard to this rank's device
-                from ..integrations.fsdp import shard_decoder_layers
+            if args.fsdp:  # read on rank 0, sharded over the ranks (integrations/fsdp.py)
+                from ..integrations.fsdp import load_sharded
 
-                model = shard_decoder_layers(model)
+                model, tok = load_sharded(args.model, dtype=args.dtype)
+            else:
+                model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
             max_length = args.max_length or model_max_length(model)
             records = encode_records(iter_jsonl(args.data), tok, max_length, compact=True)
             store = score_dataset(

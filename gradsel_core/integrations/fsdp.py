@@ -4,6 +4,7 @@
     from gradsel_core.integrations.fsdp import shard_decoder_layers
     dist.init_process_group("nccl"); torch.cuda.set_device(local_rank)
     model = shard_decoder_layers(model)          # fully_shard on every decoder layer, then on the root
+    model, tok = load_sharded("/models/llama-70b", dtype="bfloat16")   # or: read on rank 0, shard, broadcast
     store = gs.score_dataset(model, records, "scores/")                  # every rank, same arguments
     res = gs.filtered_backward(model, batch, mode="two_pass")            # in-step selection, then opt.step()
 
@@ -29,7 +30,7 @@ from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["decoder_layers", "shard_decoder_layers", "is_sharded", "unsharded_class_name", "FullParams", "pad_collective_forwards"]
+__all__ = ["decoder_layers", "shard_decoder_layers", "load_sharded", "is_sharded", "unsharded_class_name", "FullParams", "pad_collective_forwards"]
 
 
 def is_sharded(model_or_params: Any) -> bool:
@@ -138,3 +139,59 @@ def pad_collective_forwards(engine: Any, batches_per_rank: Sequence[int], rank: 
             engine.score(batch)
         log.debug("rank %d: %d padding forward(s) to match the other ranks' FSDP collectives", rank, extra)
     return extra
+
+
+def load_sharded(spec: str, dtype: Any = None) -> Any:
+    """``(model, tokenizer)`` of the local HF causal-LM directory ``spec``, sharded with
+    :func:`shard_decoder_layers`, reading the checkpoint on rank 0 only: the other ranks build the model on
+    the ``meta`` device (no memory), then rank 0's weights are broadcast shard by shard
+    (``set_model_state_dict(..., broadcast_from_rank0=True)``) and its buffers (rotary tables) copied.
+    Host memory: one copy of the model, on rank 0. A PEFT adapter directory is loaded on every rank
+    (:func:`gradsel_core.data.load_model_and_tokenizer`) before sharding. ``dtype`` as in that function."""
+    import os
+
+    import torch.distributed as dist
+
+    from ..data import load_model_and_tokenizer
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UsageError("FSDP sharding needs torch.distributed: start with torchrun (or init_process_group) first")
+    if spec == "tiny" or os.path.exists(os.path.join(spec, "adapter_config.json")) or not os.path.isdir(spec):
+        model, tok = load_model_and_tokenizer(spec, dtype=dtype, device="cpu")
+        return shard_decoder_layers(model), tok
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    rank = dist.get_rank()
+    if rank == 0:
+        model, tok = load_model_and_tokenizer(spec, dtype=dtype, device="cpu")
+        full = model.state_dict()  # the CPU weights, kept while fully_shard moves each rank's shard
+        want = next(model.parameters()).dtype
+    else:
+        tok = AutoTokenizer.from_pretrained(spec)
+        full = {}
+        want = None
+    want = _broadcast_object(want)
+    if rank != 0:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), dtype=want)
+    shard_decoder_layers(model)
+    device = next(iter(model.parameters())).to_local().device if rank == 0 else None
+    device = _broadcast_object(str(device) if device is not None else None)
+    if rank != 0:
+        target = torch.device(device if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+        model.to_empty(device=target)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for buf in model.buffers():  # non-persistent buffers (rotary tables) are not in the state dict
+        dist.broadcast(buf, src=0)
+    model.eval()
+    return model, tok
+
+
+def _broadcast_object(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
