@@ -86,7 +86,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.quick:
         cases = [("quick-full", 32, 1, 128, 16, 4, False), ("quick-lora", 32, 1, 128, 16, 4, True)]
