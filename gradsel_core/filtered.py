@@ -259,8 +259,11 @@ class TwoPassFilteredBackward(FilteredBackward):
         B = prepared.batch_size
         device = prepared.full["input_ids"].device
         if B == 0:
-            raise UsageError("two-pass filtering got an empty batch (B = 0); under torch.distributed every rank "
-                             "must step with at least one sample")
+            if _distributed():
+                raise UsageError("two-pass filtering got an empty batch (B = 0) under torch.distributed: every rank "
+                                 "must step with at least one sample, or the engine's collectives hang")
+            empty = torch.zeros(0, device=device)
+            return FilteredResult(empty.bool(), empty, empty.clone(), empty.long(), 0.0, 0, {"n": 0})
         use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
                                                   and triton_usable(device))
         with grad_enabled_for(engine.params):

@@ -85,6 +85,9 @@ def test_two_pass_nothing_kept_adds_nothing():
     res = gs.filtered_backward(model, lm_batch(), ratio=0.0, mode="two_pass")
     assert res.n_kept == 0 and res.loss == 0.0
     assert all(p.grad is None for p in model.parameters())
+    empty = gs.filtered_backward(model, {"input_ids": torch.zeros(0, 5, dtype=torch.long)}, mode="two_pass")
+    assert empty.n_kept == 0 and empty.kept.shape == (0,)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_two_pass_costs_a_plain_step_plus_the_scoring_backward():
@@ -187,3 +190,21 @@ def test_bench_two_pass_quick(tmp_path):
         assert r["median_s"] > 0 and len(r["all_s"]) == r["repeats"] == 2 and "torch_version" in r["env"]
         if r["method"] == "plain":
             assert r["ratio_to_plain"] == 1.0
+
+
+def test_fsdp_helpers_without_a_process_group():
+    from torch import nn
+
+    from gradsel_core.integrations.fsdp import FullParams, decoder_layers, is_sharded, shard_decoder_layers
+
+    model = tiny_gpt()
+    assert decoder_layers(model) == list(model.blocks)  # no _no_split_modules: the largest ModuleList
+    assert [type(m).__name__ for m in decoder_layers(build("llama"))] == ["LlamaDecoderLayer"] * 2
+    with pytest.raises(UsageError, match="decoder layers"):
+        decoder_layers(nn.Linear(2, 2))
+    with pytest.raises(UsageError, match="torchrun"):
+        shard_decoder_layers(model)
+    assert not is_sharded(model)
+    params = dict(model.named_parameters())
+    full = FullParams(params)
+    assert list(full) == list(params) and len(full) == len(params) and full["lm_head.weight"] is params["lm_head.weight"]
