@@ -35,8 +35,14 @@
     data parallelism (DDP) the selected parameters' gradients are averaged over the processes on the
     last micro-batch of each optimizer step (as DDP would do for ordinary gradients); the logged
     statistics are those of the local process. ``nn.DataParallel`` (several GPUs, one process) runs the
-    filter on the first GPU only. DeepSpeed, FSDP, Megatron-LM, XLA, context parallelism
-    and LOMO optimizers are refused with an error (they own the backward or shard the parameters).
+    filter on the first GPU only. Under FSDP2 (``fsdp_config={"fsdp_version": 2}``) and DeepSpeed
+    ZeRO-1/2, whose engines own the backward, the filter runs in two passes
+    (:class:`~gradsel_core.TwoPassFilteredBackward`): the norms from the activation backward, then
+    ``accelerator.backward`` of the kept samples' masked mean loss, so the engine reduces the gradients
+    itself (no all-reduce by gradsel; the AMP scale is the engine's). FSDP1, DeepSpeed ZeRO-3, Megatron-LM,
+    XLA, context parallelism and LOMO optimizers are refused with an error. Packed batches (TRL
+    ``packing`` / ``padding_free``: several samples in one row) are refused: a row's norm would be no
+    sample's.
 
     ``random`` policy: the seed is ``state.global_step``; with gradient accumulation or several
     processes, micro-batch ``i`` on rank ``r`` other than ``(0, 0)`` uses ``[global_step, i, r]`` so
