@@ -75,8 +75,10 @@ def assert_same_parameters(state, ref):
     assert (num / den) ** 0.5 < 1e-4, f"relative error of the 3-step update {(num / den) ** 0.5:.3g}"
 
 
-def test_two_pass_training_equals_single_process(tmp_path, one_thread):
-    torchrun(os.path.join(HERE, "dist", "fsdp_worker.py"), "train", str(tmp_path))
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_two_pass_training_equals_single_process(tmp_path, one_thread, engine):
+    """FSDP2 (fully_shard per decoder layer) or DDP, 2 ranks: two-pass selection, 3 SGD steps."""
+    torchrun(os.path.join(HERE, "dist", "fsdp_worker.py"), engine, str(tmp_path))
     run = torch.load(tmp_path / "train.pt")
     assert run["world"] == WORLD and len(run["steps"]) == STEPS
     micro = [[local_batch(global_batch(step), r, WORLD) for r in range(WORLD)] for step in range(STEPS)]
