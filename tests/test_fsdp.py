@@ -92,14 +92,18 @@ def test_two_pass_training_equals_single_process(tmp_path, one_thread, engine):
     assert_same_parameters(run["state"], ref)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate enables FSDP only on accelerators (on CPU "
-                    "it falls back to multi-process DDP): needs 2 GPUs")
-def test_hf_trainer_accelerate_fsdp2_equals_single_process(tmp_path, one_thread):
-    """GradSelTrainer under torchrun with TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2}): the
-    trainer picks two-pass filtering and trains as a single process on the same micro-batches would."""
-    torchrun(os.path.join(HERE, "dist", "hf_fsdp_worker.py"), str(tmp_path))
+@pytest.mark.parametrize("engine", [
+    "ddp",
+    pytest.param("fsdp", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate enables FSDP only "
+                                                  "on accelerators (on CPU it falls back to DDP): needs 2 GPUs")),
+])
+def test_hf_trainer_under_torchrun_equals_single_process(tmp_path, one_thread, engine):
+    """GradSelTrainer under torchrun, plain (multi-process DDP: one backward, gradients averaged by gradsel) or with
+    TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2}) (two-pass): trains as a single process on the
+    same micro-batches and kept samples would."""
+    torchrun(os.path.join(HERE, "dist", "hf_fsdp_worker.py"), engine, str(tmp_path))
     run = torch.load(tmp_path / "hf.pt", map_location="cpu")
-    assert run["mode"] == "two_pass"
+    assert run["mode"] == ("two_pass" if engine == "fsdp" else "one_backward")
     seen = run["seen"]  # seen[rank][step]
     assert [len(s) for s in seen] == [STEPS] * WORLD
     micro = [[{k: torch.tensor(v) for k, v in seen[r][step]["batch"].items()} for r in range(WORLD)]
