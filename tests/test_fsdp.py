@@ -16,7 +16,7 @@ if not torch.distributed.is_available():  # pragma: no cover - depends on the to
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(HERE, "dist"))
+sys.path.insert(0, os.path.join(HERE, "torchrun"))
 
 import gradsel_core as gs  # noqa: E402
 from fsdp_common import LR, RATIO, STEPS, global_batch, local_batch, tiny_llama  # noqa: E402
@@ -78,7 +78,7 @@ def assert_same_parameters(state, ref):
 @pytest.mark.parametrize("engine", ["fsdp", "ddp"])
 def test_two_pass_training_equals_single_process(tmp_path, one_thread, engine):
     """FSDP2 (fully_shard per decoder layer) or DDP, 2 ranks: two-pass selection, 3 SGD steps."""
-    torchrun(os.path.join(HERE, "dist", "fsdp_worker.py"), engine, str(tmp_path))
+    torchrun(os.path.join(HERE, "torchrun", "fsdp_worker.py"), engine, str(tmp_path))
     run = torch.load(tmp_path / "train.pt")
     assert run["world"] == WORLD and len(run["steps"]) == STEPS
     micro = [[local_batch(global_batch(step), r, WORLD) for r in range(WORLD)] for step in range(STEPS)]
@@ -101,7 +101,7 @@ def test_hf_trainer_under_torchrun_equals_single_process(tmp_path, one_thread, e
     """GradSelTrainer under torchrun, plain (multi-process DDP: one backward, gradients averaged by gradsel) or with
     TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2}) (two-pass): trains as a single process on the
     same micro-batches and kept samples would."""
-    torchrun(os.path.join(HERE, "dist", "hf_fsdp_worker.py"), engine, str(tmp_path))
+    torchrun(os.path.join(HERE, "torchrun", "hf_worker.py"), engine, str(tmp_path))
     run = torch.load(tmp_path / "hf.pt", map_location="cpu")
     assert run["mode"] == ("two_pass" if engine == "fsdp" else "one_backward")
     seen = run["seen"]  # seen[rank][step]
