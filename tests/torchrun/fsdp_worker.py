@@ -1,6 +1,6 @@
 """Run under ``torchrun --nproc_per_node N`` (gloo, CPU) by tests/test_fsdp.py; writes results for the test.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist/fsdp_worker.py fsdp|ddp OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/torchrun/fsdp_worker.py fsdp|ddp OUT
 """
 from __future__ import annotations
 
