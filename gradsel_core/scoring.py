@@ -556,9 +556,15 @@ def score_dataset(
         "chunk_size": chunk_size,
         "loss_reduction": loss_reduction,
     }
+    from .errors import UsageError
     from .integrations.fsdp import FullParams, is_sharded, unsharded_class_name
 
     sharded = is_sharded(engine.params)  # FSDP2: hash whole weights (one gathered at a time), as unsharded
+    if sharded and resolved not in ("ghost", "triton"):
+        raise UsageError(
+            f"a fully_shard model is scored by the ghost engine only (backend {resolved!r} needs whole weights); "
+            "use backend='auto' or 'ghost', and register a norm rule (@gradsel_core.register_norm_rule) for "
+            "modules the ghost plan cannot cover")
     fingerprint = model_fingerprint(model, FullParams(engine.params) if sharded else engine.params)
     if sharded:  # fully_shard renames the class FSDP<Name>: fingerprint the model, not the wrapper
         fingerprint["class"] = unsharded_class_name(model)

@@ -208,3 +208,15 @@ def test_fsdp_helpers_without_a_process_group():
     params = dict(model.named_parameters())
     full = FullParams(params)
     assert list(full) == list(params) and len(full) == len(params) and full["lm_head.weight"] is params["lm_head.weight"]
+
+
+def test_score_dataset_refuses_a_non_ghost_backend_on_a_sharded_model(one_rank_group, tmp_path):
+    from gradsel_core.integrations.fsdp import shard_decoder_layers
+
+    model = shard_decoder_layers(build("llama"))
+    records = [{"input_ids": [3, 4, 5, 6]}, {"input_ids": [7, 8, 9]}]
+    with pytest.raises(UsageError, match="ghost engine only"):
+        gs.score_dataset(model, records, str(tmp_path / "s"), backend="vmap", progress=False)
+    store = gs.score_dataset(model, records, str(tmp_path / "g"), progress=False)  # auto: ghost, on one rank
+    single = gs.score_dataset(build("llama"), records, str(tmp_path / "one"), progress=False)
+    assert list(store.norms) == pytest.approx(list(single.norms), rel=1e-5)
