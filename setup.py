@@ -5,6 +5,7 @@ EXTRAS = {
     "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],
     "hf": ["transformers>=4.40", "peft>=0.10", "tokenizers>=0.15", "accelerate>=0.26"],
     "triton": ["triton>=3.0"],
+    "trl": ["trl>=1.0", "transformers>=4.40", "peft>=0.10", "accelerate>=0.26", "datasets>=2.0"],
     # BackPACK is a peer too, but its wheel pins torchvision; install it with
     # `pip install --no-deps backpack-for-pytorch einops unfoldNd` (see README).
     "bench": ["opacus>=1.4"],

@@ -6,7 +6,7 @@ selection built on them (arXiv 2604.17215, "Continual Safety Alignment via Gradi
 """
 from . import models
 from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
-from .filtered import FilteredBackward, FilteredResult, filtered_backward
+from .filtered import FilteredBackward, FilteredResult, TwoPassFilteredBackward, filtered_backward
 from .rules import ModuleCall, UnsupportedModule, register_norm_rule
 from .reference import ReferenceGradient, reference_gradient
 from .scoring import score_dataset
@@ -40,6 +40,7 @@ __all__ = [
     "filtered_backward",
     "FilteredBackward",
     "FilteredResult",
+    "TwoPassFilteredBackward",
     "models",
     "__version__",
 ]

@@ -10,7 +10,7 @@ parameters it was asked about. Rules return results; nothing is stored on module
 
 Modules can be named by class, by dotted class path (``"transformers.pytorch_utils.Conv1D"``, so the
 library need not be imported), or matched by a predicate (look-alikes such as ``*RMSNorm``).
-Parameters with no rule are computed exactly by the torch.func fallback in ``gradsel_core.ghost``.
+Parameters with no rule are computed exactly by the torch.func fallback in ``gradsel_core.backends.ghost``.
 """
 from __future__ import annotations
 

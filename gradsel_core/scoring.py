@@ -652,7 +652,17 @@ def score_dataset(
         "loss": {"kind": "causal_lm_cross_entropy", "shift": 1, "ignore_index": IGNORE_INDEX,
                  "reduction": loss_reduction},
     }
-    fingerprint = model_fingerprint(model, engine.params)
+    from .integrations.fsdp import FullParams, is_sharded, unsharded_class_name
+
+    sharded = is_sharded(engine.params)  # FSDP2: hash whole weights (one gathered at a time), as unsharded
+    if sharded and resolved not in ("ghost", "triton"):
+        raise UsageError(
+            f"a fully_shard model is scored by the ghost engine only (backend {resolved!r} needs whole weights); "
+            "use backend='auto' or 'ghost', and register a norm rule (@gradsel_core.register_norm_rule) for "
+            "modules the ghost plan cannot cover")
+    fingerprint = model_fingerprint(model, FullParams(engine.params) if sharded else engine.params)
+    if sharded:  # fully_shard renames the class FSDP<Name>: fingerprint the model, not the wrapper
+        fingerprint["class"] = unsharded_class_name(model)
     if reference is not None:
         config["reference"] = _reference_identity(reference, fingerprint, engine)
     identity = _identity(fingerprint, config, scan, source)
@@ -717,6 +727,11 @@ def score_dataset(
                 out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference)
                 meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches)}
                 atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
+            if sharded and world > 1:  # FSDP forwards are collective: as many on every rank
+                from .integrations.fsdp import pad_collective_forwards
+
+                per_rank = [sum(len(sh.batches) for sh in todo[r::world]) for r in range(world)]
+                pad_collective_forwards(engine, per_rank, rank, lambda: batches._make([0]))
         finally:
             batches.close()
             if bar is not None:

@@ -81,8 +81,8 @@ def make_args(tmp_path, **kw):
     return TrainingArguments(**cfg)
 
 
-class RecordingTrainer(GradSelTrainer):
-    """Keeps every micro-batch the trainer trains on (after _prepare_inputs) with its FilteredResult."""
+class Recording:
+    """Mixin: keeps every micro-batch the trainer trains on (after _prepare_inputs) with its FilteredResult."""
 
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
@@ -93,6 +93,10 @@ class RecordingTrainer(GradSelTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.seen.append((batch, self.gradsel_last, float(loss)))
         return loss
+
+
+class RecordingTrainer(Recording, GradSelTrainer):
+    pass
 
 
 def sgd(model, lr):
@@ -171,7 +175,8 @@ def test_kept_fraction_logged_and_only_lora_changes(tmp_path, monkeypatch):
     assert all(torch.equal(base0[n], base1[n]) for n in base0)  # the base model did not
 
 
-def test_one_sgd_step_is_exact_gradient_of_kept_mean_loss(tmp_path):
+@pytest.mark.parametrize("mode", ["auto", "two_pass"])
+def test_one_sgd_step_is_exact_gradient_of_kept_mean_loss(tmp_path, mode):
     lr = 1e-2
     # float64: in float32 the update's own rounding (W1 = W0 - lr*g, |W0| >> |lr*g|) is ~3e-5 of the step
     model = make_model().double()
@@ -179,8 +184,9 @@ def test_one_sgd_step_is_exact_gradient_of_kept_mean_loss(tmp_path):
     lora0, base0 = lora_state(model), base_state(model)
     args = make_args(tmp_path, max_steps=1, max_grad_norm=0.0, learning_rate=lr)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=make_records(), data_collator=collate,
-                               optimizers=sgd(model, lr), selection=SelectionConfig(ratio=0.5))
+                               optimizers=sgd(model, lr), selection=SelectionConfig(ratio=0.5), gradsel_mode=mode)
     trainer.train()
+    assert trainer.gradsel_mode == ("one_backward" if mode == "auto" else "two_pass")
     assert len(trainer.seen) == 2  # one optimizer step = 2 accumulated micro-batches
     assert sum(res.n_kept for _, res, _ in trainer.seen) > 0
 

@@ -230,8 +230,12 @@ class GhostCapture:
     def __init__(self, model: nn.Module, plan: GhostPlan, params: Dict[str, nn.Parameter], batch_size: int,
                  use_triton: bool = False, keep_factors: bool = False, copy_taps: bool = False,
                  track: Optional[Set[str]] = None, stand_ins: bool = True,
-                 refs: Optional[Dict[str, torch.Tensor]] = None):
+                 refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
         self.model, self.plan, self.params, self.B = model, plan, params, batch_size
+        # weights_in_graph: op uses compute with the real parameter, so a later ordinary backward (two-pass
+        # filtering) reaches it; the activation backward still skips it (it is no input of that call)
+        self.weights_in_graph = weights_in_graph
+        self.closed = False  # set once the activation backward is done: taps are silent in a later backward
         self.refs = refs or {}  # name -> (R, *shape): references the per-sample gradients are dotted with
         self.dots: Dict[str, torch.Tensor] = {}
         self.use_triton, self.keep_factors, self.copy_taps = use_triton, keep_factors, copy_taps
@@ -264,7 +268,9 @@ class GhostCapture:
             self.handles.append(plan.module.register_forward_hook(self._hook(plan, own), with_kwargs=True))
         tracked = {id(self.stand_ins[n]): n for n in self.track if n in self.stand_ins}
         if tracked:
-            self.tracker = UseTracker(tracked, self._tap_use, self.module_names, self.B)
+            real = {id(self.stand_ins[n]): self.params[n] for n in self.track if n in self.stand_ins}
+            self.tracker = UseTracker(tracked, self._tap_use, self.module_names, self.B,
+                                      real if self.weights_in_graph else None)
             self.tracker.__enter__()
         self.active = True
         return self
@@ -372,7 +378,7 @@ class GhostCapture:
 
     # backward ---------------------------------------------------------------------------------------
     def _sink(self, key: Tuple[int, int], g: torch.Tensor) -> None:
-        if self.error is not None:
+        if self.error is not None or self.closed:
             return
         rec = self.records[key[0]]
         try:
@@ -430,6 +436,7 @@ class GhostCapture:
         unaccounted: Dict[str, List[Place]] = {}
         if total.requires_grad and inputs:
             grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=retain_graph)
+            self.closed = True
             if self.error is not None:
                 raise self.error
             if self.failures:
@@ -572,7 +579,9 @@ class GhostBackend:
     @property
     def plan(self) -> GhostPlan:
         if self._plan is None:
-            self._plan = plan_claims(self.spec.model, self.spec.params, self.moved)
+            # without stand-ins (sharded parameters) op uses cannot be seen: such modules use the fallback
+            self._plan = plan_claims(self.spec.model, self.spec.params, self.moved,
+                                     op_ok=can_stand_in(self.spec.params))
         return self._plan
 
     def coverage(self) -> List[CoverageEntry]:
@@ -669,7 +678,8 @@ class GhostBackend:
             self._move([n], targets, f"used by an op without a rule ({where})")
 
     def run(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, strict: bool,
-            retain_graph: bool = False, refs: Optional[Dict[str, torch.Tensor]] = None):
+            retain_graph: bool = False, refs: Optional[Dict[str, torch.Tensor]] = None,
+            weights_in_graph: bool = False):
         """Scored forward + activation backward, learning until every use is accounted for.
 
         Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
@@ -677,7 +687,8 @@ class GhostBackend:
         last = ""
         for _ in range(MAX_PASSES):
             try:
-                cap, losses, tokens = self._attempt(batch, use_triton, keep_factors, retain_graph, refs)
+                cap, losses, tokens = self._attempt(batch, use_triton, keep_factors, retain_graph, refs,
+                                                    weights_in_graph)
             except Retry as r:
                 last = str(r.__cause__ or r)[:200]
                 continue
@@ -692,10 +703,10 @@ class GhostBackend:
             f"scoring did not settle after {MAX_PASSES} passes moving parameters to fallbacks (last: {last})"))
 
     def _attempt(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, retain_graph: bool,
-                 refs: Optional[Dict[str, torch.Tensor]] = None):
+                 refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
         spec = self.spec
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
-                           copy_taps=self.copy_taps, track=self.track, refs=refs)
+                           copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph)
         try:
             with cap:
                 out = spec.model(**batch.model_inputs)

@@ -127,16 +127,26 @@ class UseTracker(TorchFunctionMode):
     ``tracked`` maps id(stand-in) -> global name (the stand-ins stay alive in the capture)."""
 
     def __init__(self, tracked: Dict[int, str], tap: Callable[[torch.Tensor, OpUse], torch.Tensor],
-                 module_names: Dict[int, str], batch_size: int):
+                 module_names: Dict[int, str], batch_size: int, real: Optional[Dict[int, torch.Tensor]] = None):
         super().__init__()
         self.tracked = tracked
+        self.real = real  # id(stand-in) -> the parameter: computed with, so an ordinary backward reaches it
         self.tap = tap
         self.module_names = module_names
         self.B = batch_size
         self.transposed: Dict[int, Tuple[str, torch.Tensor]] = {}  # id(view) -> (name, view kept alive)
+        self.transposed_base: Dict[int, torch.Tensor] = {}  # id(view) -> the stand-in it transposes
         self.unrecognised: Dict[str, List[Place]] = {}
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _weight(self, t: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """What a recognised op computes with: the stand-in detached (scoring: no weight gradient, and the
+        stand-in stays unreached), or the real parameter (``real``: an ordinary backward follows)."""
+        if self.real is None:
+            return t.detach()
+        p = self.real[id(base if base is not None else t)]
+        return p if base is None else p.t()
+
     def _name(self, t: Any) -> Optional[str]:
         return self.tracked.get(id(t)) if isinstance(t, torch.Tensor) else None
 
@@ -177,6 +187,7 @@ class UseTracker(TorchFunctionMode):
             if src is not None and args[0].dim() == 2 and (getter or self._is_full_transpose(func, args, kwargs)):
                 out = func(*args, **kwargs)
                 self.transposed[id(out)] = (src, out)
+                self.transposed_base[id(out)] = args[0]
                 return out
         if getter:  # .dtype, .shape, .device ...: no use
             return func(*args, **kwargs)
@@ -203,7 +214,7 @@ class UseTracker(TorchFunctionMode):
             if names:
                 self._note(names, "linear")
             return func(*args, **kwargs)
-        out = func(x, w.detach() if wn else w, b.detach() if bn is not None else b)
+        out = func(x, self._weight(w) if wn else w, self._weight(b) if bn is not None else b)
         roles = {}
         if wn:
             roles["weight"] = wn
@@ -217,11 +228,12 @@ class UseTracker(TorchFunctionMode):
             return None
         if id(w) in self.transposed:  # x @ W.T with W (p, d): the Linear form
             name, _ = self.transposed[id(w)]
-            out = func(x, w.detach())
+            base = self.transposed_base[id(w)]
+            out = func(x, w.detach() if self.real is None else self._weight(w, base))
             return self.tap(out, OpUse("linear", {"weight": name}, x.detach(), find_place(self.module_names, "x @ W.T")))
         name = self._name(w)
         if name is not None and w.dim() == 2 and self._name(x) is None:  # x @ W with W (d, p)
-            out = func(x, w.detach())
+            out = func(x, self._weight(w))
             return self.tap(out, OpUse("matmul_t", {"weight": name}, x.detach(), find_place(self.module_names, "x @ W")))
         return None
 
@@ -237,7 +249,7 @@ class UseTracker(TorchFunctionMode):
             if tracked:
                 self._note(tracked, "embedding")
             return func(*args, **kwargs)
-        bound["weight"] = w.detach()
+        bound["weight"] = self._weight(w)
         out = func(**bound)
         pad = bound.get("padding_idx")
         if pad is not None and pad < 0:

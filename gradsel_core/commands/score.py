@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace a store of another model/config/data in --out; also allows a non-empty directory "
                         "that is not a store (gradsel adds its files and never touches the others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model over the ranks with FSDP2 fully_shard, one decoder layer "
+                        "at a time (a model larger than one device); rank 0 reads the checkpoint, the others "
+                        "get their shards from it")
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="minutes ranks wait for each other under torchrun")
 
@@ -171,7 +175,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         # errors propagate to the CLI's one error style (`gradsel score: error: ...`, exit 2)
-        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+        if args.fsdp:  # read on rank 0, sharded over the ranks (integrations/fsdp.py)
+            from ..integrations.fsdp import load_sharded
+
+            model, tok = load_sharded(args.model, dtype=args.dtype)
+        else:
+            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
         reference = None
         if args.reference:
             from ..reference import ReferenceGradient

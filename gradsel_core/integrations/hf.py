@@ -35,8 +35,14 @@
     data parallelism (DDP) the selected parameters' gradients are averaged over the processes on the
     last micro-batch of each optimizer step (as DDP would do for ordinary gradients); the logged
     statistics are those of the local process. ``nn.DataParallel`` (several GPUs, one process) runs the
-    filter on the first GPU only. DeepSpeed, FSDP, Megatron-LM, XLA, context parallelism
-    and LOMO optimizers are refused with an error (they own the backward or shard the parameters).
+    filter on the first GPU only. Under FSDP2 (``fsdp_config={"fsdp_version": 2}``) and DeepSpeed
+    ZeRO-1/2, whose engines own the backward, the filter runs in two passes
+    (:class:`~gradsel_core.TwoPassFilteredBackward`): the norms from the activation backward, then
+    ``accelerator.backward`` of the kept samples' masked mean loss, so the engine reduces the gradients
+    itself (no all-reduce by gradsel; the AMP scale is the engine's). FSDP1, DeepSpeed ZeRO-3, Megatron-LM,
+    XLA, context parallelism and LOMO optimizers are refused with an error. Packed batches (TRL
+    ``packing`` / ``padding_free``: several samples in one row) are refused: a row's norm would be no
+    sample's.
 
     ``random`` policy: the seed is ``state.global_step``; with gradient accumulation or several
     processes, micro-batch ``i`` on rank ``r`` other than ``(0, 0)`` uses ``[global_step, i, r]`` so
@@ -62,6 +68,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import tempfile
@@ -78,13 +85,14 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "gradsel_core.integrations.hf needs transformers: pip install 'gradsel[hf]'"
     ) from e
 
-from ..filtered import FilteredBackward, FilteredResult
+from ..errors import UsageError
+from ..filtered import MODES, FilteredBackward, FilteredResult, TwoPassFilteredBackward, packed_rows
 from ..params import ParamSpec
 from ..selection import Selection, SelectionConfig, select
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelectionConfig", "GradSelTrainer", "select_dataset", "LOG_PREFIX"]
+__all__ = ["SelectionConfig", "GradSelMixin", "GradSelTrainer", "GradSelSFTTrainer", "select_dataset", "LOG_PREFIX"]
 
 LOG_PREFIX = "gradsel/"
 
@@ -150,31 +158,45 @@ class _Stats:
 # the trainer
 
 
-def _accepts(fn: Any, name: str) -> bool:
+def _accepts(fn: Any, name: str, or_var_args: bool = False) -> bool:
+    """``fn`` takes a parameter ``name`` (or, with ``or_var_args``, any positional via ``*args``: a
+    subclass's ``training_step(*args, **kwargs)`` such as TRL's passes it on)."""
     try:
-        return name in inspect.signature(fn).parameters
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+    return name in params or (or_var_args and any(p.kind is p.VAR_POSITIONAL for p in params.values()))
 
 
-_UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+_UNSUPPORTED = ("MEGATRON_LM", "XLA")
+_TWO_PASS = ("FSDP", "DEEPSPEED")  # engines that own the backward: filtered_backward(mode="two_pass")
 
 
-class GradSelTrainer(transformers.Trainer):
-    """``transformers.Trainer`` that keeps, in every micro-batch, only the samples a gradient-norm
-    policy selects, and trains on their mean loss (see the module docstring for the exact semantics).
+class GradSelMixin:
+    """Mixin for any ``transformers.Trainer`` subclass (``class MyTrainer(GradSelMixin, SFTTrainer)``):
+    keeps, in every micro-batch, only the samples a gradient-norm policy selects, and trains on their
+    mean loss (see the module docstring for the exact semantics). Put it first in the bases.
 
     Args:
-        selection: a :class:`SelectionConfig`, a dict of its fields, or ``None`` (plain ``Trainer``).
-        *args, **kwargs: those of ``transformers.Trainer``.
+        selection: a :class:`SelectionConfig`, a dict of its fields, or ``None`` (the base trainer as is).
+        *args, **kwargs: those of the base trainer.
 
     Attributes:
         gradsel_last: the :class:`~gradsel_core.FilteredResult` of the last micro-batch (or ``None``).
         gradsel_step: the results of the micro-batches of the current / last optimizer step.
+        gradsel_mode: ``"one_backward"`` or ``"two_pass"``, known after the first step.
+
+    ``gradsel_mode="auto"`` (the constructor argument): two-pass under FSDP2 and DeepSpeed ZeRO-1/2 (their
+    engine owns the backward), else one backward; ``"two_pass"`` forces it on one process (to compare);
+    ``"one_backward"`` refuses the engines that own the backward.
     """
 
-    def __init__(self, *args: Any, selection: Union[SelectionConfig, Mapping[str, Any], None] = None, **kwargs: Any):
+    def __init__(self, *args: Any, selection: Union[SelectionConfig, Mapping[str, Any], None] = None,
+                 gradsel_mode: str = "auto", **kwargs: Any):
+        if gradsel_mode not in MODES:
+            raise UsageError(f"gradsel_mode={gradsel_mode!r} is unknown; choose one of {MODES}")
         self.selection = SelectionConfig.coerce(selection)
+        self._gradsel_mode_arg = gradsel_mode
         super().__init__(*args, **kwargs)
         self.gradsel_last: Optional[FilteredResult] = None
         self.gradsel_step: List[FilteredResult] = []
@@ -183,6 +205,7 @@ class GradSelTrainer(transformers.Trainer):
         self._gradsel_fb: Optional[FilteredBackward] = None
         self._gradsel_micro = 0
         self._gradsel_checked = False
+        self.gradsel_mode = "one_backward"
 
     # -- the filter -------------------------------------------------------------------------------
     def gradsel_filter(self, model: nn.Module) -> FilteredBackward:
@@ -191,10 +214,12 @@ class GradSelTrainer(transformers.Trainer):
         target = self._gradsel_unwrap(model)
         if self._gradsel_fb is None or self._gradsel_module is not target:
             cfg = self.selection
-            self._gradsel_fb = FilteredBackward(
-                target, policy=cfg.policy, ratio=cfg.ratio, params=cfg.params,
-                loss_filter_std=cfg.loss_filter_std, **cfg.policy_kwargs,
-            )
+            kw: Dict[str, Any] = dict(policy=cfg.policy, ratio=cfg.ratio, params=cfg.params,
+                                      loss_filter_std=cfg.loss_filter_std, **cfg.policy_kwargs)
+            if self.gradsel_mode == "two_pass":
+                self._gradsel_fb = TwoPassFilteredBackward(target, backward_fn=self._gradsel_backward, **kw)
+            else:
+                self._gradsel_fb = FilteredBackward(target, **kw)
             self._gradsel_module = target
             opt_params = self._gradsel_optimizer_params()
             if opt_params is not None:
@@ -205,9 +230,9 @@ class GradSelTrainer(transformers.Trainer):
                         "updated (e.g. %s)", len(missing), ", ".join(missing[:3]),
                     )
             log.info(
-                "GradSelTrainer: filtering with policy=%s ratio=%s loss_filter_std=%s over %d parameter tensors "
-                "(%d values)", cfg.policy, cfg.ratio, cfg.loss_filter_std, len(self._gradsel_fb.engine.params),
-                sum(p.numel() for p in self._gradsel_fb.engine.params.values()),
+                "GradSelTrainer: filtering (%s) with policy=%s ratio=%s loss_filter_std=%s over %d parameter "
+                "tensors (%d values)", self.gradsel_mode, cfg.policy, cfg.ratio, cfg.loss_filter_std,
+                len(self._gradsel_fb.engine.params), sum(p.numel() for p in self._gradsel_fb.engine.params.values()),
             )
         return self._gradsel_fb
 
@@ -231,9 +256,38 @@ class GradSelTrainer(transformers.Trainer):
         name = getattr(dt, "name", str(dt))
         if name in _UNSUPPORTED:
             raise NotImplementedError(
-                f"GradSelTrainer does not support distributed_type={name}: it computes the gradients itself "
-                "and needs whole, unsharded parameters; use DDP (or a single device)"
+                f"GradSelTrainer does not support distributed_type={name}; use DDP, FSDP2 or DeepSpeed ZeRO-1/2 "
+                "(or a single device)"
             )
+        if name == "FSDP" and not getattr(self.accelerator, "is_fsdp2", False):
+            raise NotImplementedError(
+                "GradSelTrainer supports FSDP2 only (torch fully_shard): set fsdp_config={'fsdp_version': 2} "
+                "(accelerate config: fsdp_version: 2)"
+            )
+        if name == "DEEPSPEED":
+            plugin = getattr(getattr(self.accelerator, "state", None), "deepspeed_plugin", None)
+            if int(getattr(plugin, "zero_stage", 0) or 0) >= 3:
+                raise NotImplementedError(
+                    "GradSelTrainer does not support DeepSpeed ZeRO-3 (its norm rules read module weights that "
+                    "ZeRO-3 partitions); use FSDP2 (fsdp_config={'fsdp_version': 2}) or ZeRO-1/2"
+                )
+        wanted = self._gradsel_mode_arg
+        if name in _TWO_PASS:
+            if wanted == "one_backward":
+                raise UsageError(f"gradsel_mode='one_backward' cannot run under distributed_type={name} (the engine "
+                                 "owns the backward and shards the gradients); use gradsel_mode='auto'")
+            self.gradsel_mode = "two_pass"
+            log.info("GradSelTrainer: distributed_type=%s owns the backward: two-pass filtering (norms from an "
+                     "activation backward, then the engine's backward of the kept samples' loss)", name)
+        elif wanted == "two_pass":
+            if int(getattr(self.accelerator, "num_processes", 1) or 1) > 1:
+                raise UsageError(
+                    "gradsel_mode='two_pass' under DDP is not supported (the filter's forward runs on the unwrapped "
+                    "model, outside DDP's reducer); use gradsel_mode='auto' (one backward, gradients averaged over "
+                    "the processes by gradsel)")
+            self.gradsel_mode = "two_pass"
+        else:
+            self.gradsel_mode = "one_backward"
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and getattr(pc, "cp_enabled", False):
             raise NotImplementedError("GradSelTrainer does not support context parallelism")
@@ -245,8 +299,9 @@ class GradSelTrainer(transformers.Trainer):
             ignored.append("compute_loss_func")
         if float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0) != 0.0:
             ignored.append("label_smoothing_factor")
-        if type(self).compute_loss is not GradSelTrainer.compute_loss:
-            ignored.append("an overridden compute_loss")
+        if type(self).compute_loss is not transformers.Trainer.compute_loss:
+            owner = next(c for c in type(self).__mro__ if "compute_loss" in vars(c))
+            ignored.append(f"{owner.__name__}.compute_loss (and the metrics it logs)")
         if ignored:
             log.warning(
                 "GradSelTrainer: the filtered step trains on gradsel's per-sample causal-LM loss (labels, -100 "
@@ -277,7 +332,7 @@ class GradSelTrainer(transformers.Trainer):
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch: Any = None,
                       *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.selection is None:
-            if _accepts(super().training_step, "num_items_in_batch"):
+            if _accepts(super().training_step, "num_items_in_batch", or_var_args=True):
                 return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
             return super().training_step(model, inputs, *args, **kwargs)
         # num_items_in_batch (the accumulation window's target-token count) is deliberately unused: the
@@ -287,7 +342,16 @@ class GradSelTrainer(transformers.Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        packed = packed_rows(inputs)
+        if packed is not None:
+            raise UsageError(
+                f"{packed}: gradsel scores and keeps whole rows, and a packed row mixes samples, so its gradient "
+                "norm is no sample's. Train without packing (TRL: SFTConfig(packing=False, padding_free=False)); "
+                "pad instead"
+            )
         fb = self.gradsel_filter(model)
+        if "use_cache" not in inputs and getattr(getattr(fb.engine.model, "config", None), "use_cache", None):
+            inputs = {**inputs, "use_cache": False}  # no KV cache in training (as TRL's compute_loss does)
 
         micro = self._gradsel_micro
         if micro == 0:
@@ -297,12 +361,14 @@ class GradSelTrainer(transformers.Trainer):
 
         ga = self._gradsel_accumulation_steps()
         device = inputs["input_ids"].device if isinstance(inputs.get("input_ids"), torch.Tensor) else self.args.device
-        loss_scale = self._gradsel_amp_scale(device) / ga
-        with self.compute_loss_context_manager():
+        # two-pass: the engine's backward (accelerator.backward) applies the AMP scale itself
+        loss_scale = (1.0 if self.gradsel_mode == "two_pass" else self._gradsel_amp_scale(device)) / ga
+        with self.compute_loss_context_manager(), getattr(self, "maybe_activation_offload_context",
+                                                          contextlib.nullcontext()):
             res = fb.step(inputs, loss_scale=loss_scale, seed=self.gradsel_seed(micro))
         del inputs
 
-        if sync:
+        if sync and self.gradsel_mode == "one_backward":
             self._gradsel_sync_gradients(fb)
         empty_every = getattr(self.args, "torch_empty_cache_steps", None)
         if empty_every is not None and self.state.global_step % empty_every == 0:
@@ -319,6 +385,16 @@ class GradSelTrainer(transformers.Trainer):
         log.debug("gradsel step %d micro %d: kept %d/%d, loss %.4g", self.state.global_step, micro,
                   res.n_kept, res.kept.shape[0], res.loss)
         return torch.tensor(res.loss / ga, dtype=torch.float32, device=self.args.device)
+
+    def _gradsel_backward(self, loss: torch.Tensor) -> None:
+        """The second pass of two-pass filtering: the engine's own backward, as ``Trainer.training_step``
+        calls it (FSDP2: reduce-scatter in its hooks; DeepSpeed: its engine, loss already scaled for
+        accumulation)."""
+        kwargs = {}
+        dt = getattr(self.accelerator, "distributed_type", None)
+        if getattr(dt, "name", str(dt)) == "DEEPSPEED":
+            kwargs["scale_wrt_gas"] = False
+        self.accelerator.backward(loss, **kwargs)
 
     def _gradsel_sync_gradients(self, fb: FilteredBackward) -> None:
         """Average the selected parameters' gradients over the processes (what DDP does in backward)."""
@@ -347,6 +423,23 @@ class GradSelTrainer(transformers.Trainer):
             logs.update(self._gradsel_stats.logs())
             self._gradsel_stats.reset()
         return super().log(logs, *args, **kwargs)
+
+
+class GradSelTrainer(GradSelMixin, transformers.Trainer):
+    """``transformers.Trainer`` with in-step gradient-norm selection (:class:`GradSelMixin`).
+
+    Args:
+        selection: a :class:`SelectionConfig`, a dict of its fields, or ``None`` (plain ``Trainer``).
+        *args, **kwargs: those of ``transformers.Trainer``.
+    """
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GradSelSFTTrainer":  # needs trl: imported on first use
+        from .trl import GradSelSFTTrainer
+
+        return GradSelSFTTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
