@@ -182,6 +182,13 @@ class GradNormEngine:
         raise AssertionError("unreachable")
 
     def _should_verify(self, backend: str) -> bool:
+        from .backends.uses import can_stand_in
+
+        if not can_stand_in(self.params):  # sharded (FSDP2): the per-sample loop needs whole weights
+            if self.verify:
+                log.warning("verify=True is skipped: the selected parameters are sharded (FSDP2), and the "
+                            "per-sample reference needs whole weights")
+            return False
         if self.verify is not None:
             return bool(self.verify)
         if self.backend == "auto":

@@ -398,7 +398,14 @@ def hash_state(model: torch.nn.Module, threads: Optional[int] = None) -> Tuple[s
             entries.append(("b", name, b))
     unique = list({id(t): t for _, _, t in entries}.values())  # a tied weight is hashed once, named twice
     threads = threads or min(8, os.cpu_count() or 1)
-    if threads > 1 and len(unique) > 1:
+    if any(callable(getattr(t, "full_tensor", None)) for t in unique):
+        # sharded (FSDP2 DTensor): each whole tensor is gathered (a collective: every rank, same order, one
+        # thread), hashed and dropped, so the hash equals the unsharded model's and memory stays one tensor
+        digests = {}
+        for t in unique:
+            full = getattr(t, "full_tensor", None)
+            digests[id(t)] = _tensor_digest(full() if callable(full) else t)
+    elif threads > 1 and len(unique) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             digests = dict(zip(map(id, unique), pool.map(_tensor_digest, unique)))
     else:
