@@ -131,3 +131,12 @@ def test_harness_helpers(tmp_path):
         assert next(csv.DictReader(f))["env_torch_version"] == "x"
     with pytest.raises(ValueError):
         H.CaseSpec(params="prefix")
+
+
+def test_bench_reference_quick(tmp_path):
+    out = run_script("bench_reference.py", tmp_path)
+    assert {r["method"] for r in out["rows"]} == {"plain", "norms", "norms+ref", "norms+4ref"}
+    for r in out["rows"]:
+        assert r["median_s"] > 0 and math.isfinite(r["ratio_to_plain"])
+        assert r["dots_rel_err_vs_loop"] <= 1e-5  # the timed path is exact
+    assert "torch_version" in out["meta"]
