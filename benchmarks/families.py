@@ -35,6 +35,8 @@ OVERRIDES = {
     "reformer": {"attn_layers": ["local", "local"], "axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16],
                  "local_attn_chunk_length": 8, "hidden_size": 32},
     "xlnet": {"mem_len": 0},
+    "gptj": {"rotary_dim": 4},
+    "codegen": {"rotary_dim": 4},
 }
 
 
