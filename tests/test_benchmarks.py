@@ -140,3 +140,10 @@ def test_bench_reference_quick(tmp_path):
         assert r["median_s"] > 0 and math.isfinite(r["ratio_to_plain"])
         assert r["dots_rel_err_vs_loop"] <= 1e-5  # the timed path is exact
     assert "torch_version" in out["meta"]
+
+
+def test_bench_verify_quick(tmp_path):
+    out = run_script("bench_verify.py", tmp_path)
+    assert [r["method"] for r in out["rows"]] == ["plain", "first score, verify=False", "first score, verify=True"]
+    assert all(r["median_s"] > 0 for r in out["rows"])
+    assert "one-off cost" in out["stdout"]
