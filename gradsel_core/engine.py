@@ -160,8 +160,9 @@ class GradNormEngine:
             return score_loop(self.spec, prepared, refs)
         if backend == "vmap":
             return score_vmap(self.spec, prepared, refs)
-        return score_ghost(self.ghost, prepared, use_triton=backend == "triton", strict=self.backend != "auto",
-                           refs=refs)
+        # strict: a parameter that only a fallback over the whole model could score is refused here; under
+        # auto that moves the chain on to vmap, the same computation under its own name
+        return score_ghost(self.ghost, prepared, use_triton=backend == "triton", strict=True, refs=refs)
 
     def _score_raw(self, prepared: PreparedBatch, backend: str, refs=None):
         if self.backend != "auto":

@@ -1,6 +1,9 @@
 """Every ```python block of README.md and docs/*.md runs as printed: each block on its own (a reader
 copies one), in a fresh interpreter, in an empty temporary directory (the blocks write scores/ and
-runs/ relative to it). Links to files in the repository resolve."""
+runs/ relative to it). Links to files in the repository resolve.
+
+Blocks fenced ```py are templates that name the reader's own objects (a trainer's model, loader, args),
+said so in the text next to them; the trainer section has a complete ```python loop beside them."""
 from __future__ import annotations
 
 import os
