@@ -109,7 +109,6 @@ class OpUse:
     place: Place
     num_rows: int = 0  # embedding V
     padding_idx: Optional[int] = None
-    grad: Optional[torch.Tensor] = None
 
 
 def _getter_name(func: Callable) -> str:
@@ -134,8 +133,8 @@ class UseTracker(TorchFunctionMode):
         self.tap = tap
         self.module_names = module_names
         self.B = batch_size
-        self.transposed: Dict[int, Tuple[str, torch.Tensor]] = {}  # id(view) -> (name, view kept alive)
-        self.transposed_base: Dict[int, torch.Tensor] = {}  # id(view) -> the stand-in it transposes
+        # id(view) -> (name, the view kept alive, the stand-in it transposes)
+        self.transposed: Dict[int, Tuple[str, torch.Tensor, torch.Tensor]] = {}
         self.unrecognised: Dict[str, List[Place]] = {}
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -144,8 +143,9 @@ class UseTracker(TorchFunctionMode):
         stand-in stays unreached), or the real parameter (``real``: an ordinary backward follows)."""
         if self.real is None:
             return t.detach()
-        p = self.real[id(base if base is not None else t)]
-        return p if base is None else p.t()
+        if base is None:
+            return self.real[id(t)]
+        return self.real[id(base)].t()  # a transposed view of the stand-in
 
     def _name(self, t: Any) -> Optional[str]:
         return self.tracked.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -186,8 +186,7 @@ class UseTracker(TorchFunctionMode):
             src = self._name(args[0]) if args else None
             if src is not None and args[0].dim() == 2 and (getter or self._is_full_transpose(func, args, kwargs)):
                 out = func(*args, **kwargs)
-                self.transposed[id(out)] = (src, out)
-                self.transposed_base[id(out)] = args[0]
+                self.transposed[id(out)] = (src, out, args[0])
                 return out
         if getter:  # .dtype, .shape, .device ...: no use
             return func(*args, **kwargs)
@@ -227,9 +226,8 @@ class UseTracker(TorchFunctionMode):
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.dim() < 2:
             return None
         if id(w) in self.transposed:  # x @ W.T with W (p, d): the Linear form
-            name, _ = self.transposed[id(w)]
-            base = self.transposed_base[id(w)]
-            out = func(x, w.detach() if self.real is None else self._weight(w, base))
+            name, _, base = self.transposed[id(w)]
+            out = func(x, self._weight(w, base))
             return self.tap(out, OpUse("linear", {"weight": name}, x.detach(), find_place(self.module_names, "x @ W.T")))
         name = self._name(w)
         if name is not None and w.dim() == 2 and self._name(x) is None:  # x @ W with W (d, p)
