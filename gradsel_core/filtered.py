@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -48,12 +48,14 @@ class FilteredResult:
 class FilteredBackward:
     """Reusable in-step filter for one model: ``step(batch)`` fills ``.grad`` of the selected parameters.
 
+    ``loss_filter_std``: ``"auto"`` (1.0 for ``median_band``, no loss filter for other policies),
+    ``None`` or a number (any policy); ``ratio > 0`` keeps at least one sample per batch.
     The model's mode is left as the caller set it (train mode: dropout on; the norms are then those of
     the training loss actually optimised).
     """
 
     def __init__(self, model: nn.Module, policy: str = "median_band", ratio: float = 0.2,
-                 params: ParamSpec = "trainable", loss_filter_std: Optional[float] = 1.0,
+                 params: ParamSpec = "trainable", loss_filter_std: Union[float, None, str] = "auto",
                  loss_fn: Optional[LossFn] = None, loss_reduction: str = "mean", backend: str = "auto",
                  **policy_kwargs: Any):
         if backend not in ("auto", "ghost", "triton"):
@@ -62,7 +64,11 @@ class FilteredBackward:
         self.engine = GradNormEngine(model, params=params, loss_fn=loss_fn, backend="ghost",
                                      loss_reduction=loss_reduction)
         self.backend = backend
-        self.policy, self.ratio, self.loss_filter_std = policy, ratio, loss_filter_std
+        from .selection import resolve_loss_filter_std
+
+        # "auto": 1.0 for median_band (the paper's loss pre-filter), none for other policies
+        self.policy, self.ratio = policy, ratio
+        self.loss_filter_std = resolve_loss_filter_std(policy, loss_filter_std)
         self.policy_kwargs = policy_kwargs
 
     def step(self, batch: Mapping[str, Any], loss_scale: float = 1.0, seed: Any = 0) -> FilteredResult:
@@ -107,7 +113,8 @@ class FilteredBackward:
 
 
 def filtered_backward(model: nn.Module, batch: Mapping[str, Any], policy: str = "median_band",
-                      ratio: float = 0.2, params: ParamSpec = "trainable", loss_filter_std: Optional[float] = 1.0,
+                      ratio: float = 0.2, params: ParamSpec = "trainable",
+                      loss_filter_std: Union[float, None, str] = "auto",
                       loss_scale: float = 1.0, loss_fn: Optional[LossFn] = None, seed: Any = 0,
                       **policy_kwargs: Any) -> FilteredResult:
     """Score ``batch``, keep samples by the per-batch ``policy``, and accumulate
