@@ -102,13 +102,12 @@ class Cell:
 def make_cells(methods: Sequence[str], modes: Sequence[str], ratios: Sequence[float],
                budgets: Sequence[str]) -> List[Cell]:
     out = [Cell("full")] if "full" in methods else []
-    for m in methods:
-        if m == "full":
-            continue
+    for r in ratios:  # ratio outermost: an interrupted study has whole columns of methods
         for mode in modes:
             for budget in budgets:
-                for r in ratios:
-                    out.append(Cell(m, mode, float(r), budget))
+                for m in methods:
+                    if m != "full":
+                        out.append(Cell(m, mode, float(r), budget))
     return out
 
 
@@ -876,11 +875,16 @@ def markdown(result: Mapping[str, Any]) -> str:
     seeds = [a["seed"] for a in result["aligned"]]
     L: List[str] = []
     if result.get("missing"):
-        ran = sorted({r["label"] for r in result["runs"]})
-        L.append(f"**A partial study.** Of the grid below, {len(result['runs'])} runs finished "
-                 f"({len(ran)} cells); {len(result['missing'])} seed-cells did not run: "
-                 + "; ".join(result["missing"]) + ". Every mean below is over the seeds that ran for that cell "
-                 "(the n column / n_seeds in results.json).")
+        by_cell: Dict[str, List[str]] = {}
+        for m in result["missing"]:
+            seed, _, what = m.partition(": ")
+            by_cell.setdefault(what, []).append(seed.replace("seed ", ""))
+        ran = list(dict.fromkeys(r["label"] for r in result["runs"]))
+        L.append(f"**A partial study: not every cell of the grid below ran.** {len(result['runs'])} runs finished, "
+                 f"over {len(ran)} cells. Did not run ({len(result['missing'])} seed-cells): "
+                 + "; ".join(f"{what} (seeds {', '.join(seeds)})" for what, seeds in by_cell.items())
+                 + ". Every figure below is over the seeds that ran for its cell (n in the first column). "
+                 "`gradsel demo --full` with the same --out runs the rest.")
         L.append("")
     L.append(f"Tasks in order: {' → '.join(tasks)}. Seeds: {seeds}. Cells run ({len(cells)}): methods "
              f"{list(cfg['methods'])}, modes {list(cfg['modes'])}, ρ {list(cfg['ratios'])}, budgets "
@@ -1054,8 +1058,9 @@ def _plot_trajectories(result: Mapping[str, Any], plt):
         if c["method"] == "full" or (c["mode"], float(c["ratio"]), c["budget"]) == (mode, ratio, budget):
             by.setdefault(c["method"], []).append(r)
     x = np.arange(len(tasks) + 1)
-    rows = [("safety_margin", "safety margin (nats)", 1.0), ("refusal_rate", "refusal rate (%)", 100.0)]
-    fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.1 * len(methods), 5.6), sharex=True, sharey="row",
+    rows = [("safety_margin", "safety margin (nats)", 1.0), ("refusal_rate", "refusal rate (%)", 100.0),
+            ("harmful_compliance", "harmful compliance (%)", 100.0)]
+    fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.2 * len(methods), 7.6), sharex=True, sharey="row",
                              squeeze=False)
 
     def series(r, key):
@@ -1083,7 +1088,7 @@ def _plot_trajectories(result: Mapping[str, Any], plt):
             if i == len(rows) - 1:
                 ax.set_xticks(x, ["aligned"] + [f"after\n{t}" for t in tasks], fontsize=8)
             if i == 0:
-                ax.legend(fontsize=7, loc="lower left")
+                ax.legend(fontsize=7, loc="upper left")
     n_seeds = len(result["aligned"])
     fig.suptitle(_wrap(f"Safety during continual fine-tuning: {mode} selection, ρ = {ratio:g}, equal-{budget} "
                        f"budget, {n_seeds} seeds", fig), fontsize=10)
@@ -1160,7 +1165,6 @@ def _plot_norms(result: Mapping[str, Any], plt):
             lo, hi = norms[kept].min(), norms[kept].max()
             ax.axvline(lo, color="tab:red", lw=1, ls="--", label="edges of the kept band")
             ax.axvline(hi, color="tab:red", lw=1, ls="--")
-        ax.set_title(f"{name}: offline median band, ρ = {ratio:g}")
         ax.set_xlabel("per-sample gradient norm ‖∇θ L(x_i)‖")
         ax.set_ylabel("samples")
         # per batch: the same norms in random batches of B, the band taken within each batch
@@ -1173,15 +1177,21 @@ def _plot_norms(result: Mapping[str, Any], plt):
         ax2 = axes[1][j]
         ax2.hist([norms[online & finite], norms[~online & finite]], bins=bins, stacked=True,
                  color=["tab:olive", "0.78"], label=["kept by its batch", "dropped by its batch"])
-        ax2.set_title(f"{name}: per-batch median band (B = {B})")
+        span = (lambda v: f"{v.min():.3g}–{v.max():.3g}" if v.size else "none")
+        ax.set_title(f"{name}: offline median band, ρ = {ratio:g}\nkept norms {span(norms[kept & finite])} "
+                     f"of {span(norms[finite])}", fontsize=9)
+        ax2.set_title(f"{name}: per-batch median band (B = {B})\nkept norms {span(norms[online & finite])} "
+                      f"of {span(norms[finite])}", fontsize=9)
         ax2.set_xlabel("per-sample gradient norm ‖∇θ L(x_i)‖")
         ax2.set_ylabel("samples")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    fig.suptitle(_wrap(f"Gradient norms at the start of each task (seed {run['seed']}). Top: offline selection keeps "
-                       f"one band of the whole task. Bottom: per-batch (online) selection takes each batch's own median "
-                       f"band, so its kept samples spread over almost the whole range (the same norms in random batches "
-                       f"of {B}; norm criterion only, the loss filter is not simulated).", fig), fontsize=9)
+    fig.suptitle(_wrap(f"Gradient norms at the start of each task (seed {run['seed']}, the model after the previous "
+                       f"task). Top: offline selection keeps one band of the whole task (inside the dashed edges, "
+                       f"minus loss-filtered samples). Bottom: per-batch (online) selection keeps the band around each "
+                       f"batch's own median, so what it keeps is wider than the offline band, by how much the batch "
+                       f"medians vary (kept ranges in the titles; the same norms in random batches of {B}, norm "
+                       f"criterion only, the loss filter not simulated).", fig), fontsize=9)
     fig.tight_layout()
     return fig
 

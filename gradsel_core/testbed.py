@@ -80,6 +80,32 @@ refusal rate was 0.95 (lr 3e-4, 100 steps), 0.65 (5e-4, 150) or 0.0 (1e-3, 200; 
 later tasks then take over the output format (harmful prompts answered in the task's format:
 keyword ASR near 1 while ``Testbed.complied`` stays near 0). The default sizes are for CPU demos;
 ``TestbedConfig.full()`` and ``size="medium"`` for longer runs.
+
+Continual-task sizing (issue 17; the defaults of ``n_task_train`` here and of ``lr``/``task_epochs`` in
+:class:`gradsel_core.experiment.ExperimentConfig`)
+-------------------------------------------------------------------------------------------------------
+The phenomenon under study is that fine-tuning on *benign* data erodes safety alignment as a side
+effect of learning the new task (the model adopts the task's answer format and its compliance with
+the shared ``howto`` form; arXiv 2604.17215 and the fine-tuning-compromises-safety literature). The
+erosion is therefore only defined relative to learning: a run that does not learn the task does not
+drift, and "selection preserves safety" would then only mean "selection did not train". The earlier
+sizing (300 records per task, lr 5e-4, 8 epochs) left full-data fine-tuning at 0.23-0.52 exact match
+right after each task and every ρ = 0.2 subset near 0, so no trade-off could be seen. Two
+requirements follow from the phenomenon, not from any selection method: (1) full data reaches
+≥ 0.8 teacher-forced exact match on each task right after training it; (2) under the equal-steps
+budget a ρ = 0.2 subset *can* reach it too, i.e. a fifth of a task's data must still cover its
+templates and word pairs (otherwise a selection method loses on utility by construction, from data
+starvation rather than from what it keeps).
+
+Chosen from full-data and random-subset runs only (seed 0; no selection-method run was looked at):
+at 300 records, lr 1e-3 needed 8-12 epochs (instruct 0.90 after 8, sentiment 0.82 and knowledge
+0.96 after 12) and lr 2e-3 reached instruct 0.86, sentiment 1.0, knowledge 1.0 after 8 epochs, but a
+random ρ = 0.2 subset (60 records) at equal steps reached only 0.58 / 0.64 / 0.69: too few records to
+cover the task. At 1000 records per task, lr 2e-3, 3 epochs (96 steps per task), full data reached
+0.88 / 0.80 / 0.90 and a random ρ = 0.2 subset at equal steps 0.86 / 0.96 / 0.96 (at equal epochs,
+21 steps, 0.14-0.20: the paper's budget then learns little, which is part of what it measures). The
+sentiment figure sat exactly on the 0.8 line, so the default is 4 epochs (128 steps per task). The
+study re-checks requirement (1) on every seed (``plasticity EM`` in its tables).
 """
 from __future__ import annotations
 
