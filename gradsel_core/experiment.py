@@ -128,7 +128,7 @@ class ExperimentConfig:
     task_epochs: int = 4
     eval_max_new_tokens: int = 8
     mechanism_samples: int = 240  # per-sample study: N task samples (0: off)
-    mechanism_lr: float = 0.05  # its one SGD step
+    mechanism_lr: Optional[float] = None  # its one SGD step (None: lr, the fine-tuning rate: a small step)
     mechanism_seeds: Optional[Sequence[int]] = (0,)  # seeds that run it (None: every seed)
     threads: int = 1  # torch threads per process (pinned: the numbers depend on the reduction order)
     jobs: int = 2  # seeds run in parallel processes (the numbers do not depend on it)
@@ -506,8 +506,9 @@ def bootstrap_ci(x: Sequence[float], y: Sequence[float], stat: Callable = spearm
 
 
 def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, Any]:
-    """From the aligned model: one SGD step (lr ``mechanism_lr``) on each of N task samples alone; the
-    change of the safety margin against the sample's gradient norm, loss and length.
+    """From the aligned model: one SGD step (lr ``mechanism_lr``, default the fine-tuning ``lr``: a small
+    step, in the near-linear regime where the change is ≈ −lr·⟨∇margin, g_i⟩) on each of N task samples
+    alone; the change of the safety margin against the sample's gradient norm, loss and length.
 
     ``damage = margin(before) − margin(after)`` (> 0: the step moved the model toward compliance).
     The samples are drawn evenly from every task's training set (seeded). The norm and loss are the
@@ -537,6 +538,7 @@ def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, 
         norms += r.norms.tolist()
         losses += r.losses.tolist()
         tokens += r.tokens.tolist()
+    lr = cfg.mechanism_lr if cfg.mechanism_lr is not None else cfg.lr
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     base = src.margin(model)
@@ -548,14 +550,14 @@ def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, 
         grads = torch.autograd.grad(loss.sum(), params)
         with torch.no_grad():
             for p, g in zip(params, grads):
-                p.sub_(cfg.mechanism_lr * g)
+                p.sub_(lr * g)
         damage.append(base - src.margin(model))
         with torch.no_grad():
             for p, s0 in zip(params, saved):
                 p.copy_(s0)
     raw = src.raw_tasks
     out: Dict[str, Any] = {
-        "seed": seed, "n": len(records), "lr": cfg.mechanism_lr, "base_margin": base,
+        "seed": seed, "n": len(records), "lr": lr, "base_margin": base,
         "task": [src.tasks[ti].name for ti, _ in picked], "norm": norms, "loss": losses, "length": tokens,
         "damage": damage,
         "noisy": [bool(raw[ti][j].get("meta", {}).get("noisy")) for ti, j in picked] if raw else None,
@@ -593,14 +595,27 @@ def _run_path(cfg: ExperimentConfig, seed: int, name: str) -> str:
     return os.path.join(cfg.out_dir, "runs", f"seed{seed}", f"{name}.json")
 
 
+_MECHANISM_KEYS = ("mechanism_samples", "mechanism_lr")  # settings only the mechanism study depends on
+
+
 def _load_cached(path: str, shared: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """A finished run's record, or None; refuses one made with other settings (naming them). Settings of the
+    mechanism study are compared for its own file only."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         rec = json.load(f)
-    if rec.get("shared") != shared:
-        changed = sorted(k for k in set(shared) | set(rec.get("shared", {}))
-                         if shared.get(k) != rec.get("shared", {}).get(k))
+    have = dict(rec.get("shared", {}))
+    want = dict(shared)
+    if os.path.basename(path) != "mechanism.json":
+        for k in _MECHANISM_KEYS:
+            have.pop(k, None)
+            want.pop(k, None)
+    if have != want:
+        if os.path.basename(path) == "mechanism.json" and all(have.get(k) == want.get(k) for k in want
+                                                            if k not in _MECHANISM_KEYS):
+            return None  # the mechanism study with other settings: run it again
+        changed = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         raise ValueError(f"{path} was made with another configuration (changed: {', '.join(changed)}); "
                          "use a new --out directory")
     return rec
@@ -909,7 +924,8 @@ def markdown(result: Mapping[str, Any]) -> str:
     for label, row in cells.items():
         f = row["final"]
         L.append("| " + " | ".join([
-            f"{label} (n={row['n_seeds']})", _fmt(f["safety_margin_min"], pct=False), _fmt(f["safety_margin"], pct=False), _fmt(f["refusal_rate"]), _fmt(f["harmful_compliance"]),
+            f"{label} (n={row['n_seeds']})", _fmt(f["safety_margin_min"], pct=False),
+            _fmt(f["safety_margin"], pct=False), _fmt(f["refusal_rate"]), _fmt(f["harmful_compliance"]),
             _fmt(f["fact_acc"]), _fmt(f["task_loglik"], pct=False, digits=2), _fmt(f["task_em"]),
             f"{_fmt(f['plasticity_em'])} ({100 * row['plasticity_em_min']:.0f})", _fmt(f["bwt"]),
             f"{f['optimizer_steps'][0]:.0f}"]) + " |")
@@ -1141,6 +1157,10 @@ def _plot_frontier(result: Mapping[str, Any], plt):
     return fig
 
 
+def _span(v: np.ndarray) -> str:
+    return f"{v.min():.3g}–{v.max():.3g}" if v.size else "none"
+
+
 def _plot_norms(result: Mapping[str, Any], plt):
     """Each task's norm histogram at its start (first seed, median band, headline ρ): what offline
     selection keeps (top row) and what per-batch (online) selection keeps of the same norms (bottom row)."""
@@ -1177,11 +1197,10 @@ def _plot_norms(result: Mapping[str, Any], plt):
         ax2 = axes[1][j]
         ax2.hist([norms[online & finite], norms[~online & finite]], bins=bins, stacked=True,
                  color=["tab:olive", "0.78"], label=["kept by its batch", "dropped by its batch"])
-        span = (lambda v: f"{v.min():.3g}–{v.max():.3g}" if v.size else "none")
-        ax.set_title(f"{name}: offline median band, ρ = {ratio:g}\nkept norms {span(norms[kept & finite])} "
-                     f"of {span(norms[finite])}", fontsize=9)
-        ax2.set_title(f"{name}: per-batch median band (B = {B})\nkept norms {span(norms[online & finite])} "
-                      f"of {span(norms[finite])}", fontsize=9)
+        ax.set_title(f"{name}: offline median band, ρ = {ratio:g}\nkept norms {_span(norms[kept & finite])} "
+                     f"of {_span(norms[finite])}", fontsize=9)
+        ax2.set_title(f"{name}: per-batch median band (B = {B})\nkept norms {_span(norms[online & finite])} "
+                      f"of {_span(norms[finite])}", fontsize=9)
         ax2.set_xlabel("per-sample gradient norm ‖∇θ L(x_i)‖")
         ax2.set_ylabel("samples")
     axes[0][0].legend(fontsize=7)
