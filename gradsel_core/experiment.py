@@ -962,9 +962,9 @@ def markdown(result: Mapping[str, Any]) -> str:
         L += ["", f"## Per-sample mechanism (one SGD step per sample from the aligned model; {mech['n']} samples over "
               f"seeds {[m['seed'] for m in result['mechanism']]})", "",
               "damage = margin before − margin after (> 0: toward compliance). Spearman ρ per seed with a 1000-sample "
-              "bootstrap 95% CI; |change| = |damage|. Fraction of steps that damage: "
+              "bootstrap 95% CI; the size of the change is abs(damage). Fraction of steps that damage: "
               f"{_fmt(mech['fraction_damaging'])} %.", ""]
-        hdr = ["seed", "predictor", "ρ(damage) [CI]", "ρ(|change|) [CI]"]
+        hdr = ["seed", "predictor", "ρ with damage [CI]", "ρ with the size of the change [CI]"]
         L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for m in result["mechanism"]:
             for name in ("norm", "loss", "length"):
