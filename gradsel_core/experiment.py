@@ -433,7 +433,10 @@ def run_cell(cfg: ExperimentConfig, src: Source, cell: Cell, seed: int,
     _seed_all("run", seed, cell.key)
     model = copy.deepcopy(src.model)
     sel = cfg.selection(cell)
-    n_train = len(src.tasks[0].train)
+    n_train = len(src.tasks[0].train)  # one schedule for the sequence (the trainer takes one epochs/batch size)
+    if cell.budget == "steps" and len({len(t.train) for t in src.tasks}) > 1:
+        log.warning("tasks differ in size: the equal-steps schedule of %s follows the first task (%d records)",
+                    cell.label, n_train)
     epochs, batch = cfg.schedule(cell, n_train)
     names = [t.name for t in src.tasks]
 
@@ -795,14 +798,15 @@ def final_metrics(run: Mapping[str, Any]) -> Dict[str, float]:
     if "safety_margin" in last:  # the worst point along the sequence (later tasks can take over the format)
         out["safety_margin_min"] = float(min(s["safety_margin"] for s in run["steps"]))
     out.update(task_em=last["mean_task_em"], task_loglik=last["mean_task_loglik"],
-               plasticity_em=float(np.mean(run["plasticity_em"])), bwt=run["forgetting"]["bwt"],
+               plasticity_em=float(np.mean(run["plasticity_em"])),
+               plasticity_loglik=float(np.mean([s["task_loglik"][i] for i, s in enumerate(run["steps"])])), bwt=run["forgetting"]["bwt"],
                optimizer_steps=float(sum(s["optimizer_steps"] for s in run["steps"])))
     return out
 
 
 FINAL_KEYS = ("safety_margin", "safety_margin_min", "refusal_logprob", "refusal_rate", "harmful_compliance",
-              "benign_refusal_rate", "fact_acc", "task_em", "task_loglik", "plasticity_em", "bwt", "optimizer_steps")
-PAIRED_KEYS = ("safety_margin_min", "safety_margin", "task_loglik", "refusal_rate", "task_em")
+              "benign_refusal_rate", "fact_acc", "task_em", "task_loglik", "plasticity_loglik", "plasticity_em", "bwt", "optimizer_steps")
+PAIRED_KEYS = ("safety_margin_min", "safety_margin", "plasticity_loglik", "task_loglik", "refusal_rate", "task_em")
 
 
 def summarize(result: Mapping[str, Any]) -> Dict[str, Any]:
@@ -915,36 +919,39 @@ def markdown(result: Mapping[str, Any]) -> str:
           "Safety margin: mean log p(refusal) − log p(compliant answer) on held-out harmful prompts (nats; higher "
           "is safer), at the end and its minimum over the sequence (the deepest erosion: a later task can take over "
           "the output format and make *both* answers unlikely, which raises the margin without making the model "
-          "refuse). Task loglik: mean per-token log-likelihood of the reference answers over all tasks (higher "
-          "is better). Task EM: teacher-forced exact match, mean over tasks, at the end. Plasticity: EM on each "
+          "refuse). Learned loglik: mean per-token log-likelihood of each task's reference answers right after "
+          "training it, mean over tasks (how well the tasks are learned; higher is better). Task loglik: the same "
+          "over all tasks at the end (learning and forgetting mixed: a model that learned little forgets little). Task EM: teacher-forced exact match, mean over tasks, at the end. Plasticity: EM on each "
           "task right after training it, mean over tasks (min over seeds and tasks in brackets).", ""]
     hdr = ["cell", "min safety margin", "safety margin (end)", "refusal %", "harmful compl. %", "fact acc %",
-           "task loglik", "task EM % (end)", "plasticity EM % (min)", "BWT %", "opt. steps"]
+           "learned loglik", "task loglik (end)", "task EM % (end)", "plasticity EM % (min)", "BWT %", "opt. steps"]
     L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for label, row in cells.items():
         f = row["final"]
         L.append("| " + " | ".join([
             f"{label} (n={row['n_seeds']})", _fmt(f["safety_margin_min"], pct=False),
             _fmt(f["safety_margin"], pct=False), _fmt(f["refusal_rate"]), _fmt(f["harmful_compliance"]),
-            _fmt(f["fact_acc"]), _fmt(f["task_loglik"], pct=False, digits=2), _fmt(f["task_em"]),
+            _fmt(f["fact_acc"]), _fmt(f["plasticity_loglik"], pct=False, digits=2),
+            _fmt(f["task_loglik"], pct=False, digits=2), _fmt(f["task_em"]),
             f"{_fmt(f['plasticity_em'])} ({100 * row['plasticity_em_min']:.0f})", _fmt(f["bwt"]),
             f"{f['optimizer_steps'][0]:.0f}"]) + " |")
     if summ["paired_vs_random"]:
         L += ["", "## Paired differences against random (same mode, ρ, budget and seed)", "",
               "Mean difference [95% t-interval] (seeds with a positive / negative difference, two-sided sign-test "
               "p). With n seeds the sign test cannot go below p = 2/2ⁿ (0.0625 for 5 seeds): read the interval.", ""]
-        hdr = ["cell", "Δ min safety margin", "Δ safety margin (end)", "Δ task loglik", "Δ refusal (pp)",
-               "Δ task EM (pp)"]
+        hdr = ["cell", "Δ min safety margin", "Δ safety margin (end)", "Δ learned loglik", "Δ task loglik (end)",
+               "Δ refusal (pp)", "Δ task EM (pp)"]
         L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for label, st in summ["paired_vs_random"].items():
             L.append("| " + " | ".join([label, _ci(st["safety_margin_min"]), _ci(st["safety_margin"]),
-                                         _ci(st["task_loglik"], 3),
+                                         _ci(st["plasticity_loglik"], 3), _ci(st["task_loglik"], 3),
                                          _ci(st["refusal_rate"], 1, pct=True), _ci(st["task_em"], 1, pct=True)]) + " |")
         L += ["", "Where each method stands against random (both differences' intervals decide; '≈' = interval "
               "contains 0):", ""]
         for label, st in summ["paired_vs_random"].items():
             L.append(f"- {label}: safety (min margin) {_verdict(st['safety_margin_min'])}, safety (end margin) "
-                     f"{_verdict(st['safety_margin'])}, utility (task loglik) {_verdict(st['task_loglik'])}")
+                     f"{_verdict(st['safety_margin'])}, learning (learned loglik) {_verdict(st['plasticity_loglik'])}, "
+                     f"utility at the end (task loglik) {_verdict(st['task_loglik'])}")
     prof = {k: v for k, v in cells.items() if "kept_profile" in v}
     if prof:
         L += ["", "## What selection keeps (offline cells; kept set per task, mean ± std over seeds and tasks)", "",
@@ -1113,7 +1120,8 @@ def _plot_trajectories(result: Mapping[str, Any], plt):
 
 
 def _plot_frontier(result: Mapping[str, Any], plt):
-    """Safety (y: the lowest safety margin along the sequence) against task log-likelihood at the end (x):
+    """Safety (y: the lowest safety margin along the sequence) against learning (x: each task's answer
+    log-likelihood right after training it, mean over tasks):
     one panel per (mode, budget), one curve
     per method over ρ (means, labelled with ρ), seed-level points small; full data as a black star."""
     cfg = result["config"]
@@ -1130,7 +1138,7 @@ def _plot_frontier(result: Mapping[str, Any], plt):
                        and (r["cell"]["mode"], float(r["cell"]["ratio"]), r["cell"]["budget"]) == (mo, ratio, b)]
                 if not pts:
                     continue
-                xs = [p["task_loglik"] for p in pts]
+                xs = [p["plasticity_loglik"] for p in pts]
                 ys = [p["safety_margin_min"] for p in pts]
                 ax.scatter(xs, ys, s=16, color=col, alpha=0.45, lw=0)
                 means.append((float(np.mean(xs)), float(np.mean(ys)), ratio))
@@ -1140,14 +1148,14 @@ def _plot_frontier(result: Mapping[str, Any], plt):
                     ax.annotate(f"{ratio:g}", (mx, my), fontsize=7, xytext=(3, 3), textcoords="offset points",
                                 color=col)
         if fulls:
-            ax.scatter([p["task_loglik"] for p in fulls], [p["safety_margin_min"] for p in fulls], s=30, color="0.35",
-                       marker="*", lw=0)
-            ax.scatter([np.mean([p["task_loglik"] for p in fulls])], [np.mean([p["safety_margin_min"] for p in fulls])],
+            ax.scatter([p["plasticity_loglik"] for p in fulls], [p["safety_margin_min"] for p in fulls], s=30,
+                       color="0.35", marker="*", lw=0)
+            ax.scatter([np.mean([p["plasticity_loglik"] for p in fulls])], [np.mean([p["safety_margin_min"] for p in fulls])],
                        s=120, color="black", marker="*", label="full data", zorder=5)
         ax.set_title(f"{mo} selection, equal {b}")
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
-        ax.set_xlabel("task performance: mean per-token log-likelihood\nof the reference answers, all tasks, at the end")
+        ax.set_xlabel("learning: mean per-token log-likelihood of each task's\nreference answers right after training it")
     for row in axes:
         row[0].set_ylabel("safety: lowest margin over the sequence\n(nats; higher = safer)")
     axes[0][0].legend(fontsize=8)
