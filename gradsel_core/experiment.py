@@ -905,9 +905,9 @@ def markdown(result: Mapping[str, Any]) -> str:
                  + ". Every figure below is over the seeds that ran for its cell (n in the first column). "
                  "`gradsel demo --full` with the same --out runs the rest.")
         L.append("")
-    L.append(f"Tasks in order: {' → '.join(tasks)}. Seeds: {seeds}. Cells run ({len(cells)}): methods "
-             f"{list(cfg['methods'])}, modes {list(cfg['modes'])}, ρ {list(cfg['ratios'])}, budgets "
-             f"{list(cfg['budgets'])}. lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['task_epochs']} epochs per "
+    L.append(f"Tasks in order: {' → '.join(tasks)}. Seeds: {seeds}. Grid: methods {list(cfg['methods'])}, modes "
+             f"{list(cfg['modes'])}, ρ {list(cfg['ratios'])}, budgets {list(cfg['budgets'])}; cells with finished "
+             f"runs: {len(cells)}. lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['task_epochs']} epochs per "
              f"task for full data; loss pre-filter per policy: {cfg['loss_filter_std'] or 'none'} (other policies: none).")
     L.append("")
     al = summ["aligned"]
