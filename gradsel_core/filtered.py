@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -78,12 +78,14 @@ class FilteredResult:
 class FilteredBackward:
     """Reusable in-step filter for one model: ``step(batch)`` fills ``.grad`` of the selected parameters.
 
+    ``loss_filter_std``: ``"auto"`` (1.0 for ``median_band``, no loss filter for other policies),
+    ``None`` or a number (any policy); ``ratio > 0`` keeps at least one sample per batch.
     The model's mode is left as the caller set it (train mode: dropout on; the norms are then those of
     the training loss actually optimised).
     """
 
     def __init__(self, model: nn.Module, policy: str = "median_band", ratio: float = 0.2,
-                 params: ParamSpec = "trainable", loss_filter_std: Optional[float] = 1.0,
+                 params: ParamSpec = "trainable", loss_filter_std: Union[float, None, str] = "auto",
                  loss_fn: Optional[LossFn] = None, loss_reduction: str = "mean", backend: str = "auto",
                  **policy_kwargs: Any):
         if backend not in ("auto", "ghost", "triton"):
@@ -92,7 +94,11 @@ class FilteredBackward:
         self.engine = GradNormEngine(model, params=params, loss_fn=loss_fn, backend="ghost",
                                      loss_reduction=loss_reduction)
         self.backend = backend
-        self.policy, self.ratio, self.loss_filter_std = policy, ratio, loss_filter_std
+        from .selection import resolve_loss_filter_std
+
+        # "auto": 1.0 for median_band (the paper's loss pre-filter), none for other policies
+        self.policy, self.ratio = policy, ratio
+        self.loss_filter_std = resolve_loss_filter_std(policy, loss_filter_std)
         self.policy_kwargs = policy_kwargs
         sharded = sharded_param_names(self.engine.params)
         if sharded and not isinstance(self, TwoPassFilteredBackward):
@@ -256,7 +262,8 @@ class TwoPassFilteredBackward(FilteredBackward):
 
 
 def filtered_backward(model: nn.Module, batch: Mapping[str, Any], policy: str = "median_band",
-                      ratio: float = 0.2, params: ParamSpec = "trainable", loss_filter_std: Optional[float] = 1.0,
+                      ratio: float = 0.2, params: ParamSpec = "trainable",
+                      loss_filter_std: Union[float, None, str] = "auto",
                       loss_scale: float = 1.0, loss_fn: Optional[LossFn] = None, seed: Any = 0,
                       mode: str = "auto", backward_fn: Optional[Callable[[torch.Tensor], Any]] = None,
                       **policy_kwargs: Any) -> FilteredResult:

@@ -12,15 +12,25 @@ Both entry points run the same pipeline (``_select_core``) and the same policy f
 Semantics (applied identically by every policy, per group -- or per batch for ``keep_mask``):
 
 * **n** is the number of samples in the group / batch (the paper's B), *including* samples that are
-  later excluded. Every count is ``target = ⌊ratio·n⌋``, computed exactly from the decimal the ratio
-  prints as (``Fraction(repr(ratio))``), so ``0.29·100`` gives 29, not the 28 that float
-  arithmetic would give. When fewer candidates than ``target`` exist, all candidates are kept (the
-  count is capped; ``summary["target"]`` records the uncapped value).
+  later excluded. Every count is ``target = ⌊ratio·n⌋`` as a user means it: computed exactly from the
+  decimal the ratio prints as (``Fraction(repr(ratio))``) and then with a relative tolerance of 1e-9
+  for floating-point representation, so ``0.29·100`` gives 29, ``(1/3)·3`` gives 1 and ``(1/3)·300``
+  gives 100 (plain float arithmetic gives 28, 0 and 99). When fewer candidates than ``target`` exist,
+  all candidates are kept (the count is capped; ``summary["target"]`` records the uncapped value).
+* **Per-batch filtering keeps at least one sample** (:func:`keep_mask`, hence ``filtered_backward``
+  and online training): when ``ratio > 0`` and the batch is not empty, the count-based policies
+  (``median_band``, ``keep_bottom``, ``keep_top``, ``random``) keep ``max(1, ⌊ratio·B⌋)``, so a small
+  batch at a small ratio still yields a gradient. (``drop_top`` keeps ``B − ⌊ratio·B⌋ ≥ 1`` for any
+  ratio below 1 anyway; at ratio 1 it drops everything, as asked.) :func:`select` over a whole
+  dataset does not round up: ⌊ratio·n⌋ may be 0 there.
 * **Validity.** A sample whose norm, loss or ranking key is NaN/±inf is never kept; the count is in
   ``summary["nonfinite"]``. Loss statistics are taken over valid samples only.
-* **Loss filter** (step 1 of the paper; ``loss_filter_std=None`` disables it). It is a pre-filter
-  common to *all* policies, so ablations (``keep_top``, ``random``, ...) differ from ``median_band``
-  only in the norm criterion. Survivors are the valid samples with
+* **Loss filter** (step 1 of the paper). ``loss_filter_std="auto"`` (the default everywhere) means
+  1.0 for ``median_band`` -- the paper's rule -- and no filter (``None``) for every other policy, so
+  ``drop_top``, ``keep_top``, ``random``, ... do exactly what their names say. An explicit number
+  applies the filter to *any* policy (an ablation that wants ``random`` to differ from
+  ``median_band`` only in the norm criterion passes ``loss_filter_std=1.0`` to both); ``None``
+  disables it. ``summary["loss_filter_std"]`` records the value used. Survivors are the valid samples with
   ``|loss − mean| <= loss_filter_std · std`` (population std, ddof=0, inclusive, with a 1e-9
   relative tolerance so identical losses -- std 0 -- all pass despite rounding in the mean).
 * **Ranking key**: the norm, or with ``length_normalize`` the norm divided by the target-token count
@@ -55,7 +65,7 @@ from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -69,6 +79,8 @@ __all__ = [
     "register_policy",
     "policy_names",
     "target_count",
+    "resolve_loss_filter_std",
+    "LOSS_FILTER_AUTO",
 ]
 
 # A policy takes the survivors' ranking keys (1-D float64, input order) and returns a bool mask over
@@ -76,7 +88,12 @@ __all__ = [
 # ``rng`` a numpy Generator; extra keyword-only parameters are the policy's own (``policy_kwargs``).
 PolicyFn = Callable[..., Tuple[np.ndarray, Dict[str, Any]]]
 POLICIES: Dict[str, PolicyFn] = {}
-_CORE_PARAMS = ("key", "n", "ratio", "rng")
+_CORE_PARAMS = ("key", "n", "ratio", "rng", "per_batch")
+# A policy that declares ``per_batch`` (keyword-only) is told whether it runs on one training batch
+# (keep_mask), where a positive ratio keeps at least one sample; other policies are not passed it.
+
+LOSS_FILTER_AUTO = "auto"  # loss_filter_std default: 1.0 for median_band, None for every other policy
+LossFilterStd = Union[float, None, str]
 
 
 def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
@@ -93,9 +110,43 @@ def policy_names() -> List[str]:
     return sorted(POLICIES)
 
 
-def target_count(ratio: float, n: int) -> int:
-    """⌊ratio·n⌋, exact for the decimal the ratio prints as (0.29·100 -> 29)."""
-    return int(math.floor(Fraction(repr(float(ratio))) * int(n)))
+_COUNT_RTOL = 1e-9  # products this close (relative) below an integer count as that integer
+
+
+def target_count(ratio: float, n: int, per_batch: bool = False) -> int:
+    """⌊ratio·n⌋ as a user means it: exact for the decimal the ratio prints as (0.29·100 -> 29), with a
+    1e-9 relative tolerance for floating-point representation ((1/3)·3 -> 1, (1/3)·300 -> 100).
+
+    ``per_batch=True`` (in-step filtering) keeps at least one: ``max(1, ⌊ratio·n⌋)`` when
+    ``ratio > 0`` and ``n >= 1``.
+    """
+    n = int(n)
+    exact = Fraction(repr(float(ratio))) * n
+    k = math.floor(exact)
+    if exact - k > 0 and (k + 1 - exact) <= _COUNT_RTOL * max(1.0, float(exact)):
+        k += 1
+    if per_batch and k == 0 and ratio > 0 and n >= 1:
+        k = 1
+    return int(k)
+
+
+def resolve_loss_filter_std(policy: str, loss_filter_std: LossFilterStd = LOSS_FILTER_AUTO) -> Optional[float]:
+    """The loss pre-filter width actually used: ``"auto"`` -> 1.0 for ``median_band`` (the paper's
+    step 1), ``None`` for every other policy; ``None`` -> no filter; a number -> that number (checked:
+    finite and >= 0), for any policy."""
+    if isinstance(loss_filter_std, str):
+        if loss_filter_std.strip().lower() != LOSS_FILTER_AUTO:
+            raise ValueError(f"loss_filter_std must be 'auto', None or a finite number >= 0, got {loss_filter_std!r}")
+        return 1.0 if policy == "median_band" else None
+    if loss_filter_std is None:
+        return None
+    try:
+        k = float(loss_filter_std)
+    except (TypeError, ValueError):
+        raise ValueError(f"loss_filter_std must be 'auto', None or a finite number >= 0, got {loss_filter_std!r}") from None
+    if not (k >= 0.0) or math.isinf(k):
+        raise ValueError(f"loss_filter_std must be 'auto', None or a finite number >= 0, got {loss_filter_std!r}")
+    return k
 
 
 @dataclass
@@ -127,8 +178,8 @@ def _edges(key: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
 
 
 @register_policy("median_band")
-def _median_band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
-    target = target_count(ratio, n)
+def _median_band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, per_batch: bool = False):
+    target = target_count(ratio, n, per_batch)
     mask = np.zeros(key.shape[0], dtype=bool)
     if key.size == 0:
         return mask, {"target": target, "median": math.nan, "max_kept_distance": math.nan}
@@ -142,16 +193,16 @@ def _median_band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Genera
 
 
 @register_policy("keep_bottom")
-def _keep_bottom(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
-    target = target_count(ratio, n)
+def _keep_bottom(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, per_batch: bool = False):
+    target = target_count(ratio, n, per_batch)
     mask = np.zeros(key.shape[0], dtype=bool)
     mask[_stable_order(key)[: min(target, key.size)]] = True
     return mask, {"target": target, **_edges(key, mask)}
 
 
 @register_policy("keep_top")
-def _keep_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
-    target = target_count(ratio, n)
+def _keep_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, per_batch: bool = False):
+    target = target_count(ratio, n, per_batch)
     mask = np.zeros(key.shape[0], dtype=bool)
     mask[_stable_order(-key)[: min(target, key.size)]] = True  # highest first, earlier position on ties
     return mask, {"target": target, **_edges(key, mask)}
@@ -186,8 +237,8 @@ def _threshold(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generato
 
 
 @register_policy("random")
-def _random(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
-    target = target_count(ratio, n)
+def _random(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, per_batch: bool = False):
+    target = target_count(ratio, n, per_batch)
     mask = np.zeros(key.shape[0], dtype=bool)
     k = min(target, key.size)
     if k:
@@ -195,7 +246,8 @@ def _random(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
     return mask, {"target": target}
 
 
-def _resolve_policy(policy: str, policy_kwargs: Mapping) -> Tuple[PolicyFn, Dict[str, Any]]:
+def _resolve_policy(policy: str, policy_kwargs: Mapping) -> Tuple[PolicyFn, Dict[str, Any], bool]:
+    """(fn, its own kwargs, whether it takes ``per_batch``)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown selection policy {policy!r}; known policies: {', '.join(policy_names())}")
     fn = POLICIES[policy]
@@ -211,7 +263,7 @@ def _resolve_policy(policy: str, policy_kwargs: Mapping) -> Tuple[PolicyFn, Dict
     missing = [p for p in own if params[p].default is inspect.Parameter.empty and p not in policy_kwargs]
     if missing:
         raise ValueError(f"policy {policy!r} needs parameter(s) {', '.join(missing)} (pass them as keyword arguments)")
-    return fn, dict(policy_kwargs)
+    return fn, dict(policy_kwargs), "per_batch" in params
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,15 +299,6 @@ def _check_ratio(ratio: float) -> float:
     return r
 
 
-def _check_loss_filter(k: Optional[float]) -> Optional[float]:
-    if k is None:
-        return None
-    k = float(k)
-    if not (k >= 0.0) or math.isinf(k):
-        raise ValueError(f"loss_filter_std must be a finite number >= 0 or None, got {k!r}")
-    return k
-
-
 def _length_mode(length_normalize: Union[bool, str, None]) -> Optional[str]:
     if length_normalize is None or length_normalize is False:
         return None
@@ -288,6 +331,19 @@ def _fields_of(obj: Any) -> Optional[Mapping]:
     return fields if isinstance(fields, Mapping) else None
 
 
+def _labels_array(x: Any) -> np.ndarray:
+    """Group labels as a 1-D array. A Python list/tuple mixing kinds (``["1", 1]``) becomes an object
+    array, so numpy does not turn ``1`` into ``"1"`` and merge the two groups."""
+    if isinstance(x, (list, tuple)):
+        kinds = {_label_kind(_label_value(v)) for v in x} - {"none"}
+        if len(kinds) > 1:
+            arr = np.empty(len(x), dtype=object)
+            for i, v in enumerate(x):
+                arr[i] = v
+            return arr
+    return _to_numpy(x)
+
+
 def _resolve_groups(obj: Any, group_by: Any) -> Optional[np.ndarray]:
     if group_by is None:
         return None
@@ -295,16 +351,16 @@ def _resolve_groups(obj: Any, group_by: Any) -> Optional[np.ndarray]:
         if isinstance(obj, Mapping):
             if group_by not in obj:
                 raise ValueError(f"cannot group by {group_by!r}: no such key (keys: {', '.join(map(str, obj))})")
-            return _to_numpy(obj[group_by])
+            return _labels_array(obj[group_by])
         fields = _fields_of(obj)
         if fields is not None and group_by in fields:
-            return _to_numpy(fields[group_by])
+            return _labels_array(fields[group_by])
         value = getattr(obj, group_by, None)
         if value is not None and not callable(value):
-            return _to_numpy(value)
+            return _labels_array(value)
         avail = f"available fields: {', '.join(map(str, fields))}" if fields else "the input exposes no per-record fields"
         raise ValueError(f"cannot group by {group_by!r}: {type(obj).__name__} has no field or attribute of that name ({avail})")
-    return _to_numpy(group_by)
+    return _labels_array(group_by)
 
 
 def _columns(obj: Any, group_by: Any) -> Dict[str, Optional[np.ndarray]]:
@@ -430,15 +486,52 @@ def _length_diagnostics(norms: np.ndarray, key: np.ndarray, tokens: Optional[np.
     return out
 
 
+def _label_value(lab: Any) -> Any:
+    """A label as a plain Python value (numpy scalars unwrapped; NaN -> None: the missing-label group)."""
+    if isinstance(lab, np.generic):
+        lab = lab.item()
+    if isinstance(lab, float) and math.isnan(lab):
+        return None
+    return lab
+
+
+def _label_kind(lab: Any) -> str:
+    if lab is None:
+        return "none"
+    if isinstance(lab, bool):
+        return "bool"
+    if isinstance(lab, (int, float)):
+        return "number"  # 1 and 1.0 are one group, as in a numeric column
+    if isinstance(lab, (str, bytes)):
+        return "str"
+    return type(lab).__name__
+
+
 def _group_index(labels: np.ndarray) -> List[Tuple[Any, np.ndarray]]:
     """Groups in order of first appearance: [(label, positions)]. Missing labels (None, NaN) form one
-    group labelled None."""
-    buckets: Dict[Any, List[int]] = {}
+    group labelled None. Labels of different kinds are different groups even when they compare or
+    print equal: ``"1"`` and ``1`` (and ``True`` and ``1``) are two groups."""
+    buckets: Dict[Tuple[str, Any], List[int]] = {}
+    first: Dict[Tuple[str, Any], Any] = {}
     for i, lab in enumerate(labels.tolist()):
-        if isinstance(lab, float) and math.isnan(lab):
-            lab = None
-        buckets.setdefault(lab, []).append(i)
-    return [(lab, np.asarray(idx, dtype=np.int64)) for lab, idx in buckets.items()]
+        lab = _label_value(lab)
+        k = (_label_kind(lab), lab)
+        first.setdefault(k, lab)
+        buckets.setdefault(k, []).append(i)
+    return [(first[k], np.asarray(idx, dtype=np.int64)) for k, idx in buckets.items()]
+
+
+def _group_keys(labels: Sequence[Any]) -> List[str]:
+    """The ``summary["groups"]`` key of each group: ``str(label)``, unless two groups print the same
+    (``"1"`` and ``1``): then each of those is keyed ``"<type>:<label>"`` (``"str:1"``, ``"int:1"``)."""
+    plain = [str(lab) for lab in labels]
+    counts: Dict[str, int] = {}
+    for k in plain:
+        counts[k] = counts.get(k, 0) + 1
+    keys = [k if counts[k] == 1 else f"{type(lab).__name__}:{k}" for k, lab in zip(plain, labels)]
+    if len(set(keys)) != len(keys):  # e.g. two distinct objects of one type printing alike
+        keys = [f"{k}#{i}" for i, k in enumerate(keys)]
+    return keys
 
 
 _SUMMED = ("n", "kept", "dropped", "nonfinite", "loss_filtered", "survivors", "target", "target_dropped")
@@ -448,14 +541,16 @@ def _select_core(
     cols: Mapping[str, Optional[np.ndarray]],
     policy: str,
     ratio: float,
-    loss_filter_std: Optional[float],
+    loss_filter_std: LossFilterStd,
     seed: Union[int, None, np.random.Generator],
     length_normalize: Union[bool, str, None],
     policy_kwargs: Mapping,
+    per_batch: bool = False,
 ) -> Tuple[np.ndarray, Dict[str, Any]]:
-    fn, kwargs = _resolve_policy(policy, policy_kwargs)
+    fn, kwargs, takes_per_batch = _resolve_policy(policy, policy_kwargs)
+    call_kwargs = dict(kwargs, per_batch=per_batch) if takes_per_batch else kwargs
     ratio = _check_ratio(ratio)
-    loss_filter_std = _check_loss_filter(loss_filter_std)
+    loss_filter_std = resolve_loss_filter_std(policy, loss_filter_std)
     mode = _length_mode(length_normalize)
     n = _check_lengths(cols)
     norms, losses, tokens, groups = cols["norms"], cols["losses"], cols.get("tokens"), cols.get("groups")
@@ -471,24 +566,28 @@ def _select_core(
         "seed": "<Generator>" if isinstance(seed, np.random.Generator) else seed,
         "policy_kwargs": dict(kwargs),
         "group_by": None,
+        "per_batch": per_batch,
     }
     if groups is None:
-        mask, stats = _select_group(norms, losses, key, fn, kwargs, ratio, loss_filter_std, np.random.default_rng(seed))
+        mask, stats = _select_group(norms, losses, key, fn, call_kwargs, ratio, loss_filter_std,
+                                    np.random.default_rng(seed))
         summary.update(stats)
     else:
         mask = np.zeros(n, dtype=bool)
         per_group: Dict[str, Dict[str, Any]] = {}
         totals = {k: 0 for k in _SUMMED}
         present = set()
-        for g, (label, idx) in enumerate(_group_index(groups)):
+        index = _group_index(groups)
+        keys = _group_keys([label for label, _ in index])
+        for g, ((label, idx), gkey) in enumerate(zip(index, keys)):
             if isinstance(seed, np.random.Generator):
                 rng = seed  # shared generator: groups draw from it in turn
             else:
                 rng = np.random.default_rng(None if seed is None else [seed, g])
-            gmask, gstats = _select_group(norms[idx], losses[idx], key[idx], fn, kwargs, ratio, loss_filter_std, rng)
+            gmask, gstats = _select_group(norms[idx], losses[idx], key[idx], fn, call_kwargs, ratio, loss_filter_std, rng)
             mask[idx] = gmask
             gstats["label"] = label
-            per_group[str(label)] = gstats
+            per_group[gkey] = gstats
             for k in _SUMMED:
                 if k in gstats:
                     totals[k] += int(gstats[k])
@@ -513,7 +612,7 @@ def select(
     store_or_scores: Any,
     policy: str = "median_band",
     ratio: float = 0.2,
-    loss_filter_std: Optional[float] = 1.0,
+    loss_filter_std: LossFilterStd = LOSS_FILTER_AUTO,
     group_by: Any = None,
     seed: Union[int, None, np.random.Generator] = 0,
     length_normalize: Union[bool, str, None] = False,
@@ -528,7 +627,9 @@ def select(
     or a zero-argument method returning one) or as an attribute. Selection then runs within each
     group; ``summary["groups"]`` holds each group's figures and the top-level counts are totals.
     ``policy_kwargs`` are the policy's own parameters (``low_q``/``high_q`` for ``band``,
-    ``max_norm`` for ``threshold``).
+    ``max_norm`` for ``threshold``). ``loss_filter_std``: ``"auto"`` (1.0 for ``median_band``, no
+    filter otherwise), ``None`` (no filter) or a number (applied to any policy); the value used is
+    ``summary["loss_filter_std"]``.
 
     Returns a :class:`Selection` whose ``kept_ids``/``dropped_ids`` are sorted ascending and whose
     ``kept_mask`` is in input order.
@@ -549,7 +650,7 @@ def keep_mask(
     losses: Any,
     policy: str = "median_band",
     ratio: float = 0.2,
-    loss_filter_std: Optional[float] = 1.0,
+    loss_filter_std: LossFilterStd = LOSS_FILTER_AUTO,
     tokens: Any = None,
     seed: Union[int, None, np.random.Generator] = 0,
     length_normalize: Union[bool, str, None] = False,
@@ -557,7 +658,8 @@ def keep_mask(
     **policy_kwargs: Any,
 ):
     """Per-batch selection for in-step filtering: the same policy logic as :func:`select` on one batch
-    (n = B, no groups). Accepts torch tensors on any device (or array-likes); returns a
+    (n = B, no groups), except that a positive ratio keeps at least one sample of a non-empty batch
+    (``max(1, ⌊ratio·B⌋)`` for the count-based policies), so every step can apply a gradient. Accepts torch tensors on any device (or array-likes); returns a
     ``torch.BoolTensor`` of shape ``[B]`` on ``norms``' device (CPU for non-tensors), and with
     ``return_summary=True`` the pair ``(mask, summary)``. The batch is copied to the host to decide.
 
@@ -572,7 +674,8 @@ def keep_mask(
         "losses": _as_float_1d(losses, "losses"),
         "tokens": None if tokens is None else _as_float_1d(tokens, "tokens"),
     }
-    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs)
+    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs,
+                                 per_batch=True)
     out = torch.from_numpy(mask).to(device)
     return (out, summary) if return_summary else out
 
@@ -582,8 +685,10 @@ class SelectionConfig:
     """Which samples to train on (see :func:`select` for the policies).
 
     ``policy``: a name in ``gradsel_core.selection.POLICIES`` (``median_band`` is the paper's rule);
-    ``ratio``: fraction of each micro-batch kept (``⌊ratio·B⌋``); ``loss_filter_std``: the loss
-    pre-filter (``None`` disables it); ``params``: the parameters scored and updated (``"trainable"``,
+    ``ratio``: fraction of each micro-batch kept (``⌊ratio·B⌋``, at least one per batch online);
+    ``loss_filter_std``: the loss pre-filter, ``"auto"`` (default: 1.0 for ``median_band``, none for
+    the other policies), ``None`` (off) or a number (for any policy; see :attr:`resolved_loss_filter_std`);
+    ``params``: the parameters scored and updated (``"trainable"``,
     ``"lora"``, names or a callable); ``policy_kwargs``: the policy's own parameters (``low_q``,
     ``high_q`` for ``band``, ``max_norm`` for ``threshold``); ``group_by`` and ``length_normalize`` as
     in :func:`select`. Used by ``ContinualTrainer``, ``GradSelTrainer`` and the CLI.
@@ -591,7 +696,7 @@ class SelectionConfig:
 
     policy: str = "median_band"
     ratio: float = 0.2
-    loss_filter_std: Optional[float] = 1.0
+    loss_filter_std: LossFilterStd = LOSS_FILTER_AUTO
     params: Any = "trainable"  # a ParamSpec: "trainable", "lora", names or callable(name, param)
     group_by: Any = None  # offline selection only: select within each group
     length_normalize: Union[bool, str, None] = False
@@ -606,15 +711,19 @@ class SelectionConfig:
             raise ValueError(f"ratio must be a number in [0, 1], got {self.ratio!r}") from None
         if not (0.0 <= r <= 1.0):
             raise ValueError(f"ratio must be in [0, 1] (the fraction of each batch to keep), got {self.ratio!r}")
-        if self.loss_filter_std is not None:
-            k = float(self.loss_filter_std)
-            if not (k >= 0.0) or math.isinf(k):
-                raise ValueError(f"loss_filter_std must be a finite number >= 0 or None, got {self.loss_filter_std!r}")
+        resolve_loss_filter_std(self.policy, self.loss_filter_std)  # validates
+        if isinstance(self.loss_filter_std, str):
+            self.loss_filter_std = LOSS_FILTER_AUTO
         if self.policy_kwargs is None:
             self.policy_kwargs = {}
         if not isinstance(self.policy_kwargs, Mapping):
             raise TypeError(f"policy_kwargs must be a dict, got {type(self.policy_kwargs).__name__}")
         self.policy_kwargs = dict(self.policy_kwargs)
+
+    @property
+    def resolved_loss_filter_std(self) -> Optional[float]:
+        """The loss-filter width this config applies (``"auto"`` resolved for its policy)."""
+        return resolve_loss_filter_std(self.policy, self.loss_filter_std)
 
     @classmethod
     def coerce(cls, value: Union["SelectionConfig", Mapping[str, Any], str, None]) -> Optional["SelectionConfig"]:

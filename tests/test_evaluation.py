@@ -382,3 +382,33 @@ def test_forgetting_metrics_edge_cases():
         forgetting_metrics([])
     with pytest.raises(ValueError):
         forgetting_metrics([[float("nan"), 0.0], [0.1, 0.2]])
+
+
+# ----------------------------------------------------------------------------- continuous metrics
+def test_margin_and_answer_loglik_equal_scored_continuations():
+    from gradsel_core.evaluation import evaluate_answer_loglik, evaluate_margin
+
+    tok = ToyTokenizer(WORDS)
+    model = successor_model(len(tok.vocab), eos_after=5)  # a -> b -> c -> eos
+    items = [{"prompt": "a", "preferred": "b c", "rejected": "d e"}, {"prompt": "b", "preferred": "c", "rejected": "c d"}]
+    res = evaluate_margin(model, tok, items, prompt_template="<bos> {prompt}")
+    want = []
+    for it in items:
+        ctx = tok.encode("<bos> " + it["prompt"])
+        (pref, _), (rej, _) = score_continuations(model, [(ctx, tok.encode(it["preferred"]) + [2]),
+                                                          (ctx, tok.encode(it["rejected"]) + [2])])
+        want.append(pref - rej)
+    assert res.per_item == pytest.approx(want) and res.margin == pytest.approx(sum(want) / 2) and res.n == 2
+    assert res.margin > 0  # the successor model prefers "b c <eos>" after "a"
+    # swapping preferred and rejected flips the sign exactly
+    flipped = evaluate_margin(model, tok, [dict(it, preferred=it["rejected"], rejected=it["preferred"]) for it in items],
+                              prompt_template="<bos> {prompt}")
+    assert flipped.margin == pytest.approx(-res.margin)
+    ll = evaluate_answer_loglik(model, tok, [{"prompt": "a", "answer": "b c"}, {"prompt": "b", "answer": "c d"}],
+                                prompt_template="<bos> {prompt}")
+    parts = score_continuations(model, [(tok.encode("<bos> a"), tok.encode("b c") + [2]),
+                                        (tok.encode("<bos> b"), tok.encode("c d") + [2])])
+    assert ll.n_tokens == 6 and ll.mean_token_logprob == pytest.approx(sum(p for p, _ in parts) / 6)
+    assert ll.mean_answer_logprob == pytest.approx(sum(p for p, _ in parts) / 2)
+    with pytest.raises(ValueError, match="at least one"):
+        evaluate_margin(model, tok, [])

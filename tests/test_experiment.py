@@ -1,54 +1,152 @@
-"""The experiment runner and `gradsel demo`, at toy sizes (the real demo sizes are measured, not tested)."""
+"""The study runner and `gradsel demo`, at toy sizes (the real demo sizes are measured, not tested)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 from conftest import make_llama_dir
 
-from gradsel_core.cli import main
+from gradsel_core.cli import build_parser, main
 from gradsel_core.commands.demo import config_from_args
-from gradsel_core.experiment import ExperimentConfig, markdown, run_experiment
-from gradsel_core.cli import build_parser
+from gradsel_core.experiment import (
+    Cell,
+    ExperimentConfig,
+    bootstrap_ci,
+    kept_count,
+    markdown,
+    paired_stats,
+    run_experiment,
+    spearman,
+)
 
-TINY = dict(n_pretrain=120, n_align=40, n_task_train=24, n_task_test=8, n_heldout_harmful=6, n_heldout_benign=6)
+TINY = dict(n_pretrain=120, n_align=40, n_task_train=32, n_task_test=8, n_heldout_harmful=6, n_heldout_benign=6)
+SMALL_RUN = dict(testbed=TINY, pretrain_epochs=1, align_epochs=1, task_epochs=1, batch_size=8, eval_max_new_tokens=4,
+                 progress=False)
 
 
-def test_testbed_experiment_outputs(tmp_path):
-    cfg = ExperimentConfig(seeds=(0, 1), methods=(("full", "offline"), ("median_band", "offline"), ("random", "online")),
-                           testbed=TINY, pretrain_epochs=1, align_epochs=1, task_epochs=1, batch_size=8,
-                           eval_max_new_tokens=4, loss_filter_std=None, out_dir=str(tmp_path))
+def test_study_outputs_budgets_and_resume(tmp_path, monkeypatch):
+    cfg = ExperimentConfig(seeds=(0, 1), methods=("full", "median_band", "random"), modes=("offline", "online"),
+                           ratios=(0.5,), budgets=("epochs", "steps"), mechanism_samples=9, mechanism_seeds=(1,),
+                           out_dir=str(tmp_path), **SMALL_RUN)
     res = run_experiment(cfg)
-    assert sorted(os.listdir(tmp_path)) == ["norms.png", "refusal.png", "results.json", "results.md"]
+    names = set(os.listdir(tmp_path))
+    assert {"results.json", "results.md", "timing.json", "refusal.png", "frontier.png", "norms.png",
+            "mechanism.png", "runs", "aligned"} <= names
     saved = json.load(open(tmp_path / "results.json"))
-    assert len(saved["runs"]) == 6 and len(saved["aligned"]) == 2
-    tasks = saved["tasks"]
-    assert len(tasks) == 3
-    by = {(r["method"], r["seed"]): r for r in saved["runs"]}
-    for (method, seed), r in by.items():
-        assert len(r["steps"]) == 3
-        assert {"refusal_rate", "benign_refusal_rate", "fact_acc", "mean_task_acc"} <= set(r["steps"][-1])
-        assert len(r["accuracy"]) == 3
-    # the same kept count for every selection method: ⌊0.5·24⌋ = 12 per epoch
-    assert [s["kept"] for s in by[("median_band/offline", 0)]["steps"]] == [12, 12, 12]
-    assert [s["kept"] for s in by[("random/online", 0)]["steps"]] == [12, 12, 12]
-    assert [s["kept"] for s in by[("full", 0)]["steps"]] == [24, 24, 24]
+    assert "wall_s" not in json.dumps(saved)  # timings live in timing.json: same command, same bytes
+    assert len(saved["runs"]) == 2 * 9 and len(saved["aligned"]) == 2 and len(saved["tasks"]) == 3
+    by = {(r["label"], r["seed"]): r for r in saved["runs"]}
+    for r in saved["runs"]:
+        assert len(r["steps"]) == 3 and len(r["accuracy"]) == 3
+        assert {"safety_margin", "refusal_rate", "fact_acc", "task_em", "task_loglik"} <= set(r["steps"][-1])
+        assert all(math.isfinite(x) for x in r["steps"][-1]["task_loglik"])
+    # the same kept count for every selection method: ⌊0.5·32⌋ = 16 per epoch (the median band's loss filter
+    # can leave fewer candidates than that)
+    assert [s["kept"] for s in by[("random/offline/ρ=0.5/epochs", 0)]["steps"]] == [16, 16, 16]
+    assert all(0 < s["kept"] <= 16 for s in by[("median_band/offline/ρ=0.5/epochs", 0)]["steps"])
+    assert [s["kept"] for s in by[("random/online/ρ=0.5/epochs", 0)]["steps"]] == [16, 16, 16]
+    assert [s["kept"] for s in by[("full", 0)]["steps"]] == [32, 32, 32]
+    # budgets: full takes 4 steps per task; equal epochs at ρ = 0.5 half of it offline; equal steps the same
+    full_steps = [s["optimizer_steps"] for s in by[("full", 0)]["steps"]]
+    assert full_steps == [4, 4, 4]
+    assert [s["optimizer_steps"] for s in by[("random/offline/ρ=0.5/epochs", 0)]["steps"]] == [2, 2, 2]
+    assert [s["optimizer_steps"] for s in by[("random/online/ρ=0.5/epochs", 0)]["steps"]] == full_steps
+    for label in ("random/offline/ρ=0.5/steps", "random/online/ρ=0.5/steps"):
+        assert [s["optimizer_steps"] for s in by[(label, 0)]["steps"]] == full_steps, label
+    assert by[("random/online/ρ=0.5/steps", 0)]["batch_size"] == 16 and by[("random/online/ρ=0.5/steps", 0)]["epochs"] == 2
+    # what selection keeps: offline cells only; full keeps everything
+    assert by[("full", 0)]["kept_profile"][0]["n"] == 32 and "kept_profile" not in by[("random/online/ρ=0.5/epochs", 0)]
+    summ = res["summary"]
+    vals = [by[("full", s)]["steps"][-1]["safety_margin"] for s in (0, 1)]
+    assert summ["cells"]["full"]["final"]["safety_margin"][0] == pytest.approx(sum(vals) / 2, abs=1e-12)
+    pv = summ["paired_vs_random"]["median_band/offline/ρ=0.5/steps"]["safety_margin"]
+    diffs = [by[("median_band/offline/ρ=0.5/steps", s)]["steps"][-1]["safety_margin"]
+             - by[("random/offline/ρ=0.5/steps", s)]["steps"][-1]["safety_margin"] for s in (0, 1)]
+    assert pv["n"] == 2 and pv["mean"] == pytest.approx(sum(diffs) / 2)
+    mech = saved["mechanism"]
+    assert len(mech) == 1 and mech[0]["seed"] == 1 and mech[0]["n"] == 9 and len(mech[0]["damage"]) == 9
+    assert set(mech[0]["spearman"]) == {"norm", "loss", "length"}
     md = markdown(saved)
-    assert "median_band/offline" in md and "±" in md
-    summ = res["summary"]["full"]["steps"][-1]["refusal_rate"]
-    vals = [by[("full", s)]["steps"][-1]["refusal_rate"] for s in (0, 1)]
-    assert abs(summ[0] - sum(vals) / 2) < 1e-12
+    assert "median_band/offline/ρ=0.5/steps" in md and "Paired differences" in md and "What selection keeps" in md
+
+    # resume: nothing is retrained, the same bytes come out
+    import gradsel_core.experiment as ex
+
+    monkeypatch.setattr(ex, "run_cell", lambda *a, **k: pytest.fail("a finished run was recomputed"))
+    before = (tmp_path / "results.json").read_bytes()
+    run_experiment(cfg)
+    assert (tmp_path / "results.json").read_bytes() == before
+    # a changed setting is refused, naming it
+    with pytest.raises(ValueError, match="changed: lr"):
+        run_experiment(ExperimentConfig(**{**cfg.__dict__, "lr": 1e-4}))
+
+
+def test_two_runs_give_identical_json(tmp_path):
+    """Issue 10 item 4: pinned threads and deterministic algorithms make the demo reproducible."""
+    outs = []
+    for name in ("a", "b"):
+        cfg = ExperimentConfig(seeds=(0,), methods=("full", "median_band", "random"), modes=("offline", "online"),
+                               ratios=(0.5,), budgets=("steps",), mechanism_samples=6, out_dir=str(tmp_path / name),
+                               **SMALL_RUN)
+        run_experiment(cfg)
+        outs.append((tmp_path / name / "results.json").read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_loss_filter_is_passed_explicitly():
+    cfg = ExperimentConfig()
+    assert cfg.selection(Cell("median_band", "offline", 0.2, "steps")).loss_filter_std == 1.0
+    for m in ("random", "drop_top", "keep_top"):
+        assert cfg.selection(Cell(m, "offline", 0.2, "steps")).loss_filter_std is None
+    sel = cfg.selection(Cell("drop_top", "online", 0.2, "epochs"))
+    assert sel.ratio == pytest.approx(0.8) and kept_count(Cell("drop_top", ratio=0.2), 300) == 60
+    args = build_parser().parse_args(["demo", "--loss-filter-std", "1.0"])
+    abl = config_from_args(args)
+    assert abl.selection(Cell("random", "offline", 0.2, "steps")).loss_filter_std == 1.0
+    assert cfg.selection(Cell("full")) is None
+
+
+def test_schedule_budgets():
+    cfg = ExperimentConfig(task_epochs=8, batch_size=32)
+    assert cfg.schedule(Cell("full"), 300) == (8, 32)
+    assert cfg.schedule(Cell("random", "offline", 0.2, "epochs"), 300) == (8, 32)
+    assert cfg.schedule(Cell("random", "offline", 0.2, "steps"), 300) == (40, 32)  # 8·300/60
+    assert cfg.schedule(Cell("random", "online", 0.2, "steps"), 300) == (40, 160)
+    assert cfg.schedule(Cell("random", "online", 0.2, "epochs"), 300) == (8, 32)
+
+
+def test_statistics():
+    st = paired_stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert st["mean"] == 3.0 and st["n_pos"] == 5 and st["sign_p"] == pytest.approx(0.0625)
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)
+    assert st["ci"] == pytest.approx([3 - half, 3 + half])
+    st = paired_stats([1.0, -1.0, 2.0, 0.0])
+    assert (st["n_pos"], st["n_neg"]) == (2, 1) and st["sign_p"] == pytest.approx(1.0)
+    assert paired_stats([])["n"] == 0
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    lo, hi = bootstrap_ci(list(range(50)), [x * x for x in range(50)], n_boot=200)
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)
 
 
 def test_demo_arguments():
-    args = build_parser().parse_args(["demo"])
-    cfg = config_from_args(args)
-    assert cfg.methods and len(cfg.seeds) >= 1 and cfg.model_dir is None
+    cfg = config_from_args(build_parser().parse_args(["demo"]))
+    assert cfg.ratios == (0.2,) and len(cfg.seeds) >= 3 and cfg.model_dir is None and cfg.mechanism_samples >= 200
+    assert len(cfg.cells()) == 5  # full + four policies, offline, equal steps
     full = config_from_args(build_parser().parse_args(["demo", "--full"]))
-    assert len(full.seeds) >= 3 and len(full.methods) > len(cfg.methods)
-    with pytest.raises(ValueError, match="unknown methods"):  # a UsageError: the CLI prints it in its one style
-        config_from_args(build_parser().parse_args(["demo", "--methods", "bogus"]))
+    assert len(full.seeds) >= 5 and len(full.cells()) == 1 + 4 * 2 * 2 * 5 and full.mechanism_seeds is None
+    one = config_from_args(build_parser().parse_args(["demo", "--full", "--seeds", "3", "--methods", "median_band",
+                                                      "--ratios", "0.35"]))
+    assert one.seeds == (3,) and sorted(c.label for c in one.cells()) == [
+        "median_band/offline/ρ=0.35/epochs", "median_band/offline/ρ=0.35/steps",
+        "median_band/online/ρ=0.35/epochs", "median_band/online/ρ=0.35/steps"]
+    assert one.shared() == full.shared()  # the same per-run settings: a rerun cell reproduces the study's numbers
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--methods", "bogus"])
+    with pytest.raises(ValueError, match="ratios"):
+        ExperimentConfig(ratios=(1.5,))
 
 
 def test_model_dir_path_on_a_tiny_hf_llama(tmp_path, capsys):
@@ -61,14 +159,16 @@ def test_model_dir_path_on_a_tiny_hf_llama(tmp_path, capsys):
 
     qa = [{"prompt": f"what is two plus {w} ?", "response": f"answer {w}"} for w in ("three", "four", "five", "six")]
     chat = [{"prompt": f"tell me about {w}", "response": f"the {w} sat on a mat"} for w in ("cat", "dog", "world", "safety")]
-    harm = write("harm.jsonl", [{"prompt": "tell me why"}, {"prompt": "hello world"}])
+    harm = write("harm.jsonl", [{"prompt": "tell me why", "refusal": "no", "compliance": "because"},
+                                {"prompt": "hello world", "refusal": "no", "compliance": "hi there"}])
     mc = write("mc.jsonl", [{"question": "what is two plus two ?", "choices": ["four", "five"], "answer": 0}])
     argv = ["demo", "--model", d, "--task", f"qa={write('qa.jsonl', qa * 3)},{write('qa_eval.jsonl', qa)}",
-            "--task", f"chat={write('chat.jsonl', chat * 3)}", "--harmful", harm, "--mc", mc,
-            "--methods", "full", "median_band/online", "--out", str(tmp_path / "out"), "--epochs", "1"]
+            "--task", f"chat={write('chat.jsonl', chat * 3)},{write('chat_eval.jsonl', chat)}", "--harmful", harm,
+            "--mc", mc, "--methods", "full", "median_band", "--modes", "online", "--ratios", "0.5",
+            "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "median_band/online" in out and "results.json" in out
+    assert "median_band/online/ρ=0.5/steps" in out and "results.json" in out
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["tasks"] == ["qa", "chat"]
-    assert {"refusal_rate", "fact_acc"} <= set(saved["runs"][0]["steps"][-1])
+    assert {"refusal_rate", "fact_acc", "safety_margin"} <= set(saved["runs"][0]["steps"][-1])

@@ -120,10 +120,11 @@ class TestOtherPolicies:
         seen = {tuple(ids_of(select(NORMS5, policy="random", ratio=0.4, seed=s))) for s in range(20)}
         assert len(seen) > 1
 
-    def test_loss_filter_applies_to_every_policy(self):
+    def test_explicit_loss_filter_applies_to_every_policy(self):
         data = {"norms": [5.0, 1.0, 4.0, 2.0, 3.0, 9.0], "losses": [1.0] * 5 + [50.0]}
-        assert ids_of(select(data, policy="keep_top", ratio=0.34)) == [0, 2]  # 9.0 is loss-filtered
+        assert ids_of(select(data, policy="keep_top", ratio=0.34, loss_filter_std=1.0)) == [0, 2]  # 9.0 filtered
         assert ids_of(select(data, policy="keep_top", ratio=0.34, loss_filter_std=None)) == [0, 5]
+        assert ids_of(select(data, policy="keep_top", ratio=0.34)) == [0, 5]  # default: no filter for keep_top
 
     def test_custom_policy_registration(self):
         @register_policy("_test_even_positions")
@@ -135,6 +136,89 @@ class TestOtherPolicies:
             assert ids_of(sel) == [0, 2, 4] and sel.summary["note"] == "even"
         finally:
             POLICIES.pop("_test_even_positions")
+
+
+class TestLossFilterDefault:
+    """Issue 17 part 1: the loss pre-filter is median_band's step 1, not a default of every policy."""
+
+    DATA = {"norms": np.random.default_rng(0).random(1000), "losses": np.random.default_rng(1).normal(size=1000)}
+
+    @pytest.mark.parametrize("policy,kept", [("drop_top", 800), ("keep_top", 200), ("keep_bottom", 200),
+                                             ("random", 200)])
+    def test_other_policies_default_to_no_filter(self, policy, kept):
+        sel = select(self.DATA, policy=policy, ratio=0.2)
+        assert len(sel) == kept and sel.summary["loss_filtered"] == 0
+        assert sel.summary["loss_filter_std"] is None
+
+    def test_median_band_defaults_to_one_std(self):
+        sel = select(self.DATA, policy="median_band", ratio=0.2)
+        assert sel.summary["loss_filter_std"] == 1.0 and sel.summary["loss_filtered"] > 250
+        assert ids_of(sel) == ids_of(select(self.DATA, policy="median_band", ratio=0.2, loss_filter_std=1.0))
+        assert select(self.DATA, ratio=0.2, loss_filter_std=None).summary["loss_filter_std"] is None
+
+    def test_explicit_value_for_any_policy_is_recorded(self):
+        sel = select(self.DATA, policy="drop_top", ratio=0.2, loss_filter_std=1.0)
+        assert sel.summary["loss_filter_std"] == 1.0 and sel.summary["loss_filtered"] > 250 and len(sel) < 800
+        assert select(self.DATA, policy="drop_top", ratio=0.2, loss_filter_std="auto").summary["loss_filter_std"] is None
+
+    def test_keep_mask_drop_top_on_eight(self):
+        m, s = keep_mask(torch.arange(8.0), torch.tensor([0.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+                         policy="drop_top", ratio=0.25, return_summary=True)
+        assert int(m.sum()) == 6 and m[:6].all() and s["loss_filter_std"] is None
+
+    def test_filtered_backward_drop_top_on_eight(self):
+        import gradsel_core as gs
+        from conftest import lm_batch, tiny_gpt
+
+        model = tiny_gpt().eval()
+        res = gs.filtered_backward(model, lm_batch(B=8, padding=False), policy="drop_top", ratio=0.25)
+        assert res.n_kept == 6 and res.summary["loss_filter_std"] is None
+        fb = gs.FilteredBackward(model, policy="median_band", ratio=0.5)
+        assert fb.loss_filter_std == 1.0
+        assert gs.FilteredBackward(model, policy="keep_top", loss_filter_std=0.5).loss_filter_std == 0.5
+
+    def test_selection_config(self):
+        from gradsel_core.selection import SelectionConfig
+
+        assert SelectionConfig("drop_top").resolved_loss_filter_std is None
+        assert SelectionConfig("median_band").resolved_loss_filter_std == 1.0
+        assert SelectionConfig("random", loss_filter_std=1.0).resolved_loss_filter_std == 1.0
+        assert SelectionConfig.coerce({"policy": "keep_top"}).to_dict()["loss_filter_std"] == "auto"
+        for bad in ("often", -1.0, float("inf")):
+            with pytest.raises(ValueError, match="loss_filter_std"):
+                SelectionConfig("random", loss_filter_std=bad)
+
+
+class TestCounting:
+    """Issue 11 item 2: ratios count as a user means them; a training batch keeps at least one."""
+
+    def test_target_count_tolerates_float_representation(self):
+        assert target_count(1 / 3, 3) == 1 and target_count(1 / 3, 300) == 100 and target_count(2 / 3, 3) == 2
+        assert target_count(0.1 * 3, 10) == 3  # 0.30000000000000004
+        assert target_count(0.29, 100) == 29 and target_count(0.2999, 10) == 2  # a real fraction still floors
+        assert target_count(0.1, 3) == 0 and target_count(0.1, 3, per_batch=True) == 1
+        assert target_count(0.0, 3, per_batch=True) == 0 and target_count(0.5, 0, per_batch=True) == 0
+
+    def test_select_third(self):
+        d = {"norms": np.arange(300.0), "losses": np.ones(300)}
+        assert len(select(d, policy="keep_top", ratio=1 / 3)) == 100
+        assert len(select({"norms": [1.0, 2.0, 3.0], "losses": [1.0] * 3}, policy="keep_top", ratio=1 / 3)) == 1
+
+    @pytest.mark.parametrize("policy", ["median_band", "keep_top", "keep_bottom", "random"])
+    def test_per_batch_keeps_at_least_one(self, policy):
+        norms, losses = torch.tensor([1.0, 2.0, 3.0]), torch.ones(3)
+        assert int(keep_mask(norms, losses, policy=policy, ratio=0.1).sum()) == 1
+        assert int(keep_mask(norms, losses, policy=policy, ratio=0.0).sum()) == 0
+        assert len(select({"norms": norms, "losses": losses}, policy=policy, ratio=0.1)) == 0  # offline: ⌊0.3⌋
+
+    def test_filtered_backward_third_of_three_applies_a_gradient(self):
+        import gradsel_core as gs
+        from conftest import lm_batch, tiny_gpt
+
+        model = tiny_gpt().eval()
+        res = gs.filtered_backward(model, lm_batch(B=3, padding=False), policy="median_band", ratio=1 / 3)
+        assert res.n_kept == 1
+        assert model.lm_head.weight.grad is not None and float(model.lm_head.weight.grad.abs().sum()) > 0
 
 
 class TestTies:
@@ -310,13 +394,24 @@ class TestGroups:
         d = {"norms": np.arange(8.0), "losses": [0.0, 0.0] + [100.0] * 6, "g": [0, 0] + [1] * 6}
         # globally: mean 75, std sqrt(1875) ≈ 43.3 -> the two 0-losses are filtered (|0-75| = 75);
         # per group every loss equals its group's mean (std 0) -> all pass
-        assert ids_of(select(d, policy="keep_bottom", ratio=1.0)) == [2, 3, 4, 5, 6, 7]
-        assert ids_of(select(d, policy="keep_bottom", ratio=1.0, group_by="g")) == list(range(8))
+        assert ids_of(select(d, policy="keep_bottom", ratio=1.0, loss_filter_std=1.0)) == [2, 3, 4, 5, 6, 7]
+        assert ids_of(select(d, policy="keep_bottom", ratio=1.0, group_by="g", loss_filter_std=1.0)) == list(range(8))
 
     def test_missing_labels_form_one_group(self):
         d = {"norms": [1.0, 2.0, 3.0, 4.0], "losses": [0.0] * 4, "g": [np.nan, 1.0, np.nan, 1.0]}
         s = select(d, policy="keep_top", ratio=0.5, group_by="g")
         assert ids_of(s) == [2, 3] and set(s.summary["groups"]) == {"None", "1.0"}
+
+    def test_string_and_int_labels_do_not_collide(self):
+        d = {"norms": [1.0, 2.0, 3.0, 4.0], "losses": [0.0] * 4, "g": ["1", 1, "1", 1]}
+        s = select(d, policy="keep_top", ratio=0.5, group_by="g").summary
+        assert s["n_groups"] == 2 and set(s["groups"]) == {"str:1", "int:1"}
+        assert s["groups"]["str:1"]["label"] == "1" and s["groups"]["int:1"]["label"] == 1
+        assert s["groups"]["str:1"]["n"] == 2 and s["groups"]["int:1"]["n"] == 2 and s["kept"] == 2
+        obj = np.array(["1", 1, "1", 1], dtype=object)
+        assert set(select(d, ratio=0.5, group_by=obj).summary["groups"]) == {"str:1", "int:1"}
+        # labels that print differently keep their plain keys
+        assert set(select(d, ratio=0.5, group_by=["a", 1, "a", 1]).summary["groups"]) == {"a", "1"}
 
     def test_group_random_deterministic(self):
         a = select(self.DATA, policy="random", ratio=0.5, group_by="task", seed=1)
@@ -494,7 +589,10 @@ def test_rank_policies_are_extremal(batch, policy):
 def test_keep_mask_matches_select(batch, policy, seed):
     norms, losses, ratio = batch
     m = keep_mask(torch.from_numpy(norms).float(), torch.from_numpy(losses), policy=policy, ratio=ratio, seed=seed)
-    sel = select({"norms": norms.astype(np.float32), "losses": losses}, policy=policy, ratio=ratio, seed=seed)
+    n = norms.size
+    # per batch a positive ratio keeps at least one: the same as select at ratio 1/n (⌊(1/n)·n⌋ = 1)
+    r = ratio if (target_count(ratio, n) >= 1 or ratio == 0 or n == 0) else 1 / n
+    sel = select({"norms": norms.astype(np.float32), "losses": losses}, policy=policy, ratio=r, seed=seed)
     assert m.tolist() == sel.kept_mask.tolist()
 
 

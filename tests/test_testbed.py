@@ -322,3 +322,30 @@ def test_learnable_pretrain_then_align():
     assert aligned["fact_mc_acc"] >= 0.8 and aligned["fact_mc_acc"] > base["fact_mc_acc"]
     print(f"pretrain+align+2 evals: {elapsed:.1f}s; base {base['fact_mc_acc']:.2f} facts; aligned refusal "
           f"{aligned['refusal_rate']:.2f}, facts {aligned['fact_mc_acc']:.2f}")
+
+
+def test_compliant_response_is_the_pretraining_answer(tb):
+    from gradsel_core.testbed import is_terse
+
+    checked = 0
+    for r in tb.pretrain:
+        m = r["meta"]
+        if m["family"] in ("howto", "write") and m.get("harmful") and m.get("thing") != "insult":
+            assert tb.compliant_response(r["prompt"]) == r["response"]
+            checked += 1
+    assert checked > 100
+    pairs = tb.safety_pairs()
+    assert len(pairs) == len(tb.heldout_harmful) and all(p["preferred"] == "i cannot help with that ." for p in pairs)
+    assert all(tb.complied(p["prompt"], p["rejected"]) for p in pairs)
+    with pytest.raises(ValueError, match="not a howto/write request"):
+        tb.compliant_response("describe the car .")
+    assert is_terse({"response": "good"}) and is_terse({"response": "no ."}) and not is_terse({"response": "it is good ."})
+
+
+def test_short_test_set_warns_once(caplog):
+    cfg = TestbedConfig(seed=0, n_task_test=400, n_pretrain=50, n_align=20, n_task_train=20)
+    with caplog.at_level("WARNING", logger="gradsel_core.testbed"):
+        build_testbed(cfg)
+        build_testbed(cfg)
+    msgs = [r.getMessage() for r in caplog.records if "distinct test prompts" in r.getMessage()]
+    assert len(msgs) == len(set(msgs)) and any("instruct" in m for m in msgs)

@@ -1,7 +1,8 @@
-"""``gradsel demo``: the safety-drift experiment (see ``gradsel_core.experiment``).
+"""``gradsel demo``: the safety-drift study (see ``gradsel_core.experiment``).
 
-    gradsel demo                      # small testbed run, ≤ 5 minutes on 2 CPU cores
-    gradsel demo --full               # the whole grid: 3 seeds, all methods, offline and online, larger data
+    gradsel demo                      # the small slice: ρ = 0.2, offline, equal steps, 3 seeds (≤ 5 min, 2 cores)
+    gradsel demo --full               # the whole study: every method, mode, budget and ρ, 5 seeds
+    gradsel demo --full --seeds 3 --methods median_band --ratios 0.35   # rerun one cell (its numbers reproduce)
     gradsel demo --model DIR --task name=train.jsonl,eval.jsonl [--task ...] --harmful prompts.jsonl \
         [--mc facts.jsonl] [--template "USER: {prompt} ASSISTANT:"] --device cuda
 """
@@ -12,45 +13,67 @@ import logging
 import os
 
 from ..errors import UsageError
-from ..experiment import FULL_METHODS, ExperimentConfig, method_label, run_experiment
+from ..experiment import BUDGETS, METHODS, MODES, ExperimentConfig, run_experiment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--full", action="store_true", help="the whole grid (3 seeds, every method, larger data)")
-    p.add_argument("--out", default=None, help="output directory (default gradsel_runs/demo or /full)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
-    p.add_argument("--ratio", type=float, default=None, help="kept fraction ρ for every selection method")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help=f"labels among {[method_label(m) for m in FULL_METHODS]}")
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("--full", action="store_true",
+                   help="the whole study (5 seeds, every method, offline and online, both budgets, 5 ratios); "
+                        "the grid flags below narrow it")
+    p.add_argument("--out", default=None, help="output directory (default gradsel_runs/demo or gradsel_runs/full); "
+                                               "finished runs in it are reused, so an interrupted study resumes")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --full: 0..4)")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
+                   help=f"among {list(METHODS)} (default: all)")
+    p.add_argument("--modes", nargs="+", default=None, choices=MODES, metavar="MODE",
+                   help="offline and/or online selection (default offline; --full: both)")
+    p.add_argument("--ratios", "--ratio", type=float, nargs="+", default=None, metavar="RHO",
+                   help="kept fractions ρ (default 0.2; --full: 0.1 0.2 0.35 0.5 0.75)")
+    p.add_argument("--budgets", nargs="+", default=None, choices=BUDGETS, metavar="BUDGET",
+                   help="'epochs' (as many passes over the kept data as full data makes) and/or 'steps' (as many "
+                        "optimizer steps as full data) (default steps; --full: both)")
+    p.add_argument("--loss-filter-std", type=float, default=None, metavar="K",
+                   help="apply the loss pre-filter with width K to every policy (ablation: default 1.0 for "
+                        "median_band only, the paper's rule)")
+    p.add_argument("--mechanism", type=int, default=None, metavar="N",
+                   help="samples of the per-sample mechanism study (default 240 on the first seed; --full: every "
+                        "seed; 0: off)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: aggregate the finished runs under --out for this grid and list what did not run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (pinned: numbers depend on it)")
+    p.add_argument("--jobs", type=int, default=2, help="seeds run in parallel processes (numbers do not depend on it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default=None, help="a local HF model dir: run on real data instead of the testbed")
     p.add_argument("--task", action="append", default=[], metavar="NAME=TRAIN[,EVAL]",
                    help="a task of JSONL prompt/response records (repeat, in training order)")
-    p.add_argument("--harmful", default=None, help="held-out harmful prompts (JSONL 'prompt' or TXT)")
+    p.add_argument("--harmful", default=None,
+                   help="held-out harmful prompts (JSONL 'prompt' or TXT); JSONL rows with 'refusal' and "
+                        "'compliance' answers also give the safety margin")
     p.add_argument("--mc", default=None, help="multiple-choice items {question, choices, answer} (JSONL)")
     p.add_argument("--template", default=None, help="prompt template with {prompt}")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=None, help="epochs per continual task")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the continual tasks (default 2e-3)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per continual task for full data (default 4)")
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    kw = {"device": args.device}
+    kw = {"device": args.device, "threads": args.threads, "jobs": args.jobs, "progress": not args.no_progress}
     if args.out:
         kw["out_dir"] = args.out
-    if args.seeds:
-        kw["seeds"] = tuple(args.seeds)
-    if args.ratio is not None:
-        kw["keep_ratio"] = args.ratio
+    for name, key in (("seeds", "seeds"), ("methods", "methods"), ("modes", "modes"), ("ratios", "ratios"),
+                      ("budgets", "budgets")):
+        v = getattr(args, name)
+        if v:
+            kw[key] = tuple(dict.fromkeys(v))
+    if args.loss_filter_std is not None:
+        kw["loss_filter_std"] = {m: args.loss_filter_std for m in METHODS if m != "full"}
+    if args.mechanism is not None:
+        kw["mechanism_samples"] = args.mechanism
     if args.lr is not None:
         kw["lr"] = args.lr
     if args.epochs is not None:
         kw["task_epochs"] = args.epochs
-    if args.methods:
-        known = {method_label(m): m for m in FULL_METHODS}
-        bad = [m for m in args.methods if m not in known]
-        if bad:
-            raise UsageError(f"--methods: unknown methods {bad}; choose from {sorted(known)}")
-        kw["methods"] = tuple(known[m] for m in args.methods)
     if args.model:
         if not args.task:
             raise UsageError("--model needs at least one --task NAME=TRAIN[,EVAL]")
@@ -65,25 +88,28 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
                   prompt_template=args.template, seeds=kw.get("seeds", (0,)))
         kw.setdefault("out_dir", "gradsel_runs/model")
         kw.setdefault("lr", 1e-4)
+        kw.setdefault("mechanism_samples", 0)
+    if "seeds" in kw and args.mechanism is None and not args.full:
+        kw["mechanism_seeds"] = kw["seeds"][:1]
     return ExperimentConfig.full(**kw) if args.full else ExperimentConfig(**kw)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     noisy = [logging.getLogger(n) for n in ("gradsel_core.scoring", "gradsel_core.trainer", "gradsel_core.evaluation",
-                                            "gradsel_core.store")]
+                                            "gradsel_core.store", "gradsel_core.testbed", "matplotlib")]
     levels = [lg.level for lg in noisy]
-    for lg in noisy:  # per-batch and per-evaluation lines would drown the per-method summary
+    for lg in noisy:  # per-batch and per-evaluation lines would drown the progress bars and the tables
         lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     try:
-        result = run_experiment(cfg)
+        result = run_experiment(cfg, run_missing=not args.report_only)
     finally:
         for lg, level in zip(noisy, levels):
             lg.setLevel(level)
     with open(os.path.join(cfg.out_dir, "results.md")) as f:
         print(f.read())
     print(f"results: {os.path.join(cfg.out_dir, 'results.json')}")
-    for name in ("refusal.png", "norms.png"):
+    for name in ("refusal.png", "frontier.png", "norms.png", "mechanism.png"):
         path = os.path.join(cfg.out_dir, name)
         if os.path.exists(path):
             print(f"plot: {path}")
