@@ -127,7 +127,9 @@ class GradNormEngine:
         self.last_backend = backend
         res = self._finish(raw, backend)
         if refs is not None:
-            res.dots, res.cosines = _alignment(raw, res.norms, refs, single=isinstance(reference, Mapping))
+            from .reference import alignment
+
+            res.dots, res.cosines = alignment(raw.dots, res.norms, refs, single=isinstance(reference, Mapping))
         return res
 
     def resolve_backend(self, prepared: Optional[PreparedBatch] = None) -> str:
@@ -237,20 +239,6 @@ class GradNormEngine:
             per_param=per,
             backend=backend,
         )
-
-
-def _alignment(raw: RawScores, norms: torch.Tensor, refs, single: bool):
-    """Summed dots (B, R) and cosines; a zero gradient or a zero reference gives cosine 0, never NaN."""
-    from .reference import reference_norms
-
-    dots = None
-    for d in raw.dots.values():
-        dots = d if dots is None else dots + d  # (B, R)
-    rn = reference_norms(refs).to(dots.dtype)  # (R,)
-    denom = norms.to(dots.dtype)[:, None] * rn[None, :]  # (B, R)
-    cos = torch.where(denom > 0, dots / denom.clamp(min=torch.finfo(dots.dtype).tiny), torch.zeros_like(dots))
-    dots, cos = dots.float().detach(), cos.float().detach()
-    return (dots[:, 0], cos[:, 0]) if single else (dots, cos)
 
 
 def _chain_from(backend: str) -> List[str]:

@@ -69,6 +69,7 @@ class FilteredResult:
     loss: float  # mean loss over the kept samples (0.0 when none is kept)
     n_kept: int
     summary: Dict[str, Any] = field(default_factory=dict)
+    cosines: Optional[torch.Tensor] = None  # (B,) with reference=: cosine of each gradient with the reference
 
     @property
     def kept_fraction(self) -> float:
@@ -87,7 +88,7 @@ class FilteredBackward:
     def __init__(self, model: nn.Module, policy: str = "median_band", ratio: float = 0.2,
                  params: ParamSpec = "trainable", loss_filter_std: Union[float, None, str] = "auto",
                  loss_fn: Optional[LossFn] = None, loss_reduction: str = "mean", backend: str = "auto",
-                 **policy_kwargs: Any):
+                 reference: Any = None, **policy_kwargs: Any):
         if backend not in ("auto", "ghost", "triton"):
             raise ValueError(f"filtered_backward needs the one-backward engine: backend 'auto', 'ghost' or "
                              f"'triton', got {backend!r}")
@@ -100,6 +101,14 @@ class FilteredBackward:
         self.policy, self.ratio = policy, ratio
         self.loss_filter_std = resolve_loss_filter_std(policy, loss_filter_std)
         self.policy_kwargs = policy_kwargs
+        # reference=: the per-sample cosines with it come from the same backward (policies drop_opposed,
+        # project_band rank by them)
+        self.refs = None
+        if reference is not None:
+            from .reference import stack_references
+            from .types import acc_dtype
+
+            self.refs = stack_references(reference, self.engine.params, acc_dtype(self.engine.params))
         sharded = sharded_param_names(self.engine.params)
         if sharded and not isinstance(self, TwoPassFilteredBackward):
             raise UsageError(
@@ -122,18 +131,20 @@ class FilteredBackward:
         use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
                                                   and triton_usable(device))
         with grad_enabled_for(engine.params):
-            cap, losses, tokens = engine.ghost.run(prepared, use_triton, keep_factors=True, strict=True)
+            cap, losses, tokens = engine.ghost.run(prepared, use_triton, keep_factors=True, strict=True,
+                                                   refs=self.refs)
         sq = cap.per_param_sq(engine.params, device)
         norms = torch.stack(list(sq.values())).sum(0).clamp(min=0).sqrt().float()  # (B,)
         losses = losses.detach().float()
+        cos = self._cosines(cap, norms, device)
         kept, summary = keep_mask(norms, losses, policy=self.policy, ratio=self.ratio,
                                   loss_filter_std=self.loss_filter_std, tokens=tokens, seed=seed,
-                                  return_summary=True, **self.policy_kwargs)
+                                  return_summary=True, cosines=cos, **self.policy_kwargs)
         index = kept.nonzero().squeeze(1)  # (K,)
         K = int(index.numel())
         if K == 0:
             log.debug("filtered_backward: no sample kept in this batch; no gradient added")
-            return FilteredResult(kept, norms, losses, tokens, 0.0, 0, summary)
+            return FilteredResult(kept, norms, losses, tokens, 0.0, 0, summary, cos)
         w = torch.full((K,), loss_scale / K, device=device)  # mean over the kept samples
         for name, factors in cap.factors.items():
             p = engine.params[name]
@@ -146,7 +157,16 @@ class FilteredBackward:
                 p.grad = g
             else:
                 p.grad.add_(g)
-        return FilteredResult(kept, norms, losses, tokens, float(losses[index].mean()), K, summary)
+        return FilteredResult(kept, norms, losses, tokens, float(losses[index].mean()), K, summary, cos)
+
+    def _cosines(self, cap, norms: torch.Tensor, device) -> Optional[torch.Tensor]:
+        """(B,) or (B, R) cosines with the reference(s), from the capture's dots (None without one)."""
+        if self.refs is None:
+            return None
+        from .reference import alignment
+
+        single = next(iter(self.refs.values())).shape[0] == 1
+        return alignment(cap.per_param_dots(self.refs, device), norms, self.refs, single=single)[1]
 
 
 MODES = ("auto", "one_backward", "two_pass")
@@ -232,7 +252,7 @@ class TwoPassFilteredBackward(FilteredBackward):
             # the activation backward keeps the graph; op uses compute with the real weights, so the ordinary
             # backward below reaches every use
             cap, losses, tokens = engine.ghost.run(prepared, use_triton, keep_factors=False, strict=True,
-                                                   retain_graph=True, weights_in_graph=True)
+                                                   retain_graph=True, weights_in_graph=True, refs=self.refs)
             sharded_fallback = [n for plan in cap.plan.modules.values() if plan.rule is None
                                 for n in plan.names.values() if sharded_param_names({n: engine.params[n]})]
             if sharded_fallback:
@@ -242,9 +262,10 @@ class TwoPassFilteredBackward(FilteredBackward):
                     "@gradsel_core.register_norm_rule, or leave the module unsharded")
             sq = cap.per_param_sq(engine.params, device)
             norms = torch.stack(list(sq.values())).sum(0).clamp(min=0).sqrt().float()  # (B,)
+            cos = self._cosines(cap, norms, device)
             kept, summary = keep_mask(norms, losses.detach().float(), policy=self.policy, ratio=self.ratio,
                                       loss_filter_std=self.loss_filter_std, tokens=tokens, seed=seed,
-                                      return_summary=True, **self.policy_kwargs)
+                                      return_summary=True, cosines=cos, **self.policy_kwargs)
             K = int(kept.sum())
             if K > 0 or _distributed():
                 w = kept.to(losses.dtype) * (loss_scale / max(K, 1))  # (B,) mean over the kept samples
@@ -258,7 +279,7 @@ class TwoPassFilteredBackward(FilteredBackward):
         del cap
         losses = losses.detach().float()
         loss = float(losses[kept].mean()) if K else 0.0
-        return FilteredResult(kept, norms, losses, tokens, loss, K, summary)
+        return FilteredResult(kept, norms, losses, tokens, loss, K, summary, cos)
 
 
 def filtered_backward(model: nn.Module, batch: Mapping[str, Any], policy: str = "median_band",
@@ -266,7 +287,7 @@ def filtered_backward(model: nn.Module, batch: Mapping[str, Any], policy: str = 
                       loss_filter_std: Union[float, None, str] = "auto",
                       loss_scale: float = 1.0, loss_fn: Optional[LossFn] = None, seed: Any = 0,
                       mode: str = "auto", backward_fn: Optional[Callable[[torch.Tensor], Any]] = None,
-                      **policy_kwargs: Any) -> FilteredResult:
+                      reference: Any = None, **policy_kwargs: Any) -> FilteredResult:
     """Score ``batch``, keep samples by the per-batch ``policy``, and accumulate
     ``loss_scale · ∇(mean loss over the kept samples)`` into ``p.grad`` of the selected parameters.
 
@@ -279,6 +300,7 @@ def filtered_backward(model: nn.Module, batch: Mapping[str, Any], policy: str = 
     if mode not in MODES:
         raise UsageError(f"mode={mode!r} is unknown; choose one of {MODES}")
     kwargs = dict(policy=policy, ratio=ratio, params=params, loss_filter_std=loss_filter_std, loss_fn=loss_fn,
+                  reference=reference,
                   **policy_kwargs)
     if mode == "auto":
         two = backward_fn is not None

@@ -160,3 +160,17 @@ def reference_norms(stacked: Mapping[str, torch.Tensor]) -> torch.Tensor:
         sq = V.flatten(1).pow(2).sum(1)
         total = sq if total is None else total + sq
     return total.sqrt()
+
+
+def alignment(dots: Mapping[str, torch.Tensor], norms: torch.Tensor, refs: Mapping[str, torch.Tensor],
+              single: bool):
+    """Per-parameter dots (name -> (B, R)) summed, and cosines with the stacked ``refs``; a zero gradient or
+    a zero reference gives cosine 0, never NaN. ``single``: return (B,) instead of (B, R)."""
+    total = None
+    for d in dots.values():
+        total = d if total is None else total + d  # (B, R)
+    rn = reference_norms(refs).to(total.dtype)  # (R,)
+    denom = norms.to(total.dtype)[:, None] * rn[None, :]  # (B, R)
+    cos = torch.where(denom > 0, total / denom.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+    total, cos = total.float().detach(), cos.float().detach()
+    return (total[:, 0], cos[:, 0]) if single else (total, cos)

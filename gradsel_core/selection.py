@@ -51,6 +51,10 @@ Semantics (applied identically by every policy, per group -- or per batch for ``
                    the survivors' keys (``np.quantile``, linear interpolation, inclusive; ties are kept
                    or dropped together). ``ratio`` is ignored.
   ``threshold``    (``max_norm``) keep keys ``<= max_norm``. ``ratio`` is ignored.
+  ``drop_opposed`` (ranks by the cosine with a reference gradient, ``reference=`` picks one of several)
+                   drop the ``target`` samples whose gradient most opposes the reference (lowest
+                   cosines) and keep the rest.
+  ``project_band`` (cosine) keep the ``target`` survivors whose cosine is closest to the median cosine.
   ``random``       keep ``target`` survivors uniformly at random (``numpy.random.default_rng(seed)``;
                    with ``group_by``, group ``g`` -- numbered by first appearance -- uses
                    ``default_rng([seed, g])``; a ``numpy.random.Generator`` passed as ``seed`` is used
@@ -216,6 +220,25 @@ def _drop_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator
     return mask, {"target_dropped": n_drop, **_edges(key, mask)}
 
 
+@register_policy("drop_opposed")
+def _drop_opposed(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, reference: int = 0):
+    """Drop the ⌊ratio·n⌋ samples whose gradient most opposes the reference (lowest cosines)."""
+    n_drop = target_count(ratio, n)
+    mask = np.zeros(key.shape[0], dtype=bool)
+    mask[_stable_order(-key)[: max(key.size - n_drop, 0)]] = True  # highest cosines kept
+    return mask, {"target_dropped": n_drop, **_edges(key, mask)}
+
+
+@register_policy("project_band")
+def _project_band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, per_batch: bool = False,
+                  reference: int = 0):
+    """The median band on the cosine with the reference: keep the ⌊ratio·n⌋ closest to the median cosine."""
+    return _median_band(key, n=n, ratio=ratio, rng=rng, per_batch=per_batch)
+
+
+_drop_opposed.ranks_by = _project_band.ranks_by = "cosine"
+
+
 @register_policy("band")
 def _band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, low_q: float, high_q: float):
     low_q, high_q = float(low_q), float(high_q)
@@ -372,6 +395,8 @@ def _columns(obj: Any, group_by: Any) -> Dict[str, Optional[np.ndarray]]:
     cols: Dict[str, Optional[np.ndarray]] = {"norms": norms, "losses": _as_float_1d(losses, "losses")}
     tokens = _get(obj, "tokens")
     cols["tokens"] = None if tokens is None else _as_float_1d(tokens, "tokens")
+    cos = _get(obj, "cosines")
+    cols["cosines"] = None if cos is None else _as_cosines(cos)
     ids = _get(obj, "ids")
     cols["ids"] = np.arange(n) if ids is None else _to_numpy(ids)
     groups = _resolve_groups(obj, group_by)
@@ -379,6 +404,31 @@ def _columns(obj: Any, group_by: Any) -> Dict[str, Optional[np.ndarray]]:
         raise ValueError(f"group labels must be 1-D, got shape {tuple(groups.shape)}")
     cols["groups"] = groups
     return cols
+
+
+def _as_cosines(x: Any) -> np.ndarray:
+    """Cosines with one reference (n,) or several (n, R), as float64."""
+    a = _to_numpy(x).astype(np.float64)
+    if a.ndim not in (1, 2):
+        raise ValueError(f"cosines must have shape (n,) or (n, R), got {tuple(a.shape)}")
+    return a
+
+
+def _reference_key(policy: str, cols: Mapping[str, Optional[np.ndarray]], reference: int) -> np.ndarray:
+    """The ranking key of a reference policy: the cosine with reference ``reference``."""
+    cos = cols.get("cosines")
+    if cos is None:
+        raise ValueError(
+            f"policy {policy!r} ranks samples by the cosine of their gradient with a reference gradient, and "
+            "none was given: score with a reference (GradNormEngine.score(batch, reference=ref), "
+            "gs.score_dataset(..., reference=ref), `gradsel score --reference ref.safetensors`)")
+    if cos.ndim == 1:
+        if reference != 0:
+            raise ValueError(f"reference={reference}: the scores hold the cosine with one reference only")
+        return cos
+    if not 0 <= reference < cos.shape[1]:
+        raise ValueError(f"reference={reference}: the scores hold cosines with {cos.shape[1]} references")
+    return cos[:, reference]
 
 
 def _check_lengths(cols: Mapping[str, Optional[np.ndarray]]) -> int:
@@ -556,7 +606,12 @@ def _select_core(
     norms, losses, tokens, groups = cols["norms"], cols["losses"], cols.get("tokens"), cols.get("groups")
     if mode is not None and tokens is None:
         raise ValueError("length_normalize needs per-sample token counts ('tokens'), but none were given")
-    key = _ranking_key(norms, tokens, mode)
+    if getattr(fn, "ranks_by", "norm") == "cosine":  # drop_opposed, project_band
+        if mode is not None:
+            raise ValueError(f"length_normalize applies to norms; policy {policy!r} ranks by a cosine")
+        key = _reference_key(policy, cols, int(kwargs.get("reference", 0)))
+    else:
+        key = _ranking_key(norms, tokens, mode)
 
     summary: Dict[str, Any] = {
         "policy": policy,
@@ -655,6 +710,7 @@ def keep_mask(
     seed: Union[int, None, np.random.Generator] = 0,
     length_normalize: Union[bool, str, None] = False,
     return_summary: bool = False,
+    cosines: Any = None,
     **policy_kwargs: Any,
 ):
     """Per-batch selection for in-step filtering: the same policy logic as :func:`select` on one batch
@@ -673,6 +729,7 @@ def keep_mask(
         "norms": _as_float_1d(norms, "norms"),
         "losses": _as_float_1d(losses, "losses"),
         "tokens": None if tokens is None else _as_float_1d(tokens, "tokens"),
+        "cosines": None if cosines is None else _as_cosines(cosines),
     }
     mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs,
                                  per_batch=True)

@@ -156,3 +156,42 @@ def test_cli_reference_then_score(tmp_path, capsys):
     assert store.cosines.shape == (6,) and (abs(store.cosines) <= 1 + 1e-5).all()
     assert main(["reference", "--model", "tiny", "--data", str(data), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_reference_policies_on_cosines():
+    import numpy as np
+
+    scores = {"norms": np.ones(10), "losses": np.ones(10), "cosines": np.linspace(-0.9, 0.9, 10)}
+    sel = gs.select(scores, policy="drop_opposed", ratio=0.3)
+    assert sel.kept_ids.tolist() == list(range(3, 10))  # the three most opposed dropped
+    band = gs.select(scores, policy="project_band", ratio=0.2)
+    assert sorted(band.kept_ids.tolist()) == [4, 5]  # closest to the median cosine
+    two = {**scores, "cosines": np.stack([scores["cosines"], -scores["cosines"]], 1)}
+    assert gs.select(two, policy="drop_opposed", ratio=0.3, reference=1).kept_ids.tolist() == list(range(7))
+    with pytest.raises(ValueError, match="score with a reference"):
+        gs.select({"norms": np.ones(4), "losses": np.ones(4)}, policy="drop_opposed", ratio=0.5)
+    # combinable with the loss pre-filter: an explicit value applies
+    lossy = {**scores, "losses": np.array([0.0] + [1.0] * 8 + [9.0])}
+    assert 9 not in gs.select(lossy, policy="drop_opposed", ratio=0.3, loss_filter_std=1.0).kept_ids
+
+
+@pytest.mark.parametrize("mode", ["one_backward", "two_pass"])
+def test_filtered_backward_with_a_reference_keeps_by_cosine_and_is_exact(mode):
+    model = build("tinygpt")
+    batch = lm_batch(padding=False)
+    ref = _ref(model)
+    res = gs.GradNormEngine(model, backend="loop").score(batch, reference=ref)
+    model.zero_grad()
+    out = gs.filtered_backward(model, batch, policy="drop_opposed", ratio=0.5, reference=ref, mode=mode)
+    assert_close_rel(out.cosines, res.cosines, 1e-5, "cosines in the step")
+    expect = torch.zeros(4, dtype=torch.bool)
+    expect[torch.argsort(res.cosines, descending=True)[:2]] = True  # the two least opposed kept
+    assert torch.equal(out.kept.cpu(), expect)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    from gradsel_core.batching import per_sample_losses, prepare_batch
+
+    sub = prepare_batch({k: v[expect] for k, v in batch.items()}, lm_loss=True)
+    per_sample_losses(model(**sub.model_inputs), sub, None, "mean")[0].mean().backward()
+    for n, p in model.named_parameters():
+        assert_close_rel(got[n], p.grad, 1e-5, n)

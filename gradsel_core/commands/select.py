@@ -44,10 +44,17 @@ FORMATS = ("jsonl", "hf")
 MAX_TABLE_GROUPS = 20  # table rows shown; the summary file has every group
 
 
-def _opt_float(text: str) -> Optional[float]:
-    if text.strip().lower() in ("none", "off", ""):
+def _opt_float(text: str):
+    """``--loss-filter-std``: a number, ``none``/``off`` (no filter) or ``auto`` (1.0 for median_band only)."""
+    t = text.strip().lower()
+    if t in ("none", "off", ""):
         return None
-    return float(text)
+    if t == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, 'none' or 'auto', got {text!r}") from None
 
 
 def add_policy_arguments(p: argparse.ArgumentParser, policy_default: Optional[str] = "median_band") -> None:
@@ -56,8 +63,9 @@ def add_policy_arguments(p: argparse.ArgumentParser, policy_default: Optional[st
                    help=f"selection policy: {POLICY_HELP}" + ("" if policy_default else " (default: none)"))
     p.add_argument("--ratio", type=float, default=0.2,
                    help="fraction of each group to keep (to drop, for drop_top)")
-    p.add_argument("--loss-filter-std", type=_opt_float, default=1.0, metavar="K",
-                   help="keep only losses within K std of the mean first; 'none' disables (default 1.0)")
+    p.add_argument("--loss-filter-std", type=_opt_float, default="auto", metavar="K",
+                   help="keep only losses within K std of the mean first; 'none' disables; 'auto': 1.0 for "
+                        "median_band (the paper's step 1), none for other policies")
     p.add_argument("--group-by", default=None, metavar="FIELD", help="select within each value of this store field")
     p.add_argument("--seed", type=int, default=0, help="seed for the random policy")
     p.add_argument("--length-normalize", default="none", choices=["none", "tokens", "sqrt"],

@@ -85,8 +85,9 @@ def config_keys() -> List[ConfigKey]:
           allowed=tuple(policy_names())),
         K("selection.ratio", "float", sel["ratio"], "fraction of each batch (online) or task (offline) kept; "
           "the fraction dropped for drop_top", min=0.0, max=1.0),
-        K("selection.loss_filter_std", "float | null", sel["loss_filter_std"],
-          "keep losses within K std of the mean first (null: no loss filter)", min=0.0),
+        K("selection.loss_filter_std", "float | null | str", sel["loss_filter_std"],
+          "keep losses within K std of the mean first (null: no loss filter; \"auto\": 1.0 for median_band, "
+          "none for other policies)", min=0.0),
         K("selection.params", "str | list[str]", sel["params"], "parameters the norm is taken over "
           "(or a list of parameter names)", allowed=PARAM_SPECS),
         K("selection.group_by", "str | null", sel["group_by"], "offline only: select within each value of this record field"),
@@ -132,7 +133,7 @@ def config_keys() -> List[ConfigKey]:
 EXAMPLE = {
     "model": "tiny",
     "tasks": [{"name": "dolly", "train": "dolly_train.jsonl", "eval": "dolly_eval.jsonl", "metric": "exact_match"}],
-    "selection": {"policy": "median_band", "ratio": 0.2, "loss_filter_std": 1.0},
+    "selection": {"policy": "median_band", "ratio": 0.2, "loss_filter_std": "auto"},
     "mode": "online",
     "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
     "lr": 1e-4, "epochs": 1, "batch_size": 16,

@@ -482,7 +482,7 @@ def select_dataset(
     *,
     params: ParamSpec = "trainable",
     batch_size: int = 16,
-    loss_filter_std: Optional[float] = 1.0,
+    loss_filter_std: Union[float, None, str] = "auto",
     group_by: Any = None,
     out_dir: Optional[str] = None,
     **kw: Any,
