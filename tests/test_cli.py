@@ -227,7 +227,11 @@ def test_select_bad_policy_error_style(tmp_path, capsys):
 
 
 def test_demo_error_style(capsys):
-    assert "--methods: unknown methods ['bogus']" in cli_error(capsys, ["demo", "--methods", "bogus"], "demo")
+    with pytest.raises(SystemExit) as e:  # an unknown method is an argparse choice error: same style, exit 2
+        main(["demo", "--methods", "bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "gradsel demo: error: argument --methods: invalid choice: 'bogus'" in err
     assert "--model needs at least one --task" in cli_error(capsys, ["demo", "--model", "somewhere"], "demo")
 
 

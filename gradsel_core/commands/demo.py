@@ -17,7 +17,6 @@ from ..experiment import BUDGETS, METHODS, MODES, ExperimentConfig, run_experime
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--full", action="store_true",
                    help="the whole study (5 seeds, every method, offline and online, both budgets, 5 ratios); "
                         "the grid flags below narrow it")
