@@ -110,6 +110,7 @@ def test_select_data_must_be_the_scored_file(scored, tmp_path, capsys):
     assert rc == 2 and "is the --data file" in err and open(data, "rb").read() == before
 
 
+@pytest.mark.needs_datasets
 def test_select_hf_datasets_folder(scored, tmp_path, capsys):
     datasets = pytest.importorskip("datasets")
     data, rows, store = scored

@@ -362,6 +362,7 @@ def test_select_dataset_uses_dataset_select():
     assert subset.records == [records[int(i)] for i in sel.kept_ids]
 
 
+@pytest.mark.needs_datasets
 def test_select_dataset_hf_dataset():
     datasets = pytest.importorskip("datasets")
     model = make_model()

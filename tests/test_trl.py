@@ -21,7 +21,7 @@ from gradsel_core.filtered import packed_rows  # noqa: E402
 from gradsel_core.integrations.hf import GradSelMixin  # noqa: E402
 from gradsel_core.integrations.trl import GradSelSFTTrainer  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.needs_trl]
 
 
 class RecordingSFT(Recording, GradSelSFTTrainer):
