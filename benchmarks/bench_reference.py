@@ -17,10 +17,8 @@ a reference costs about one forward of matmuls; with LoRA the products are r-siz
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +27,8 @@ import torch  # noqa: E402
 
 import gradsel_core as gs  # noqa: E402
 from benchmarks.bench_train_step import build  # noqa: E402
-from benchmarks.harness import RESULTS_DIR, env_info, markdown_table, utc_stamp, write_results  # noqa: E402
+from benchmarks.harness import (RESULTS_DIR, env_info, markdown_table, time_alternating, utc_stamp,  # noqa: E402
+                                write_results)
 from gradsel_core.batching import per_sample_losses, prepare_batch  # noqa: E402
 
 METHODS = ("plain", "norms", "norms+ref", "norms+4ref")
@@ -53,15 +52,7 @@ def run_case(name, d, layers, vocab, T, B, lora, repeats):
     step = {"plain": plain, "norms": lambda: engine.score(batch),
             "norms+ref": lambda: engine.score(batch, reference=refs[0]),
             "norms+4ref": lambda: engine.score(batch, reference=refs)}
-    for k in METHODS:
-        step[k]()
-    times = {k: [] for k in METHODS}
-    for _ in range(repeats):
-        for k in METHODS:
-            gc.collect()
-            t0 = time.perf_counter()
-            step[k]()
-            times[k].append(time.perf_counter() - t0)
+    times = time_alternating(step, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     # exactness of the timed path, against the loop on two samples
     two = {"input_ids": batch["input_ids"][:2]}

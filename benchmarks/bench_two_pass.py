@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +31,8 @@ import torch  # noqa: E402
 
 import gradsel_core as gs  # noqa: E402
 from benchmarks.bench_train_step import build, plain_step  # noqa: E402
-from benchmarks.harness import RESULTS_DIR, env_info, markdown_table, sync, utc_stamp, write_results  # noqa: E402
+from benchmarks.harness import (RESULTS_DIR, env_info, markdown_table, time_alternating, utc_stamp,  # noqa: E402
+                                write_results)
 
 METHODS = ("plain", "one_backward", "two_pass")
 
@@ -56,18 +55,7 @@ def run_case(name, d, layers, vocab, T, B, lora, repeats, ratio, device):
 
     step = {"plain": lambda: plain_step(models["plain"], opts["plain"], batch),
             "one_backward": lambda: filtered("one_backward"), "two_pass": lambda: filtered("two_pass")}
-    for k in METHODS:  # warm-up (allocator, optimizer state, kernels)
-        step[k]()
-    sync(device)
-    times = {k: [] for k in METHODS}
-    for _ in range(repeats):
-        for k in METHODS:
-            gc.collect()
-            sync(device)
-            t0 = time.perf_counter()
-            step[k]()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
+    times = time_alternating(step, repeats, device=device)  # warm-up round: allocator, optimizer state, kernels
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     for k in METHODS:

@@ -10,10 +10,8 @@ the first batch, so its cost is about 2/B of a per-sample loop; later batches pa
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,7 +20,8 @@ import torch  # noqa: E402
 
 import gradsel_core as gs  # noqa: E402
 from benchmarks.bench_train_step import build  # noqa: E402
-from benchmarks.harness import RESULTS_DIR, env_info, markdown_table, utc_stamp, write_results  # noqa: E402
+from benchmarks.harness import (RESULTS_DIR, env_info, markdown_table, time_alternating, utc_stamp,  # noqa: E402
+                                write_results)
 from gradsel_core.batching import per_sample_losses, prepare_batch  # noqa: E402
 
 METHODS = ("plain", "first score, verify=False", "first score, verify=True")
@@ -48,15 +47,7 @@ def main(argv=None):
     step = {METHODS[0]: plain,
             METHODS[1]: lambda: gs.GradNormEngine(model, backend="ghost", verify=False).score(batch),
             METHODS[2]: lambda: gs.GradNormEngine(model, backend="ghost", verify=True).score(batch)}
-    for f in step.values():
-        f()
-    times = {k: [] for k in METHODS}
-    for _ in range(repeats):
-        for k in METHODS:
-            gc.collect()
-            t0 = time.perf_counter()
-            step[k]()
-            times[k].append(time.perf_counter() - t0)
+    times = time_alternating(step, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     case = f"tinygpt-d{d}-L{L}-T{T}-B{B}-full"
     rows = [{"case": case, "method": k, "median_s": med[k], "ratio_to_plain": med[k] / med[METHODS[0]],

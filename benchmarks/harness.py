@@ -168,6 +168,27 @@ def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Op
     }
 
 
+def time_alternating(steps: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                     device: Optional[str] = None) -> Dict[str, List[float]]:
+    """Wall times of each ``steps[k]()`` over ``repeats`` rounds, the steps alternating within a round so that
+    drift in machine load hits all of them (``warmup`` untimed rounds first; CUDA synchronized around each
+    call, ``gc.collect()`` untimed before each). Returns ``{name: [seconds per round]}``."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, fn in steps.items():
+            gc.collect()
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def _proc_status() -> Dict[str, int]:
     """VmRSS/VmHWM in bytes from /proc/self/status ({} where unavailable)."""
     try:

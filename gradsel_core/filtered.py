@@ -122,14 +122,9 @@ class FilteredBackward:
         from .selection import keep_mask
 
         engine = self.engine
-        prepared = prepare_batch(batch, lm_loss=engine.loss_fn is None)
-        B = prepared.batch_size
-        device = prepared.full["input_ids"].device
-        if B == 0:
-            empty = torch.zeros(0, device=device)
-            return FilteredResult(empty.bool(), empty, empty.clone(), empty.long(), 0.0, 0, {"n": 0})
-        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
-                                                  and triton_usable(device))
+        prepared, device, use_triton = self._begin(batch)
+        if prepared.batch_size == 0:
+            return _empty_result(device)
         with grad_enabled_for(engine.params):
             cap, losses, tokens = engine.ghost.run(prepared, use_triton, keep_factors=True, strict=True,
                                                    refs=self.refs)
@@ -159,6 +154,14 @@ class FilteredBackward:
                 p.grad.add_(g)
         return FilteredResult(kept, norms, losses, tokens, float(losses[index].mean()), K, summary, cos)
 
+    def _begin(self, batch: Mapping[str, Any]):
+        """(prepared batch, device, whether the Triton kernels reduce the norms)."""
+        prepared = prepare_batch(batch, lm_loss=self.engine.loss_fn is None)
+        device = prepared.full["input_ids"].device
+        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
+                                                  and triton_usable(device))
+        return prepared, device, use_triton
+
     def _cosines(self, cap, norms: torch.Tensor, device) -> Optional[torch.Tensor]:
         """(B,) or (B, R) cosines with the reference(s), from the capture's dots (None without one)."""
         if self.refs is None:
@@ -167,6 +170,11 @@ class FilteredBackward:
 
         single = next(iter(self.refs.values())).shape[0] == 1
         return alignment(cap.per_param_dots(self.refs, device), norms, self.refs, single=single)[1]
+
+
+def _empty_result(device) -> FilteredResult:
+    empty = torch.zeros(0, device=device)
+    return FilteredResult(empty.bool(), empty, empty.clone(), empty.long(), 0.0, 0, {"n": 0})
 
 
 MODES = ("auto", "one_backward", "two_pass")
@@ -237,17 +245,13 @@ class TwoPassFilteredBackward(FilteredBackward):
         from .selection import keep_mask
 
         engine = self.engine
-        prepared = prepare_batch(batch, lm_loss=engine.loss_fn is None)
+        prepared, device, use_triton = self._begin(batch)
         B = prepared.batch_size
-        device = prepared.full["input_ids"].device
         if B == 0:
             if _distributed():
                 raise UsageError("two-pass filtering got an empty batch (B = 0) under torch.distributed: every rank "
                                  "must step with at least one sample, or the engine's collectives hang")
-            empty = torch.zeros(0, device=device)
-            return FilteredResult(empty.bool(), empty, empty.clone(), empty.long(), 0.0, 0, {"n": 0})
-        use_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda"
-                                                  and triton_usable(device))
+            return _empty_result(device)
         with grad_enabled_for(engine.params):
             # the activation backward keeps the graph; op uses compute with the real weights, so the ordinary
             # backward below reaches every use
