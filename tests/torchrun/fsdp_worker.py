@@ -74,5 +74,6 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
         {"fsdp": train, "ddp": ddp}[sys.argv[1]](sys.argv[2])
+        dist.barrier()  # both ranks done (rank 0 saving) before the process group is torn down
     finally:
         dist.destroy_process_group()
