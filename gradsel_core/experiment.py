@@ -1005,7 +1005,7 @@ def write_outputs(result: Dict[str, Any], out_dir: str, timing: Optional[Mapping
     from .store import atomic_write
 
     paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
-    atomic_write(paths["json"], json.dumps(result, indent=1, sort_keys=True, default=str).encode())
+    atomic_write(paths["json"], json.dumps(result, sort_keys=True, default=str, separators=(",", ":")).encode())
     atomic_write(paths["md"], markdown(result).encode())
     if timing is not None:
         paths["timing"] = os.path.join(out_dir, "timing.json")
