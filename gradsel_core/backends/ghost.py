@@ -657,7 +657,7 @@ class GhostBackend:
         log.warning("ghost: %d module(s) cannot be scored by their rules or fallbacks (e.g. %s); scoring their "
                     "parameters exactly by torch.func fallbacks over %s", len(failures), first,
                     ", ".join(t or "the whole model" for t in targets[:4]) + (", ..." if len(targets) > 4 else ""))
-        raise Retry()
+        raise Retry(f"moved to fallbacks over {targets[:4]} ({first})")
 
     def _learn(self, unaccounted: Dict[str, List[Place]]) -> None:
         new = [n for n, places in unaccounted.items() if n not in self.track and n not in self.plan.op_tracked]
@@ -686,19 +686,15 @@ class GhostBackend:
         parameter and the place) instead of falling back over the whole model."""
         last = ""
         for _ in range(MAX_PASSES):
+            refused = [n for n in self.plan.root_fallback if n in self.moved]
+            if strict and refused:  # refused before a pass over the whole model is paid for
+                why = "; ".join(sorted({self.moved[n][1] for n in refused}))
+                raise UnsupportedModule(_ways_out(
+                    f"parameters {refused[:4]} can only be scored by a fallback over the whole model ({why})"))
             try:
-                cap, losses, tokens = self._attempt(batch, use_triton, keep_factors, retain_graph, refs,
-                                                    weights_in_graph)
+                return self._attempt(batch, use_triton, keep_factors, retain_graph, refs, weights_in_graph)
             except Retry as r:
                 last = str(r.__cause__ or r)[:200]
-                continue
-            refused = [n for n in self.plan.root_fallback if n in self.moved]
-            if strict and refused:
-                names = refused
-                why = "; ".join(sorted({self.moved[n][1] for n in names}))
-                raise UnsupportedModule(_ways_out(
-                    f"parameters {names[:4]} can only be scored by a fallback over the whole model ({why})"))
-            return cap, losses, tokens
         raise UnsupportedModule(_ways_out(
             f"scoring did not settle after {MAX_PASSES} passes moving parameters to fallbacks (last: {last})"))
 
