@@ -3,6 +3,8 @@
     python benchmarks/bench_engine.py                                # TinyGPT d=256, 4 layers, T=128, B=16
     python benchmarks/bench_engine.py --model gpt2 --params lora --T 256
     python benchmarks/bench_engine.py --quick                        # tiny smoke run (used by tests)
+    python benchmarks/bench_engine.py --model mixtral --d 128 --vocab 4096   # mixture of experts (grouped_mm)
+    python benchmarks/bench_engine.py --model opt --d 128 --vocab 4096       # (B·T, d) rows before fc1/fc2
 
 Rows (methods): ``plain`` (forward, batch MEAN of the per-sample losses, backward: 1.0x), gradsel
 ``loop``, ``vmap``, ``ghost`` and ``auto`` (``GradNormEngine(model, params="trainable", backend=...)
@@ -41,7 +43,7 @@ REGISTRY = dict(H.GRADSEL_METHODS)
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: TinyGPT d=32, 1 layer, vocab 64, T=16, B=4")
-    ap.add_argument("--model", choices=["tinygpt", "gpt2"], default="tinygpt")
+    ap.add_argument("--model", choices=["tinygpt", "gpt2", "mixtral", "mixtral-eager", "opt"], default="tinygpt")
     ap.add_argument("--params", choices=["full", "lora"], default="full")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--d", type=int, default=None, help="d_model (default 256; --quick 32)")

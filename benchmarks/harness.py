@@ -260,6 +260,11 @@ class PeakMemory:
 LORA_TARGETS = {
     "tinygpt": ["qkv", "proj", "fc", "fc_out"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # c_proj matches attn.c_proj and mlp.c_proj
+    # mixture of experts: transformers' MixtralForCausalLM, fused 3-D experts, with its default experts
+    # implementation (grouped_mm) or the eager per-expert loop
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mixtral-eager": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],  # fc1/fc2 fed (B·T, d) rows
 }
 
 
@@ -267,7 +272,8 @@ LORA_TARGETS = {
 class CaseSpec:
     """One benchmark case. ``params``: "full" (every parameter) or "lora" (PEFT LoRA on all projections)."""
 
-    model: str = "tinygpt"  # "tinygpt" | "gpt2" (HF GPT2LMHeadModel, random init, tied embeddings)
+    model: str = "tinygpt"  # "tinygpt" | "gpt2" (HF GPT2LMHeadModel, random init, tied embeddings) |
+    # "mixtral" / "mixtral-eager" (8 experts, top-2, intermediate 2d) | "opt" (HF OPTForCausalLM)
     d_model: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -325,6 +331,32 @@ def build_case(spec: CaseSpec, device: str = "cpu") -> Built:
         model = TinyGPT(cfg)
         info["attn_impl"] = "tinygpt-eager"
         info["tied"] = False
+    elif spec.model.startswith("mixtral"):
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(
+            vocab_size=spec.vocab, hidden_size=spec.d_model, intermediate_size=2 * spec.d_model,
+            num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head, num_key_value_heads=spec.n_head,
+            num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=spec.T, use_cache=False,
+            tie_word_embeddings=False, bos_token_id=spec.vocab - 1, eos_token_id=spec.vocab - 1,
+            experts_implementation="eager" if spec.model == "mixtral-eager" else None,
+        )
+        model = MixtralForCausalLM(cfg)
+        info["attn_impl"] = getattr(model.config, "_attn_implementation", None)
+        info["experts_impl"] = getattr(model.config, "_experts_implementation", None)
+        info["tied"] = False
+    elif spec.model == "opt":
+        from transformers import OPTConfig, OPTForCausalLM
+
+        cfg = OPTConfig(
+            vocab_size=spec.vocab, hidden_size=spec.d_model, ffn_dim=4 * spec.d_model, num_hidden_layers=spec.n_layer,
+            num_attention_heads=spec.n_head, max_position_embeddings=spec.T, word_embed_proj_dim=spec.d_model,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, use_cache=False,
+            pad_token_id=spec.vocab - 1, bos_token_id=spec.vocab - 1, eos_token_id=spec.vocab - 1,
+        )
+        model = OPTForCausalLM(cfg)
+        info["attn_impl"] = getattr(model.config, "_attn_implementation", None)
+        info["tied"] = model.lm_head.weight is model.model.decoder.embed_tokens.weight
     else:
         from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -106,6 +106,8 @@ def ghost_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torc
     Cost B·T²·(d+p) time, B·T² memory (chunked over samples). Both Grams are symmetric, so for T ≥ 2
     blocks only the upper-triangular (t, s) blocks are formed and off-diagonal ones counted twice:
     nb(nb+1)/2 of nb² block products (3/4 of the work at T = 128, 9/16 at T = 512)."""
+    if A.shape[1] == 0:  # no rows (an expert no token of this batch was routed to)
+        return torch.zeros(A.shape[0], dtype=_acc(A, G), device=A.device)
     if _use_kernels(use_triton, A, G):
         return _kernels().ghost_sq(A, G)
     acc = _acc(A, G)
@@ -126,6 +128,8 @@ def ghost_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torc
 
 def direct_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
     """||A_bᵀ G_b||²_F per sample: the direct form. Cost B·T·d·p time, d·p memory per sample in a chunk."""
+    if A.shape[1] == 0:
+        return torch.zeros(A.shape[0], dtype=_acc(A, G), device=A.device)
     if _use_kernels(use_triton, A, G):
         return _kernels().direct_sq(A, G)
     acc = _acc(A, G)

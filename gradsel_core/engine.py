@@ -56,8 +56,8 @@ class GradNormEngine:
         loss_reduction: ``"mean"`` or ``"sum"`` over each sample's target tokens.
         verify: on the first batch, compare the fast norms of two samples with a per-sample backward
             (default: on for ``auto``, and for ``ghost``/``triton`` when any parameter is scored by something
-            other than a registered rule: a module fallback assumes dim 0 is the batch, which a model can
-            break when T == B; off for ``vmap`` and ``loop``). A mismatch moves ``auto`` to an exact backend with a
+            other than a registered rule, or when the model flattens or routes tokens: a module fallback
+            assumes dim 0 is the batch, which a model can break when T == B; off for ``vmap`` and ``loop``). A mismatch moves ``auto`` to an exact backend with a
             warning and raises :class:`VerificationError` for an explicit fast backend.
     """
 
@@ -196,7 +196,9 @@ class GradNormEngine:
             return bool(self.verify)
         if self.backend == "auto":
             return True
-        return backend in ("ghost", "triton") and any(e.how != "rule" for e in self.ghost.coverage())
+        # (rows followed through ops: the model flattens or routes tokens, where dim 0 == B can be a coincidence)
+        return backend in ("ghost", "triton") and (self.ghost.follow_rows
+                                                   or any(e.how != "rule" for e in self.ghost.coverage()))
 
     def _check(self, prepared: PreparedBatch, raw: RawScores, backend: str, refs=None):
         """First-batch safety net: the fast squared norms of up to two samples against the loop."""

@@ -16,6 +16,9 @@ Forms (notation of ``docs/norm-math.md``: A (B,T,d) inputs, G (B,T,p) output gra
 * ``Outer(A, G)``              Σ_t g_t a_tᵀ (p, d); ``transposed``: Σ_t a_t g_tᵀ (d, p) (HF Conv1D)
 * ``EmbRows(ids, G, V)``       Σ_t e_{x_t} g_tᵀ (V, d); ``transposed``: its transpose (d, V)
 * ``Stacked(parts, dim)``      blocks concatenated along ``dim`` (MultiheadAttention ``in_proj_weight``)
+* ``Grouped(part, B, E, shape)`` a fused expert weight whose rows go to experts (``grouped_mm``)
+* ``Sliced(part, index, shape)`` the gradient of one slice ``P[index]`` of a parameter, zero elsewhere
+                               (fused 3-D expert weights: ``F.linear(x, P[e])``)
 """
 from __future__ import annotations
 
@@ -261,6 +264,99 @@ class Stacked(Factor):
         return total
 
 
+@dataclass
+class Sliced(Factor):
+    """One use of the slice ``P[index]`` of a parameter ``P`` of shape ``shape`` (mixture-of-experts weights
+    fused as (E, p, d)): ``part`` describes the slice's gradient; every other slice gets none from this use.
+    Uses of different slices are orthogonal, so their cross terms vanish."""
+
+    part: Factor
+    index: int
+    shape: Tuple[int, ...] = ()
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        return self.part.sq_norm(use_triton)
+
+    def dense(self) -> torch.Tensor:
+        g = self.part.dense()  # (B, *slice)
+        out = g.new_zeros(g.shape[0], *self.shape)
+        out[:, self.index] = g
+        return out
+
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        g = self.part.weighted_sum(w, index)
+        out = g.new_zeros(self.shape)
+        out[self.index] = g
+        return out
+
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        return self.part.dot(V[:, self.index])
+
+
+@dataclass
+class Grouped(Factor):
+    """One use of a fused expert weight P (E, *slice) whose rows each go to one expert (``grouped_mm``).
+    ``part`` is the factor over B·E pseudo-samples, pseudo-sample b·E + e holding sample b's rows routed to
+    expert e (an ``Outer``, zero-padded): sample b's gradient of slice e is pseudo-sample b·E + e's, so
+    ||∇_b||² = Σ_e ||∇_{b,e}||²."""
+
+    part: Factor
+    B: int
+    E: int
+    shape: Tuple[int, ...] = ()
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        return self.part.sq_norm(use_triton).view(self.B, self.E).sum(1)
+
+    def dense(self) -> torch.Tensor:
+        return self.part.dense().reshape(self.B, *self.shape)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.B, self.E, *t.shape[1:])  # (B·E, C, k) -> (B, E, C, k)
+
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        p = self.part
+        if isinstance(p, Outer):
+            acc = _acc(p.A, p.G)
+            A, G = self._split(p.A).to(acc), self._split(p.G).to(acc)  # (B, E, C, d), (B, E, C, p)
+            if index is not None:
+                A, G = A[index], G[index]
+            g = torch.einsum("k,kecp,kecd->epd", w.to(acc), G, A)  # (E, p, d)
+            return g.transpose(1, 2) if p.transposed else g
+        g = self.dense() if index is None else self.dense()[index]
+        return torch.einsum("k,k...->...", w.to(_acc(g)), g.to(_acc(g)))
+
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        p = self.part
+        if isinstance(p, Outer):
+            acc = _acc(p.A, p.G, V)
+            A, G = self._split(p.A).to(acc), self._split(p.G).to(acc)  # (B, E, C, d), (B, E, C, p)
+            out = []
+            for v in V.to(acc):  # (E, p, d), or (E, d, p) transposed
+                av = torch.einsum("becd,edp->becp", A, v) if p.transposed else torch.einsum("becd,epd->becp", A, v)
+                out.append((av * G).sum(dim=(1, 2, 3)))  # (B,)
+            return torch.stack(out, 1)  # (B, R)
+        g = self.dense()
+        acc = _acc(g, V)
+        return torch.einsum("b...,r...->br", g.to(acc), V.to(acc))
+
+
+def weighted_total(factors, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Σ over the uses of one parameter of Σ_k w_k ∇_{index_k}: the masked batch gradient. A sliced use
+    adds into its slice only (no full-size temporary per expert)."""
+    total = None
+    for f in factors:
+        if isinstance(f, Sliced):
+            part = f.part.weighted_sum(w, index)
+            if total is None:
+                total = part.new_zeros(f.shape)
+            total[f.index] += part.to(total.dtype)
+            continue
+        part = f.weighted_sum(w, index)
+        total = part if total is None else total + part.to(total.dtype)
+    return total
+
+
 # -- cross terms between two uses of one parameter (return None to use the dense fallback) --------------
 
 
@@ -309,7 +405,47 @@ def _stacked_stacked(u: Stacked, v: Stacked):
     return total
 
 
+def _grouped_grouped(u: Grouped, v: Grouped):
+    if u.E != v.E or u.B != v.B:
+        return None
+    t = u.part.inner(v.part)  # (B·E,): per pseudo-sample
+    return t.view(u.B, u.E).sum(1)
+
+
+def _sliced_sliced(u: Sliced, v: Sliced):
+    if u.index != v.index:  # disjoint slices
+        return torch.zeros(_batch_size(u.part), dtype=torch.float64 if _is_fp64(u.part) else torch.float32,
+                           device=_device(u.part))
+    return u.part.inner(v.part)
+
+
+def _tensor_of(f: Factor) -> torch.Tensor:
+    for attr in ("G", "g", "A"):
+        t = getattr(f, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    if isinstance(f, (Stacked,)):
+        return _tensor_of(f.parts[0])
+    if isinstance(f, Sliced):
+        return _tensor_of(f.part)
+    return f.dense()
+
+
+def _batch_size(f: Factor) -> int:
+    return int(_tensor_of(f).shape[0])
+
+
+def _is_fp64(f: Factor) -> bool:
+    return _tensor_of(f).dtype == torch.float64
+
+
+def _device(f: Factor) -> torch.device:
+    return _tensor_of(f).device
+
+
 _INNER = {
+    (Grouped, Grouped): _grouped_grouped,
+    (Sliced, Sliced): _sliced_sliced,
     (Stacked, Stacked): _stacked_stacked,
     (Outer, Outer): _outer_outer,
     (EmbRows, EmbRows): _emb_emb,

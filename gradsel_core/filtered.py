@@ -30,6 +30,7 @@ from torch import nn
 from .batching import LossFn, prepare_batch
 from .dispatch import triton_usable
 from .engine import GradNormEngine
+from .factors import weighted_total
 from .errors import UsageError
 from .params import ParamSpec
 from .rules import UnsupportedModule
@@ -143,11 +144,7 @@ class FilteredBackward:
         w = torch.full((K,), loss_scale / K, device=device)  # mean over the kept samples
         for name, factors in cap.factors.items():
             p = engine.params[name]
-            g = None
-            for f in factors:
-                part = f.weighted_sum(w, index)
-                g = part if g is None else g + part
-            g = g.reshape(p.shape).to(p.dtype)
+            g = weighted_total(factors, w, index).reshape(p.shape).to(p.dtype)
             if p.grad is None:
                 p.grad = g
             else:

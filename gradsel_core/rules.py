@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .factors import Dense, EmbRows, Factor, Outer, RowSum, Stacked
+from .rows import Rows
 
 
 @dataclass
@@ -37,6 +38,8 @@ class ModuleCall:
     batch_size: int = 0
     output: Optional[torch.Tensor] = None  # the module's (first) output, detached: kept for rules that check
     # their recomputation against it (``keeps_output``)
+    rows: Optional[Rows] = None  # input 0's row -> sample map when it is a proven flatten or routed rows
+    # (``gradsel_core.rows``); a ``rowwise`` rule's output rows are the same
 
     def input(self, i: int = 0) -> torch.Tensor:
         x = self.args[i] if i < len(self.args) else None
@@ -47,6 +50,10 @@ class ModuleCall:
 
 class UnsupportedModule(RuntimeError):
     """The ghost engine cannot score this module exactly; the message says what to do."""
+
+
+class LayoutError(UnsupportedModule):
+    """A tensor's dim 0 is not the batch and no row -> sample map is known for it."""
 
 
 RuleFn = Callable[[ModuleCall, Sequence[str]], Dict[str, Factor]]
@@ -95,14 +102,27 @@ def find_rule(module: nn.Module) -> Optional[RuleFn]:
 # -- helpers --------------------------------------------------------------------------------------------
 
 
-def as_btd(x: torch.Tensor, B: int, name: str) -> torch.Tensor:
-    """(B, ..., d) -> (B, T', d) with T' the product of the middle dims; (B, d) -> (B, 1, d)."""
+def as_btd(x: torch.Tensor, B: int, name: str, rows: Optional[Rows] = None, last: Optional[int] = None) -> torch.Tensor:
+    """(B, ..., d) -> (B, T', d) with T' the product of the middle dims; (B, d) -> (B, 1, d).
+
+    With ``rows`` (a proven row -> sample map of x's dim 0, ``gradsel_core.rows``): flattened or routed rows
+    -> (B, T', d), zero-padded. ``last``: the trailing size d when it spans several dims (LayerNorm)."""
+    d = last if last is not None else (x.shape[-1] if x.dim() else 1)
+    if rows is not None and x.dim() >= 1 and x.shape[0] == rows.n:
+        return rows.btd(x, B, d)
     if x.dim() < 2 or x.shape[0] != B:
-        raise UnsupportedModule(
-            f"module {name} saw a tensor of shape {tuple(x.shape)} whose dim 0 is not the batch ({B}); "
-            "pass backend='vmap', or register a rule that knows its layout"
+        raise LayoutError(
+            f"module {name} saw a tensor of shape {tuple(x.shape)} whose dim 0 is not the batch ({B}) and is "
+            "not a provable flatten of it; pass backend='vmap', or register a rule that knows its layout"
         )
-    return x.reshape(B, -1, x.shape[-1])
+    return x.reshape(B, -1, d)
+
+
+def rowwise(fn: RuleFn) -> RuleFn:
+    """Mark a rule whose module maps row i of its input to row i of its output (Linear, norms): a known
+    row map of the input then carries over to the output."""
+    fn.rowwise = True
+    return fn
 
 
 def _only(names: Sequence[str], allowed: Sequence[str], call: ModuleCall) -> None:
@@ -117,8 +137,8 @@ def _only(names: Sequence[str], allowed: Sequence[str], call: ModuleCall) -> Non
 def _linear_like(call: ModuleCall, names: Sequence[str], transposed: bool) -> Dict[str, Factor]:
     _only(names, ("weight", "bias"), call)
     B = call.batch_size
-    A = as_btd(call.input(), B, call.name)  # (B, T, d)
-    G = as_btd(call.grad_output, B, call.name)  # (B, T, p)
+    A = as_btd(call.input(), B, call.name, call.rows)  # (B, T, d)
+    G = as_btd(call.grad_output, B, call.name, call.rows)  # (B, T, p)
     out: Dict[str, Factor] = {}
     if "weight" in names:
         out["weight"] = Outer(A, G, transposed=transposed)
@@ -128,12 +148,14 @@ def _linear_like(call: ModuleCall, names: Sequence[str], transposed: bool) -> Di
 
 
 @register_norm_rule(nn.Linear)
+@rowwise
 def linear_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """y = x Wᵀ + b on (B, ..., d) or (B, d) inputs: W -> Outer(A, G), b -> Σ_t g_t."""
     return _linear_like(call, names, transposed=False)
 
 
 @register_norm_rule("transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D")
+@rowwise
 def conv1d_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """HF GPT-2 Conv1D, y = x W + b with W stored (d, p): the Linear rule, transposed."""
     return _linear_like(call, names, transposed=True)
@@ -183,6 +205,7 @@ def scaled_embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, F
 
 
 @register_norm_rule(nn.LayerNorm)
+@rowwise
 def layernorm_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """γ: Σ_t x̂_t ⊙ g_t with x̂ = (x - μ)/√(σ² + ε) (recomputed in fp32); β: Σ_t g_t."""
     _only(names, ("weight", "bias"), call)
@@ -195,8 +218,8 @@ def layernorm_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     dims = tuple(range(x.dim() - k, x.dim()))
     xhat = (xf - xf.mean(dims, keepdim=True)) * torch.rsqrt(xf.var(dims, unbiased=False, keepdim=True) + m.eps)
     n = int(torch.Size(m.normalized_shape).numel())
-    X = xhat.reshape(B, -1, n)  # (B, T, n)
-    G = call.grad_output.reshape(B, -1, n)  # (B, T, n)
+    X = as_btd(xhat, B, call.name, call.rows, last=n)  # (B, T, n)
+    G = as_btd(call.grad_output, B, call.name, call.rows, last=n)  # (B, T, n)
     out: Dict[str, Factor] = {}
     if "weight" in names:
         out["weight"] = RowSum(G, X, shape=tuple(m.normalized_shape))
@@ -224,6 +247,7 @@ def _is_rmsnorm_lookalike(m: nn.Module) -> bool:
 
 
 @register_norm_rule(nn.RMSNorm, predicate=_is_rmsnorm_lookalike)
+@rowwise
 def rmsnorm_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """y = w ⊙ x̂ (or (1 + w) ⊙ x̂) with x̂ = x/√(mean(x²) + ε), computed in fp32 and cast back to the
     input dtype as HF's LlamaRMSNorm does: w -> Σ_t x̂_t ⊙ g_t."""
@@ -235,7 +259,8 @@ def rmsnorm_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(acc)
     xhat = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _rms_eps(m, x))).to(x.dtype)
-    return {"weight": RowSum(call.grad_output.reshape(B, -1, n), xhat.reshape(B, -1, n))}
+    G = as_btd(call.grad_output, B, call.name, call.rows, last=n)  # (B, T, n)
+    return {"weight": RowSum(G, as_btd(xhat, B, call.name, call.rows, last=n))}
 
 
 @register_norm_rule("peft.tuners.lora.layer.Embedding")

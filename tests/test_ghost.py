@@ -129,52 +129,93 @@ def test_fallback_for_a_module_without_rule():
     batch = lm_batch()
     engine = gs.GradNormEngine(model, backend="ghost", per_param=True)
     plan = plan_claims(model, engine.params)
-    assert plan.fallback == {"scale": ["scale.gain", "scale.shift"]}
+    # no rule: first tried through its op uses; without stand-ins (sharded parameters) the module fallback
+    assert set(plan.op_tracked) == {"scale.gain", "scale.shift"} and not plan.fallback
+    assert plan_claims(model, engine.params, op_ok=False).fallback == {"scale": ["scale.gain", "scale.shift"]}
     assert gs.GradNormEngine(model).resolve_backend() == "ghost"  # auto: a module-level fallback is fine
     ref = gs.GradNormEngine(model, backend="loop", per_param=True).score(batch)
     got = engine.score(batch)
     for n in ref.per_param:
         assert_close_rel(got.per_param[n], ref.per_param[n], 1e-5, n)
+    # `h * gain` is no recognised op: gain moves to the module's fallback; `+ shift` is a bias use
+    how = {e.param: (e.how, e.module) for e in engine.coverage().entries}
+    assert how["scale.gain"] == ("module fallback", "scale")
+    assert how["scale.shift"][0] == "op"
 
 
 class RootParam(nn.Module):
-    """A bare parameter owned by the root module: no module-level fallback is smaller than the model."""
+    """A bare parameter owned by the root module: no module-level fallback is smaller than the model. Added
+    as a bias it is a recognised op use; multiplied (``scale``), only the whole model can score it."""
 
-    def __init__(self):
+    def __init__(self, scale=False):
         super().__init__()
+        self.scale = scale
         self.emb = nn.Embedding(VOCAB, 8)
         self.bias = nn.Parameter(torch.randn(VOCAB) * 0.1)
         self.head = nn.Linear(8, VOCAB)
 
     def forward(self, input_ids, attention_mask=None):
-        return self.head(self.emb(input_ids)) + self.bias
+        out = self.head(self.emb(input_ids))
+        return out * self.bias if self.scale else out + self.bias
 
 
-def test_root_level_parameter_makes_auto_use_vmap():
+def test_root_level_bias_is_an_op_use():
     torch.manual_seed(0)
     model = RootParam()
+    engine = gs.GradNormEngine(model, per_param=True)
+    assert engine.resolve_backend() == "ghost"
+    ref = gs.GradNormEngine(model, backend="loop", per_param=True).score(lm_batch())
+    got = engine.score(lm_batch())
+    assert got.backend == "ghost" and engine.coverage().by("op")[0].param == "bias"
+    assert_close_rel(got.per_param["bias"], ref.per_param["bias"], 1e-5, "bias")
+    assert_close_rel(got.norms, ref.norms, 1e-5, "norms")
+
+
+def test_root_level_parameter_makes_auto_use_vmap(caplog):
+    torch.manual_seed(0)
+    model = RootParam(scale=True)
+    with pytest.raises(gs.UnsupportedModule, match="whole model"):
+        gs.GradNormEngine(model, backend="ghost").score(lm_batch())
     engine = gs.GradNormEngine(model)
-    assert engine.resolve_backend() == "vmap"
     ref = gs.GradNormEngine(model, backend="loop").score(lm_batch())
-    assert_close_rel(engine.score(lm_batch()).norms, ref.norms, 1e-5, "auto->vmap")
+    with caplog.at_level(logging.WARNING):
+        got = engine.score(lm_batch())
+    assert got.backend == "vmap" and engine.resolve_backend() == "vmap"
+    assert_close_rel(got.norms, ref.norms, 1e-5, "auto->vmap")
 
 
 class Flattened(nn.Module):
-    """A Linear fed (B*T, d): its rows are not samples, so its layout is unknown to the rule."""
+    """A Linear fed (B*T, d) rows: batch-major (a view of the (B, T, d) activation, provably) or, with
+    ``seq_major``, time-major (a copy of its transpose: rows are not in sample order, nothing proves them)."""
 
-    def __init__(self):
+    def __init__(self, seq_major=False):
         super().__init__()
+        self.seq_major = seq_major
         self.emb = nn.Embedding(VOCAB, 8)
         self.lin = nn.Linear(8, VOCAB)
 
     def forward(self, input_ids, attention_mask=None):
         B, T = input_ids.shape
-        return self.lin(self.emb(input_ids).reshape(B * T, 8)).reshape(B, T, VOCAB)
+        h = self.emb(input_ids)  # (B, T, 8)
+        if self.seq_major:
+            return self.lin(h.transpose(0, 1).reshape(T * B, 8)).reshape(T, B, VOCAB).transpose(0, 1)
+        return self.lin(h.reshape(B * T, 8)).reshape(B, T, VOCAB)
+
+
+def test_batch_major_flatten_is_scored_by_the_rule():
+    torch.manual_seed(0)
+    model = Flattened()
+    ref = gs.GradNormEngine(model, backend="loop", per_param=True).score(lm_batch())
+    engine = gs.GradNormEngine(model, backend="ghost", per_param=True)
+    got = engine.score(lm_batch())
+    assert {e.how for e in engine.coverage().entries} == {"rule"}
+    for n in ref.per_param:
+        assert_close_rel(got.per_param[n], ref.per_param[n], 1e-5, n)
 
 
 def test_unknown_layout_errors_with_the_ways_out_and_auto_falls_back(caplog):
     torch.manual_seed(0)
-    model = Flattened()
+    model = Flattened(seq_major=True)
     with pytest.raises(gs.UnsupportedModule, match=r"backend='vmap'.*register_norm_rule|register"):
         gs.GradNormEngine(model, backend="ghost").score(lm_batch())
     ref = gs.GradNormEngine(model, backend="loop").score(lm_batch())

@@ -13,12 +13,17 @@ How it works (math in ``docs/norm-math.md``):
    (``gradsel_core.factors``), reduced at once, so activations and G are released as the backward proceeds.
    A parameter with several uses (tied embeddings, a module called twice, a functional use) keeps its
    factors until all uses have arrived, then adds the cross terms ||Σ_u g_u||² = Σ_u ||g_u||² + 2 Σ ⟨g_u, g_v⟩.
-4. Modules without a rule are computed exactly by a torch.func fallback restricted to that module:
-   ``vmap`` over samples of ``vjp`` of the module alone, at its captured inputs and output gradients.
+4. Modules without a rule are first scored through their op uses (below); a parameter used by an op
+   without a rule is computed exactly by a torch.func fallback restricted to its module: ``vmap`` over
+   samples of ``vjp`` of the module alone, at its captured inputs and output gradients.
 5. Every other use of a selected parameter is accounted for (``gradsel_core.backends.uses``): detected
-   through stand-ins at no cost, then scored as an op use (``F.linear``, ``x @ W.T``, ``F.embedding``) or
-   by moving the parameter to a module fallback that encloses all its uses. What cannot be scored exactly
-   is refused with :class:`UnsupportedModule`, naming the parameter and the place.
+   through stand-ins at no cost, then scored as an op use (``F.linear``, ``x @ W.T``, ``y + b``,
+   ``F.embedding``, slices ``P[e]`` and ``grouped_mm`` of fused expert weights) or by moving the parameter
+   to a module fallback that encloses all its uses. What cannot be scored exactly is refused with
+   :class:`UnsupportedModule`, naming the parameter and the place.
+6. Activations whose dim 0 is not the batch (OPT's (B·T, d) rows, tokens routed to experts) are read
+   through a proven row -> sample map (``gradsel_core.rows``), carried by row-wise rules and, for models
+   that need it, through ops by the same mode; rows without one are never read as samples.
 
 A rule applies only to its registered class, or to a subclass that does not override ``forward``
 (``rules.find_rule``). Subclasses of Linear / Embedding that override ``forward`` (Gemma's scaled embedding,
@@ -38,10 +43,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..batching import PreparedBatch, per_sample_losses
-from ..factors import Dense, EmbRows, Factor, Outer, RowSum
-from ..rules import ModuleCall, RuleFn, UnsupportedModule, as_btd, find_rule, rule_status
+from ..factors import Dense, EmbRows, Factor, Grouped, Outer, RowSum, Sliced
+from ..rows import Rows, flatten_rows
+from ..rules import LayoutError, ModuleCall, RuleFn, UnsupportedModule, as_btd, find_rule, rule_status
 from ..types import CoverageEntry, RawScores, ScoringSpec, acc_dtype
 from .uses import OpUse, Place, Slot, UseTracker, can_stand_in, make_stand_in, parameter_slots
 
@@ -80,6 +87,7 @@ class GhostPlan:
     modules: Dict[int, ModulePlan]  # id(module) -> plan
     op_tracked: Dict[str, str]  # global name -> why it is scored through its op uses
     root_fallback: List[str]  # selected parameters scored by a fallback over the whole model
+    op_owner: Dict[str, str] = field(default_factory=dict)  # op-tracked name -> the module that owns it
 
     @property
     def complete(self) -> bool:
@@ -113,6 +121,7 @@ def plan_claims(model: nn.Module, params: Dict[str, nn.Parameter], moved: Option
             parent.setdefault(id(child), (mod, mname, cname))
     plans: Dict[int, ModulePlan] = {}
     op_tracked: Dict[str, str] = {}
+    op_owner: Dict[str, str] = {}
     root_fallback: List[str] = []
     done: Set[str] = set()
 
@@ -153,6 +162,12 @@ def plan_claims(model: nn.Module, params: Dict[str, nn.Parameter], moved: Option
             if rule is None and status == "overridden" and op_ok:
                 op_tracked[gname] = f"{type(owner).__name__} overrides the forward of a ruled class"
                 continue
+            if rule is None and op_ok:
+                # no rule: try its op uses first (F.linear on routed rows, a slice of fused expert weights,
+                # ...); any other op moves it to the module's fallback after one pass (quietly)
+                op_tracked[gname] = NO_RULE
+                op_owner[gname] = owner_name
+                continue
             if rule is None:
                 add_fallback(owner, owner_name, owner_local, gname,
                              "its forward overrides a ruled class" if status == "overridden" else "")
@@ -160,7 +175,10 @@ def plan_claims(model: nn.Module, params: Dict[str, nn.Parameter], moved: Option
             plan = plans.setdefault(id(owner), ModulePlan(owner, owner_name, rule))
             plan.names[owner_local] = gname
     # a module that falls back for one parameter scores all of its selected parameters by the fallback
-    return GhostPlan(plans, op_tracked, root_fallback)
+    return GhostPlan(plans, op_tracked, root_fallback, op_owner)
+
+
+NO_RULE = "no norm rule: scored through its op uses"
 
 
 def _common_module(names: List[str]) -> str:
@@ -176,6 +194,14 @@ def _common_module(names: List[str]) -> str:
 
 
 # -- the tap: an identity node whose backward hands G to the capture ---------------------------------------
+
+
+def _batch_broadcast(x) -> bool:
+    """A [1, T] tensor that stands for every sample (HF ``position_ids``, or a (1, T, d) sequence the model
+    broadcasts over the batch): scored per sample by expanding it to B. Not a (1, d) float row, which may be
+    one routed token (expanding it would change what the model computes)."""
+    return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1 and \
+        (not x.is_floating_point() or x.dim() >= 3)
 
 
 class _Tap(torch.autograd.Function):
@@ -207,9 +233,10 @@ class _Record:
 class RuleFailure(UnsupportedModule):
     """A rule (or an op use) could not score a call: which parameters, and where."""
 
-    def __init__(self, msg: str, params: List[str], module: str):
+    def __init__(self, msg: str, params: List[str], module: str, layout: bool = False):
         super().__init__(msg)
         self.params, self.module = params, module
+        self.layout = layout  # dim 0 was not the batch and no row map was known
 
 
 class RuleFailures(UnsupportedModule):
@@ -230,8 +257,13 @@ class GhostCapture:
     def __init__(self, model: nn.Module, plan: GhostPlan, params: Dict[str, nn.Parameter], batch_size: int,
                  use_triton: bool = False, keep_factors: bool = False, copy_taps: bool = False,
                  track: Optional[Set[str]] = None, stand_ins: bool = True,
-                 refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
+                 refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False,
+                 follow_rows: bool = False):
         self.model, self.plan, self.params, self.B = model, plan, params, batch_size
+        # activation -> Rows (gradsel_core.rows), from module hooks and the tracker; follow_rows keeps the
+        # tracker on for the whole forward to carry them through ops (learned after a layout failure)
+        self.rows = WeakIdKeyDictionary()
+        self.follow_rows = follow_rows
         # weights_in_graph: op uses compute with the real parameter, so a later ordinary backward (two-pass
         # filtering) reaches it; the activation backward still skips it (it is no input of that call)
         self.weights_in_graph = weights_in_graph
@@ -267,10 +299,11 @@ class GhostCapture:
             self.handles.append(plan.module.register_forward_pre_hook(self._pre_hook(own)))
             self.handles.append(plan.module.register_forward_hook(self._hook(plan, own), with_kwargs=True))
         tracked = {id(self.stand_ins[n]): n for n in self.track if n in self.stand_ins}
-        if tracked:
+        if tracked or self.follow_rows:
             real = {id(self.stand_ins[n]): self.params[n] for n in self.track if n in self.stand_ins}
             self.tracker = UseTracker(tracked, self._tap_use, self.module_names, self.B,
-                                      real if self.weights_in_graph else None)
+                                      real if self.weights_in_graph else None, rows=self.rows,
+                                      follow_rows=self.follow_rows)
             self.tracker.__enter__()
         self.active = True
         return self
@@ -315,7 +348,7 @@ class GhostCapture:
         if not self.active or not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out  # (the tap, tied to the anchor, is what makes a use of a detached weight reach G)
         B = self.B
-        if B > 1 and out.dim() > 0 and out.shape[0] == 1 and use.x.dim() > 0 and use.x.shape[0] == 1:
+        if B > 1 and use.rows is None and out.dim() > 0 and out.shape[0] == 1 and _batch_broadcast(use.x):
             use.x = use.x.expand(B, *use.x.shape[1:])  # a [1, T] lookup broadcast over the batch
             out = out.expand(B, *out.shape[1:])
         key = len(self.records)
@@ -330,22 +363,27 @@ class GhostCapture:
                 slot.holder._parameters[slot.key] = self.stand_ins[g]
             B = self.B
             x = args[0] if args else None
+            rows = None
+            if plan.rule is not None and isinstance(x, torch.Tensor) and x.dim() > 0:
+                # input 0's row -> sample map when its dim 0 is not the batch (or routed rows): proven only
+                rows = self.rows.get(x) if self.tracker is None else self.tracker.rows_of(x)
+                if rows is None and x.shape[0] != B:
+                    rows = flatten_rows(x, B)
             if (
                 plan.rule is not None
                 and B > 1
+                and rows is None
                 and isinstance(output, torch.Tensor)
                 and output.dim() > 0
                 and output.shape[0] == 1
-                and isinstance(x, torch.Tensor)
-                and x.dim() > 0
-                and x.shape[0] == 1
+                and _batch_broadcast(x)
             ):
                 # a [1, T] input broadcast over the batch (HF position_ids): score it per sample
                 args = (x.expand(B, *x.shape[1:]),) + tuple(args[1:])
                 output = output.expand(B, *output.shape[1:])
             det = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
             call = ModuleCall(mod, plan.name, tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()},
-                              batch_size=B)
+                              batch_size=B, rows=rows)
             key = len(self.records)
             rec = _Record(plan, call)
             self.records.append(rec)
@@ -364,6 +402,9 @@ class GhostCapture:
                     # a use the rule does not describe (caught in the sink)
                     if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.is_floating_point():
                         new[i] = self._tap(leaf, (key, i))
+                if rows is not None and getattr(plan.rule, "rowwise", False) and isinstance(new[first], torch.Tensor) \
+                        and new[first].dim() > 0 and new[first].shape[0] == rows.n:
+                    self.rows[new[first]] = rows  # row i of the output is row i of the input
                 return new[0] if isinstance(output, torch.Tensor) else tree_unflatten(new, spec)
             leaves, spec = tree_flatten(output)
             new = []
@@ -398,7 +439,8 @@ class GhostCapture:
             try:
                 factors = rec.plan.rule(rec.call, list(rec.plan.names))
             except UnsupportedModule as e:
-                raise RuleFailure(str(e), list(rec.plan.names.values()), rec.plan.name) from e
+                raise RuleFailure(str(e), list(rec.plan.names.values()), rec.plan.name,
+                                  layout=isinstance(e, LayoutError)) from e
             missing = set(rec.plan.names) - set(factors)
             if missing:
                 raise RuleFailure(f"the rule for {rec.plan.name} returned nothing for {sorted(missing)}",
@@ -411,11 +453,17 @@ class GhostCapture:
         except BaseException as e:  # errors raised inside autograd lose their type: re-raise after
             self.error = e
 
+    def _shared(self, name: str, index: Optional[int]) -> bool:
+        """Whether a use of ``name`` (of its slice ``index``) has cross terms with another use."""
+        if index is None:
+            return self.uses.get(name, 0) > 1
+        return self.uses.get((name, index), 0) > 1 or self.uses.get((name, None), 0) > 0
+
     def _add(self, name: str, f: Factor) -> None:
         if name in self.refs:  # linear in the gradient: the uses of a shared parameter just add
             d = f.dot(self.refs[name])  # (B, R)
             self.dots[name] = d if name not in self.dots else self.dots[name] + d
-        if self.keep_factors or self.uses.get(name, 0) > 1:
+        if self.keep_factors or self._shared(name, f.index if isinstance(f, Sliced) else None):
             self.factors.setdefault(name, []).append(f)  # reduced once all uses have arrived
             return
         sq = f.sq_norm(self.use_triton)
@@ -427,10 +475,12 @@ class GhostCapture:
         Returns the parameters whose stand-ins got a gradient (uses nobody accounted for), with the places
         the tracker saw (empty for untracked parameters). Nothing is reduced then: the caller learns and
         runs the batch again."""
-        self.uses = {}
+        self.uses = {}  # name -> uses; (name, slice index or None) -> uses
         for rec in self.records:
-            for g in rec.names.values():
+            for role, g in rec.names.items():
+                index = rec.use.slices[role][0] if rec.use is not None and role in rec.use.slices else None
                 self.uses[g] = self.uses.get(g, 0) + 1
+                self.uses[(g, index)] = self.uses.get((g, index), 0) + 1
         names = list(self.stand_ins)
         inputs = ([self.anchor] if self.anchor is not None else []) + [self.stand_ins[n] for n in names]
         unaccounted: Dict[str, List[Place]] = {}
@@ -458,8 +508,9 @@ class GhostCapture:
                     self._add(rec.plan.names[local], Dense(g))
         if self.failures:
             raise RuleFailures(self.failures)
-        for name, fs in self.factors.items():
-            self.sq[name] = shared_sq_norm(fs, self.use_triton)
+        for name, fs in self.factors.items():  # (a parameter may also have single uses reduced already)
+            sq = shared_sq_norm(fs, self.use_triton)
+            self.sq[name] = sq if name not in self.sq else self.sq[name] + sq
         return {}
 
     def per_param_dots(self, refs: Optional[Dict[str, torch.Tensor]], device) -> Optional[Dict[str, torch.Tensor]]:
@@ -484,26 +535,67 @@ def _use_factors(use: OpUse, G: torch.Tensor, B: int) -> Dict[str, Factor]:
                 raise UnsupportedModule(f"ids of shape {tuple(ids.shape)} for a batch of {B}")
             ids = ids.reshape(B, -1)  # (B, T)
             return {"weight": EmbRows(ids, G.reshape(B, ids.shape[1], -1), use.num_rows, use.padding_idx)}
-        A = as_btd(use.x, B, str(use.place))  # (B, T, d)
-        Gb = as_btd(G, B, str(use.place))  # (B, T, p)
+        if use.groups is not None:
+            return _grouped_factors(use, G, B)
+        Gb = as_btd(G, B, str(use.place), use.rows)  # (B, T, p)
         out: Dict[str, Factor] = {}
         if "weight" in use.params:
+            A = as_btd(use.x, B, str(use.place), use.rows)  # (B, T, d)
             out["weight"] = Outer(A, Gb, transposed=use.kind == "matmul_t")
         if "bias" in use.params:
             out["bias"] = RowSum(Gb)
+        for role, (index, shape) in use.slices.items():
+            out[role] = Sliced(out[role], index, shape)
         return out
     except UnsupportedModule as e:
-        raise RuleFailure(f"{use.place}: {e}", list(use.params.values()), use.place.module) from e
+        raise RuleFailure(f"{use.place}: {e}", list(use.params.values()), use.place.module,
+                          layout=isinstance(e, LayoutError)) from e
+
+
+def _grouped_factors(use: OpUse, G: torch.Tensor, B: int) -> Dict[str, Factor]:
+    """A fused expert weight (E, ...) whose rows go to experts: factors over B·E pseudo-samples (sample b's
+    rows routed to expert e), zero-padded; rows past the last group (expert id >= E) belong to none. A
+    gathered bias b[expert_ids] is the embedding form (rows of b picked by id), per sample."""
+    expert, E = use.groups
+    if use.rows is None:
+        raise LayoutError(f"the samples of the rows of {use.place} are not known")
+    seg = use.rows.seg * E + expert  # (n,) pseudo-sample of each row
+    x = use.x
+    keep = expert < E
+    if not bool(keep.all()):
+        seg, G = seg[keep], G[keep]
+        x = x[keep] if x is not None else None
+    role = next(iter(use.params))
+    if use.kind == "gather":  # rows of b[expert_ids]: the embedding form, rows grouped by sample
+        by_sample = Rows(use.rows.seg[keep])
+        ids = by_sample.btd(expert[keep].unsqueeze(-1), B).squeeze(-1)  # (B, C)
+        return {role: EmbRows(ids, by_sample.btd(G, B), E)}  # G: (B, C, p)
+    rows = Rows(seg)
+    Gp = rows.btd(G, B * E)  # (B·E, C, p)
+    part = Outer(rows.btd(x, B * E), Gp, transposed=use.kind == "matmul_t")  # A: (B·E, C, d)
+    return {role: Grouped(part, B, E, use.shape)}
 
 
 def shared_sq_norm(fs: List[Factor], use_triton: bool = False) -> torch.Tensor:
-    """||Σ_u g_u||² per sample for the uses u of one parameter, cross terms included."""
+    """||Σ_u g_u||² per sample for the uses u of one parameter, cross terms included. Uses of different
+    slices of a parameter (``Sliced``) are orthogonal: cross terms only within a slice, and with whole-
+    parameter uses."""
+    whole = [f for f in fs if not isinstance(f, Sliced)]
+    by_slice: Dict[int, List[Factor]] = {}
+    for f in fs:
+        if isinstance(f, Sliced):
+            by_slice.setdefault(f.index, []).append(f)
     total = None
-    for i, fu in enumerate(fs):
-        term = fu.sq_norm(use_triton)
-        for fv in fs[i + 1:]:
-            term = term + 2 * fu.inner(fv)
-        total = term if total is None else total + term
+    for group in [whole] + list(by_slice.values()):
+        for i, fu in enumerate(group):
+            term = fu.sq_norm(use_triton)
+            for fv in group[i + 1:]:
+                term = term + 2 * fu.inner(fv)
+            total = term if total is None else total + term
+    for fu in whole:
+        for group in by_slice.values():
+            for fv in group:
+                total = total + 2 * fu.inner(fv)
     return total
 
 
@@ -564,7 +656,8 @@ class GhostBackend:
 
     ``moved``: parameters taken from their owner's rule to a module fallback (name -> (module, why));
     ``track``: parameters with uses outside their owner's call, scored through their op uses;
-    ``copy_taps``: the model writes into module outputs in place, so taps return copies, not views.
+    ``copy_taps``: the model writes into module outputs in place, so taps return copies, not views;
+    ``follow_rows``: some layer saw rows of unknown samples, so row maps are followed through every op.
     ``strict``: raise instead of warning when a parameter must move to a fallback (never used for exactness:
     every move is exact; only the whole-model fallback is refused).
     """
@@ -574,6 +667,7 @@ class GhostBackend:
         self.moved: Dict[str, Tuple[str, str]] = {}
         self.track: Set[str] = set()
         self.copy_taps = False
+        self.follow_rows = False  # carry row -> sample maps through every op (after a layout failure)
         self._plan: Optional[GhostPlan] = None
 
     @property
@@ -638,6 +732,12 @@ class GhostBackend:
         """Move each failing call's parameters one step out: a rule to its module's own fallback, a module
         fallback (or an op use) to the enclosing module's fallback. Raises when a fallback over the whole
         model fails too (nothing left inside ghost); otherwise raises :class:`Retry`."""
+        if not self.follow_rows and any(f.layout for f in failures):
+            # a layer saw rows whose samples were not known: follow rows through the ops, then retry
+            self.follow_rows = True
+            log.info("ghost: %s saw flattened or routed rows; following row -> sample maps through its ops",
+                     next(f.module for f in failures if f.layout) or "the model")
+            raise Retry("following rows")
         moves: Dict[str, Tuple[List[str], str]] = {}
         fallback_at = {mp.name: set(mp.names.values()) for mp in self.plan.modules.values() if mp.rule is None}
         for f in failures:
@@ -648,6 +748,9 @@ class GhostBackend:
                     raise UnsupportedModule(_ways_out(
                         f"a fallback over the whole model cannot score {f.params[:3]} ({f})"))
                 here = here.rpartition(".")[0]
+            named = dict(self.spec.model.named_modules())
+            while here and isinstance(named.get(here), (nn.ModuleList, nn.ModuleDict)):
+                here = here.rpartition(".")[0]  # containers are never called: their fallback would never run
             names, why = moves.setdefault(here, ([], f"{f.module}: {str(f).split(';')[0][:160]}"))
             names += [n for n in f.params if n not in names]
         for target, (names, why) in moves.items():
@@ -672,10 +775,16 @@ class GhostBackend:
         for n, places in unaccounted.items():
             where = "; ".join(sorted({str(p) for p in places})) or "an op gradsel cannot see"
             targets = [p.module for p in places] or ["?"]
+            quiet = False
             if n in self.moved:  # its fallback module never ran around this use: one step further out
                 prev = self.moved[n][0]
                 targets = ["?"] if prev == "" else [prev.rpartition(".")[0]]
-            self._move([n], targets, f"used by an op without a rule ({where})")
+            elif self.plan.op_tracked.get(n) == NO_RULE:  # its op uses were only a first try
+                owner = self.plan.op_owner[n]
+                targets = [t for t in targets if t != "?"] + [owner]
+                quiet = True
+                log.info("ghost: %s (no norm rule) is used by %s; scoring it by a torch.func fallback", n, where)
+            self._move([n], targets, f"used by an op without a rule ({where})", quiet=quiet)
 
     def run(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, strict: bool,
             retain_graph: bool = False, refs: Optional[Dict[str, torch.Tensor]] = None,
@@ -702,7 +811,8 @@ class GhostBackend:
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
         spec = self.spec
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
-                           copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph)
+                           copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
+                           follow_rows=self.follow_rows)
         try:
             with cap:
                 out = spec.model(**batch.model_inputs)

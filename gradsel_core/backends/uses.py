@@ -11,10 +11,15 @@ the ruled forward. Two mechanisms close that gap:
   stand-in, so the backward can ask autograd for the stand-ins' gradients: ``None`` (nothing to do, no
   matmul is run) unless the parameter had an unaccounted use.
 * **Op uses** (handling): for parameters known to be used outside a module-level rule, a
-  ``TorchFunctionMode`` sees every torch call. ``F.linear(x, W, b)``, ``x @ W.T`` / ``x @ W`` and
-  ``F.embedding(ids, W)`` on a stand-in become one more *use* of the parameter (its output is tapped, its
-  factor is exact, cross terms with the other uses are added). Any other op on a stand-in is recorded with
-  its place (module and source line) and still reaches the stand-in, so it cannot go unnoticed.
+  ``TorchFunctionMode`` sees every torch call. ``F.linear(x, W, b)``, ``x @ W.T`` / ``x @ W``, ``y + b``
+  (a 1-D bias) and ``F.embedding(ids, W)`` on a stand-in, or on a slice ``P[e]`` of one (fused 3-D
+  mixture-of-experts weights), become one more *use* of the parameter (its output is tapped, its factor is
+  exact, cross terms with the other uses are added). Any other op on a stand-in is recorded with its place
+  (module and source line) and still reaches the stand-in, so it cannot go unnoticed.
+* **Rows** (layout): the same mode keeps, for activations whose dim 0 is not the batch, the proven map row
+  -> sample (``gradsel_core.rows``): from a batch-major flatten, through ops that keep or select rows
+  (``x[idx]``, ``F.linear``, elementwise ops, ``chunk``/``split`` and slices on later dims, reshapes that keep
+  dim 0). An op outside that list drops the map, and a use that needs it is then refused, never guessed.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..rows import Rows, flatten_rows
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,12 +111,18 @@ def find_place(module_names: Dict[int, str], op: str) -> Place:
 class OpUse:
     """One recognised use of tracked parameters by a torch op (captured input; G arrives at the tap)."""
 
-    kind: str  # "linear" (y = x Wᵀ + b), "matmul_t" (y = x W, W stored (d, p)), "embedding"
+    kind: str  # "linear" (y = x Wᵀ + b), "matmul_t" (y = x W, W stored (d, p)), "bias" (y = z + b), "embedding"
     params: Dict[str, str]  # role ("weight" / "bias") -> global parameter name
-    x: torch.Tensor  # input (B, ..., d) or ids (B, T)
+    x: Optional[torch.Tensor]  # input (B, ..., d) or ids (B, T); None for "bias"
     place: Place
     num_rows: int = 0  # embedding V
     padding_idx: Optional[int] = None
+    rows: Optional[Rows] = None  # x's (and the output's) row -> sample map when dim 0 is not the batch
+    slices: Dict[str, Tuple[int, Tuple[int, ...]]] = field(default_factory=dict)  # role -> (index, P's shape)
+    # for a use of a slice P[index]
+    groups: Optional[Tuple[torch.Tensor, int]] = None  # (expert of each row (n,), E): a fused (E, ...) weight
+    # whose rows go to experts (grouped_mm, or a gathered bias b[expert_ids])
+    shape: Tuple[int, ...] = ()  # the parameter's shape (grouped uses)
 
 
 def _getter_name(func: Callable) -> str:
@@ -118,6 +132,166 @@ def _getter_name(func: Callable) -> str:
 
 _TRANSPOSES = {torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose}
 
+_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+_INPLACE_ADDS = {torch.Tensor.add_, torch.Tensor.__iadd__}
+# grouped matmuls over experts (transformers' default "grouped_mm" experts implementation)
+_GROUPED = {f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None}
+
+
+def _scalar_index(idx: Any) -> Optional[int]:
+    """``e`` when ``P[idx]`` picks one entry of dim 0: a Python int or a 0-d integer tensor."""
+    if isinstance(idx, bool):
+        return None
+    if isinstance(idx, int):
+        return idx
+    if isinstance(idx, torch.Tensor) and idx.dim() == 0 and not idx.is_floating_point() and idx.dtype != torch.bool:
+        return int(idx)
+    return None
+
+
+# ops that map row i of every row-carrying operand to row i of the output (broadcast operands aside)
+_ROWWISE = {
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.sigmoid, torch.tanh, torch.relu, torch.exp,
+    torch.clamp, torch.pow, torch.square, torch.abs, torch.where,
+    torch.Tensor.add, torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.div, torch.Tensor.neg,
+    torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+    torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__truediv__, torch.Tensor.__rtruediv__,
+    torch.Tensor.__neg__, torch.Tensor.__pow__, torch.Tensor.pow,
+    torch.Tensor.sigmoid, torch.Tensor.tanh, torch.Tensor.relu, torch.Tensor.exp, torch.Tensor.abs,
+    torch.Tensor.clamp, torch.Tensor.clamp_min, torch.Tensor.clamp_max, torch.Tensor.square,
+    torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double,
+    torch.Tensor.type_as, torch.Tensor.contiguous, torch.Tensor.clone,
+    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus, F.leaky_relu, F.elu, F.mish, F.hardswish, F.dropout,
+}
+_SPLITS = {torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split}
+_RESHAPES = {torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.flatten, torch.Tensor.flatten,
+             torch.Tensor.unsqueeze, torch.unsqueeze}
+
+
+def _tensors(args, kwargs) -> List[torch.Tensor]:
+    out = []
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out += [t for t in v if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _keeps_dim0(idx: Any, ndim: int) -> bool:
+    """``x[idx]`` leaves dim 0 whole: a tuple of slices/None/Ellipsis with a full slice (or an Ellipsis
+    that covers it) at dim 0, and no tensor or int index there."""
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if any(isinstance(i, (torch.Tensor, list)) for i in idx) or not idx:
+        return False
+    if idx[0] is Ellipsis:
+        explicit = sum(1 for i in idx[1:] if i is not None and i is not Ellipsis)
+        return explicit < ndim
+    return isinstance(idx[0], slice) and idx[0] == slice(None)
+
+
+def _rows_index(idx: Any) -> Optional[torch.Tensor]:
+    """The 1-D index tensor that selects the output's rows in ``x[idx]`` (advanced indexing at dim 0, with
+    any further index tensors broadcast alongside it: ``w[token_idx, top_k_pos, None]``), or None."""
+    first = idx[0] if isinstance(idx, tuple) and idx else idx
+    if not isinstance(first, torch.Tensor) or first.dim() != 1 or first.is_floating_point():
+        return None
+    if isinstance(idx, tuple):
+        tensors = [i for i in idx if isinstance(i, torch.Tensor)]
+        if any(t.shape != first.shape for t in tensors) or first.dtype == torch.bool and len(tensors) > 1:
+            return None
+        seen_other = False
+        for i in idx[1:]:  # index tensors adjacent to the first, then basic indexing only
+            if isinstance(i, torch.Tensor):
+                if seen_other:
+                    return None
+            elif i is Ellipsis or isinstance(i, list):
+                return None
+            else:
+                seen_other = True
+    return first
+
+
+_INPLACE_ROWWISE = {"add_", "sub_", "mul_", "div_", "neg_", "clamp_", "clamp_min_", "clamp_max_", "sigmoid_",
+                    "tanh_", "relu_", "exp_", "pow_", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
+
+
+def _inplace(func) -> Optional[str]:
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__" or name in _INPLACE_ROWWISE or (name.endswith("_") and not name.endswith("__")):
+        return name
+    return None
+
+
+def _same_rows_or_broadcast(tracker: "UseTracker", rows: Rows, ndim: int, operands) -> bool:
+    """Every operand either has ``rows`` or broadcasts without dim 0."""
+    for t in operands:
+        r = tracker.rows_of(t) if t.dim() > 0 else None
+        if r is not None:
+            if t.dim() != ndim or not rows.same(r):
+                return False
+        elif t.dim() >= ndim and t.shape[0] != 1:
+            return False
+    return True
+
+
+def follow_rows(tracker: "UseTracker", func, args, kwargs, out) -> None:
+    """Carry row -> sample maps from an op's inputs to its output (see the module docstring)."""
+    name = _inplace(func)
+    if name is not None and args and isinstance(args[0], torch.Tensor):
+        # an in-place write into a tensor with a map keeps it only if it is row-wise (x.add_(y) with y on the
+        # same rows, or broadcast); anything else (x[idx] = v, x.copy_(y), index_add_) may move rows: dropped
+        target = args[0]
+        rows = tracker.rows.get(target)
+        if rows is not None and not (name in _INPLACE_ROWWISE and _same_rows_or_broadcast(
+                tracker, rows, target.dim(), [t for t in _tensors(args[1:], kwargs)])):
+            del tracker.rows[target]
+        return
+    if func is torch.Tensor.__getitem__ and len(args) == 2 and isinstance(out, torch.Tensor):
+        rows = tracker.rows_of(args[0])
+        if rows is None or out.dim() == 0:
+            return
+        sel = _rows_index(args[1])
+        if sel is not None:
+            if out.shape[0] == sel.numel() or sel.dtype == torch.bool:
+                tracker.rows[out] = rows.take(sel)
+        elif _keeps_dim0(args[1], args[0].dim()) and out.shape[0] == rows.n:
+            tracker.rows[out] = rows
+        return
+    if func in _SPLITS and isinstance(out, (tuple, list)) and args:
+        x = args[0]
+        rows = tracker.rows_of(x)
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
+        if rows is not None and isinstance(dim, int) and dim % x.dim() != 0:
+            for o in out:
+                tracker.rows[o] = rows
+        return
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return
+    if func in _RESHAPES and args:
+        rows = tracker.rows_of(args[0])
+        if rows is not None and out.shape[0] == rows.n and args[0].shape[0] == rows.n:
+            tracker.rows[out] = rows  # row-major order is kept: row i stays row i when dim 0 does
+        return
+    if func in (F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
+        x = args[0] if args else kwargs.get("input")
+        w = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+        rows = tracker.rows_of(x)
+        if rows is not None and isinstance(w, torch.Tensor) and w.dim() <= 2 and x.dim() >= 2 \
+                and out.shape[0] == rows.n and tracker.rows_of(w) is None:
+            tracker.rows[out] = rows
+        return
+    if func not in _ROWWISE:
+        return
+    operands = _tensors(args, kwargs)
+    rows = next((r for r in (tracker.rows_of(t) for t in operands if t.dim() > 0) if r is not None), None)
+    # (an operand whose rows are unknown and that does not broadcast over dim 0: no proof)
+    if rows is not None and out.shape[0] == rows.n and _same_rows_or_broadcast(tracker, rows, out.dim(), operands):
+        tracker.rows[out] = rows
+
+
+
 
 class UseTracker(TorchFunctionMode):
     """Turns ops on tracked stand-ins into uses; records the place of any other op on them.
@@ -126,9 +300,18 @@ class UseTracker(TorchFunctionMode):
     ``tracked`` maps id(stand-in) -> global name (the stand-ins stay alive in the capture)."""
 
     def __init__(self, tracked: Dict[int, str], tap: Callable[[torch.Tensor, OpUse], torch.Tensor],
-                 module_names: Dict[int, str], batch_size: int, real: Optional[Dict[int, torch.Tensor]] = None):
+                 module_names: Dict[int, str], batch_size: int, real: Optional[Dict[int, torch.Tensor]] = None,
+                 rows: Optional[WeakIdKeyDictionary] = None, follow_rows: bool = False):
         super().__init__()
         self.tracked = tracked
+        # tensor -> Rows: the row -> sample map of activations whose dim 0 is not the batch (shared with the
+        # capture's module hooks); follow_rows keeps the mode on for it even with nothing tracked
+        self.rows = rows if rows is not None else WeakIdKeyDictionary()
+        self.follow_rows = follow_rows
+        # id(slice) -> (name, index, the slice kept alive, the stand-in it slices)
+        self.sliced: Dict[int, Tuple[str, int, torch.Tensor, torch.Tensor]] = {}
+        # id(gathered bias b[expert_ids]) -> (its use, the tensor kept alive): rows assigned where it is added
+        self.gathered: Dict[int, Tuple[OpUse, torch.Tensor]] = {}
         self.real = real  # id(stand-in) -> the parameter: computed with, so an ordinary backward reaches it
         self.tap = tap
         self.module_names = module_names
@@ -143,12 +326,40 @@ class UseTracker(TorchFunctionMode):
         stand-in stays unreached), or the real parameter (``real``: an ordinary backward follows)."""
         if self.real is None:
             return t.detach()
+        if id(t) in self.sliced:
+            _, index, _, stand_in = self.sliced[id(t)]
+            return self.real[id(stand_in)][index]
         if base is None:
             return self.real[id(t)]
-        return self.real[id(base)].t()  # a transposed view of the stand-in
+        return self.real[id(base)].transpose(-2, -1)  # a transposed view of the stand-in
+
+    def _slice_of(self, t: Any) -> Optional[Tuple[str, int, Tuple[int, ...]]]:
+        """(name, index, P's shape) when ``t`` is a slice ``P[index]`` of a tracked stand-in."""
+        if not isinstance(t, torch.Tensor) or id(t) not in self.sliced:
+            return None
+        name, index, _, stand_in = self.sliced[id(t)]
+        return name, index, tuple(stand_in.shape)
+
+    def rows_of(self, t: Any) -> Optional[Rows]:
+        """The proven row -> sample map of ``t`` (registered, or a batch-major flatten), or None."""
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        r = self.rows.get(t)
+        if r is not None and r.n == t.shape[0]:
+            return r
+        if t.shape[0] != self.B:
+            return flatten_rows(t, self.B)
+        return None
 
     def _name(self, t: Any) -> Optional[str]:
         return self.tracked.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def _weight_name(self, t: Any) -> Optional[str]:
+        """The tracked parameter ``t`` is, or is a slice of."""
+        n = self._name(t)
+        if n is None and isinstance(t, torch.Tensor) and id(t) in self.sliced:
+            n = self.sliced[id(t)][0]
+        return n
 
     def _any_tracked(self, args, kwargs) -> List[str]:
         found = []
@@ -157,6 +368,8 @@ class UseTracker(TorchFunctionMode):
                 n = self.tracked.get(id(v))
                 if n is None and id(v) in self.transposed:
                     n = self.transposed[id(v)][0]
+                if n is None and id(v) in self.sliced:
+                    n = self.sliced[id(v)][0]
                 if n is not None:
                     found.append(n)
             elif isinstance(v, (list, tuple)):
@@ -171,8 +384,19 @@ class UseTracker(TorchFunctionMode):
     # -- the mode -----------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.tracked:
+        if not self.tracked and not self.follow_rows:
             return func(*args, **kwargs)
+        if self.tracked:
+            out = self._use(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        follow_rows(self, func, args, kwargs, out)
+        return out
+
+    def _use(self, func, args, kwargs):
+        """A recognised use of a tracked parameter (its tapped output), or NotImplemented after noting
+        any other op on one."""
         if func is F.linear:
             return self._linear(func, args, kwargs)
         if func is F.embedding:
@@ -181,59 +405,164 @@ class UseTracker(TorchFunctionMode):
             out = self._matmul(func, args)
             if out is not None:
                 return out
+        if func in _ADDS and len(args) == 2 and not kwargs:
+            out = self._bias_add(func, args)
+            if out is not None:
+                return out
+        if func in _GROUPED:
+            out = self._grouped(func, args, kwargs)
+            if out is not None:
+                return out
+        if (func in _ADDS or func in _INPLACE_ADDS) and len(args) == 2 and self.gathered:
+            for mine, other in ((args[0], args[1]), (args[1], args[0])):
+                if isinstance(mine, torch.Tensor) and id(mine) in self.gathered and \
+                        self.gathered[id(mine)][1] is mine:  # z + b[expert_ids]: the bias rows are z's rows
+                    use = self.gathered[id(mine)][0]
+                    use.rows = self.rows_of(other) if isinstance(other, torch.Tensor) and \
+                        other.shape[0] == mine.shape[0] else None
+                    if use.rows is not None:
+                        self.rows[mine] = use.rows
         getter = _getter_name(func)
         if getter in ("T", "mT") or func in _TRANSPOSES:
             src = self._name(args[0]) if args else None
-            if src is not None and args[0].dim() == 2 and (getter or self._is_full_transpose(func, args, kwargs)):
+            if src is not None and args[0].dim() in (2, 3) and (getter in ("T", "mT") and args[0].dim() == 2
+                                                                 or getter == "mT"
+                                                                 or self._is_full_transpose(func, args, kwargs)):
                 out = func(*args, **kwargs)
                 self.transposed[id(out)] = (src, out, args[0])
+                return out
+        if func is torch.Tensor.__getitem__ and len(args) == 2:
+            src = self._name(args[0])
+            index = _scalar_index(args[1])
+            if src is not None and index is not None and args[0].dim() >= 2:
+                out = func(*args, **kwargs)  # P[e]: one expert's weight (or bias)
+                self.sliced[id(out)] = (src, index, out, args[0])
+                return out
+            idx = args[1]
+            if src is not None and args[0].dim() == 2 and isinstance(idx, torch.Tensor) and idx.dim() == 1 \
+                    and not idx.is_floating_point() and idx.dtype != torch.bool:
+                # b[expert_ids]: a fused expert bias (E, p) gathered per row
+                out = self._weight(args[0])[idx]
+                use = OpUse("gather", {"bias": src}, None, find_place(self.module_names, "bias[expert_ids]"),
+                            groups=(idx.detach(), args[0].shape[0]), shape=tuple(args[0].shape))
+                out = self.tap(out, use)
+                self.gathered[id(out)] = (use, out)
                 return out
         if getter:  # .dtype, .shape, .device ...: no use
             return func(*args, **kwargs)
         names = self._any_tracked(args, kwargs)
         if names:
             self._note(names, getattr(func, "__name__", str(func)))
-        return func(*args, **kwargs)
+        return NotImplemented
 
     @staticmethod
     def _is_full_transpose(func, args, kwargs) -> bool:
+        """Swaps the last two dims of a 2-D (``W.t()``) or 3-D (``P.transpose(-2, -1)``) parameter."""
+        n = args[0].dim()
         if func in (torch.Tensor.t, torch.t):
-            return True
+            return n == 2
         dims = list(args[1:3]) + [kwargs.get(k) for k in ("dim0", "dim1") if k in kwargs]
-        return len(dims) == 2 and sorted(d % 2 for d in dims) == [0, 1]
+        return len(dims) == 2 and all(isinstance(d, int) for d in dims) and \
+            sorted(d % n for d in dims) == [n - 2, n - 1]
+
+    def _grouped(self, func, args, kwargs):
+        """``grouped_mm(x, W, offs=offs)``: rows offs[e-1]:offs[e] of x times expert e's weight, W (E, d, p)
+        a stand-in (``x @ P[e]``) or the transposed view of one stored (E, p, d) (``x @ P[e]ᵀ``)."""
+        names = ("mat_a", "mat_b", "offs", "bias", "out_dtype")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        x, w, offs = bound.get("mat_a"), bound.get("mat_b"), bound.get("offs")
+        if not isinstance(w, torch.Tensor) or w.dim() != 3 or offs is None or bound.get("bias") is not None \
+                or not isinstance(x, torch.Tensor) or x.dim() != 2 or self._weight_name(x) is not None:
+            return None
+        if id(w) in self.transposed:
+            name, _, base = self.transposed[id(w)]
+            kind, weight = "linear", self._weight(w, base)
+        elif self._name(w) is not None:
+            name, kind, weight = self._name(w), "matmul_t", self._weight(w)
+        else:
+            return None
+        rows = self.rows_of(x)
+        if rows is None:
+            return None  # samples of the rows unknown: noted as an unrecognised op by the caller
+        E = w.shape[0]
+        expert = torch.searchsorted(offs.to(torch.long), torch.arange(x.shape[0], device=x.device), right=True)
+        extra = {"out_dtype": bound["out_dtype"]} if bound.get("out_dtype") is not None else {}
+        out = func(x, weight, offs=offs, **extra)
+        shape = tuple(self.transposed[id(w)][2].shape) if kind == "linear" else tuple(w.shape)
+        use = OpUse(kind, {"weight": name}, x.detach(), find_place(self.module_names, "grouped_mm"), rows=rows,
+                    groups=(expert, E), shape=shape)
+        return self._keep_rows(self.tap(out, use), rows)
 
     def _linear(self, func, args, kwargs):
         x = args[0] if args else kwargs.get("input")
         w = args[1] if len(args) > 1 else kwargs.get("weight")
         b = args[2] if len(args) > 2 else kwargs.get("bias")
-        wn, bn = self._name(w), self._name(b)
+        wn, bn = self._weight_name(w), self._weight_name(b)
         others = [n for n in self._any_tracked((x,), {}) if n not in (wn, bn)]
-        if (wn is None and bn is None) or others or not isinstance(x, torch.Tensor) or x.dim() < 2:
+        rows = self.rows_of(x)
+        slices = {role: sl for role, sl in (("weight", self._slice_of(w)), ("bias", self._slice_of(b))) if sl}
+        if (wn is None and bn is None) or others or not isinstance(x, torch.Tensor) or x.dim() < 2 or \
+                (slices and rows is None and x.dim() == 2):
+            # (a slice on (n, d) rows of unknown samples: refused, since n == B can be a coincidence)
             names = self._any_tracked(args, kwargs)
             if names:
                 self._note(names, "linear")
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            follow_rows(self, func, args, kwargs, out)
+            return out
         out = func(x, self._weight(w) if wn else w, self._weight(b) if bn is not None else b)
         roles = {}
         if wn:
             roles["weight"] = wn
         if bn:
             roles["bias"] = bn
-        return self.tap(out, OpUse("linear", roles, x.detach(), find_place(self.module_names, "linear")))
+        use = OpUse("linear", roles, x.detach(), find_place(self.module_names, "linear"), rows=rows,
+                    slices={r: (sl[1], sl[2]) for r, sl in slices.items()})
+        return self._keep_rows(self.tap(out, use), rows)
+
+    def _keep_rows(self, out: torch.Tensor, rows: Optional[Rows]) -> torch.Tensor:
+        if rows is not None and isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == rows.n:
+            self.rows[out] = rows
+        return out
 
     def _matmul(self, func, args):
         x, w = args
         if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.dim() < 2:
             return None
-        if id(w) in self.transposed:  # x @ W.T with W (p, d): the Linear form
+        rows = self.rows_of(x)
+        if id(w) in self.transposed and w.dim() == 2:  # x @ W.T with W (p, d): the Linear form
             name, _, base = self.transposed[id(w)]
             out = func(x, self._weight(w, base))
-            return self.tap(out, OpUse("linear", {"weight": name}, x.detach(), find_place(self.module_names, "x @ W.T")))
-        name = self._name(w)
-        if name is not None and w.dim() == 2 and self._name(x) is None:  # x @ W with W (d, p)
+            use = OpUse("linear", {"weight": name}, x.detach(), find_place(self.module_names, "x @ W.T"), rows=rows)
+            return self._keep_rows(self.tap(out, use), rows)
+        name = self._weight_name(w)
+        sl = self._slice_of(w)
+        if sl is not None and rows is None and x.dim() == 2:
+            return None
+        if name is not None and w.dim() == 2 and self._weight_name(x) is None:  # x @ W with W (d, p)
             out = func(x, self._weight(w))
-            return self.tap(out, OpUse("matmul_t", {"weight": name}, x.detach(), find_place(self.module_names, "x @ W")))
+            use = OpUse("matmul_t", {"weight": name}, x.detach(), find_place(self.module_names, "x @ W"), rows=rows,
+                        slices={"weight": (sl[1], sl[2])} if sl else {})
+            return self._keep_rows(self.tap(out, use), rows)
         return None
+
+    def _bias_add(self, func, args):
+        """``z + b`` (or ``b + z``) with b a tracked 1-D bias (or a slice of one) over z's last dim."""
+        a, c = args
+        z, b = (a, c) if self._weight_name(c) is not None else (c, a)
+        name = self._weight_name(b)
+        if name is None or not isinstance(z, torch.Tensor) or self._weight_name(z) is not None or b.dim() != 1 \
+                or z.dim() < 2 or z.shape[-1] != b.shape[0] or not z.is_floating_point():
+            return None
+        rows = self.rows_of(z)
+        sl = self._slice_of(b)
+        if sl is not None and rows is None and z.dim() == 2:
+            return None
+        out = z + self._weight(b)
+        use = OpUse("bias", {"bias": name}, None, find_place(self.module_names, "+ bias"), rows=rows,
+                    slices={"bias": (sl[1], sl[2])} if sl else {})
+        return self._keep_rows(self.tap(out, use), rows)
 
     def _embedding(self, func, args, kwargs):
         names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
