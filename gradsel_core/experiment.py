@@ -15,9 +15,11 @@ task, measures
 A cell is ``(method, mode, ρ, budget)``:
 
 * method: ``full`` (all data; one cell), or a selection policy among ``random``, ``drop_top`` (drops the
-  highest-norm 1-ρ), ``median_band`` (the paper: loss filter, then the ρ·n closest to the median norm)
-  and ``keep_top`` (the high-gradient ablation). Every policy keeps the same count ⌊ρ·n⌋ (drop_top:
-  n − ⌊(1−ρ)·n⌋).
+  highest-norm 1-ρ), ``median_band`` (the paper: loss filter, then the ρ·n closest to the median norm),
+  ``keep_top`` (the high-gradient ablation) and, in the full study, ``drop_opposed`` (drops the 1-ρ whose
+  gradient most opposes the *safety reference gradient*: the mean per-sample gradient of the refusal loss on
+  alignment refusals, recomputed with the current weights at the start of every task). Every policy keeps
+  the same count ⌊ρ·n⌋ (drop_top, drop_opposed: n − ⌊(1−ρ)·n⌋).
 * mode: ``offline`` (the task scored with the current model, then selected) or ``online`` (per batch,
   in one backward, :class:`gradsel_core.filtered.FilteredBackward`).
 * budget: ``epochs`` (the paper's setting: as many passes over the kept data as full data makes over
@@ -64,7 +66,11 @@ from .trainer import ContinualTrainer, Task, task_metric
 log = logging.getLogger(__name__)
 
 STUDIED_POLICIES: Tuple[str, ...] = ("random", "drop_top", "median_band", "keep_top")
-METHODS: Tuple[str, ...] = ("full",) + STUDIED_POLICIES
+# policies ranking by the cosine with the safety reference gradient: in the full study, not the demo slice
+REFERENCE_POLICIES: Tuple[str, ...] = ("drop_opposed",)
+SAFETY_REFERENCE_RECORDS = 256  # alignment refusals the mechanism study's safety reference gradient averages
+METHODS: Tuple[str, ...] = ("full",) + STUDIED_POLICIES + REFERENCE_POLICIES
+DEMO_METHODS: Tuple[str, ...] = ("full",) + STUDIED_POLICIES
 MODES: Tuple[str, ...] = ("offline", "online")
 BUDGETS: Tuple[str, ...] = ("epochs", "steps")
 FULL_RATIOS: Tuple[float, ...] = (0.1, 0.2, 0.35, 0.5, 0.75)
@@ -117,7 +123,7 @@ class ExperimentConfig:
     the whole study."""
 
     seeds: Sequence[int] = (0, 1, 2)
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEMO_METHODS
     modes: Sequence[str] = ("offline",)
     ratios: Sequence[float] = (0.2,)  # ρ: the paper's kept fraction
     budgets: Sequence[str] = ("steps",)
@@ -184,7 +190,7 @@ class ExperimentConfig:
         if cell.method == "full":
             return None
         lfs = dict(self.loss_filter_std).get(cell.method)
-        ratio = 1.0 - cell.ratio if cell.method == "drop_top" else cell.ratio  # drop the top 1-ρ
+        ratio = 1.0 - cell.ratio if cell.method in _DROPPING else cell.ratio  # drop 1-ρ
         return SelectionConfig(cell.method, ratio=ratio, loss_filter_std=lfs)
 
     def schedule(self, cell: Cell, n_train: int) -> Tuple[int, int]:
@@ -214,11 +220,14 @@ class ExperimentConfig:
         return self.mechanism_samples > 0 and (self.mechanism_seeds is None or seed in self.mechanism_seeds)
 
 
+_DROPPING = ("drop_top", "drop_opposed")  # policies whose ratio is the fraction dropped (1 - ρ)
+
+
 def kept_count(cell: Cell, n: int) -> int:
     """Records a selection cell keeps of ``n`` (before a loss filter can remove more)."""
     if cell.method == "full":
         return n
-    if cell.method == "drop_top":
+    if cell.method in _DROPPING:
         return n - target_count(1.0 - cell.ratio, n)
     return target_count(cell.ratio, n)
 
@@ -234,6 +243,9 @@ class Source:
     info: Dict[str, Any]
     raw_tasks: Optional[List[List[Mapping[str, Any]]]] = None  # testbed: the records behind tasks[i].train
     margin: Optional[Callable[[nn.Module], float]] = None  # the safety margin alone (mechanism study)
+    # encoded safety records (harmful prompt -> refusal) the mechanism study's reference gradient is the mean
+    # per-sample gradient of; disjoint from the prompts the margin is measured on
+    safety_records: Optional[List[Dict[str, torch.Tensor]]] = None
 
 
 # -- determinism -----------------------------------------------------------------------------------------
@@ -337,8 +349,9 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
                 "benign_refusal_rate": benign.refusal_rate, "fact_acc": mc.acc}
 
     tasks = [Task(t.name, tb.encode(t.train), tb.encode(t.test), "exact_match") for t in tb.tasks]
+    refusals = [r for r in tb.align if r.get("meta", {}).get("refusal")][:SAFETY_REFERENCE_RECORDS]
     return Source(model, tasks, evaluate, pad, {"testbed": asdict(tb_cfg)}, raw_tasks=[t.train for t in tb.tasks],
-                  margin=margin)
+                  margin=margin, safety_records=tb.encode(refusals))
 
 
 def _aligned_key(cfg: ExperimentConfig, tb_cfg: Any) -> Dict[str, Any]:
@@ -449,8 +462,15 @@ def run_cell(cfg: ExperimentConfig, src: Source, cell: Cell, seed: int,
         return out
 
     t0 = time.perf_counter()
+    reference_records = None
+    if cell.method in REFERENCE_POLICIES:
+        if not src.safety_records:
+            raise ValueError(f"{cell.label} ranks samples by their cosine with a safety reference gradient, and "
+                             "this source has no safety records (harmful prompts with refusals) to compute it from")
+        reference_records = src.safety_records
     trainer = ContinualTrainer(model, src.tasks, selection=sel, mode=cell.mode, lr=cfg.lr, epochs=epochs,
-                               batch_size=batch, seed=seed, pad_id=src.pad_id, evaluators={"eval": evaluate})
+                               batch_size=batch, seed=seed, pad_id=src.pad_id, evaluators={"eval": evaluate},
+                               reference_records=reference_records)
     res = trainer.run()
     wall = time.perf_counter() - t0
     steps: List[Dict[str, Any]] = []
@@ -511,7 +531,10 @@ def bootstrap_ci(x: Sequence[float], y: Sequence[float], stat: Callable = spearm
 def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, Any]:
     """From the aligned model: one SGD step (lr ``mechanism_lr``, default the fine-tuning ``lr``: a small
     step, in the near-linear regime where the change is ≈ −lr·⟨∇margin, g_i⟩) on each of N task samples
-    alone; the change of the safety margin against the sample's gradient norm, loss and length.
+    alone; the change of the safety margin against the sample's gradient norm, loss and length, and (when
+    the source has safety records) the cosine of its gradient with the *safety reference gradient* r, the
+    mean per-sample gradient of the refusal loss on alignment refusals (``gs.reference_gradient``). To first
+    order a step −lr·g_i changes the refusal loss by −lr·⟨g_i, r⟩: a positive cosine makes refusing likelier.
 
     ``damage = margin(before) − margin(after)`` (> 0: the step moved the model toward compliance).
     The samples are drawn evenly from every task's training set (seeded). The norm and loss are the
@@ -534,13 +557,22 @@ def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, 
     picked = picked[: cfg.mechanism_samples]
     records = [src.tasks[ti].train[j] for ti, j in picked]
     engine = GradNormEngine(model, params="trainable", backend="ghost")
-    norms, losses, tokens = [], [], []
+    ref = None
+    if src.safety_records:
+        from .reference import reference_gradient
+
+        chunks = [src.safety_records[s:s + cfg.batch_size] for s in range(0, len(src.safety_records), cfg.batch_size)]
+        ref = reference_gradient(model, [{k: v.to(cfg.device) for k, v in collate(c, src.pad_id).items()}
+                                         for c in chunks], fingerprint=False)
+    norms, losses, tokens, cosines = [], [], [], []
     for s in range(0, len(records), cfg.batch_size):
         batch = {k: v.to(cfg.device) for k, v in collate(records[s:s + cfg.batch_size], src.pad_id).items()}
-        r = engine.score(batch)
+        r = engine.score(batch, reference=ref)
         norms += r.norms.tolist()
         losses += r.losses.tolist()
         tokens += r.tokens.tolist()
+        if ref is not None:
+            cosines += r.cosines.tolist()
     lr = cfg.mechanism_lr if cfg.mechanism_lr is not None else cfg.lr
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
@@ -565,9 +597,14 @@ def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, 
         "damage": damage,
         "noisy": [bool(raw[ti][j].get("meta", {}).get("noisy")) for ti, j in picked] if raw else None,
     }
+    predictors = ["norm", "loss", "length"]
+    if ref is not None:
+        out["cosine"] = cosines
+        out["reference_records"] = len(src.safety_records)
+        predictors.append("cosine")
     absd = np.abs(np.asarray(damage))
     corr = {}
-    for name in ("norm", "loss", "length"):
+    for name in predictors:
         rho = spearman(out[name], damage)
         lo, hi = bootstrap_ci(out[name], damage, seed=seed)
         rho_abs = spearman(out[name], absd)
@@ -859,7 +896,9 @@ def _pool_mechanism(mech: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"per_seed": {str(m["seed"]): m["spearman"] for m in mech},
                            "n": int(sum(m["n"] for m in mech)),
                            "fraction_damaging": _ms([m["fraction_damaging"] for m in mech])}
-    for name in ("norm", "loss", "length"):
+    for name in ("norm", "loss", "length", "cosine"):
+        if not all(name in m["spearman"] for m in mech):
+            continue
         out[name] = {"spearman_damage": _ms([m["spearman"][name]["spearman_damage"] for m in mech]),
                      "spearman_abs_change": _ms([m["spearman"][name]["spearman_abs_change"] for m in mech])}
     return out
@@ -974,7 +1013,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         hdr = ["seed", "predictor", "ρ with damage [CI]", "ρ with the size of the change [CI]"]
         L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for m in result["mechanism"]:
-            for name in ("norm", "loss", "length"):
+            for name in [k for k in ("norm", "loss", "length", "cosine") if k in m["spearman"]]:
                 c = m["spearman"][name]
                 L.append(f"| {m['seed']} | {name} | {c['spearman_damage']:+.2f} [{c['ci_damage'][0]:+.2f}, "
                          f"{c['ci_damage'][1]:+.2f}] | {c['spearman_abs_change']:+.2f} [{c['ci_abs_change'][0]:+.2f}, "
@@ -986,7 +1025,14 @@ def markdown(result: Mapping[str, Any]) -> str:
                 L.append(f"| {m['seed']} | {t} | {c['n']} | {c['mean_norm']:.2f} | {c['mean_damage']:+.3f} | "
                          f"{c['spearman_norm_damage']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}] |")
         L.append("")
-        L.append("(The cosine with a safety reference gradient is not measured: that feature has not landed.)")
+        if all("cosine" in m["spearman"] for m in result["mechanism"]):
+            L.append(f"cosine: of the sample's gradient with the safety reference gradient (the mean per-sample "
+                     f"gradient of the refusal loss on {result['mechanism'][0].get('reference_records', '?')} "
+                     "alignment refusals, not the held-out prompts the margin is measured on). To first order "
+                     "a positive cosine makes refusing likelier, i.e. negative damage.")
+        else:
+            L.append("(The cosine with a safety reference gradient is not measured: this source has no safety "
+                     "records to compute the reference from.)")
     return "\n".join(L) + "\n"
 
 
@@ -1022,7 +1068,7 @@ def write_outputs(result: Dict[str, Any], out_dir: str, timing: Optional[Mapping
 # -- plots -----------------------------------------------------------------------------------------------
 
 _COLORS = {"full": "black", "random": "tab:gray", "drop_top": "tab:blue", "median_band": "tab:green",
-           "keep_top": "tab:red"}
+           "keep_top": "tab:red", "drop_opposed": "tab:purple"}
 
 
 def headline(result: Mapping[str, Any]) -> Tuple[str, float, str]:
@@ -1230,10 +1276,12 @@ def _plot_mechanism(result: Mapping[str, Any], plt):
     m = mech[0]
     tasks = list(dict.fromkeys(m["task"]))
     cmap = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.0), sharey=True)
-    for ax, name, xlabel in zip(axes, ("norm", "loss", "length"),
-                                ("gradient norm ‖∇θ L(x_i)‖ (log scale)", "loss L(x_i) (mean per token)",
-                                 "target tokens")):
+    panels = [("norm", "gradient norm ‖∇θ L(x_i)‖ (log scale)"), ("loss", "loss L(x_i) (mean per token)"),
+              ("length", "target tokens")]
+    if "cosine" in m["spearman"]:
+        panels.append(("cosine", "cosine with the safety reference gradient"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.0), sharey=True)
+    for ax, (name, xlabel) in zip(axes, panels):
         x = np.asarray(m[name], dtype=float)
         y = np.asarray(m["damage"], dtype=float)
         for k, t in enumerate(tasks):

@@ -298,6 +298,7 @@ class ContinualTrainer:
         log_every: int = 10,
         checkpoint_format: str = "model",
         base_model: Optional[str] = None,
+        reference_records: Optional[Sequence[Mapping[str, Any]]] = None,
     ):
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise UsageError(f"checkpoint_format must be 'model' or 'peft', got {checkpoint_format!r}")
@@ -328,6 +329,12 @@ class ContinualTrainer:
             getattr(e, "__name__", f"eval{i}"): e for i, e in enumerate(evaluators)}
         self.out_dir, self.seed, self.params_spec = out_dir, seed, params
         self.max_grad_norm, self.pad_id, self.log_every = max_grad_norm, pad_id, log_every
+        # records whose mean per-sample gradient is the reference direction of policies that rank by a cosine
+        # (drop_opposed, project_band): recomputed with the current weights at the start of every task
+        self.reference_records = list(reference_records) if reference_records is not None else None
+        if self.selection is not None and self._ranks_by_cosine() and not self.reference_records:
+            raise UsageError(f"policy {self.selection.policy!r} ranks samples by their cosine with a reference "
+                             "gradient: pass reference_records (e.g. harmful prompts with refusals)")
         self.params = select_params(self.model, params)
         if out_dir:
             os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
@@ -404,8 +411,9 @@ class ContinualTrainer:
         for i in range(start, T):
             task = self.tasks[i]
             t0 = time.perf_counter()
-            records, sel_summary = self._select_offline(i, task)
-            train = self._train(i, task, records)
+            ref = self._reference()
+            records, sel_summary = self._select_offline(i, task, ref)
+            train = self._train(i, task, records, ref)
             for j in range(i + 1):
                 R[i][j] = float(task_metric(self.tasks[j], self.pad_id)(self.model, self.tasks[j].eval))
             evals = {name: dict(fn(self.model)) for name, fn in self.evaluators.items()}
@@ -423,7 +431,25 @@ class ContinualTrainer:
         forgetting = dict(fm.summary(), max_drop_task=fm.max_drop_task)
         return ContinualResult([t.name for t in self.tasks], R, forgetting, per_task)
 
-    def _select_offline(self, i: int, task: Task):
+    def _ranks_by_cosine(self) -> bool:
+        from .selection import POLICIES
+
+        return getattr(POLICIES.get(self.selection.policy), "ranks_by", "norm") == "cosine"
+
+    def _reference(self):
+        """The reference gradient at the current weights, for a policy that ranks by a cosine (else None)."""
+        if self.selection is None or not self._ranks_by_cosine():
+            return None
+        from .data import collate
+        from .reference import reference_gradient
+
+        device = next(self.model.parameters()).device
+        recs, B = self.reference_records, self.batch_size
+        batches = [{k: v.to(device) for k, v in collate(recs[s:s + B], self.pad_id).items()}
+                   for s in range(0, len(recs), B)]
+        return reference_gradient(self.model, batches, params=self.params_spec)
+
+    def _select_offline(self, i: int, task: Task, ref=None):
         records = [dict(r, id=k) for k, r in enumerate(task.train)]
         if self.selection is None or self.mode == "online":
             return records, {"kept": len(records), "n": len(records), "mode": self.mode if self.selection else "full"}
@@ -436,7 +462,7 @@ class ContinualTrainer:
         with tempfile.TemporaryDirectory() as tmp:
             where = self._path("scores", f"task-{i}") if self.out_dir else tmp
             store = score_dataset(self.model, records, where, batch_size=self.batch_size, params=self.params_spec,
-                                  progress=False, overwrite=True, pad_id=self.pad_id)
+                                  progress=False, overwrite=True, pad_id=self.pad_id, reference=ref)
             sel = select(store, policy=cfg.policy, ratio=cfg.ratio, loss_filter_std=cfg.loss_filter_std,
                          group_by=cfg.group_by, seed=self.seed + i, length_normalize=cfg.length_normalize,
                          **cfg.policy_kwargs)
@@ -453,7 +479,7 @@ class ContinualTrainer:
             return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
-    def _train(self, i: int, task: Task, records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def _train(self, i: int, task: Task, records: List[Dict[str, Any]], ref=None) -> Dict[str, Any]:
         from .data import collate
         from .filtered import FilteredBackward
 
@@ -466,7 +492,7 @@ class ContinualTrainer:
             cfg = self.selection
             fb = FilteredBackward(model, policy=cfg.policy, ratio=cfg.ratio, params=self.params_spec,
                                   loss_filter_std=cfg.loss_filter_std, length_normalize=cfg.length_normalize,
-                                  **cfg.policy_kwargs)
+                                  reference=ref, **cfg.policy_kwargs)
         gen = torch.Generator().manual_seed(self.seed * 1000 + i)
         model.train()
         step = micro = 0

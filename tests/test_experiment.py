@@ -67,7 +67,8 @@ def test_study_outputs_budgets_and_resume(tmp_path, monkeypatch):
     assert pv["n"] == 2 and pv["mean"] == pytest.approx(sum(diffs) / 2)
     mech = saved["mechanism"]
     assert len(mech) == 1 and mech[0]["seed"] == 1 and mech[0]["n"] == 9 and len(mech[0]["damage"]) == 9
-    assert set(mech[0]["spearman"]) == {"norm", "loss", "length"}
+    assert set(mech[0]["spearman"]) == {"norm", "loss", "length", "cosine"}
+    assert len(mech[0]["cosine"]) == mech[0]["n"] and all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in mech[0]["cosine"])
     md = markdown(saved)
     assert "median_band/offline/ρ=0.5/steps" in md and "Paired differences" in md and "What selection keeps" in md
 
@@ -136,7 +137,8 @@ def test_demo_arguments():
     assert cfg.ratios == (0.2,) and len(cfg.seeds) >= 3 and cfg.model_dir is None and cfg.mechanism_samples >= 200
     assert len(cfg.cells()) == 5  # full + four policies, offline, equal steps
     full = config_from_args(build_parser().parse_args(["demo", "--full"]))
-    assert len(full.seeds) >= 5 and len(full.cells()) == 1 + 4 * 2 * 2 * 5 and full.mechanism_seeds is None
+    assert len(full.seeds) >= 5 and len(full.cells()) == 1 + 5 * 2 * 2 * 5 and full.mechanism_seeds is None
+    assert "drop_opposed" in full.methods and "drop_opposed" not in cfg.methods
     one = config_from_args(build_parser().parse_args(["demo", "--full", "--seeds", "3", "--methods", "median_band",
                                                       "--ratios", "0.35"]))
     assert one.seeds == (3,) and sorted(c.label for c in one.cells()) == [
@@ -147,6 +149,21 @@ def test_demo_arguments():
         build_parser().parse_args(["demo", "--methods", "bogus"])
     with pytest.raises(ValueError, match="ratios"):
         ExperimentConfig(ratios=(1.5,))
+
+
+def test_drop_opposed_ranks_by_the_safety_reference(tmp_path):
+    """drop_opposed keeps the ρ-fraction whose gradients agree most with the safety reference gradient,
+    offline (scored with the reference) and online (in the filtered backward)."""
+    cfg = ExperimentConfig(seeds=(0,), methods=("drop_opposed",), modes=("offline", "online"), ratios=(0.5,),
+                           budgets=("epochs",), mechanism_samples=0, out_dir=str(tmp_path), **SMALL_RUN)
+    assert cfg.selection(Cell("drop_opposed", "offline", 0.5, "epochs")).ratio == pytest.approx(0.5)
+    assert kept_count(Cell("drop_opposed", ratio=0.2), 300) == 60
+    res = run_experiment(cfg)
+    runs = {r["label"]: r for r in res["runs"]}
+    assert set(runs) == {"drop_opposed/offline/ρ=0.5/epochs", "drop_opposed/online/ρ=0.5/epochs"}
+    for r in runs.values():
+        for step in r["steps"]:
+            assert 0.4 <= step["kept_fraction"] <= 0.6, step["kept_fraction"]
 
 
 def test_model_dir_path_on_a_tiny_hf_llama(tmp_path, capsys):

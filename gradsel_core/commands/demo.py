@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "finished runs in it are reused, so an interrupted study resumes")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --full: 0..4)")
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS, metavar="METHOD",
-                   help=f"among {list(METHODS)} (default: all)")
+                   help=f"among {list(METHODS)} (default: all; the demo slice leaves out drop_opposed)")
     p.add_argument("--modes", nargs="+", default=None, choices=MODES, metavar="MODE",
                    help="offline and/or online selection (default offline; --full: both)")
     p.add_argument("--ratios", "--ratio", type=float, nargs="+", default=None, metavar="RHO",
