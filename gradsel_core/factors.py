@@ -300,7 +300,7 @@ class Grouped(Factor):
     expert e (an ``Outer``, zero-padded): sample b's gradient of slice e is pseudo-sample b·E + e's, so
     ||∇_b||² = Σ_e ||∇_{b,e}||²."""
 
-    part: Factor
+    part: "Outer"
     B: int
     E: int
     shape: Tuple[int, ...] = ()
@@ -316,29 +316,22 @@ class Grouped(Factor):
 
     def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         p = self.part
-        if isinstance(p, Outer):
-            acc = _acc(p.A, p.G)
-            A, G = self._split(p.A).to(acc), self._split(p.G).to(acc)  # (B, E, C, d), (B, E, C, p)
-            if index is not None:
-                A, G = A[index], G[index]
-            g = torch.einsum("k,kecp,kecd->epd", w.to(acc), G, A)  # (E, p, d)
-            return g.transpose(1, 2) if p.transposed else g
-        g = self.dense() if index is None else self.dense()[index]
-        return torch.einsum("k,k...->...", w.to(_acc(g)), g.to(_acc(g)))
+        acc = _acc(p.A, p.G)
+        A, G = self._split(p.A).to(acc), self._split(p.G).to(acc)  # (B, E, C, d), (B, E, C, p)
+        if index is not None:
+            A, G = A[index], G[index]
+        g = torch.einsum("k,kecp,kecd->epd", w.to(acc), G, A)  # (E, p, d)
+        return g.transpose(1, 2) if p.transposed else g
 
     def dot(self, V: torch.Tensor) -> torch.Tensor:
         p = self.part
-        if isinstance(p, Outer):
-            acc = _acc(p.A, p.G, V)
-            A, G = self._split(p.A).to(acc), self._split(p.G).to(acc)  # (B, E, C, d), (B, E, C, p)
-            out = []
-            for v in V.to(acc):  # (E, p, d), or (E, d, p) transposed
-                av = torch.einsum("becd,edp->becp", A, v) if p.transposed else torch.einsum("becd,epd->becp", A, v)
-                out.append((av * G).sum(dim=(1, 2, 3)))  # (B,)
-            return torch.stack(out, 1)  # (B, R)
-        g = self.dense()
-        acc = _acc(g, V)
-        return torch.einsum("b...,r...->br", g.to(acc), V.to(acc))
+        acc = _acc(p.A, p.G, V)
+        A, G = self._split(p.A).to(acc), self._split(p.G).to(acc)  # (B, E, C, d), (B, E, C, p)
+        out = []
+        for v in V.to(acc):  # (E, p, d), or (E, d, p) transposed
+            av = torch.einsum("becd,edp->becp", A, v) if p.transposed else torch.einsum("becd,epd->becp", A, v)
+            out.append((av * G).sum(dim=(1, 2, 3)))  # (B,)
+        return torch.stack(out, 1)  # (B, R)
 
 
 def weighted_total(factors, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -20,6 +20,18 @@ def plain_grads_on(model, batch, index, params, scale=1.0):
     return {n: p.grad.clone() for n, p in params.items()}
 
 
+def accumulation_matches_plain(model, fb, micro, params):
+    """Steps of ``fb`` over micro-batches (loss scale 1/2 each) accumulate the plain gradient of every
+    micro-batch's kept samples."""
+    kept = [fb.step(mb, loss_scale=0.5).kept for mb in micro]
+    got = {n: p.grad.clone() for n, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    for mb, k in zip(micro, kept):
+        plain_grads_on(model, mb, k, params, scale=0.5)
+    for n in params:
+        assert_close_rel(got[n], params[n].grad, 1e-5, n)
+
+
 @pytest.mark.parametrize("name", ["tinygpt", "tinygpt_tied", "gpt2", "peft_llama"])
 def test_grad_equals_plain_backward_on_kept_samples(name):
     model = build(name).eval()
@@ -44,15 +56,7 @@ def test_grad_accumulation_over_micro_batches_and_loss_scale():
     params = dict(model.named_parameters())
     micro = [lm_batch(B=5, seed=s, padding=False) for s in (1, 2)]
     fb = gs.FilteredBackward(model, policy="drop_top", ratio=0.4, loss_filter_std=None)
-    kept = []
-    for mb in micro:
-        kept.append(fb.step(mb, loss_scale=0.5).kept)
-    got = {n: p.grad.clone() for n, p in params.items()}
-    model.zero_grad(set_to_none=True)
-    for mb, k in zip(micro, kept):
-        plain_grads_on(model, mb, k, params, scale=0.5)
-    for n in params:
-        assert_close_rel(got[n], params[n].grad, 1e-5, n)
+    accumulation_matches_plain(model, fb, micro, params)
 
 
 def test_existing_grad_is_accumulated_not_replaced():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close_rel, build, lm_batch, tiny_gpt
-from test_filtered import plain_grads_on
+from test_filtered import accumulation_matches_plain, plain_grads_on
 from torch.utils.flop_counter import FlopCounterMode
 
 import gradsel_core as gs
@@ -53,13 +53,7 @@ def test_two_pass_accumulates_scales_and_uses_the_fallback():
     params = dict(model.named_parameters())
     micro = [lm_batch(B=5, seed=s, padding=True) for s in (1, 2)]
     fb = gs.TwoPassFilteredBackward(model, policy="keep_bottom", ratio=0.4, loss_filter_std=None)
-    kept = [fb.step(mb, loss_scale=0.5).kept for mb in micro]
-    got = grads(model)
-    model.zero_grad(set_to_none=True)
-    for mb, k in zip(micro, kept):
-        plain_grads_on(model, mb, k, params, scale=0.5)
-    for n in params:
-        assert_close_rel(got[n], params[n].grad, 1e-5, n)
+    accumulation_matches_plain(model, fb, micro, params)
 
 
 def test_two_pass_backward_fn_and_modes():

@@ -740,6 +740,7 @@ class GhostBackend:
             raise Retry("following rows")
         moves: Dict[str, Tuple[List[str], str]] = {}
         fallback_at = {mp.name: set(mp.names.values()) for mp in self.plan.modules.values() if mp.rule is None}
+        named = dict(self.spec.model.named_modules())
         for f in failures:
             here = f.module if f.module != "?" else ""
             already = set(f.params) <= fallback_at.get(here, set())
@@ -748,7 +749,6 @@ class GhostBackend:
                     raise UnsupportedModule(_ways_out(
                         f"a fallback over the whole model cannot score {f.params[:3]} ({f})"))
                 here = here.rpartition(".")[0]
-            named = dict(self.spec.model.named_modules())
             while here and isinstance(named.get(here), (nn.ModuleList, nn.ModuleDict)):
                 here = here.rpartition(".")[0]  # containers are never called: their fallback would never run
             names, why = moves.setdefault(here, ([], f"{f.module}: {str(f).split(';')[0][:160]}"))

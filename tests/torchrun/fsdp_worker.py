@@ -37,13 +37,18 @@ def train(out: str) -> None:
         assert res.n_kept > 0
         opt.step()
         opt.zero_grad(set_to_none=True)
-        got = [None] * world
-        dist.all_gather_object(got, {"kept": res.kept.tolist(), "norms": res.norms.tolist(),
-                                     "losses": res.losses.tolist()})
-        steps.append(got)
+        steps.append(gather_step(res, world))
     state = full_state(model)
     if rank == 0:
         torch.save({"steps": steps, "state": state, "world": world}, os.path.join(out, "train.pt"))
+
+
+def gather_step(res, world: int) -> list:
+    """Every rank's kept mask, norms and losses of one filtered step."""
+    got = [None] * world
+    dist.all_gather_object(got, {"kept": res.kept.tolist(), "norms": res.norms.tolist(),
+                                 "losses": res.losses.tolist()})
+    return got
 
 
 def ddp(out: str) -> None:
@@ -60,10 +65,7 @@ def ddp(out: str) -> None:
                                    mode="two_pass")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        got = [None] * world
-        dist.all_gather_object(got, {"kept": res.kept.tolist(), "norms": res.norms.tolist(),
-                                     "losses": res.losses.tolist()})
-        steps.append(got)
+        steps.append(gather_step(res, world))
     state = {n: p.detach().clone() for n, p in model.module.named_parameters()}
     if rank == 0:
         torch.save({"steps": steps, "state": state, "world": world}, os.path.join(out, "train.pt"))
