@@ -71,6 +71,10 @@ def main(engine: str, out: str) -> None:
     if dist.get_rank() == 0:
         torch.save({"seen": seen, "state": state, "mode": trainer.gradsel_mode,
                     "logs": trainer.state.log_history}, os.path.join(out, "hf.pt"))
+    # Tear gloo down while both ranks are alive: left to interpreter exit, its threads may be destroyed
+    # still joinable, and the C++ runtime aborts the rank ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
