@@ -7,6 +7,7 @@
     model, tok = load_sharded("/models/llama-70b", dtype="bfloat16")   # or: read on rank 0, shard, broadcast
     store = gs.score_dataset(model, records, "scores/")                  # every rank, same arguments
     res = gs.filtered_backward(model, batch, mode="two_pass")            # in-step selection, then opt.step()
+    dist.destroy_process_group()                                         # before exit, on every rank
 
 Why the norms stay exact: the ghost engine reads each layer's input activations and output gradients,
 which FSDP does not shard (it shards parameters, gradients and optimizer state). The scored forward and
