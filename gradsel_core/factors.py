@@ -407,8 +407,8 @@ def _grouped_grouped(u: Grouped, v: Grouped):
 
 def _sliced_sliced(u: Sliced, v: Sliced):
     if u.index != v.index:  # disjoint slices
-        return torch.zeros(_batch_size(u.part), dtype=torch.float64 if _is_fp64(u.part) else torch.float32,
-                           device=_device(u.part))
+        t = _tensor_of(u.part)
+        return torch.zeros(t.shape[0], dtype=_acc(t), device=t.device)
     return u.part.inner(v.part)
 
 
@@ -417,23 +417,11 @@ def _tensor_of(f: Factor) -> torch.Tensor:
         t = getattr(f, attr, None)
         if isinstance(t, torch.Tensor):
             return t
-    if isinstance(f, (Stacked,)):
+    if isinstance(f, Stacked):
         return _tensor_of(f.parts[0])
     if isinstance(f, Sliced):
         return _tensor_of(f.part)
     return f.dense()
-
-
-def _batch_size(f: Factor) -> int:
-    return int(_tensor_of(f).shape[0])
-
-
-def _is_fp64(f: Factor) -> bool:
-    return _tensor_of(f).dtype == torch.float64
-
-
-def _device(f: Factor) -> torch.device:
-    return _tensor_of(f).device
 
 
 _INNER = {

@@ -16,7 +16,7 @@ from test_trust import exact, filtered_grad_is_exact
 from torch import nn
 
 import gradsel_core as gs
-from gradsel_core.factors import Grouped, Outer, weighted_total
+from gradsel_core.factors import Grouped, Outer, Sliced, weighted_total
 from gradsel_core.rows import Rows, flatten_rows
 
 D = 8
@@ -358,3 +358,19 @@ def test_transformers_moe_families_without_module_fallbacks(fam, impl):
     for e in eng.coverage().entries:
         if ".mlp." in e.param and "shared" not in e.param:
             assert e.how in ("rule", "op"), (e.param, e.how, e.detail)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sliced_inner_products_equal_the_dense_gradients(dtype):
+    """Two uses of slices of one fused (E, p, d) weight: their inner product is that of the dense (B, E, p, d)
+    gradients: zero for different experts, the slice's inner product for the same one (in the input dtype)."""
+    torch.manual_seed(0)
+    B, T, d, p, E = 3, 5, 4, 6, 3
+    parts = [Outer(torch.randn(B, T, d, dtype=dtype), torch.randn(B, T, p, dtype=dtype)) for _ in range(3)]
+    u, v, w = (Sliced(f, e, (E, p, d)) for f, e in zip(parts, (0, 2, 0)))
+    for a, b in ((u, v), (u, w)):
+        got = a.inner(b)
+        want = (a.dense() * b.dense()).flatten(1).sum(1)
+        assert got.dtype == dtype and got.shape == (B,)
+        assert_close_rel(got, want, 1e-12 if dtype == torch.float64 else 1e-5)
+    assert torch.count_nonzero(u.inner(v)) == 0 and torch.count_nonzero(u.inner(w)) == B

@@ -291,8 +291,6 @@ def follow_rows(tracker: "UseTracker", func, args, kwargs, out) -> None:
         tracker.rows[out] = rows
 
 
-
-
 class UseTracker(TorchFunctionMode):
     """Turns ops on tracked stand-ins into uses; records the place of any other op on them.
 
