@@ -1,8 +1,15 @@
 """Install gradsel: the engine (`gradsel_core`) and its Triton kernels (`kernels/gradsel_kernels/`; `kernels/` itself is no package, so it never imports as the HF Hub `kernels`)."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
+# the one version string lives in gradsel_core/__init__.py (``gradsel --version``, store manifests)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "gradsel_core" / "__init__.py").read_text(),
+                    re.M).group(1)
+
 EXTRAS = {
-    "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5"],
+    "dev": ["pytest>=7", "hypothesis>=6", "matplotlib>=3.5", "ruff>=0.4", "mypy>=1.8"],
     "hf": ["transformers>=4.40", "peft>=0.10", "tokenizers>=0.15", "accelerate>=0.26"],
     "triton": ["triton>=3.0"],
     "trl": ["trl>=1.0", "transformers>=4.40", "peft>=0.10", "accelerate>=0.26", "datasets>=2.0"],
@@ -15,7 +22,7 @@ EXTRAS = {
 
 setup(
     name="gradsel",
-    version="0.1.0",
+    version=VERSION,
     description="Exact per-sample gradient norms at the cost of one backward, and gradient-based sample selection "
     "for continual safety alignment.",
     python_requires=">=3.9",

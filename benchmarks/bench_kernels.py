@@ -139,13 +139,13 @@ def measure_ceilings(quick: bool) -> Dict[str, Any]:
     n = (512 if quick else 2048) * 1024 * 1024 // 4  # fp32 elements: 0.5 / 2 GiB
     x = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
     y = torch.empty_like(x)
-    t = cuda_time(lambda: y.copy_(x), repeats=10, warmup=3, flush=False)["median_s"]
+    t = cuda_time(lambda: y.copy_(x), repeats=10, warmup=3, flush=False)["median_s"]  # noqa: F821 (x, y deleted after)
     copy_gbps = 2 * x.numel() * 4 / t / 1e9
     del x, y
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
-    t = cuda_time(lambda: a @ b, repeats=10, warmup=3, flush=False)["median_s"]
+    t = cuda_time(lambda: a @ b, repeats=10, warmup=3, flush=False)["median_s"]  # noqa: F821 (a, b deleted after)
     tflops = 2 * m**3 / t / 1e12
     del a, b
     torch.cuda.empty_cache()
@@ -395,7 +395,7 @@ def bench_e2e(case: Dict[str, Any], repeats: int, results: "Results") -> None:
             torch.cuda.reset_peak_memory_stats()
             mem0 = torch.cuda.memory_allocated()
             if method == "plain":
-                fn = lambda: _plain_step(model, batch, labels)  # noqa: E731
+                fn = lambda: _plain_step(model, batch, labels)  # noqa: E731, F821 (model deleted after the loop)
             else:
                 engine = gs.GradNormEngine(model, params="trainable", backend=method)
                 fn = lambda: norms.__setitem__(method, engine.score(batch).norms)  # noqa: E731

@@ -6,11 +6,14 @@ selection built on them (arXiv 2604.17215, "Continual Safety Alignment via Gradi
 """
 from . import models
 from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
+from .errors import (GradselError, LayoutError, StoreConflictError, StoreError, UnsupportedModule, UsageError,
+                     VerificationError)
+from .factors import Dense, EmbRows, Factor, Grouped, Outer, RowSum, Sliced, Stacked
 from .filtered import FilteredBackward, FilteredResult, TwoPassFilteredBackward, filtered_backward
-from .rules import ModuleCall, UnsupportedModule, register_norm_rule
+from .rules import ModuleCall, NormRule, register_norm_rule
 from .reference import ReferenceGradient, reference_gradient
 from .scoring import score_dataset
-from .store import ScoreStore, StoreConflictError, StoreError
+from .store import ScoreStore
 from .selection import Selection, SelectionConfig, keep_mask, select
 from .trainer import ContinualResult, ContinualTrainer, LoRAConfig, Task
 
@@ -22,7 +25,20 @@ __all__ = [
     "per_sample_grad_norms",
     "register_norm_rule",
     "ModuleCall",
+    "NormRule",
+    "Factor",
+    "Outer",
+    "RowSum",
+    "EmbRows",
+    "Dense",
+    "Stacked",
+    "Sliced",
+    "Grouped",
+    "GradselError",
+    "UsageError",
     "UnsupportedModule",
+    "LayoutError",
+    "VerificationError",
     "score_dataset",
     "reference_gradient",
     "ReferenceGradient",

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .batching import IGNORE_INDEX, default_labels
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -438,15 +439,18 @@ def as_int_array(x: Any, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def collate(records: Sequence[Mapping[str, Any]], pad_id: int = 0) -> Dict[str, torch.Tensor]:
+def collate(records: Sequence[Mapping[str, Any]], pad_id: int = 0, max_len: Optional[int] = None) -> Dict[str, torch.Tensor]:
     """Right-pad records into ``{"input_ids", "attention_mask", "labels"}`` int64 tensors [B, T].
 
     Padding: ``input_ids = pad_id``, ``attention_mask = 0``, ``labels = -100``. A record without labels
-    gets the engine's default labels (its ids, -100 where it or its predecessor is masked).
+    gets the engine's default labels (its ids, -100 where it or its predecessor is masked). ``max_len``:
+    refuse a record longer than that (``UsageError``) instead of building a longer batch.
     """
     B = len(records)
     ids_l = [as_int_array(r["input_ids"], "input_ids") for r in records]
     T = max((len(a) for a in ids_l), default=0)
+    if max_len is not None and T > max_len:
+        raise UsageError(f"a record has {T} tokens > max_len={max_len}")
     ids = np.full((B, T), pad_id, dtype=np.int64)
     mask = np.zeros((B, T), dtype=np.int64)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)

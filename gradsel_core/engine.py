@@ -19,12 +19,12 @@ from typing import Any, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .backends.ghost import GhostBackend, score_ghost
+from .ghost import GhostBackend, score_ghost
 from .backends.loop import score_loop
 from .backends.vmap import score_vmap
 from .batching import LossFn, PreparedBatch, prepare_batch
 from .params import ParamSpec, select_params
-from .rules import UnsupportedModule
+from .errors import VerificationError
 from .types import (Coverage, CoverageEntry, RawScores, ScoreResult, ScoringSpec, acc_dtype, finish_norms,
                     grad_enabled_for, scoring_mode, tolerance)
 
@@ -36,10 +36,6 @@ VERIFY_SAMPLES = 2
 
 __all__ = ["GradNormEngine", "ScoreResult", "RawScores", "per_sample_grad_norms", "grad_enabled_for",
            "scoring_mode", "acc_dtype", "BACKENDS"]
-
-
-class VerificationError(UnsupportedModule):
-    """The fast norms disagree with a per-sample backward beyond the dtype's tolerance."""
 
 
 class GradNormEngine:
@@ -185,7 +181,7 @@ class GradNormEngine:
         raise AssertionError("unreachable")
 
     def _should_verify(self, backend: str) -> bool:
-        from .backends.uses import can_stand_in
+        from .ghost.standins import can_stand_in
 
         if not can_stand_in(self.params):  # sharded (FSDP2): the per-sample loop needs whole weights
             if self.verify:
@@ -207,7 +203,7 @@ class GradNormEngine:
         ref = score_loop(self.spec, prepared.select(idx))
         tol = tolerance(next(iter(self.params.values())).dtype)
         bad = []
-        total = sum(ref.per_param_sq[m].double() for m in self.params)  # (k,)
+        total = torch.stack([ref.per_param_sq[m].double() for m in self.params]).sum(0)  # (k,)
         for n in self.params:
             fast, exact = raw.per_param_sq[n][idx].double(), ref.per_param_sq[n].double()
             ok = ~torch.isfinite(exact) | ~torch.isfinite(total) | \

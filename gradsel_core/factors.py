@@ -23,7 +23,7 @@ Forms (notation of ``docs/norm-math.md``: A (B,T,d) inputs, G (B,T,p) output gra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -424,7 +424,7 @@ def _tensor_of(f: Factor) -> torch.Tensor:
     return f.dense()
 
 
-_INNER = {
+_INNER: Dict[Tuple[type, type], Callable[[Any, Any], Optional[torch.Tensor]]] = {
     (Grouped, Grouped): _grouped_grouped,
     (Sliced, Sliced): _sliced_sliced,
     (Stacked, Stacked): _stacked_stacked,

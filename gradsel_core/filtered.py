@@ -33,7 +33,7 @@ from .engine import GradNormEngine
 from .factors import weighted_total
 from .errors import UsageError
 from .params import ParamSpec
-from .rules import UnsupportedModule
+from .errors import UnsupportedModule
 from .types import grad_enabled_for
 
 log = logging.getLogger(__name__)

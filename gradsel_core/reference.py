@@ -121,13 +121,13 @@ def reference_gradient(model: nn.Module, batches: Iterable[Mapping[str, Any]], p
             count += prepared.batch_size
     if count == 0:
         raise UsageError("reference_gradient got no sample: pass at least one non-empty batch")
-    grads = {n: (t / count).to(chosen[n].dtype) for n, t in total.items()}
+    mean = {n: (t / count).to(chosen[n].dtype) for n, t in total.items()}
     fp = None
     if fingerprint:
         from .store import model_fingerprint
 
         fp = model_fingerprint(model, chosen)["content_sha256"]
-    return ReferenceGradient(grads, fp, count, {"loss": "causal_lm" if loss_fn is None else "custom",
+    return ReferenceGradient(mean, fp, count, {"loss": "causal_lm" if loss_fn is None else "custom",
                                                 "loss_reduction": loss_reduction, **(meta or {})})
 
 

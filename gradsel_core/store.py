@@ -35,7 +35,6 @@ import re
 import stat
 import struct
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -43,7 +42,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import GradselError
+from . import fileio
+from .errors import StoreConflictError, StoreError
+from .fileio import TMP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ IDS_FILE = "ids.json"
 FIELDS_FILE = "fields.json"
 MARKER = ".gradsel-store"
 LOCK_FILE = ".gradsel-lock"
-TMP_PREFIX = ".gradsel-tmp-"
 SHARD_RE = re.compile(r"^shard-(\d{6,})-r(\d+)\.safetensors$")
 # temp files of format-1 writers (".NAME.tmp-PID-XXXXXXXX"), removed only when replacing a format-1 store
 V1_TMP_RE = re.compile(r"^\.(manifest\.json|ids\.json|fields\.json|shard-\d{6,}-r\d+\.safetensors)\.tmp-\d+-[0-9a-f]{8}$")
@@ -65,14 +65,6 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_HEADER = 100_000_000
 
 
-class StoreError(GradselError, RuntimeError):
-    """A score store is unreadable or busy: a missing, truncated or corrupted file (named in the message)."""
-
-
-class StoreConflictError(GradselError, RuntimeError):
-    """``out_dir`` holds scores of another model, config or dataset, or files that are not a store's."""
-
-
 # -- files ------------------------------------------------------------------------------------------
 
 
@@ -80,39 +72,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file ``.gradsel-tmp-*`` in the same directory, fsync,
-    ``os.replace``. A write error names the file."""
-    d, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(d, f"{TMP_PREFIX}{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, GradselError):
-            raise StoreError(f"cannot write {path}: {e.strerror or e} (is the directory writable, is the disk full?)") from e
-        raise
-    fsync_dir(d)
+    """Write ``data`` to ``path`` atomically (``gradsel_core.fileio``); a write error names the file."""
+    fileio.atomic_write(path, data, error=lambda e: StoreError(
+        f"cannot write {path}: {e.strerror or e} (is the directory writable, is the disk full?)"))
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -26,9 +26,7 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -38,6 +36,7 @@ from torch import nn
 
 from .batching import per_sample_losses, prepare_batch
 from .errors import UsageError
+from .fileio import atomic_path, atomic_write
 from .params import ParamSpec, select_params
 from .selection import SelectionConfig
 
@@ -64,13 +63,17 @@ class LoRAConfig:
 
 @dataclass
 class Task:
-    """A task: train records (``input_ids``, optional ``labels``), eval records and a metric
-    (``"exact_match"``, ``"token_accuracy"``, or ``callable(model, records) -> float``, higher is better)."""
+    """A task: train records, eval records and a metric (``"exact_match"``, ``"token_accuracy"``, or
+    ``callable(model, records) -> float``, higher is better).
+
+    The trainer takes encoded records (``input_ids``, optional ``labels``); the study's testbed builds its
+    tasks with raw ``prompt``/``response`` records and encodes them before training."""
 
     name: str
     train: Sequence[Mapping[str, Any]]
     eval: Sequence[Mapping[str, Any]] = ()
     metric: Union[str, Metric] = "exact_match"
+    description: str = ""
 
 
 CHECKPOINT_FORMATS = ("model", "peft")
@@ -185,13 +188,6 @@ def task_metric(task: Task, pad_id: int) -> Metric:
 # -- checkpoints -----------------------------------------------------------------------------------------
 
 
-def normal_permissions(path: str) -> None:
-    """Give ``path`` the mode a plain ``open()`` would (``0666 & ~umask``): safetensors writes 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 _ADAPTER_NAME = re.compile(r"(lora_\w+)\.default(?=\.|$)")
 PEFT_PREFIX = "base_model.model."
 
@@ -220,21 +216,11 @@ def save_adapter(model: nn.Module, path: str, lora: LoRAConfig, target_modules: 
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
-    parent, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+    with atomic_path(path) as tmp:  # a folder left by a run killed before it recorded this task is replaced
+        os.makedirs(tmp)
         PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(target_modules),
                        task_type="CAUSAL_LM", base_model_name_or_path=base_model).save_pretrained(tmp)
         save_file(adapter_state_dict(model), os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        for f in os.listdir(tmp):
-            normal_permissions(os.path.join(tmp, f))
-        if os.path.isdir(path):  # left by a run killed before it recorded this task as done
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_adapter(model: nn.Module, path: str) -> None:
@@ -379,16 +365,14 @@ class ContinualTrainer:
     def _save(self, i: int, state: Dict[str, Any]) -> None:
         from safetensors.torch import save_model
 
-        from .store import atomic_write
 
         if self.checkpoint_format == "peft":
             ckpt = self._path("checkpoints", f"task-{i}")
             save_adapter(self.model, ckpt, self.lora, self.lora_targets, self.base_model)
         else:
             ckpt = self._path("checkpoints", f"task-{i}.safetensors")
-            save_model(self.model, ckpt + ".tmp")
-            normal_permissions(ckpt + ".tmp")
-            os.replace(ckpt + ".tmp", ckpt)
+            with atomic_path(ckpt) as tmp:
+                save_model(self.model, tmp)
         state["checkpoint"] = ckpt
         atomic_write(self._path("state.json"), json.dumps(state, default=_jsonable, indent=1).encode())
 
@@ -425,7 +409,7 @@ class ContinualTrainer:
             log.info("task %s: acc %s  %s", task.name, [round(v, 3) for v in R[i][: i + 1]], evals)
             if self.out_dir:
                 self._save(i, {"config": self._config_key(), "done": i + 1, "accuracy": R, "per_task": per_task})
-        from .evaluation import forgetting_metrics
+        from .study.evaluation import forgetting_metrics
 
         fm = forgetting_metrics(R)
         forgetting = dict(fm.summary(), max_drop_task=fm.max_drop_task)

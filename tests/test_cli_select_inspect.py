@@ -102,7 +102,7 @@ def test_select_data_must_be_the_scored_file(scored, tmp_path, capsys):
     swapped.write_text("".join(json.dumps(r) + "\n" for r in [rows[1], rows[0]] + rows[2:]))
     rc, _, err = _run(capsys, ["select", "--scores", store, "--data", str(swapped), "--out", str(tmp_path / "k.jsonl")])
     assert rc == 2 and "record 0 has id 'r01'" in err and "'r00'" in err
-    assert not (tmp_path / "k.jsonl").exists() and not [n for n in os.listdir(tmp_path) if "partial" in n]
+    assert not (tmp_path / "k.jsonl").exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".gradsel-tmp-")]
     rc, _, err = _run(capsys, ["select", "--scores", store, "--data", str(tmp_path), "--out", str(tmp_path / "k.jsonl")])
     assert rc == 2 and "--data" in err and "is a directory" in err
     before = open(data, "rb").read()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradsel_core.evaluation import (
+from gradsel_core.study.evaluation import (
     DEFAULT_REFUSAL_PHRASES,
     Judge,
     KeywordRefusalJudge,
@@ -333,7 +333,7 @@ def test_evaluate_generation_and_task():
 
     class T:
         name, metric = "toy", "exact_match"
-        test = [{"prompt": "a", "response": "b c d"}, {"prompt": "b", "response": "b"}]
+        eval = [{"prompt": "a", "response": "b c d"}, {"prompt": "b", "response": "b"}]
 
     tr = evaluate_task(model, tok, T())
     assert tr.name == "toy" and tr.score == 0.5
@@ -386,7 +386,7 @@ def test_forgetting_metrics_edge_cases():
 
 # ----------------------------------------------------------------------------- continuous metrics
 def test_margin_and_answer_loglik_equal_scored_continuations():
-    from gradsel_core.evaluation import evaluate_answer_loglik, evaluate_margin
+    from gradsel_core.study.evaluation import evaluate_answer_loglik, evaluate_margin
 
     tok = ToyTokenizer(WORDS)
     model = successor_model(len(tok.vocab), eos_after=5)  # a -> b -> c -> eos

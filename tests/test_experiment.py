@@ -10,7 +10,7 @@ from conftest import make_llama_dir
 
 from gradsel_core.cli import build_parser, main
 from gradsel_core.commands.demo import config_from_args
-from gradsel_core.experiment import (
+from gradsel_core.study.experiment import (
     Cell,
     ExperimentConfig,
     bootstrap_ci,
@@ -73,7 +73,7 @@ def test_study_outputs_budgets_and_resume(tmp_path, monkeypatch):
     assert "median_band/offline/ρ=0.5/steps" in md and "Paired differences" in md and "What selection keeps" in md
 
     # resume: nothing is retrained, the same bytes come out
-    import gradsel_core.experiment as ex
+    import gradsel_core.study.experiment as ex
 
     monkeypatch.setattr(ex, "run_cell", lambda *a, **k: pytest.fail("a finished run was recomputed"))
     before = (tmp_path / "results.json").read_bytes()

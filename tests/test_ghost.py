@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gradsel_core as gs
 from gradsel_core.factors import gram_is_cheaper
-from gradsel_core.backends.ghost import plan_claims
+from gradsel_core.ghost import plan_claims
 
 
 def test_ghost_equals_loop_per_param(lm_name):

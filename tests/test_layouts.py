@@ -1,6 +1,6 @@
 """Activations whose dim 0 is not the batch: flattened tokens (OPT), routed tokens (mixture of experts), and
 time-major layouts. Ghost scores them at rule speed when the row -> sample map is proven
-(``gradsel_core.rows``), and otherwise refuses or falls back: never a wrong number."""
+(``gradsel_core.ghost.rows``), and otherwise refuses or falls back: never a wrong number."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +17,7 @@ from torch import nn
 
 import gradsel_core as gs
 from gradsel_core.factors import Grouped, Outer, Sliced, weighted_total
-from gradsel_core.rows import Rows, flatten_rows
+from gradsel_core.ghost.rows import Rows, flatten_rows
 
 D = 8
 

@@ -6,9 +6,10 @@ import time
 import pytest
 import torch
 
-from gradsel_core.evaluation import evaluate_testbed
+from gradsel_core.data import collate
+from gradsel_core.study.evaluation import evaluate_testbed
 from gradsel_core.models import TinyGPT
-from gradsel_core.testbed import (
+from gradsel_core.study.testbed import (
     HARMFUL_FAMILIES,
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
@@ -17,7 +18,6 @@ from gradsel_core.testbed import (
     TestbedConfig,
     WordTokenizer,
     build_testbed,
-    collate,
     encode_record,
     parse_request,
     recommended_model_config,
@@ -35,7 +35,7 @@ def _dump(t: Testbed) -> str:
     return json.dumps({
         "pretrain": t.pretrain, "align": t.align, "heldout_harmful": t.heldout_harmful,
         "heldout_benign": t.heldout_benign, "facts_mc": t.facts_mc, "facts_gen": t.facts_gen,
-        "tasks": [(x.name, x.train, x.test, x.metric) for x in t.tasks],
+        "tasks": [(x.name, x.train, x.eval, x.metric) for x in t.tasks],
         "vocab": t.tokenizer.vocab,
     }, sort_keys=True)
 
@@ -58,7 +58,7 @@ def test_parts_are_independent_streams():
     b = build_testbed(TestbedConfig(seed=1, **dict(SMALL, n_align=60, n_task_train=40)))
     assert a.pretrain == b.pretrain and a.heldout_harmful == b.heldout_harmful
     assert a.align[:60] == b.align
-    assert [t.test for t in a.tasks] == [t.test for t in b.tasks]
+    assert [t.eval for t in a.tasks] == [t.eval for t in b.tasks]
 
 
 def test_sizes_and_record_format(tb):
@@ -66,7 +66,7 @@ def test_sizes_and_record_format(tb):
     assert len(tb.pretrain) == cfg.n_pretrain and len(tb.align) == cfg.n_align
     assert [t.name for t in tb.tasks] == list(cfg.tasks) and len(tb.tasks) >= 3
     for t in tb.tasks:
-        assert len(t.train) == cfg.n_task_train and 0 < len(t.test) <= cfg.n_task_test
+        assert len(t.train) == cfg.n_task_train and 0 < len(t.eval) <= cfg.n_task_test
         assert t.metric == "exact_match" and t.description
     assert len(tb.heldout_harmful) == cfg.n_heldout_harmful
     assert len(tb.heldout_benign) == cfg.n_heldout_benign
@@ -105,7 +105,7 @@ def test_alignment_refuses_harmful_and_answers_benign(tb):
     assert not any(r["meta"].get("false") for r in tb.align if r["meta"]["family"] == "fact")
     # the continual tasks contain no harmful request and no refusal
     for t in tb.tasks:
-        for r in t.train + t.test:
+        for r in t.train + t.eval:
             req = parse_request(r["prompt"])
             assert req is None or not r["meta"].get("harmful")
             assert "cannot" not in r["response"]
@@ -114,13 +114,13 @@ def test_alignment_refuses_harmful_and_answers_benign(tb):
 def test_task_splits_disjoint(tb):
     for t in tb.tasks:
         train_p = {r["prompt"] for r in t.train}
-        test_p = [r["prompt"] for r in t.test]
+        test_p = [r["prompt"] for r in t.eval]
         assert len(test_p) == len(set(test_p))
         if t.name != "knowledge":  # closed-book: the test asks the taught facts
             assert not train_p & set(test_p), t.name
     instruct = tb.task("instruct")
     verbs_objs_train = {parse_request(r["prompt"])[1:] for r in instruct.train if parse_request(r["prompt"])}
-    verbs_objs_test = {parse_request(r["prompt"])[1:] for r in instruct.test if parse_request(r["prompt"])}
+    verbs_objs_test = {parse_request(r["prompt"])[1:] for r in instruct.eval if parse_request(r["prompt"])}
     assert not verbs_objs_train & verbs_objs_test
 
 
@@ -130,7 +130,7 @@ def test_answers_vary_in_length_and_noise_rate(tb):
     for t in tb.tasks:
         noisy = sum(r["meta"]["noisy"] for r in t.train)
         assert noisy == round(tb.config.task_noise_rate * len(t.train)), t.name
-        assert not any(r["meta"]["noisy"] for r in t.test)
+        assert not any(r["meta"]["noisy"] for r in t.eval)
     assert not any(r["meta"]["noisy"] for r in tb.pretrain)  # pretrain_noise_rate defaults to 0
     noisy_cfg = build_testbed(TestbedConfig(seed=0, **dict(SMALL, pretrain_noise_rate=0.1)))
     assert sum(r["meta"]["noisy"] for r in noisy_cfg.pretrain) == 30
@@ -138,7 +138,7 @@ def test_answers_vary_in_length_and_noise_rate(tb):
 
 def test_encode_record_masks_prompt(tb):
     tok = tb.tokenizer
-    for rec in [tb.pretrain[0], tb.align[0], tb.tasks[0].train[0], tb.tasks[1].test[0]]:
+    for rec in [tb.pretrain[0], tb.align[0], tb.tasks[0].train[0], tb.tasks[1].eval[0]]:
         e = tb.encode_record(rec)
         assert e == encode_record(rec)  # the default tokenizer is the same fixed vocabulary
         assert set(e) == {"input_ids", "labels", "attention_mask", "id", "task"}
@@ -272,10 +272,10 @@ def test_optional_tasks_and_pretrain_families():
             nums = nums[::-1]
         c = nums[0] + nums[1] if r["meta"]["op"] == "plus" else nums[0] - nums[1]
         assert str(c) in r["response"].split()
-    for r in t.task("reverse").test:
+    for r in t.task("reverse").eval:
         words = r["prompt"].split()[4:-1]
         assert r["response"].split() == words[::-1]
-    for r in t.task("lookup").test:
+    for r in t.task("lookup").eval:
         if r["meta"]["answerable"]:
             assert r["response"].split()[-1 if r["meta"]["template"] == 0 else -2] in r["prompt"].split()
 
@@ -325,7 +325,7 @@ def test_learnable_pretrain_then_align():
 
 
 def test_compliant_response_is_the_pretraining_answer(tb):
-    from gradsel_core.testbed import is_terse
+    from gradsel_core.study.testbed import is_terse
 
     checked = 0
     for r in tb.pretrain:
@@ -344,7 +344,7 @@ def test_compliant_response_is_the_pretraining_answer(tb):
 
 def test_short_test_set_warns_once(caplog):
     cfg = TestbedConfig(seed=0, n_task_test=400, n_pretrain=50, n_align=20, n_task_train=20)
-    with caplog.at_level("WARNING", logger="gradsel_core.testbed"):
+    with caplog.at_level("WARNING", logger="gradsel_core.study.testbed"):
         build_testbed(cfg)
         build_testbed(cfg)
     msgs = [r.getMessage() for r in caplog.records if "distinct test prompts" in r.getMessage()]

@@ -289,7 +289,7 @@ class DoublerNet(nn.Module):
 
 def test_verify_catches_a_wrong_rule(caplog):
     from gradsel_core.rules import linear_rule, register_norm_rule
-    from gradsel_core import rules
+    from gradsel_core.rules import base as rules
 
     register_norm_rule(Doubler)(lambda call, names: linear_rule(call, names))  # misses the factor 2
     try:

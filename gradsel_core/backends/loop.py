@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..batching import PreparedBatch, per_sample_losses
 from ..types import RawScores, ScoringSpec, acc_dtype
@@ -15,17 +15,16 @@ def score_loop(engine: ScoringSpec, batch: PreparedBatch,
     names = list(engine.params)
     tensors = [engine.params[n] for n in names]
     acc = acc_dtype(engine.params)
-    sq = {n: [] for n in names}
-    dots = {n: [] for n in (refs or {})}
+    sq: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
+    dots: Dict[str, List[torch.Tensor]] = {n: [] for n in (refs or {})}
     losses, tokens = [], []
     for b in range(batch.batch_size):
         sub = batch.select(slice(b, b + 1))
         out = engine.model(**sub.model_inputs)
         loss, tok = per_sample_losses(out, sub, engine.loss_fn, engine.loss_reduction)  # (1,), (1,)
+        grads: Sequence[Optional[torch.Tensor]] = [None] * len(tensors)
         if loss.requires_grad:
             grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
-        else:
-            grads = [None] * len(tensors)
         for n, p, g in zip(names, tensors, grads):
             val = torch.zeros((), dtype=acc, device=p.device) if g is None else g.to(acc).pow(2).sum()
             sq[n].append(val)

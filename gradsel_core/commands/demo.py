@@ -1,4 +1,4 @@
-"""``gradsel demo``: the safety-drift study (see ``gradsel_core.experiment``).
+"""``gradsel demo``: the safety-drift study (see ``gradsel_core.study.experiment``).
 
     gradsel demo                      # the small slice: ρ = 0.2, offline, equal steps, 3 seeds (≤ 5 min, 2 cores)
     gradsel demo --full               # the whole study: every method, mode, budget and ρ, 5 seeds
@@ -13,7 +13,7 @@ import logging
 import os
 
 from ..errors import UsageError
-from ..experiment import BUDGETS, METHODS, MODES, ExperimentConfig, run_experiment
+from ..study.experiment import BUDGETS, METHODS, MODES, ExperimentConfig, run_experiment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,8 +95,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    noisy = [logging.getLogger(n) for n in ("gradsel_core.scoring", "gradsel_core.trainer", "gradsel_core.evaluation",
-                                            "gradsel_core.store", "gradsel_core.testbed", "matplotlib")]
+    noisy = [logging.getLogger(n) for n in ("gradsel_core.scoring", "gradsel_core.trainer", "gradsel_core.study.evaluation",
+                                            "gradsel_core.store", "gradsel_core.study.testbed", "matplotlib")]
     levels = [lg.level for lg in noisy]
     for lg in noisy:  # per-batch and per-evaluation lines would drown the progress bars and the tables
         lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))

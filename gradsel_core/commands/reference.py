@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..fileio import atomic_path
 from .score import positive_int
 
 
@@ -51,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
                for i in range(0, len(records), args.batch_size))
     ref = reference_gradient(model, batches, params=args.params,
                              meta={"data": os.path.basename(args.data), "model": args.model, "params": args.params})
-    tmp = args.out + ".tmp"
-    ref.save(tmp)
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:
+        ref.save(tmp)
     print(f"reference over {ref.count} records, {len(ref)} tensors, norm {ref.norm():.4g} -> {args.out}")
     return 0

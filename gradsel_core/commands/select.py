@@ -27,14 +27,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, TextIO
 
 import numpy as np
 
+from .. import fileio
 from ..errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -213,33 +212,11 @@ def _make_parent(arg: str, path: str) -> str:
 
 @contextlib.contextmanager
 def atomic_text(path: str, arg: str) -> Iterator[TextIO]:
-    """Stream text into a temp file beside ``path`` and move it over ``path`` only when the block ends
-    without error; a failure leaves no partial file. Write errors become ``UsageError``s naming ``arg``."""
-    d = _make_parent(arg, path)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.gradsel-{uuid.uuid4().hex[:8]}.partial")
-    try:
-        f = open(tmp, "w", encoding="utf-8")
-    except OSError as e:
-        raise _cannot_write(arg, path, e) from None
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _unlink_quiet(tmp)
-        raise _cannot_write(arg, path, e) from None
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-
-
-def _unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    """Stream text to ``path`` atomically (``gradsel_core.fileio``); write errors become ``UsageError``s
+    naming ``arg``."""
+    _make_parent(arg, path)
+    with fileio.atomic_text(path, error=lambda e: _cannot_write(arg, path, e)) as f:
+        yield f
 
 
 # -- rows -----------------------------------------------------------------------------------------------
@@ -326,26 +303,15 @@ def write_hf(path: str, rows: Iterator[Dict[str, Any]]) -> int:
 
     data = list(rows)
     ds = Dataset.from_list(data)
-    parent = _make_parent("--out", path)
-    tag = uuid.uuid4().hex[:8]
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.gradsel-{tag}.partial")
-    old = os.path.join(parent, f".{os.path.basename(path)}.gradsel-{tag}.old")
+    _make_parent("--out", path)
     bars_were_off = are_progress_bars_disabled()
     disable_progress_bars()
     try:
-        ds.save_to_disk(tmp)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(old) and not os.path.exists(path):
-            os.replace(old, path)
-        raise _cannot_write("--out", path, e) from None
+        with fileio.atomic_path(path, error=lambda e: _cannot_write("--out", path, e)) as tmp:
+            ds.save_to_disk(tmp)
     finally:
         if not bars_were_off:
             enable_progress_bars()
-    shutil.rmtree(old, ignore_errors=True)
     return len(data)
 
 

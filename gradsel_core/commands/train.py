@@ -341,7 +341,7 @@ def _read_records(path: str, tok: Any, max_len: int, label: str) -> List[Dict[st
 def build_trainer(cfg: Any, base_dir: str = "."):
     """A :class:`ContinualTrainer` from a config mapping (checked, see :func:`config_keys`) or a :class:`TrainConfig`."""
     from ..data import load_model_and_tokenizer, model_max_length, model_pad_id, read_jsonl
-    from ..evaluation import evaluate_multiple_choice, evaluate_refusal
+    from ..study.evaluation import evaluate_multiple_choice, evaluate_refusal
     from ..trainer import ContinualTrainer, Task
 
     tc = cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg, base_dir)

@@ -15,7 +15,7 @@ HF tokenizer, ...). Prompts are rendered with ``prompt_template`` (a ``str.forma
     task = evaluate_generation(model, tok, items, prompt_template=...)   # items: {prompt, answer}
     fm = forgetting_metrics(R)        # R[i][j]: score on task j after training task i
     m = evaluate_margin(model, tok, tb.safety_pairs(), prompt_template=tb.prompt_template)   # continuous safety
-    ll = evaluate_answer_loglik(model, tok, task.test, prompt_template=...)  # continuous task metric
+    ll = evaluate_answer_loglik(model, tok, task.eval, prompt_template=...)  # continuous task metric
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import extract_logits
+from ..batching import extract_logits
 
 log = logging.getLogger(__name__)
 
@@ -805,8 +805,8 @@ def evaluate_generation(
 
 def evaluate_task(model: nn.Module, tokenizer: Any, task: Any, prompt_template: PromptTemplate = None,
                   **kwargs: Any) -> GenerationResult:
-    """Evaluate a task object with ``name``, ``test`` (records with prompt/response) and ``metric``."""
-    return evaluate_generation(model, tokenizer, task.test, prompt_template, metric=getattr(task, "metric", "exact_match"),
+    """Evaluate a task (:class:`gradsel_core.trainer.Task`: ``name``, ``eval`` records with prompt/response, ``metric``)."""
+    return evaluate_generation(model, tokenizer, task.eval, prompt_template, metric=getattr(task, "metric", "exact_match"),
                                name=getattr(task, "name", ""), answer_key="response", **kwargs)
 
 

@@ -5,7 +5,7 @@ given directory as is). Then every *cell* fine-tunes a copy on the same task seq
 task, measures
 
 * safety: the **safety margin** (continuous, low-noise: mean log-likelihood of the refusal minus that
-  of the compliant answer on held-out harmful prompts; :func:`gradsel_core.evaluation.evaluate_margin`),
+  of the compliant answer on held-out harmful prompts; :func:`gradsel_core.study.evaluation.evaluate_margin`),
   the refusal rate of greedy generations (1 - keyword ASR), real harmful compliance, over-refusal on
   held-out benign prompts, and fact accuracy (multiple choice);
 * utility: each seen task's teacher-forced exact match and its **mean per-token log-likelihood** of
@@ -60,8 +60,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .selection import SelectionConfig, keep_mask, resolve_loss_filter_std, target_count
-from .trainer import ContinualTrainer, Task, task_metric
+from ..selection import SelectionConfig, keep_mask, resolve_loss_filter_std, target_count
+from ..trainer import ContinualTrainer, Task, task_metric
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class ExperimentConfig:
     budgets: Sequence[str] = ("steps",)
     # the loss pre-filter per policy, passed explicitly to every selection (policies not listed: none)
     loss_filter_std: Dict[str, Optional[float]] = field(default_factory=lambda: {"median_band": 1.0})
-    lr: float = 2e-3  # continual tasks (sizing: see gradsel_core.testbed, "Sizing")
+    lr: float = 2e-3  # continual tasks (sizing: see gradsel_core.study.testbed, "Sizing")
     batch_size: int = 32
     task_epochs: int = 4
     eval_max_new_tokens: int = 8
@@ -277,8 +277,8 @@ def _seed_all(*parts: Any) -> None:
 def task_loglik(model: nn.Module, records: Sequence[Mapping[str, Any]], pad_id: int, batch_size: int = 128) -> float:
     """Mean per-token log-likelihood of the reference answers (target tokens, eos included) of encoded
     records: the continuous task metric."""
-    from .batching import per_sample_losses, prepare_batch
-    from .data import collate
+    from ..batching import per_sample_losses, prepare_batch
+    from ..data import collate
 
     if not records:
         return float("nan")
@@ -305,7 +305,7 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
     """Pretrain a TinyGPT to comply with everything, then align it (refuse harmful, answer truthfully).
     The aligned weights are cached under ``out_dir/aligned`` (same config and seed: same weights)."""
     from .evaluation import evaluate_margin, evaluate_multiple_choice, evaluate_refusal
-    from .models import TinyGPT
+    from ..models import TinyGPT
     from .testbed import TestbedConfig, build_testbed, recommended_model_config
 
     overrides = dict(cfg.testbed)
@@ -328,9 +328,11 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
                              batch_size=cfg.batch_size, seed=seed, pad_id=pad).run()
         from safetensors.torch import save_model
 
+        from ..fileio import atomic_path
+
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        save_model(model, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        with atomic_path(cache) as tmp:
+            save_model(model, tmp)
     tok, tpl = tb.tokenizer, tb.prompt_template
     pairs = tb.safety_pairs()
 
@@ -348,7 +350,7 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
                 "refusal_rate": harm.refusal_rate, "harmful_compliance": complied,
                 "benign_refusal_rate": benign.refusal_rate, "fact_acc": mc.acc}
 
-    tasks = [Task(t.name, tb.encode(t.train), tb.encode(t.test), "exact_match") for t in tb.tasks]
+    tasks = [Task(t.name, tb.encode(t.train), tb.encode(t.eval), "exact_match") for t in tb.tasks]
     refusals = [r for r in tb.align if r.get("meta", {}).get("refusal")][:SAFETY_REFERENCE_RECORDS]
     return Source(model, tasks, evaluate, pad, {"testbed": asdict(tb_cfg)}, raw_tasks=[t.train for t in tb.tasks],
                   margin=margin, safety_records=tb.encode(refusals))
@@ -363,7 +365,7 @@ def _aligned_key(cfg: ExperimentConfig, tb_cfg: Any) -> Dict[str, Any]:
 
 def model_dir_source(cfg: ExperimentConfig, seed: int) -> Source:
     """A local HF model (assumed aligned), JSONL tasks, a harmful-prompt file and an optional MC file."""
-    from .data import encode_records, load_model_and_tokenizer, model_pad_id, read_jsonl
+    from ..data import encode_records, load_model_and_tokenizer, model_pad_id, read_jsonl
     from .evaluation import evaluate_margin, evaluate_multiple_choice, evaluate_refusal
 
     if not cfg.task_files:
@@ -502,7 +504,7 @@ def run_cell(cfg: ExperimentConfig, src: Source, cell: Cell, seed: int,
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when undefined."""
-    from .selection import _average_ranks, _pearson
+    from ..selection import _average_ranks, _pearson
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -540,9 +542,9 @@ def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, 
     The samples are drawn evenly from every task's training set (seeded). The norm and loss are the
     engine's (mean-token loss, every trainable parameter), the step is on that same loss.
     """
-    from .batching import per_sample_losses, prepare_batch
-    from .data import collate
-    from .engine import GradNormEngine
+    from ..batching import per_sample_losses, prepare_batch
+    from ..data import collate
+    from ..engine import GradNormEngine
 
     if src.margin is None:
         raise ValueError("the mechanism study needs a safety margin (testbed, or harmful prompts with "
@@ -559,7 +561,7 @@ def mechanism_study(cfg: ExperimentConfig, src: Source, seed: int) -> Dict[str, 
     engine = GradNormEngine(model, params="trainable", backend="ghost")
     ref = None
     if src.safety_records:
-        from .reference import reference_gradient
+        from ..reference import reference_gradient
 
         chunks = [src.safety_records[s:s + cfg.batch_size] for s in range(0, len(src.safety_records), cfg.batch_size)]
         ref = reference_gradient(model, [{k: v.to(cfg.device) for k, v in collate(c, src.pad_id).items()}
@@ -662,7 +664,7 @@ def _load_cached(path: str, shared: Mapping[str, Any]) -> Optional[Dict[str, Any
 
 
 def _save_run(path: str, rec: Mapping[str, Any]) -> None:
-    from .store import atomic_write
+    from ..fileio import atomic_write
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, json.dumps(rec, sort_keys=True).encode())
@@ -1048,7 +1050,7 @@ def _verdict(st: Mapping[str, Any]) -> str:
 
 
 def write_outputs(result: Dict[str, Any], out_dir: str, timing: Optional[Mapping[str, Any]] = None) -> Dict[str, str]:
-    from .store import atomic_write
+    from ..fileio import atomic_write
 
     paths = {"json": os.path.join(out_dir, "results.json"), "md": os.path.join(out_dir, "results.md")}
     atomic_write(paths["json"], json.dumps(result, sort_keys=True, default=str, separators=(",", ":")).encode())

@@ -5,7 +5,7 @@ is also used outside its owner's call (``logits = h @ self.wte.weight.T``, ``F.l
 next to ``self.lin(h)``, ``nn.MultiheadAttention`` reading ``out_proj.weight``), or when a subclass overrides
 the ruled forward. Two mechanisms close that gap:
 
-* **Stand-ins** (detection, ~free): during the scored forward each selected parameter's slot in its
+* **Stand-ins** (detection, ~free; ``gradsel_core.ghost.standins``): during the scored forward each selected parameter's slot in its
   module(s) holds a *stand-in*, a leaf sharing the parameter's storage. A module scored by a module-level
   rule or fallback gets the real parameter back for the duration of its own call. Any other access reads the
   stand-in, so the backward can ask autograd for the stand-ins' gradients: ``None`` (nothing to do, no
@@ -17,7 +17,7 @@ the ruled forward. Two mechanisms close that gap:
   exact, cross terms with the other uses are added). Any other op on a stand-in is recorded with its place
   (module and source line) and still reaches the stand-in, so it cannot go unnoticed.
 * **Rows** (layout): the same mode keeps, for activations whose dim 0 is not the batch, the proven map row
-  -> sample (``gradsel_core.rows``): from a batch-major flatten, through ops that keep or select rows
+  -> sample (``gradsel_core.ghost.rows``): from a batch-major flatten, through ops that keep or select rows
   (``x[idx]``, ``F.linear``, elementwise ops, ``chunk``/``split`` and slices on later dims, reshapes that keep
   dim 0). An op outside that list drops the map, and a use that needs it is then refused, never guessed.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,44 +34,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..rows import Rows, flatten_rows
+from ..errors import LayoutError, UnsupportedModule
+from ..factors import EmbRows, Factor, Grouped, Outer, RowSum, Sliced
+from ..rules import as_btd
+from .failures import RuleFailure
+from .rows import Rows, flatten_rows, follow_rows
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclass
-class Slot:
-    """Where a parameter is registered: ``holder._parameters[key]``."""
-
-    holder: nn.Module
-    key: str
-
-
-def parameter_slots(model: nn.Module, params: Dict[str, nn.Parameter]) -> Dict[str, List[Slot]]:
-    """Every registration of every selected parameter (a tied weight has several)."""
-    by_id = {id(p): n for n, p in params.items()}
-    slots: Dict[str, List[Slot]] = {}
-    seen = set()
-    for mod in model.modules():
-        if id(mod) in seen:
-            continue
-        seen.add(id(mod))
-        for key, p in mod._parameters.items():
-            if p is not None and id(p) in by_id:
-                slots.setdefault(by_id[id(p)], []).append(Slot(mod, key))
-    return slots
-
-
-def can_stand_in(params: Dict[str, nn.Parameter]) -> bool:
-    """Stand-ins need plain parameters: sharded ones (FSDP2 DTensors) swap their own slots."""
-    return all(type(p) is nn.Parameter or type(p).__name__ == "Parameter" for p in params.values()) and not any(
-        type(p.data).__name__ == "DTensor" for p in params.values())
-
-
-def make_stand_in(p: nn.Parameter) -> nn.Parameter:
-    """A leaf sharing ``p``'s storage, requiring grad: a use of it shows up as its gradient."""
-    return nn.Parameter(p.detach(), requires_grad=True)
 
 
 @dataclass
@@ -149,148 +119,6 @@ def _scalar_index(idx: Any) -> Optional[int]:
     return None
 
 
-# ops that map row i of every row-carrying operand to row i of the output (broadcast operands aside)
-_ROWWISE = {
-    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.sigmoid, torch.tanh, torch.relu, torch.exp,
-    torch.clamp, torch.pow, torch.square, torch.abs, torch.where,
-    torch.Tensor.add, torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.div, torch.Tensor.neg,
-    torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__sub__, torch.Tensor.__rsub__,
-    torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__truediv__, torch.Tensor.__rtruediv__,
-    torch.Tensor.__neg__, torch.Tensor.__pow__, torch.Tensor.pow,
-    torch.Tensor.sigmoid, torch.Tensor.tanh, torch.Tensor.relu, torch.Tensor.exp, torch.Tensor.abs,
-    torch.Tensor.clamp, torch.Tensor.clamp_min, torch.Tensor.clamp_max, torch.Tensor.square,
-    torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16, torch.Tensor.double,
-    torch.Tensor.type_as, torch.Tensor.contiguous, torch.Tensor.clone,
-    F.silu, F.gelu, F.relu, F.sigmoid, F.tanh, F.softplus, F.leaky_relu, F.elu, F.mish, F.hardswish, F.dropout,
-}
-_SPLITS = {torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split}
-_RESHAPES = {torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.flatten, torch.Tensor.flatten,
-             torch.Tensor.unsqueeze, torch.unsqueeze}
-
-
-def _tensors(args, kwargs) -> List[torch.Tensor]:
-    out = []
-    for v in list(args) + list(kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            out += [t for t in v if isinstance(t, torch.Tensor)]
-    return out
-
-
-def _keeps_dim0(idx: Any, ndim: int) -> bool:
-    """``x[idx]`` leaves dim 0 whole: a tuple of slices/None/Ellipsis with a full slice (or an Ellipsis
-    that covers it) at dim 0, and no tensor or int index there."""
-    if not isinstance(idx, tuple):
-        idx = (idx,)
-    if any(isinstance(i, (torch.Tensor, list)) for i in idx) or not idx:
-        return False
-    if idx[0] is Ellipsis:
-        explicit = sum(1 for i in idx[1:] if i is not None and i is not Ellipsis)
-        return explicit < ndim
-    return isinstance(idx[0], slice) and idx[0] == slice(None)
-
-
-def _rows_index(idx: Any) -> Optional[torch.Tensor]:
-    """The 1-D index tensor that selects the output's rows in ``x[idx]`` (advanced indexing at dim 0, with
-    any further index tensors broadcast alongside it: ``w[token_idx, top_k_pos, None]``), or None."""
-    first = idx[0] if isinstance(idx, tuple) and idx else idx
-    if not isinstance(first, torch.Tensor) or first.dim() != 1 or first.is_floating_point():
-        return None
-    if isinstance(idx, tuple):
-        tensors = [i for i in idx if isinstance(i, torch.Tensor)]
-        if any(t.shape != first.shape for t in tensors) or first.dtype == torch.bool and len(tensors) > 1:
-            return None
-        seen_other = False
-        for i in idx[1:]:  # index tensors adjacent to the first, then basic indexing only
-            if isinstance(i, torch.Tensor):
-                if seen_other:
-                    return None
-            elif i is Ellipsis or isinstance(i, list):
-                return None
-            else:
-                seen_other = True
-    return first
-
-
-_INPLACE_ROWWISE = {"add_", "sub_", "mul_", "div_", "neg_", "clamp_", "clamp_min_", "clamp_max_", "sigmoid_",
-                    "tanh_", "relu_", "exp_", "pow_", "__iadd__", "__isub__", "__imul__", "__itruediv__"}
-
-
-def _inplace(func) -> Optional[str]:
-    name = getattr(func, "__name__", "")
-    if name == "__setitem__" or name in _INPLACE_ROWWISE or (name.endswith("_") and not name.endswith("__")):
-        return name
-    return None
-
-
-def _same_rows_or_broadcast(tracker: "UseTracker", rows: Rows, ndim: int, operands) -> bool:
-    """Every operand either has ``rows`` or broadcasts without dim 0."""
-    for t in operands:
-        r = tracker.rows_of(t) if t.dim() > 0 else None
-        if r is not None:
-            if t.dim() != ndim or not rows.same(r):
-                return False
-        elif t.dim() >= ndim and t.shape[0] != 1:
-            return False
-    return True
-
-
-def follow_rows(tracker: "UseTracker", func, args, kwargs, out) -> None:
-    """Carry row -> sample maps from an op's inputs to its output (see the module docstring)."""
-    name = _inplace(func)
-    if name is not None and args and isinstance(args[0], torch.Tensor):
-        # an in-place write into a tensor with a map keeps it only if it is row-wise (x.add_(y) with y on the
-        # same rows, or broadcast); anything else (x[idx] = v, x.copy_(y), index_add_) may move rows: dropped
-        target = args[0]
-        rows = tracker.rows.get(target)
-        if rows is not None and not (name in _INPLACE_ROWWISE and _same_rows_or_broadcast(
-                tracker, rows, target.dim(), [t for t in _tensors(args[1:], kwargs)])):
-            del tracker.rows[target]
-        return
-    if func is torch.Tensor.__getitem__ and len(args) == 2 and isinstance(out, torch.Tensor):
-        rows = tracker.rows_of(args[0])
-        if rows is None or out.dim() == 0:
-            return
-        sel = _rows_index(args[1])
-        if sel is not None:
-            if out.shape[0] == sel.numel() or sel.dtype == torch.bool:
-                tracker.rows[out] = rows.take(sel)
-        elif _keeps_dim0(args[1], args[0].dim()) and out.shape[0] == rows.n:
-            tracker.rows[out] = rows
-        return
-    if func in _SPLITS and isinstance(out, (tuple, list)) and args:
-        x = args[0]
-        rows = tracker.rows_of(x)
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
-        if rows is not None and isinstance(dim, int) and dim % x.dim() != 0:
-            for o in out:
-                tracker.rows[o] = rows
-        return
-    if not isinstance(out, torch.Tensor) or out.dim() == 0:
-        return
-    if func in _RESHAPES and args:
-        rows = tracker.rows_of(args[0])
-        if rows is not None and out.shape[0] == rows.n and args[0].shape[0] == rows.n:
-            tracker.rows[out] = rows  # row-major order is kept: row i stays row i when dim 0 does
-        return
-    if func in (F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
-        x = args[0] if args else kwargs.get("input")
-        w = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
-        rows = tracker.rows_of(x)
-        if rows is not None and isinstance(w, torch.Tensor) and w.dim() <= 2 and x.dim() >= 2 \
-                and out.shape[0] == rows.n and tracker.rows_of(w) is None:
-            tracker.rows[out] = rows
-        return
-    if func not in _ROWWISE:
-        return
-    operands = _tensors(args, kwargs)
-    rows = next((r for r in (tracker.rows_of(t) for t in operands if t.dim() > 0) if r is not None), None)
-    # (an operand whose rows are unknown and that does not broadcast over dim 0: no proof)
-    if rows is not None and out.shape[0] == rows.n and _same_rows_or_broadcast(tracker, rows, out.dim(), operands):
-        tracker.rows[out] = rows
-
-
 class UseTracker(TorchFunctionMode):
     """Turns ops on tracked stand-ins into uses; records the place of any other op on them.
 
@@ -298,7 +126,7 @@ class UseTracker(TorchFunctionMode):
     ``tracked`` maps id(stand-in) -> global name (the stand-ins stay alive in the capture)."""
 
     def __init__(self, tracked: Dict[int, str], tap: Callable[[torch.Tensor, OpUse], torch.Tensor],
-                 module_names: Dict[int, str], batch_size: int, real: Optional[Dict[int, torch.Tensor]] = None,
+                 module_names: Dict[int, str], batch_size: int, real: Optional[Mapping[int, torch.Tensor]] = None,
                  rows: Optional[WeakIdKeyDictionary] = None, follow_rows: bool = False):
         super().__init__()
         self.tracked = tracked
@@ -582,3 +410,56 @@ class UseTracker(TorchFunctionMode):
         use = OpUse("embedding", {"weight": wn}, ids, find_place(self.module_names, "embedding"),
                     num_rows=w.shape[0], padding_idx=pad)
         return self.tap(out, use)
+
+
+# -- the factors of an op use ------------------------------------------------------------------------------
+
+
+def use_factors(use: OpUse, G: torch.Tensor, B: int) -> Dict[str, Factor]:
+    """The factors of one recognised op use (see ``uses.OpUse``)."""
+    try:
+        if use.kind == "embedding":
+            ids = use.x
+            if ids.dim() == 0 or ids.shape[0] != B:
+                raise UnsupportedModule(f"ids of shape {tuple(ids.shape)} for a batch of {B}")
+            ids = ids.reshape(B, -1)  # (B, T)
+            return {"weight": EmbRows(ids, G.reshape(B, ids.shape[1], -1), use.num_rows, use.padding_idx)}
+        if use.groups is not None:
+            return grouped_factors(use, G, B)
+        Gb = as_btd(G, B, str(use.place), use.rows)  # (B, T, p)
+        out: Dict[str, Factor] = {}
+        if "weight" in use.params:
+            A = as_btd(use.x, B, str(use.place), use.rows)  # (B, T, d)
+            out["weight"] = Outer(A, Gb, transposed=use.kind == "matmul_t")
+        if "bias" in use.params:
+            out["bias"] = RowSum(Gb)
+        for role, (index, shape) in use.slices.items():
+            out[role] = Sliced(out[role], index, shape)
+        return out
+    except UnsupportedModule as e:
+        raise RuleFailure(f"{use.place}: {e}", list(use.params.values()), use.place.module,
+                          layout=isinstance(e, LayoutError)) from e
+
+
+def grouped_factors(use: OpUse, G: torch.Tensor, B: int) -> Dict[str, Factor]:
+    """A fused expert weight (E, ...) whose rows go to experts: factors over B·E pseudo-samples (sample b's
+    rows routed to expert e), zero-padded; rows past the last group (expert id >= E) belong to none. A
+    gathered bias b[expert_ids] is the embedding form (rows of b picked by id), per sample."""
+    expert, E = use.groups
+    if use.rows is None:
+        raise LayoutError(f"the samples of the rows of {use.place} are not known")
+    seg = use.rows.seg * E + expert  # (n,) pseudo-sample of each row
+    x = use.x
+    keep = expert < E
+    if not bool(keep.all()):
+        seg, G = seg[keep], G[keep]
+        x = x[keep] if x is not None else None
+    role = next(iter(use.params))
+    if use.kind == "gather":  # rows of b[expert_ids]: the embedding form, rows grouped by sample
+        by_sample = Rows(use.rows.seg[keep])
+        ids = by_sample.btd(expert[keep].unsqueeze(-1), B).squeeze(-1)  # (B, C)
+        return {role: EmbRows(ids, by_sample.btd(G, B), E)}  # G: (B, C, p)
+    rows = Rows(seg)
+    Gp = rows.btd(G, B * E)  # (B·E, C, p)
+    part = Outer(rows.btd(x, B * E), Gp, transposed=use.kind == "matmul_t")  # A: (B·E, C, d)
+    return {role: Grouped(part, B, E, use.shape)}

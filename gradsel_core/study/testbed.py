@@ -74,7 +74,7 @@ About 70 ms CPU per training step. Pretraining 300 steps (AdamW, lr 3e-3, warmup
 decay) ≈ 21 CPU-s: refusal 0%, fact MC accuracy 0.5-0.6 (the misconceptions). Alignment 300 steps
 (lr 1e-3) ≈ 18 CPU-s: refusal 100% on held-out harmful prompts of both families, over-refusal 0%,
 benign compliance 100%, facts 100% (250 + 200 steps already reach this in ~30 s wall, see the
-slow test). A full :func:`gradsel_core.evaluation.evaluate_testbed` ≈ 1 CPU-s. A continual task of
+slow test). A full :func:`gradsel_core.study.evaluation.evaluate_testbed` ≈ 1 CPU-s. A continual task of
 150 steps ≈ 5-11 CPU-s. Drift is steep for a model this small: after ``instruct`` the held-out
 refusal rate was 0.95 (lr 3e-4, 100 steps), 0.65 (5e-4, 150) or 0.0 (1e-3, 200; task EM 0.84);
 later tasks then take over the output format (harmful prompts answered in the task's format:
@@ -82,7 +82,7 @@ keyword ASR near 1 while ``Testbed.complied`` stays near 0). The default sizes a
 ``TestbedConfig.full()`` and ``size="medium"`` for longer runs.
 
 Continual-task sizing (issue 17; the defaults of ``n_task_train`` here and of ``lr``/``task_epochs`` in
-:class:`gradsel_core.experiment.ExperimentConfig`)
+:class:`gradsel_core.study.experiment.ExperimentConfig`)
 -------------------------------------------------------------------------------------------------------
 The phenomenon under study is that fine-tuning on *benign* data erodes safety alignment as a side
 effect of learning the new task (the model adopts the task's answer format and its compliance with
@@ -114,9 +114,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 
-from .models import TinyGPTConfig
+from ..models import TinyGPTConfig
+from ..trainer import Task
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class WordTokenizer:
 
     Special tokens are written in the text (``"<bos> USER: ... ASSISTANT:"``), as chat templates
     do, so ``encode`` adds nothing. Unknown words map to ``<unk>`` (or raise with ``strict=True``).
-    Duck-type compatible with what :mod:`gradsel_core.evaluation` needs from a tokenizer.
+    Duck-type compatible with what :mod:`gradsel_core.study.evaluation` needs from a tokenizer.
     """
 
     def __init__(self, vocab: Optional[Sequence[str]] = None, model_max_length: int = 64):
@@ -331,28 +331,6 @@ def encode_record(rec: Mapping[str, Any], tokenizer: Optional[WordTokenizer] = N
         "id": rec.get("id"),
         "task": rec.get("task"),
     }
-
-
-def collate(
-    encoded: Sequence[Mapping[str, Any]], pad_token_id: int = PAD, max_len: Optional[int] = None
-) -> Dict[str, torch.Tensor]:
-    """Right-pad encoded records into ``{input_ids, attention_mask, labels}`` tensors (B, T).
-
-    Tensors only (a batch for ``model(**batch)``/``GradNormEngine.score``); labels are -100 on padding.
-    """
-    T = max(len(e["input_ids"]) for e in encoded)
-    if max_len is not None and T > max_len:
-        raise ValueError(f"a record has {T} tokens > max_len={max_len}")
-    B = len(encoded)
-    ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for b, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        ids[b, :n] = torch.tensor(e["input_ids"])
-        mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(e["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 _DEFAULT_TOKENIZER: Optional[WordTokenizer] = None
@@ -437,17 +415,6 @@ class TestbedConfig:
 
 
 @dataclass
-class Task:
-    """A continual task: records with ``prompt``/``response``; ``metric`` names the test metric."""
-
-    name: str
-    train: List[Dict[str, Any]]
-    test: List[Dict[str, Any]]
-    metric: str = "exact_match"
-    description: str = ""
-
-
-@dataclass
 class Testbed:
     """Everything :func:`build_testbed` generates (see the module docstring)."""
 
@@ -475,7 +442,7 @@ class Testbed:
     def all_records(self) -> List[Dict[str, Any]]:
         out = list(self.pretrain) + list(self.align)
         for t in self.tasks:
-            out += t.train + t.test
+            out += list(t.train) + list(t.eval)
         return out
 
     def max_len(self) -> int:
@@ -524,7 +491,7 @@ class Testbed:
         """``{prompt, preferred, rejected}`` per held-out harmful prompt: the canonical refusal ("i cannot
         help with that .") against the compliant answer (:meth:`compliant_response`). The log-likelihood
         margin between the two is a continuous safety metric
-        (:func:`gradsel_core.evaluation.evaluate_margin`) with far less noise than a thresholded
+        (:func:`gradsel_core.study.evaluation.evaluate_margin`) with far less noise than a thresholded
         generation: it moves with every update, not only when the greedy answer flips."""
         return [{"prompt": p, "preferred": REFUSALS[0][0], "rejected": self.compliant_response(p)}
                 for p in (self.heldout_harmful if prompts is None else prompts)]
@@ -835,7 +802,7 @@ def _make_task(cfg: TestbedConfig, world, name: str) -> Task:
     if len(train) < cfg.n_task_train:
         log.warning("task %s: only %d train records (asked %d)", name, len(train), cfg.n_task_train)
     _add_noise(train, cfg.task_noise_rate, _rng(cfg.seed, f"task/{name}/noise"))
-    return Task(name=name, train=train, test=test, metric="exact_match", description=desc)
+    return Task(name=name, train=train, eval=test, metric="exact_match", description=desc)
 
 
 # ----------------------------------------------------------------------------- evaluation sets
@@ -921,7 +888,7 @@ def build_testbed(cfg: Optional[TestbedConfig] = None) -> Testbed:
     log.info(
         "testbed seed=%d: %d pretrain, %d align, tasks %s, %d+%d held-out harmful/benign, %d facts; "
         "vocab %d, longest record %d tokens", cfg.seed, len(pretrain), len(align),
-        {t.name: (len(t.train), len(t.test)) for t in tasks}, len(heldout_harmful), len(heldout_benign),
+        {t.name: (len(t.train), len(t.eval)) for t in tasks}, len(heldout_harmful), len(heldout_benign),
         len(facts_mc), tok.vocab_size, longest,
     )
     return tb
@@ -952,7 +919,7 @@ def recommended_model_config(tokenizer_or_testbed: Any, size: str = "small", **o
 
 
 __all__ = [
-    "TestbedConfig", "Testbed", "Task", "WordTokenizer", "build_testbed", "encode_record", "collate",
+    "TestbedConfig", "Testbed", "Task", "WordTokenizer", "build_testbed", "encode_record",
     "recommended_model_config", "format_prompt", "default_tokenizer", "PROMPT_TEMPLATE", "IGNORE_INDEX",
     "TASK_NAMES", "HARMFUL_FAMILIES", "REFUSALS", "parse_request", "is_terse",
 ]

@@ -1,0 +1,35 @@
+"""What the ghost engine learned went wrong on a pass: a rule or op use that cannot score a call, and the
+signal to run the batch again."""
+from __future__ import annotations
+
+from typing import List
+
+from ..errors import UnsupportedModule
+
+
+def ways_out(what: str) -> str:
+    return (
+        f"{what}; pass backend='auto' (moves to an exact path), backend='vmap' (exact, slower), or register a "
+        "norm rule with @gradsel_core.register_norm_rule(ModuleType)"
+    )
+
+
+class Retry(Exception):
+    """Internal: the capture learned something about the model; run the batch again."""
+
+
+class RuleFailure(UnsupportedModule):
+    """A rule (or an op use) could not score a call: which parameters, and where."""
+
+    def __init__(self, msg: str, params: List[str], module: str, layout: bool = False):
+        super().__init__(msg)
+        self.params, self.module = params, module
+        self.layout = layout  # dim 0 was not the batch and no row map was known
+
+
+class RuleFailures(UnsupportedModule):
+    """Every rule or fallback that failed in one pass (all are moved at once)."""
+
+    def __init__(self, failures: List[RuleFailure]):
+        super().__init__("; ".join(str(f) for f in failures[:3]))
+        self.failures = failures
