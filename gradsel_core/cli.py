@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = {}
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         mod = importlib.import_module(f"gradsel_core.commands.{module}")
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
         p.set_defaults(_run=mod.run)
+        subparsers[name] = p
+    parser.set_defaults(_subparsers=subparsers)
     return parser
 
 
@@ -73,7 +76,11 @@ USER_ERRORS = (GradselError, ValueError, TypeError, OSError, KeyError, UnicodeDe
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # an unknown flag: the subcommand's usage, not the top-level one
+        sub = args._subparsers.get(args.command)
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args._run(args) or 0)

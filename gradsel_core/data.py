@@ -24,9 +24,11 @@ Byte tokenizer (``--model tiny``)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -68,18 +70,49 @@ def check_record_values(record: Mapping[str, Any], where: str) -> None:
             raise UsageError(f"{where}: field {k!r} = {v} does not fit in 64 bits; write it as a string")
 
 
-def iter_jsonl(path: str) -> Iterator[Dict[str, Any]]:
+DEFAULT_MAX_LINE_BYTES = 16 << 20  # 16 MiB: a record longer than that is almost surely not one record
+
+
+def iter_jsonl(path: str, max_line_bytes: Optional[int] = DEFAULT_MAX_LINE_BYTES, allow_special: bool = False,
+               progress: Any = None, arg: str = "--data") -> Iterator[Dict[str, Any]]:
     """Yield the JSON objects of a JSONL file (blank lines skipped). Errors (``UsageError``) name the file
-    and line: invalid JSON or UTF-8, a line that is not an object, an id or int field that does not fit."""
-    from .errors import UsageError
+    and line: invalid JSON or UTF-8, a line that is not an object, JSON nested too deeply, a line longer
+    than ``max_line_bytes`` (``None``: no limit), an id or int field that does not fit.
+
+    ``path`` must be a regular file; ``"-"`` reads standard input, and ``allow_special`` lets a FIFO or
+    device through (a FIFO without a writer waits forever). ``progress``: called with the bytes of each
+    line read (for a progress bar); ``arg`` names the option in messages."""
+    import stat as stat_mod
 
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a directory; give a JSONL file (one JSON object per line)")
-    if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file; give a JSONL file (one JSON object per line)")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    if max_line_bytes is not None and max_line_bytes < 1:
+        raise UsageError(f"--max-line-bytes must be >= 1, got {max_line_bytes}")
+    if path != "-":
+        if os.path.isdir(path):
+            raise UsageError(f"{arg} {path} is a directory; give a JSONL file (one JSON object per line)")
+        if not os.path.exists(path):
+            raise UsageError(f"{arg} {path}: no such file; give a JSONL file (one JSON object per line)")
+        if not stat_mod.S_ISREG(os.stat(path).st_mode) and not allow_special:
+            raise UsageError(f"{arg} {path} is not a regular file (a FIFO, socket or device); give a JSONL file, "
+                             f"'{arg} -' for standard input, or --allow-special-files to read it anyway")
+    return _jsonl_records(path, max_line_bytes, progress)  # the checks above run now, the reading lazily
+
+
+def _jsonl_records(path: str, limit: Optional[int], progress: Any) -> Iterator[Dict[str, Any]]:
+    import sys
+
+    with (contextlib.nullcontext(sys.stdin.buffer) if path == "-" else open(path, "rb")) as f:
+        lineno = 0
+        while True:
+            raw = f.readline(limit + 1) if limit is not None else f.readline()
+            if not raw:
+                break
+            lineno += 1
+            if progress is not None:
+                progress(len(raw))
+            if limit is not None and len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                raise UsageError(f"{path}:{lineno}: line longer than {limit:,} bytes (--max-line-bytes); is this a "
+                                 "JSONL file? Raise --max-line-bytes for records that long")
             try:
                 line = raw.decode("utf-8").strip()
             except UnicodeDecodeError as e:
@@ -93,10 +126,30 @@ def iter_jsonl(path: str) -> Iterator[Dict[str, Any]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{path}:{lineno}: JSON nested too deeply to read; flatten the record") from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
             check_record_values(obj, f"{path}:{lineno}")
             yield obj
+
+
+def record_digest(record: Mapping[str, Any]) -> str:
+    """A content hash of one record as read from JSON (key order and the file's whitespace do not count):
+    the store keeps one per record, so ``gradsel select --data`` can tell an edited record from the scored one."""
+    import hashlib
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, torch.Tensor):
+            return x.tolist()
+        raise TypeError(f"{type(x).__name__} cannot be hashed as JSON")
+
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=plain)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
@@ -226,6 +279,25 @@ def encode_messages(messages: Any, tokenizer: Any) -> Tuple[List[int], List[int]
     return ids, labels
 
 
+def _int_list(values: Any, key: str) -> List[int]:
+    """``values`` as a list of ints; a float (``3.0`` or ``3.7``), bool or string is refused, never truncated."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{key!r} must be a list of integer token ids, got {type(values).__name__}")
+    out = []
+    for j, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{key}[{j}] = {v!r} is not an integer token id ({type(v).__name__}); write token ids "
+                             "as integers")
+        out.append(int(v))
+    return out
+
+
+def has_targets(labels: Sequence[int]) -> bool:
+    """Whether a causal-LM record has a token its loss covers: a label other than -100 after the first
+    position (the first token is never predicted)."""
+    return any(int(l) != IGNORE_INDEX for l in labels[1:])
+
+
 def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optional[int] = None) -> Dict[str, Any]:
     """Tokenize one record into ``{"input_ids", "labels", "attention_mask", "id", ...metadata}``.
 
@@ -237,9 +309,10 @@ def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optiona
     if not isinstance(record, Mapping):
         raise TypeError(f"a record must be a dict, got {type(record).__name__}")
     if "input_ids" in record:
-        ids = [int(i) for i in record["input_ids"]]
-        labels = [int(i) for i in record["labels"]] if record.get("labels") is not None else list(ids)
-        mask = [int(i) for i in record["attention_mask"]] if record.get("attention_mask") is not None else [1] * len(ids)
+        ids = _int_list(record["input_ids"], "input_ids")
+        labels = _int_list(record["labels"], "labels") if record.get("labels") is not None else list(ids)
+        mask = (_int_list(record["attention_mask"], "attention_mask") if record.get("attention_mask") is not None
+                else [1] * len(ids))
     elif "prompt" in record or "response" in record:
         if "prompt" not in record or "response" not in record:
             raise ValueError(f"a record with 'prompt' needs 'response' too (and vice versa); keys: {sorted(record)}")
@@ -294,26 +367,39 @@ def compact_record(rec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def encode_records(
-    records, tokenizer: Any, max_length: Optional[int] = None, compact: bool = False
+    records, tokenizer: Any, max_length: Optional[int] = None, compact: bool = False, progress: Any = None,
 ) -> List[Dict[str, Any]]:
     """:func:`encode_record` over an iterable (``compact``: :func:`compact_record` each, ~10x less memory
-    than lists for large datasets); warns about records that truncation left without targets."""
+    than lists for large datasets); warns about records without a target token, saying whether they had
+    none or truncation cut them all. ``progress``: called with the number of records encoded so far."""
     out = []
-    empty = 0
+    none, cut = [], []  # positions of records without a target token: from the start / after truncation
     for pos, r in enumerate(records):
         try:
-            e = encode_record(r, tokenizer, max_length)
+            e = encode_record(r, tokenizer, None)
         except (ValueError, TypeError) as err:
             rid = r.get("id") if isinstance(r, Mapping) else None
             raise type(err)(f"record {pos}{'' if rid is None else f' (id {rid!r})'}: {err}") from err
-        if all(l == IGNORE_INDEX for l in e["labels"][1:]):
-            empty += 1
+        if not has_targets(e["labels"]):
+            none.append(pos)
+        elif max_length is not None and len(e["input_ids"]) > max_length and not has_targets(e["labels"][:max_length]):
+            cut.append(pos)
+        if max_length is not None:
+            for k in TOKEN_KEYS:
+                e[k] = e[k][:max_length]
         out.append(compact_record(e) if compact else e)
-    if empty:
-        log.warning(
-            "%d of %d records have no target token after truncation to %s tokens (loss 0, norm 0)",
-            empty, len(out), max_length,
-        )
+        if progress is not None:
+            progress(pos + 1)
+
+    def some(p: List[int]) -> str:
+        return ", ".join(map(str, p[:5])) + (", ..." if len(p) > 5 else "")
+
+    if none:
+        log.warning("%d of %d records have no target token (all labels -100, an empty text or response, or a single "
+                    "token): their loss and norm are 0 (records %s)", len(none), len(out), some(none))
+    if cut:
+        log.warning("%d of %d records lost every target token to truncation at %s tokens: their loss and norm are 0 "
+                    "(records %s); raise --max-length or shorten their prompts", len(cut), len(out), max_length, some(cut))
     return out
 
 
@@ -334,51 +420,145 @@ def tiny_model(seed: int = 0):
         return TinyGPT(cfg)
 
 
-def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Optional[Any] = None):
-    """``(model, tokenizer)`` for ``"tiny"`` (TinyGPT + :class:`ByteTokenizer`) or a local directory:
-    an HF causal-LM directory (``AutoModelForCausalLM``/``AutoTokenizer``), or a PEFT adapter directory
-    (``adapter_config.json``: the base is loaded from its ``base_model_name_or_path``, a relative path
-    taken from the adapter's folder first (:func:`adapter_base_path`), then the adapter with its LoRA
-    weights trainable, so ``params="trainable"`` selects them).
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` reads as a Hugging Face Hub id (``name`` or ``org/name``), not a path: at most one
+    ``/``, no ``..``/``--``, not starting with ``.``, ``/`` or ``~``."""
+    return bool(HUB_ID_RE.match(spec)) and ".." not in spec and "--" not in spec and not spec.endswith(".")
+
+
+def check_device(device: Any, arg: str = "--device") -> Any:
+    """``device`` (a string or ``torch.device``; ``None`` passes) when this torch build can use it;
+    ``UsageError`` naming ``arg`` for a malformed string, CUDA/MPS that is not there, or a GPU index beyond
+    the visible ones. Checked before any loading."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UsageError(f"{arg} {device}: not a device ({str(e).splitlines()[0]}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UsageError(f"{arg} {device}: {why}; use {arg} cpu (or leave {arg} out)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{arg} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"{arg} {device}: MPS is not available here; use {arg} cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta") and not hasattr(torch, dev.type):
+        raise UsageError(f"{arg} {device}: device type {dev.type!r} is not available in this torch build")
+    return device
+
+
+def _load_error(spec: str, e: BaseException, hub: bool) -> UsageError:
+    """A loading failure as one line naming ``--model``: a missing hub id (offline, not cached), weights that
+    do not match the config, a truncated or corrupted weights file."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if len(first) > 300:
+        first = first[:300] + "..."
+    if hub and isinstance(e, OSError):
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        return UsageError(
+            f"--model {spec}: not a local directory, and the Hub id could not be resolved ({first})"
+            + ("; HF_HUB_OFFLINE=1 is set: put the model in the HF cache first (or unset it to download)" if offline
+               else "; check the id, --revision, your network or HF_TOKEN for gated models"))
+    text = str(e)
+    if "size mismatch" in text or "shape" in text and "checkpoint" in text:
+        return UsageError(f"--model {spec}: the weights do not match config.json ({first}); "
+                          "use the config the weights were saved with")
+    return UsageError(f"--model {spec}: cannot load the model ({type(e).__name__}: {first}); is the checkpoint "
+                      "complete (a truncated model.safetensors?) and config.json the one it was saved with?")
+
+
+def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Optional[Any] = None,
+                             revision: Optional[str] = None, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` for ``"tiny"`` (TinyGPT + :class:`ByteTokenizer`), a local directory or a
+    Hugging Face Hub id: an HF causal-LM (``AutoModelForCausalLM``/``AutoTokenizer``), or a PEFT adapter
+    (``adapter_config.json``: the base is loaded from its ``base_model_name_or_path``, a local path (a
+    relative one taken from the adapter's folder first, :func:`adapter_base_path`) or a Hub id, then the
+    adapter with its LoRA weights trainable, so ``params="trainable"`` selects them).
+
+    A Hub id (``org/name``) resolves as ``from_pretrained`` does: from the local HF cache (``HF_HUB_CACHE``,
+    ``HF_HOME``), offline with ``HF_HUB_OFFLINE=1``, downloading otherwise. ``revision`` (a branch, tag or
+    commit) and ``trust_remote_code`` (run the repository's own modelling code) are opt-in.
 
     ``dtype``: ``None``/``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+    Errors a user can fix are ``UsageError``s naming ``--model``/``--device``.
     """
     torch_dtype = None
     if dtype not in (None, "auto"):
         if dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"dtype={dtype!r}: use auto, float32, bfloat16, float16 or float64")
         torch_dtype = getattr(torch, dtype)
+    check_device(device)
     if spec == "tiny":
         model, tok = tiny_model(), ByteTokenizer()
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     else:
-        if not os.path.isdir(spec):
-            raise FileNotFoundError(f"--model {spec!r}: not 'tiny' and not a local model directory")
+        local = os.path.isdir(spec)
+        if not local and (os.path.exists(spec) or not is_hub_id(spec)):
+            raise FileNotFoundError(f"--model {spec!r}: not 'tiny', not a local model directory and not a Hub id "
+                                    "(org/name)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        adapter_cfg = os.path.join(spec, "adapter_config.json")
-        if os.path.exists(adapter_cfg):
-            from peft import PeftModel
+        kw: Dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        hub_kw: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if revision is not None:
+            hub_kw["revision"] = revision
+        try:
+            base_path = _adapter_config(spec, hub_kw)
+            if base_path is not None:  # a PEFT adapter: its base (a folder or a Hub id), then the adapter
+                from peft import PeftModel
 
-            base_path = adapter_base_path(spec)
-            base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
-            model = PeftModel.from_pretrained(base, spec, is_trainable=True)
-            tok_dir = spec if _has_tokenizer(spec) else base_path
-        else:
-            model = AutoModelForCausalLM.from_pretrained(spec, **kw)
-            tok_dir = spec
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+                base_kw = {"trust_remote_code": trust_remote_code}
+                base = AutoModelForCausalLM.from_pretrained(base_path, **kw, **base_kw)
+                model = PeftModel.from_pretrained(base, spec, is_trainable=True, **({"revision": revision} if revision else {}))
+                if local and not _has_tokenizer(spec):
+                    tok = AutoTokenizer.from_pretrained(base_path, **base_kw)
+                else:
+                    try:
+                        tok = AutoTokenizer.from_pretrained(spec, **hub_kw)
+                    except OSError:  # an adapter repository without tokenizer files: the base's
+                        tok = AutoTokenizer.from_pretrained(base_path, **base_kw)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(spec, **kw, **hub_kw)
+                tok = AutoTokenizer.from_pretrained(spec, **hub_kw)
+        except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is the user's to fix
+            if isinstance(e, UsageError) or "adapter_config.json" in str(e):
+                raise
+            raise _load_error(spec, e, hub=not local) from e
     if device is not None:
         model = model.to(device)
     return model, tok
 
 
+def _adapter_config(spec: str, hub_kw: Mapping[str, Any]) -> Optional[str]:
+    """The ``base_model_name_or_path`` of the PEFT adapter at ``spec`` (a local folder or a Hub id; fetched
+    like any Hub file), ``None`` when ``spec`` is not an adapter."""
+    if os.path.isdir(spec):
+        return adapter_base_path(spec) if os.path.exists(os.path.join(spec, "adapter_config.json")) else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(spec, "adapter_config.json", revision=hub_kw.get("revision"))
+    except Exception:  # noqa: BLE001 - no adapter_config.json (a plain model) or not resolvable: from_pretrained says
+        return None
+    with open(path, "r", encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"--model {spec}: its adapter_config.json has no base_model_name_or_path")
+    return base
+
+
 def adapter_base_path(adapter_dir: str) -> str:
-    """The local base-model directory of the PEFT adapter in ``adapter_dir``: its ``adapter_config.json``
+    """The base model of the PEFT adapter in ``adapter_dir``: its ``adapter_config.json``
     ``base_model_name_or_path``, a relative path resolved against the adapter's folder first, then
-    against the working directory. ``FileNotFoundError`` naming the file and the paths tried otherwise."""
+    against the working directory; a Hub id (``org/name``) that is no local folder is returned as is.
+    ``FileNotFoundError`` naming the file and the paths tried otherwise."""
     adapter_cfg = os.path.join(adapter_dir, "adapter_config.json")
     try:
         with open(adapter_cfg, "r", encoding="utf-8") as f:
@@ -393,6 +573,8 @@ def adapter_base_path(adapter_dir: str) -> str:
     for cand in tried:
         if os.path.isdir(cand):
             return cand
+    if not os.path.isabs(base) and is_hub_id(base) and "/" in base:
+        return base  # a Hub id: from_pretrained resolves it (cache, offline, download)
     where = " or ".join(repr(os.path.abspath(c)) for c in tried)
     raise FileNotFoundError(
         f"{adapter_cfg}: base_model_name_or_path={base!r} is not a local directory (looked for {where}); "

@@ -70,6 +70,7 @@ from .store import (
     FIELDS_FILE,
     IDENTITY_KEYS,
     IDS_FILE,
+    LAYOUT_KEYS,
     MANIFEST,
     MARKER,
     PP_PREFIX,
@@ -112,6 +113,7 @@ class DataScan:
     id_kind: str  # "int" | "str"
     fields: Dict[str, List[Any]]
     sha256: str
+    record_sha256: Optional[List[str]] = None  # each raw record's content hash (records read from JSON)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -383,6 +385,32 @@ def _identity(fingerprint, config, scan: DataScan, source: Optional[Mapping[str,
     return {"model": fingerprint, "config": config, "data": data}
 
 
+def _stored_layout(out_dir: str, identity: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The batch-plan keys of the store in ``out_dir`` when its identity equals ``identity`` except for
+    them (and they differ); ``None`` otherwise (no store, another run, or the same plan)."""
+    from .store import canonical
+
+    if not os.path.isdir(out_dir):
+        return None
+    old = None
+    with contextlib.suppress(StoreError, OSError):
+        m = read_manifest(out_dir)
+        old = {k: m.get(k) for k in IDENTITY_KEYS} if m is not None else None
+    if old is None:
+        with contextlib.suppress(StoreError, OSError):
+            for _, _, _, _, meta, err in scan_shard_files(out_dir):
+                if err is None and isinstance(meta.get("identity"), dict):
+                    old = meta["identity"]
+                    break
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return None
+    stored = {k: old["config"].get(k) for k in LAYOUT_KEYS}
+    if any(k not in old["config"] for k in LAYOUT_KEYS) or all(stored[k] == identity["config"].get(k) for k in LAYOUT_KEYS):
+        return None
+    strip = lambda ident: canonical({**ident, "config": {k: v for k, v in ident["config"].items() if k not in LAYOUT_KEYS}})
+    return stored if strip(old) == strip(dict(identity)) else None
+
+
 def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, versions) -> Dict[str, Any]:
     """Rank 0, under the lock: conflict checks, cleanup, resume validation, side files. Returns what the
     ranks need."""
@@ -394,10 +422,18 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
         log.warning("%s; rebuilding it from the shards", e)
         old = None
     found = scan_shard_files(out_dir)
+    ours = [f for f in found if f[5] is None and f[4].get("run_key") == run_key]
+    if old is not None and old["run_key"] != run_key and not old["complete"] and not ours and not any(
+            f[5] is None and f[4].get("run_key") == old["run_key"] for f in found):
+        # an unfinished store without a single scored shard (e.g. a run that failed on its first batch, such
+        # as an unavailable backend) holds nothing to protect: it does not block another run
+        log.info("%s: replacing an unfinished store that holds no scores yet", out_dir)
+        old = None
     if not overwrite:
         if old is not None and old["run_key"] != run_key:
             raise StoreConflictError(conflict_message(out_dir, {k: old.get(k) for k in IDENTITY_KEYS}, identity))
-        for name, _, _, _, meta, err in found:
+        # with our own manifest, a shard of another run (copied in) is removed and rescored below
+        for name, _, _, _, meta, err in ([] if old is not None else found):
             if err is None and meta.get("run_key") != run_key:
                 other = meta.get("identity")
                 if isinstance(other, dict):
@@ -421,7 +457,10 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
             log.warning("%s; repairing the store", e)
     valid = _validate_existing(out_dir, plan, run_key, found)
     side: Dict[str, Tuple[str, int]] = {}
-    docs = [(IDS_FILE, json_bytes({"kind": scan.id_kind, "ids": scan.ids}))]
+    ids_doc: Dict[str, Any] = {"kind": scan.id_kind, "ids": scan.ids}
+    if scan.record_sha256 is not None:
+        ids_doc["record_sha256"] = scan.record_sha256
+    docs = [(IDS_FILE, json_bytes(ids_doc))]
     if scan.fields:
         docs.append((FIELDS_FILE, json_bytes(scan.fields)))
     for name, doc in docs:
@@ -552,6 +591,62 @@ def _reference_identity(reference: Any, fingerprint: Mapping[str, Any], engine: 
     return {"references": out, "single": isinstance(reference, MappingABC)}
 
 
+@dataclass
+class DryRun:
+    """What ``score_dataset(..., dry_run=True)`` found: the work, the store's identity and a time estimate."""
+
+    records: int
+    tokens: int
+    padded_tokens: int
+    batches: int
+    shards: int
+    run_key: str
+    backend: str
+    out_dir: str
+    out_state: str  # "new", "same run: K of S shards scored", "complete", "another run (...)"
+    timed_batches: int
+    estimate_s: Optional[float]  # the whole run, from the timed batches' seconds per padded token
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, reference, n_timed: int = 3) -> DryRun:
+    """Time the first ``n_timed`` batches of the plan (after one untimed warm-up) and describe ``out_dir``."""
+    batches = [b for sh in plan for b in sh.batches]
+    padded = int(sum(len(b) * int(scan.lengths[b[0]]) for b in batches))  # each batch's first record is its longest
+    est, timed = None, 0
+    if batches:
+        make = _Batches(scan.source, pad, device)
+        try:
+            sample = batches[:n_timed + 1]
+            t_used = tok_used = 0.0
+            for k, (b, batch) in enumerate(make(sample)):
+                t0 = time.perf_counter()
+                engine.score(batch, reference=reference)
+                if k == 0 and len(sample) > 1:
+                    continue  # warm-up
+                t_used += time.perf_counter() - t0
+                tok_used += len(b) * int(scan.lengths[b[0]])
+                timed += 1
+            est = t_used / max(tok_used, 1.0) * padded
+        finally:
+            make.close()
+    state = "new"
+    with contextlib.suppress(StoreError, OSError):
+        m = read_manifest(out_dir) if os.path.isdir(out_dir) else None
+        if m is not None:
+            if m["run_key"] != run_key:
+                state = "another run (refused without --overwrite)"
+            elif m["complete"]:
+                state = "complete: nothing to score"
+            else:
+                ours = sum(1 for f in scan_shard_files(out_dir) if f[5] is None and f[4].get("run_key") == run_key)
+                state = f"same run: {ours} of {len(plan)} shards scored"
+    return DryRun(len(scan), int(scan.lengths.sum()), padded, len(batches), len(plan), run_key,
+                  str(config["backend_resolved"]), out_dir, state, timed, None if est is None else round(est, 3))
+
+
 def score_dataset(
     model: nn.Module,
     dataset: Any,
@@ -573,6 +668,7 @@ def score_dataset(
     tokenizer: Any = None,
     max_length: Optional[int] = None,
     reference: Any = None,
+    dry_run: bool = False,
 ) -> ScoreStore:
     """Score every record of ``dataset`` into the score store ``out_dir`` and return it.
 
@@ -605,18 +701,29 @@ def score_dataset(
         max_length: with ``tokenizer``, truncate records to this many tokens (default: the model's
             maximum positions, else 1024).
 
+    ``dry_run``: touch nothing; return a :class:`DryRun` (records, tokens, batches, the run key, what
+    ``out_dir`` holds, and a time estimate from a few timed batches) instead of a store.
+
     NaN/inf losses and norms are stored as such and counted in ``store.meta["counts"]``.
     Under ``torch.distributed`` every rank must call this with the same arguments (see module doc).
     """
     t_start = time.perf_counter()
+    record_sha256: Optional[List[Any]] = None
     if tokenizer is not None:
-        from .data import encode_records, model_max_length
+        from .data import encode_records, model_max_length, record_digest
         from .store import tokenizer_fingerprint
 
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise UsageError(f"max_length must be a positive int (tokens per record), got {max_length!r}")
         length = max_length or model_max_length(model)
-        dataset = encode_records(_indexable(dataset)[1], tokenizer, length, compact=True)
+        record_sha256 = []
+
+        def tap(records):  # each raw record's content hash, for `gradsel select --data`'s record-by-record check
+            for r in records:
+                record_sha256.append(record_digest(r) if isinstance(r, Mapping) else None)
+                yield r
+
+        dataset = encode_records(tap(_indexable(dataset)[1]), tokenizer, length, compact=True)
         # how the records were made is part of the store's identity (another tokenizer or length is refused)
         source = dict(source or {})
         source.setdefault("tokenizer", tokenizer_fingerprint(tokenizer))
@@ -629,6 +736,8 @@ def score_dataset(
     )
     vocab_in, vocab_out = _model_vocab(model)
     scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out)
+    if record_sha256 is not None and None not in record_sha256:
+        scan.record_sha256 = record_sha256
     window = shard_size if shard_size is not None else (64 * batch_size if batch_size is not None else 4096)
     plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0)
     device = _model_device(model)
@@ -666,6 +775,17 @@ def score_dataset(
     if reference is not None:
         config["reference"] = _reference_identity(reference, fingerprint, engine)
     identity = _identity(fingerprint, config, scan, source)
+    if resume and not overwrite:
+        stored = _stored_layout(os.fspath(out_dir), identity)
+        if stored is not None:  # the batch plan changes no per-sample value: resume with the store's plan
+            if rank == 0:
+                log.info("%s was scored with %s; resuming with its batch plan (batch size, max tokens and "
+                         "shard size change no per-sample value; new values apply to a new store)", os.fspath(out_dir),
+                         ", ".join(f"{k}={stored[k]}" for k in LAYOUT_KEYS))
+            config.update(stored)
+            plan = plan_batches(scan.lengths, stored["batch_size"], stored["max_tokens"], stored["shard_size"],
+                                warn=rank == 0)
+            identity = _identity(fingerprint, config, scan, source)
     run_key = canonical_hash(identity)
     keys = _all_gather(run_key, world)
     if len(set(keys)) > 1:
@@ -676,6 +796,8 @@ def score_dataset(
         )
     versions = _versions()
     out_dir = os.fspath(out_dir)
+    if dry_run:
+        return _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, reference)  # type: ignore[return-value]
 
     with contextlib.ExitStack() as stack:
         prep: Any

@@ -545,6 +545,11 @@ def parse_ids(data: bytes, path: str, n: int) -> Dict[str, Any]:
                          "`gradsel score` command to rewrite it")
     if len(ids) != n:
         raise StoreError(f"{path}: {len(ids)} ids for {n} records; rerun the same `gradsel score` command to rewrite it")
+    digests = doc.get("record_sha256")
+    if digests is not None and (not isinstance(digests, list) or len(digests) != n
+                                or not all(isinstance(d, str) for d in digests)):
+        raise StoreError(f"{path}: malformed record_sha256 (needs one hash string per record); rerun the same "
+                         "`gradsel score` command to rewrite it")
     for i, v in enumerate(ids):
         ok = (isinstance(v, int) and not isinstance(v, bool) and _fits_int64(v)) if kind == "int" else isinstance(v, str)
         if not ok:
@@ -588,6 +593,7 @@ class ScoreStore:
     run: Dict[str, Any] = field(default_factory=dict)  # what the score_dataset call that returned it did
     dots: Optional[np.ndarray] = None  # (N,) or (N, R) float32: ⟨∇θ L_i, r⟩ (scored with reference=)
     cosines: Optional[np.ndarray] = None  # (N,) or (N, R) float32
+    record_sha256: Optional[List[str]] = None  # each scored record's content hash (records read from JSON)
 
     def __len__(self) -> int:
         return int(self.norms.shape[0])
@@ -637,7 +643,8 @@ class ScoreStore:
         for sh in manifest["shards"]:
             name = sh["file"]
             data = load_checked(name, sh["sha256"], sh.get("size"), SHARD_RE)
-            tensors, _ = decode_shard(data, os.path.join(out_dir, name))
+            tensors, meta = decode_shard(data, os.path.join(out_dir, name))
+            check_shard_identity(meta, manifest, sh, os.path.join(out_dir, name))
             pos = tensors.get("positions")
             if pos is None or not np.array_equal(pos, np.arange(expect, expect + len(pos))):
                 raise StoreError(f"{os.path.join(out_dir, name)}: positions do not continue the dataset at {expect}")
@@ -669,6 +676,7 @@ class ScoreStore:
             meta=manifest,
             dots=np.concatenate(parts["dots"]) if parts.get("dots") else None,
             cosines=np.concatenate(parts["cosines"]) if parts.get("cosines") else None,
+            record_sha256=ids_doc.get("record_sha256"),
         )
 
     # -- summaries --------------------------------------------------------------------------------
@@ -682,6 +690,24 @@ class ScoreStore:
         if not len(hits):
             raise KeyError(id_)
         return int(hits[0])
+
+
+def check_shard_identity(meta: Mapping[str, Any], manifest: Mapping[str, Any], entry: Mapping[str, Any], path: str) -> None:
+    """A format-2 shard's header must carry the manifest's run key and the plan index and start the manifest
+    lists it at; ``StoreError`` otherwise (a shard copied from another store, with the manifest's size and
+    sha256 edited to match, is caught here)."""
+    if int(manifest.get("format_version", 1)) < 2 and "run_key" not in meta:
+        return
+    key, want = meta.get("run_key"), manifest.get("run_key")
+    if key != want:
+        raise StoreError(
+            f"{path}: written by another run (run key {str(key)[:12]}..., this store's {str(want)[:12]}...): "
+            "copied from another store? Rerun the same `gradsel score` command: it removes the shard and "
+            "scores its records again")
+    if meta.get("index") != entry.get("index") or meta.get("start") != entry.get("start"):
+        raise StoreError(f"{path}: its header says plan index {meta.get('index')} at record {meta.get('start')}, "
+                         f"the manifest lists it as {entry.get('index')} at {entry.get('start')}; "
+                         f"{_repair_hint(os.path.dirname(path))}")
 
 
 def summarize(norms: np.ndarray, losses: np.ndarray, tokens: np.ndarray) -> Dict[str, Any]:
@@ -720,8 +746,28 @@ def read_manifest(out_dir: str) -> Optional[Dict[str, Any]]:
     return validate_manifest(manifest, out_dir)
 
 
+# config keys that shape the batch plan but change no per-sample value (each sample's norm, loss, dot and
+# cosine depend on its own tokens only): a store is resumed with its own plan whatever these are now
+LAYOUT_KEYS = ("batch_size", "max_tokens", "shard_size")
+
+
+def canonical(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples -> lists, numpy scalars -> Python numbers): what a stored
+    identity is compared in."""
+    return json.loads(json.dumps(obj, sort_keys=True, allow_nan=False, default=_json_default))
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
 def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> List[str]:
-    """Dotted keys whose values differ between two JSON-like dicts."""
+    """Dotted keys whose values differ between two JSON-like dicts, compared in their JSON forms (a tuple
+    written to the store reads back as a list: that is no difference)."""
+    if not prefix:
+        old, new = canonical(dict(old)), canonical(dict(new))
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
@@ -735,13 +781,19 @@ def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any], prefix: 
 
 def conflict_message(out_dir: str, old_identity: Mapping[str, Any], identity: Mapping[str, Any], where: str = "") -> str:
     diffs = describe_difference(dict(old_identity), dict(identity))
+    numbers = [d for d in diffs if d not in tuple(f"config.{k}" for k in LAYOUT_KEYS)]
+    diffs = numbers or diffs  # the batch plan alone never refuses a resume: name what changes the numbers
     what = sorted({d.split(".")[0] for d in diffs}) or ["model"]
     names = {"model": "model", "config": "scoring config", "data": "dataset"}
-    return (
-        f"{out_dir} already holds scores of a different {' and '.join(names.get(w, w) for w in what)}{where} "
-        f"(differs in: {', '.join(diffs[:8])}{', ...' if len(diffs) > 8 else ''}). Pass overwrite=True "
-        "(CLI: --overwrite) to replace them, or choose another directory."
-    )
+    head = (f"{out_dir} already holds scores of a different {' and '.join(names.get(w, w) for w in what)}{where} "
+            f"(differs in: {', '.join(diffs[:8])}{', ...' if len(diffs) > 8 else ''}).")
+    if diffs and all(d.startswith("config.reference") for d in diffs):
+        had = isinstance(old_identity.get("config"), Mapping) and old_identity["config"].get("reference")
+        return (f"{out_dir} holds scores {'with another reference' if had else 'without a reference'}: dots and "
+                "cosines need every per-sample gradient again, so they cannot be added to it. Score into a new "
+                "directory with the reference (the norms come with it, same cost), or replace this store with "
+                "overwrite=True (CLI: --overwrite).")
+    return head + " Pass overwrite=True (CLI: --overwrite) to replace them, or choose another directory."
 
 
 # -- building a manifest ----------------------------------------------------------------------------

@@ -81,10 +81,16 @@ def test_score_cli_llama_text_and_prompt_response(llama_dir, data_file, tmp_path
         res = eng.score(collate([rec], pad_id=3))
         assert np.allclose(store.norms[i], res.norms.numpy(), rtol=1e-4, atol=1e-6)
 
-    # a different config in the same directory is refused; --overwrite replaces it
+    # another --batch-size changes no per-sample value: the store is resumed with its own plan (nothing to do);
+    # a config that changes the numbers (--max-length) is refused, naming only that key; --overwrite replaces it
     rc = main(["score", "--model", llama_dir, "--data", path, "--out", out, "--batch-size", "2", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "nothing to score" in captured.out, captured.err
+    assert ScoreStore.open(out).meta["config"]["batch_size"] == 4
+    rc = main(["score", "--model", llama_dir, "--data", path, "--out", out, "--max-length", "4", "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and "--overwrite" in err and "batch_size" in err
+    assert rc == 2 and "--overwrite" in err and "data.source.max_length" in err
+    assert "special_tokens" not in err and "batch_size" not in err and "overwrite=True" not in err
     rc = main(["score", "--model", llama_dir, "--data", path, "--out", out, "--batch-size", "2", "--no-progress",
                "--overwrite", "--max-length", "4"])
     assert rc == 0

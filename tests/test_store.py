@@ -348,8 +348,11 @@ def test_conflicting_model_config_or_data_is_refused_unless_overwrite(tmp_path):
         other.ln_f.bias.add_(1e-3)
     with pytest.raises(StoreConflictError, match=r"different model .*content_sha256.*overwrite=True"):
         score_dataset(other, recs, out, **KW)
-    with pytest.raises(StoreConflictError, match=r"scoring config .*config\.batch_size"):
-        score_dataset(tiny(), recs, out, **dict(KW, batch_size=8))
+    # the batch plan changes no per-sample value: another batch size resumes the store with its own plan
+    same = score_dataset(tiny(), recs, out, **dict(KW, batch_size=8))
+    assert same.run["records_scored"] == 0 and same.meta["config"]["batch_size"] == KW["batch_size"]
+    with pytest.raises(StoreConflictError, match=r"scoring config .*config\.loss_reduction"):
+        score_dataset(tiny(), recs, out, **dict(KW, loss_reduction="sum"))
     with pytest.raises(StoreConflictError, match="dataset"):
         score_dataset(tiny(), records(16, seed=1), out, **KW)
     with pytest.raises(StoreConflictError, match="params"):

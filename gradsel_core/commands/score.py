@@ -1,11 +1,15 @@
 """``gradsel score``: score a JSONL dataset into a resumable score store.
 
-    gradsel score --model DIR|tiny --data data.jsonl --out scores/ [--params trainable|lora|all]
-                  [--backend auto] [--batch-size 16] [--max-tokens N] [--max-length N]
-                  [--no-resume] [--overwrite]
+    gradsel score --model DIR|ORG/NAME|tiny --data data.jsonl|- --out scores/ [--params trainable|lora|all]
+                  [--backend auto|loop|vmap|ghost|triton] [--batch-size 16] [--max-tokens N] [--max-length N]
+                  [--shard-size N] [--per-param] [--reference REF.safetensors ...]
+                  [--dtype auto|float32|bfloat16|float16|float64] [--device DEV] [--revision REV]
+                  [--trust-remote-code] [--max-line-bytes N] [--allow-special-files] [--no-resume]
+                  [--overwrite] [--no-progress] [--json] [--dry-run] [--fsdp] [--dist-timeout MIN]
 
-``--model DIR`` is a local HF causal-LM directory, or a PEFT adapter directory whose
-``base_model_name_or_path`` is a local directory; ``--model tiny`` is the built-in TinyGPT with the
+``--model DIR`` is a local HF causal-LM directory or a PEFT adapter directory; ``--model org/name`` a Hugging
+Face Hub id (the local HF cache, offline with ``HF_HUB_OFFLINE=1``, downloaded otherwise; an adapter's base
+may be a Hub id too); ``--model tiny`` is the built-in TinyGPT with the
 byte-level tokenizer (``gradsel_core.data.ByteTokenizer``). JSONL records carry ``text`` or ``prompt`` +
 ``response`` (loss on the response only), an optional ``id`` and optional metadata fields (``task``...).
 
@@ -33,10 +37,103 @@ def positive_int(text: str) -> int:
     return v
 
 
+MODEL_HELP = ("local HF model or PEFT adapter directory, a Hugging Face Hub id (org/name: the HF cache, offline "
+              "with HF_HUB_OFFLINE=1, else downloaded), or 'tiny'")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --revision, --trust-remote-code (score, reference)."""
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model (default: main)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model repository's own Python code (only for repositories you trust)")
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-line-bytes, --allow-special-files (every command reading JSONL)."""
+    from ..data import DEFAULT_MAX_LINE_BYTES
+
+    p.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES, metavar="N",
+                   help="refuse a JSONL line longer than this many bytes")
+    p.add_argument("--allow-special-files", action="store_true",
+                   help="read --data from a FIFO or device too (default: regular files, or '-' for standard input)")
+
+
+def read_progress(path: str, enabled: bool, desc: str = "reading and tokenizing"):
+    """``(callback, close)``: a tqdm bar over the bytes of ``path`` (rates, ETA) fed by ``iter_jsonl``'s
+    ``progress``; no bar when disabled or for standard input."""
+    if not enabled or path == "-":
+        return None, lambda: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+               dynamic_ncols=True, mininterval=0.5, leave=False)
+    return bar.update, bar.close
+
+
+def read_records(args: argparse.Namespace, progress: bool):
+    """The JSONL records of ``--data`` as an iterator (with a reading bar); refuses an empty file up front."""
+    import itertools
+
+    from ..data import iter_jsonl
+    from ..errors import UsageError
+
+    box: list = []
+    it = iter_jsonl(args.data, max_line_bytes=args.max_line_bytes, allow_special=args.allow_special_files,
+                    progress=lambda n: box[0](n) if box and box[0] else None)  # checks the file now
+    update, close = read_progress(args.data, progress)
+    box.append(update)
+    first = next(it, None)
+    if first is None:
+        close()
+        raise UsageError(f"--data {args.data} holds no record (empty, or blank lines only); nothing to score")
+
+    def records():
+        try:
+            yield from itertools.chain([first], it)
+        finally:
+            close()
+
+    return records()
+
+
+def check_backend(backend: str, device: str) -> None:
+    """``--backend triton`` needs a CUDA device and the kernels; refused before any work otherwise."""
+    from ..errors import UsageError
+
+    if backend != "triton":
+        return
+    from ..dispatch import _kernels_problem, interpreting
+
+    if not (str(device).startswith("cuda") or interpreting()):
+        raise UsageError(f"--backend triton runs on CUDA devices only (--device is {device}); use --backend auto "
+                         "(the exact torch path here)")
+    problem = _kernels_problem()
+    if problem is not None:
+        raise UsageError(f"--backend triton: {problem}; or use --backend auto")
+
+
+def cli_words(e: BaseException) -> BaseException:
+    """The same error with the Python API's argument names replaced by the CLI's flags."""
+    msg = str(e)
+    new = (msg.replace("pass overwrite=True (CLI: --overwrite)", "pass --overwrite")
+           .replace("Pass overwrite=True (CLI: --overwrite)", "Pass --overwrite")
+           .replace("overwrite=True (CLI: --overwrite)", "--overwrite")
+           .replace("out_dir ", "--out "))
+    if new == msg:
+        return e
+    try:
+        return type(e)(new)
+    except Exception:  # noqa: BLE001 - an exception type that takes other arguments: keep it as it was
+        return e
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local HF model or PEFT adapter directory, or 'tiny'")
+    add_model_arguments(p)
     p.add_argument("--data", required=True,
-                   help="JSONL: {text}, {prompt, response} or chat {messages}, optional id and metadata")
+                   help="JSONL: {text}, {prompt, response} or chat {messages}, optional id and metadata; "
+                        "'-' reads standard input")
+    add_input_arguments(p)
     p.add_argument("--out", required=True, help="score store directory (created; resumable)")
     p.add_argument("--params", default="trainable", choices=("trainable", "lora", "all"),
                    help="parameters the norm is taken over (default: trainable)")
@@ -60,6 +157,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replace a store of another model/config/data in --out; also allows a non-empty directory "
                         "that is not a store (gradsel adds its files and never touches the others)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON object (what the summary line says) on stdout")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write nothing: print the records, tokens and batches, the store's identity and what --out "
+                        "holds, and a time estimate from a few timed batches")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model over the ranks with FSDP2 fully_shard, one decoder layer "
                         "at a time (a model larger than one device); rank 0 reads the checkpoint, the others "
@@ -162,39 +263,87 @@ def summary_line(store, elapsed: float) -> str:
     return line
 
 
+def summary_dict(store, elapsed: float) -> dict:
+    """What :func:`summary_line` says, as JSON values."""
+    from .select import jsonable
+
+    s = store.summary()
+    run = getattr(store, "run", None) or {}
+    out = {"store": store.path, "records": len(store), "records_scored": int(run.get("records_scored", len(store))),
+           "tokens_scored": int(run.get("tokens_scored", 0)), "elapsed_s": round(elapsed, 3),
+           "scoring_s": run.get("scoring_s"), "backend": run.get("backend_used"), "coverage": run.get("coverage"),
+           "nonfinite": s["nonfinite"], "norm_mean": s["norm_mean"], "norm_median": s["norm_median"],
+           "tokens": s["tokens"], "run_key": store.meta.get("run_key")}
+    cos = getattr(store, "cosines", None)
+    if cos is not None and len(cos):
+        import numpy as np
+
+        c = cos if cos.ndim == 1 else cos[:, 0]
+        fin = c[np.isfinite(c)]
+        out["cosine_median"] = float(np.median(fin)) if len(fin) else None
+        out["opposed"] = int((fin < 0).sum())
+    return jsonable(out)
+
+
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import torch
 
-    from ..data import iter_jsonl, load_model_and_tokenizer
+    from ..data import check_device, load_model_and_tokenizer
+    from ..errors import GradselError
     from ..scoring import score_dataset
 
     t0 = time.perf_counter()
-    check_paths(args.data, args.out)
+    if args.data != "-":
+        check_paths(args.data, args.out)
+    elif os.path.lexists(args.out) and not os.path.isdir(args.out):
+        check_paths(os.devnull, args.out)
+    check_device(args.device)
     initialised, local = _init_distributed(args.dist_timeout)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     try:
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        check_backend(args.backend, device)
+        records = read_records(args, progress=not args.no_progress and rank == 0)
         # errors propagate to the CLI's one error style (`gradsel score: error: ...`, exit 2)
         if args.fsdp:  # read on rank 0, sharded over the ranks (integrations/fsdp.py)
             from ..integrations.fsdp import load_sharded
 
             model, tok = load_sharded(args.model, dtype=args.dtype)
         else:
-            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device)
+            model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=device, revision=args.revision,
+                                                  trust_remote_code=args.trust_remote_code)
         reference = None
         if args.reference:
             from ..reference import ReferenceGradient
 
             refs = [ReferenceGradient.load(path, device=device) for path in args.reference]
             reference = refs[0] if len(refs) == 1 else refs
-        store = score_dataset(  # the Python API's path: tokenizer= encodes the JSONL records
-            model, iter_jsonl(args.data), args.out, tokenizer=tok, max_length=args.max_length,
-            batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
-            per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress,
-            overwrite=args.overwrite, shard_size=args.shard_size, reference=reference,
-        )
+        try:
+            result = score_dataset(  # the Python API's path: tokenizer= encodes the JSONL records
+                model, records, args.out, tokenizer=tok, max_length=args.max_length,
+                batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
+                per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress and not args.json,
+                overwrite=args.overwrite, shard_size=args.shard_size, reference=reference, dry_run=args.dry_run,
+            )
+        except GradselError as e:
+            raise cli_words(e) from None
         if rank == 0:
-            print(summary_line(store, time.perf_counter() - t0))
+            if args.dry_run:
+                d = result.as_dict()
+                if args.json:
+                    print(json.dumps(d, allow_nan=False))
+                else:
+                    est = "no batch to time" if d["estimate_s"] is None else (
+                        f"about {d['estimate_s']:.1f} s (from {d['timed_batches']} timed batches, this device)")
+                    print(f"dry run: {d['records']} records, {d['tokens']:,} tokens ({d['padded_tokens']:,} padded) in "
+                          f"{d['batches']} batches, {d['shards']} shards; backend {d['backend']}; scoring would take "
+                          f"{est}; run key {d['run_key'][:16]}; --out {d['out_dir']}: {d['out_state']}")
+            elif args.json:
+                print(json.dumps(summary_dict(result, time.perf_counter() - t0), allow_nan=False))
+            else:
+                print(summary_line(result, time.perf_counter() - t0))
         return 0
     finally:
         if initialised:

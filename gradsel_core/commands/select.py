@@ -236,8 +236,9 @@ def _score_rows(store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
 
 
 def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
-    """The kept records of the scored JSONL ``path``, checked against the store record by record."""
-    from ..data import iter_jsonl
+    """The kept records of the scored JSONL ``path``, checked against the store record by record: the id,
+    and the content hash the store keeps for each record (an edited record with its old id is refused)."""
+    from ..data import iter_jsonl, record_digest
 
     if os.path.isdir(path):
         raise UsageError(f"--data {path} is a directory; give the JSONL file that was scored")
@@ -246,8 +247,12 @@ def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, An
     where = getattr(store, "path", "?")
     keep = np.zeros(len(store.norms), dtype=bool)
     keep[kept] = True
+    digests = getattr(store, "record_sha256", None)
+    if digests is None:
+        log.warning("the store at %s keeps no per-record content hash (scored from pre-tokenized records or by an "
+                    "older gradsel): --data is checked by id only", where)
     n = -1
-    for n, rec in enumerate(iter_jsonl(path)):
+    for n, rec in enumerate(iter_jsonl(path, max_line_bytes=None)):
         if n >= len(store.norms):
             raise UsageError(f"--data {path} has more records than the store at {where} ({len(store.norms)}); "
                              "give the file that was scored")
@@ -257,6 +262,10 @@ def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, An
         if rid != sid and str(rid) != str(sid):
             raise UsageError(f"--data {path}: record {n} has id {rid!r}, the store at {where} has {sid!r} there; "
                              "give the file that was scored")
+        if digests is not None and record_digest(rec) != digests[n]:
+            raise UsageError(f"--data {path}: record {n} (id {sid!r}) is not the record that was scored into the "
+                             f"store at {where} (its content changed); its scores belong to the old content: score "
+                             "the edited file again, or give the file that was scored")
         if keep[n]:
             yield rec
     if n + 1 != len(store.norms):
