@@ -285,6 +285,7 @@ class ContinualTrainer:
         checkpoint_format: str = "model",
         base_model: Optional[str] = None,
         reference_records: Optional[Sequence[Mapping[str, Any]]] = None,
+        progress: bool = False,
     ):
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise UsageError(f"checkpoint_format must be 'model' or 'peft', got {checkpoint_format!r}")
@@ -308,7 +309,11 @@ class ContinualTrainer:
         self.model = apply_lora(model, lora) if lora is not None else model
         self.tasks = list(tasks)
         self.selection = SelectionConfig.coerce(selection)
-        self.mode = mode
+        if mode == "online" and self.selection is not None and self.selection.group_by:
+            raise UsageError(f"selection.group_by = {self.selection.group_by!r} works in mode 'offline' only (a "
+                             "task's scores are grouped before selecting); online mode filters each batch as a whole: "
+                             "drop group_by or use mode 'offline'")
+        self.mode, self.progress = mode, progress
         self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
         self.epochs, self.batch_size, self.grad_accum = epochs, batch_size, grad_accum
         self.evaluators = dict(evaluators) if isinstance(evaluators, Mapping) else {
@@ -335,9 +340,16 @@ class ContinualTrainer:
                 f.write(json.dumps(row, default=_jsonable) + "\n")
 
     def _config_key(self) -> Dict[str, Any]:
+        """Everything that changes the run: a resume with any of it changed is refused, naming the key."""
         return {"tasks": [t.name for t in self.tasks], "mode": self.mode,
                 "selection": self.selection.to_dict() if self.selection else None, "lr": self.lr,
-                "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed}
+                "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
+                "optimizer": self.optimizer, "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
+                "params": self.params_spec if isinstance(self.params_spec, str) else sorted(self.params),
+                "lora": asdict(self.lora) if self.lora is not None else None,
+                "checkpoint_format": self.checkpoint_format,
+                # the records' tokens (so another max_length, tokenizer or edited file is a change too)
+                "data": {t.name: _records_digest(t.train, t.eval) for t in self.tasks}}
 
     def _load_state(self) -> Optional[Dict[str, Any]]:
         if not self.out_dir or not os.path.exists(self._path("state.json")):
@@ -406,7 +418,10 @@ class ContinualTrainer:
                    "wall_s": time.perf_counter() - t0}
             per_task.append(row)
             self._log(row)
-            log.info("task %s: acc %s  %s", task.name, [round(v, 3) for v in R[i][: i + 1]], evals)
+            log.info("task %d/%d %s done in %.1f s: %s %s, train loss %s, kept %d of %d samples%s", i + 1, T,
+                     task.name, row["wall_s"], task.metric, [round(v, 3) for v in R[i][: i + 1]],
+                     "-" if train["mean_loss"] is None else f"{train['mean_loss']:.4g}", train["kept"],
+                     train["samples"], "".join(f"; {k}: {json.dumps(v, default=_jsonable)}" for k, v in evals.items()))
             if self.out_dir:
                 self._save(i, {"config": self._config_key(), "done": i + 1, "accuracy": R, "per_task": per_task})
         from .study.evaluation import forgetting_metrics
@@ -478,6 +493,12 @@ class ContinualTrainer:
                                   loss_filter_std=cfg.loss_filter_std, length_normalize=cfg.length_normalize,
                                   reference=ref, **cfg.policy_kwargs)
         gen = torch.Generator().manual_seed(self.seed * 1000 + i)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(records) * self.epochs, unit="sample", dynamic_ncols=True, smoothing=0.05,
+                       desc=f"task {i + 1}/{len(self.tasks)} {task.name} ({'online ' + self.selection.policy if online else 'train'})")
         model.train()
         step = micro = 0
         losses: List[float] = []
@@ -501,6 +522,10 @@ class ContinualTrainer:
                     kept += len(chunk)
                     seen += len(chunk)
                 micro += 1
+                if bar is not None:
+                    bar.update(len(chunk))
+                    if losses:
+                        bar.set_postfix_str(f"loss {losses[-1]:.4g}", refresh=False)
                 if micro % self.grad_accum == 0:
                     self._optimizer_step(opt)
                     step += 1
@@ -511,6 +536,8 @@ class ContinualTrainer:
         if micro % self.grad_accum:
             self._optimizer_step(opt)
             step += 1
+        if bar is not None:
+            bar.close()
         model.eval()
         offered = len(task.train) * self.epochs  # before any selection
         return {"steps": step, "samples": seen, "kept": kept, "kept_fraction": kept / max(1, offered),
@@ -521,6 +548,20 @@ class ContinualTrainer:
             torch.nn.utils.clip_grad_norm_([p for p in self.params.values() if p.grad is not None], self.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+def _records_digest(*parts: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 over the token ids and labels of every record in ``parts`` (in order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(b"P")
+        for r in part or ():
+            for key in ("input_ids", "labels"):
+                v = r.get(key)
+                h.update(key.encode() + (b"-" if v is None else np.asarray(v, dtype=np.int64).tobytes()))
+    return h.hexdigest()
 
 
 def _jsonable(v: Any) -> Any:

@@ -132,12 +132,17 @@ def test_print_config_is_complete_and_runs(tmp_path, capsys):
     cli_error(capsys, ["train", "--print-config", str(out)], "train")
     # the printed config runs once its task file exists (tiny data, offline median band)
     write_jsonl(tmp_path / cfg["tasks"][0]["train"], [{"prompt": f"q{i}", "response": "a" * (i % 5 + 1)} for i in range(10)])
-    cfg["out_dir"] = "run"
+    assert cfg["out_dir"], "a run started from --print-config must save something"
     out.write_text(json.dumps(cfg))
-    assert main(["train", "--config", str(out)]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["tasks"] == ["task1"]
-    assert (tmp_path / "run" / "state.json").exists()
+    assert main(["train", "--config", str(out), "--json", "--no-progress"]) == 0
+    def strict(c):
+        raise AssertionError(f"{c} is not JSON")
+
+    text = capsys.readouterr().out
+    summary = json.loads(text, parse_constant=strict)  # one strict JSON object: NaN is written as null
+    assert summary["tasks"] == ["task1"] and text.count("\n") == 1
+    assert None in summary["forgetting"].values()  # one task: no forgetting to measure (NaN) -> null
+    assert (tmp_path / cfg["out_dir"] / "state.json").exists()
 
 
 # -- train: config errors name the key, no traceback --------------------------------------------------------

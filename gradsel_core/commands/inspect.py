@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --by, show the largest this many groups")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the histogram image here (needs matplotlib)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (model, config, counts, norm statistics, fields, and the "
+                        "histogram counts and edges) instead of the text")
     g = p.add_argument_group("mark what a selection policy keeps (the options of `gradsel select`)")
     add_policy_arguments(g, policy_default=None)
 
@@ -151,6 +154,42 @@ def policy_label(sel: Any) -> str:
 
 
 # -- text ---------------------------------------------------------------------------------------------
+
+
+def describe_dict(store, bins: int = 20, log: bool = False, groups: Optional[Sequence[Group]] = None,
+                  by: Optional[str] = None, sel: Any = None) -> dict:
+    """What :func:`describe` prints, as JSON values (NaN as null)."""
+    from .select import jsonable
+
+    meta = store.meta
+    out = {"store": store.path, "records": len(store), "shards": len(meta.get("shards", [])),
+           "id_kind": meta.get("data", {}).get("id_kind"), "model": model_label(store),
+           "model_sha256": meta.get("model", {}).get("content_sha256"), "run_key": meta.get("run_key"),
+           "config": meta.get("config", {}), "created": meta.get("created"), "finished": meta.get("finished"),
+           "versions": meta.get("versions", {}), "summary": store.summary()}
+    fl = store.losses[np.isfinite(store.losses)]
+    out["loss_mean"] = float(fl.mean()) if fl.size else None
+    out["loss_median"] = float(np.median(fl)) if fl.size else None
+    out["fields"] = {name: {str(v): int(c) for v, c in zip(*np.unique(np.asarray([str(x) for x in col]), return_counts=True))}
+                     for name, col in store.fields.items()}
+    edges = bin_edges(store.norms, bins, log)  # the text histogram's bins
+
+    def counts(mask: np.ndarray) -> List[int]:
+        v = np.asarray(store.norms, dtype=np.float64)
+        return np.histogram(v[mask & plottable(v, log)], bins=edges)[0].tolist()
+
+    if edges is not None:
+        everything = np.ones(len(store), dtype=bool)
+        hist: dict = {"edges": edges.tolist(), "log": log, "counts": counts(everything)}
+        if groups and by:
+            hist["by"] = by
+            hist["groups"] = {str(label): counts(mask) for label, mask in groups}
+        if sel is not None:
+            hist["kept"] = counts(np.asarray(sel.kept_mask, dtype=bool))
+        out["histogram"] = hist
+    if sel is not None:
+        out["selection"] = {k: val for k, val in sel.summary.items() if not isinstance(val, (list, dict))}
+    return jsonable(out)
 
 
 def describe(store, bins: int = 20, width: int = 50, log: bool = False, groups: Optional[Sequence[Group]] = None,
@@ -324,6 +363,14 @@ def run(args: argparse.Namespace) -> int:
     store = ScoreStore.open(args.dir, verify=not args.no_verify)
     sel = run_policy(store, args) if args.policy else None
     groups, n_groups = split_groups(store, args.by, args.max_groups)
+    if args.json:
+        import json
+
+        print(json.dumps(describe_dict(store, args.bins, args.log, groups, args.by, sel), allow_nan=False))
+        if args.plot:
+            plot_histogram(store, args.plot, bins=args.bins, log=args.log, groups=groups, by=args.by,
+                           n_groups=n_groups, sel=sel)
+        return 0
     print(describe(store, bins=args.bins, width=args.width, log=args.log, groups=groups, by=args.by,
                    n_groups=n_groups, sel=sel))
     if args.plot:

@@ -38,7 +38,9 @@ from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
-POLICY_HELP = "median_band (the paper's rule), keep_bottom, keep_top, drop_top, band, threshold, random"
+POLICY_HELP = ("median_band (the paper's rule), keep_bottom, keep_top, drop_top, band, threshold, random; with a "
+               "reference (gradsel score --reference): drop_opposed (drops the lowest cosines), project_band (the band "
+               "around the median cosine)")
 FORMATS = ("jsonl", "hf")
 MAX_TABLE_GROUPS = 20  # table rows shown; the summary file has every group
 
@@ -84,6 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="jsonl (default) or hf: a Hugging Face datasets folder (pip install 'gradsel[datasets]')")
     p.add_argument("--summary-json", default=None, metavar="PATH",
                    help="full selection summary as JSON (default: next to --out, <name>.summary.json)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (policy, counts per group, kept, outputs) instead of the table")
 
 
 # -- shared helpers (also used by ``inspect``) --------------------------------------------------------
@@ -433,6 +437,15 @@ def run(args: argparse.Namespace) -> int:
         raise _cannot_write("--summary-json", summary_path, e) from None
 
     s = sel.summary
+    if args.json:
+        rows = table_rows(store, sel, group_field)
+        print(json.dumps(jsonable({
+            "policy": args.policy, "ratio": s["ratio"], "loss_filter_std": s.get("loss_filter_std"),
+            "group_by": args.group_by, "store": os.path.abspath(args.scores), "records": len(store.norms),
+            "kept": s["kept"], "n": s["n"], "out": out, "format": args.format, "written": written,
+            "content": "records" if args.data else "scores", "summary_json": summary_path,
+            "groups": [r.__dict__ for r in rows]}), allow_nan=False))
+        return 0
     lf = "no loss filter" if s.get("loss_filter_std") is None else f"loss filter ±{s['loss_filter_std']:g} std"
     extra = f", by {args.group_by}" if args.group_by else ""
     print(f"{args.policy}, ratio {s['ratio']:g}, {lf}{extra}: store {args.scores} ({len(store.norms)} records)")

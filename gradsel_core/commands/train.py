@@ -177,6 +177,7 @@ def default_config() -> Dict[str, Any]:
                      for sec, _, name in [k.key.partition(".")] if sec == "tasks[]" and name}]
     out["selection"] = {name: k.default for k in config_keys()
                         for sec, _, name in [k.key.partition(".")] if sec == "selection" and name}
+    out["out_dir"] = "runs/run1"  # a run started from this config saves its metrics, checkpoints and state
     return out
 
 
@@ -280,6 +281,9 @@ class TrainConfig:
                 selection = SelectionConfig(**selection)
             except (TypeError, ValueError) as e:
                 raise UsageError(f"{where}: selection: {e}") from e
+        if selection is not None and selection.group_by and cfg.get("mode", "offline") == "online":
+            raise UsageError(f"{where}: selection.group_by = {selection.group_by!r} works in mode \"offline\" only "
+                             "(online mode filters each batch as a whole); drop it or set mode to \"offline\"")
         lora = cfg.get("lora")
         if lora is not None:
             _check_section(lora, "lora.", where, keys)
@@ -323,6 +327,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="override the config's out_dir")
     p.add_argument("--print-config", nargs="?", const="-", default=None, metavar="FILE",
                    help="write a complete config to start from to FILE (or stdout) and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout (NaN as null) instead of the summary lines")
+    p.add_argument("--dry-run", action="store_true",
+                   help="train nothing: print the tasks, their records and tokens, and a time estimate from a few "
+                        "timed training batches")
 
 
 def _mc_figures(res: Any) -> Dict[str, float]:
@@ -338,7 +348,7 @@ def _read_records(path: str, tok: Any, max_len: int, label: str) -> List[Dict[st
         raise UsageError(f"{label} ({path}): {e}") from e
 
 
-def build_trainer(cfg: Any, base_dir: str = "."):
+def build_trainer(cfg: Any, base_dir: str = ".", progress: bool = False):
     """A :class:`ContinualTrainer` from a config mapping (checked, see :func:`config_keys`) or a :class:`TrainConfig`."""
     from ..data import load_model_and_tokenizer, model_max_length, model_pad_id, read_jsonl
     from ..study.evaluation import evaluate_multiple_choice, evaluate_refusal
@@ -361,7 +371,7 @@ def build_trainer(cfg: Any, base_dir: str = "."):
         items = read_jsonl(tc.safety["mc"])
         evaluators["mc"] = lambda m: _mc_figures(evaluate_multiple_choice(m, tok, items, prompt_template=template))
     return ContinualTrainer(model, tasks, selection=tc.selection, lora=tc.lora, evaluators=evaluators,
-                            out_dir=tc.out_dir, pad_id=model_pad_id(model), **tc.trainer)
+                            out_dir=tc.out_dir, pad_id=model_pad_id(model), progress=progress, **tc.trainer)
 
 
 def load_config(path: str) -> Any:
@@ -375,7 +385,59 @@ def load_config(path: str) -> Any:
         raise UsageError(f"--config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 
 
+def dry_run(trainer: Any, n_timed: int = 3) -> Dict[str, Any]:
+    """What ``trainer.run()`` would do: tasks, records, tokens, optimizer steps, and a time estimate from
+    ``n_timed`` timed forward+backward batches (after one warm-up; the weights are restored, nothing written).
+    Selection, evaluation and checkpoints are not timed: the estimate covers the training batches only."""
+    import time
+
+    import torch
+
+    from ..batching import per_sample_losses, prepare_batch
+    from ..data import collate
+
+    tasks = []
+    for t in trainer.tasks:
+        n_tok = int(sum(len(r["input_ids"]) for r in t.train))
+        tasks.append({"name": t.name, "records": len(t.train), "tokens": n_tok, "eval_records": len(t.eval)})
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    first = trainer.tasks[0].train
+    B = trainer.batch_size
+    batches = [first[s:s + B] for s in range(0, min(len(first), B * (n_timed + 1)), B)]
+    device = next(model.parameters()).device
+    t_used = tok_used = 0.0
+    was_training = model.training
+    model.train()
+    try:
+        for k, chunk in enumerate(batches):
+            batch = {key: v.to(device) for key, v in collate(chunk, trainer.pad_id).items()}
+            t0 = time.perf_counter()
+            prepared = prepare_batch(batch, lm_loss=True)
+            per, _ = per_sample_losses(model(**prepared.model_inputs), prepared, None, "mean")
+            per.mean().backward()
+            if k == 0 and len(batches) > 1:
+                continue  # warm-up
+            t_used += time.perf_counter() - t0
+            tok_used += sum(len(r["input_ids"]) for r in chunk)
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        model.train(was_training)
+    total_tok = sum(t["tokens"] for t in tasks) * trainer.epochs
+    est = t_used / tok_used * total_tok if tok_used else None
+    return {"tasks": tasks, "epochs": trainer.epochs, "mode": trainer.mode,
+            "selection": trainer.selection.to_dict() if trainer.selection else None, "out_dir": trainer.out_dir,
+            "timed_batches": max(0, len(batches) - 1) if len(batches) > 1 else len(batches),
+            "estimate_train_s": None if est is None else round(est, 3)}
+
+
 def run(args: argparse.Namespace) -> int:
+    from .select import jsonable
+
     if args.print_config is not None:
         text = json.dumps(default_config(), indent=2) + "\n"
         if args.print_config == "-":
@@ -394,6 +456,28 @@ def run(args: argparse.Namespace) -> int:
     tc = TrainConfig.from_dict(cfg, base, where=args.config)
     if args.out:
         tc.out_dir = args.out
-    res = build_trainer(tc).run()
-    print(json.dumps({"tasks": res.tasks, "accuracy": res.accuracy, "forgetting": res.forgetting}, indent=1))
+    if args.dry_run:
+        tc.out_dir = None  # nothing is written
+    trainer = build_trainer(tc, progress=not args.no_progress and not args.json and not args.dry_run)
+    if args.dry_run:
+        d = dry_run(trainer)
+        if args.json:
+            print(json.dumps(jsonable(d), allow_nan=False))
+        else:
+            for t in d["tasks"]:
+                print(f"task {t['name']}: {t['records']} records, {t['tokens']:,} tokens, {t['eval_records']} eval records")
+            est = "-" if d["estimate_train_s"] is None else f"about {d['estimate_train_s']:.1f} s"
+            print(f"dry run: {len(d['tasks'])} tasks x {d['epochs']} epochs, mode {d['mode']}; training batches would "
+                  f"take {est} (from {d['timed_batches']} timed batches; selection and evaluation not included)")
+        return 0
+    res = trainer.run()
+    out = jsonable({"tasks": res.tasks, "accuracy": res.accuracy, "forgetting": res.forgetting,
+                    "out_dir": tc.out_dir})
+    if args.json:
+        print(json.dumps(out, allow_nan=False))
+    else:
+        for i, name in enumerate(res.tasks):
+            print(f"after task {name}: " + ", ".join(f"{res.tasks[j]} {res.accuracy[i][j]:.3f}" for j in range(i + 1)))
+        fg = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.forgetting.items())
+        print(f"forgetting: {fg}" + (f" | results in {tc.out_dir}" if tc.out_dir else " | nothing saved (no out_dir)"))
     return 0
