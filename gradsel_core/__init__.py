@@ -4,18 +4,42 @@ selection built on them (arXiv 2604.17215, "Continual Safety Alignment via Gradi
     import gradsel_core as gs
     res = gs.GradNormEngine(model).score(batch)   # res.norms, res.losses, res.tokens
 """
-from . import models
-from .engine import GradNormEngine, ScoreResult, per_sample_grad_norms
+import importlib
+from typing import Any
+
 from .errors import (GradselError, LayoutError, StoreConflictError, StoreError, UnsupportedModule, UsageError,
                      VerificationError)
-from .factors import Dense, EmbRows, Factor, Grouped, Outer, RowSum, Sliced, Stacked
-from .filtered import FilteredBackward, FilteredResult, TwoPassFilteredBackward, filtered_backward
-from .rules import ModuleCall, NormRule, register_norm_rule
-from .reference import ReferenceGradient, reference_gradient
-from .scoring import score_dataset
-from .store import ScoreStore
-from .selection import Selection, SelectionConfig, keep_mask, select
-from .trainer import ContinualResult, ContinualTrainer, LoRAConfig, Task
+
+# everything else is imported on first use (PEP 562), so `gradsel --help`, `inspect` and `select` start
+# without importing torch
+_LAZY = {
+    "GradNormEngine": "engine", "ScoreResult": "engine", "per_sample_grad_norms": "engine",
+    "Dense": "factors", "EmbRows": "factors", "Factor": "factors", "Grouped": "factors", "Outer": "factors",
+    "RowSum": "factors", "Sliced": "factors", "Stacked": "factors",
+    "FilteredBackward": "filtered", "FilteredResult": "filtered", "TwoPassFilteredBackward": "filtered",
+    "filtered_backward": "filtered",
+    "ModuleCall": "rules", "NormRule": "rules", "register_norm_rule": "rules",
+    "ReferenceGradient": "reference", "reference_gradient": "reference",
+    "score_dataset": "scoring", "ScoreStore": "store",
+    "Selection": "selection", "SelectionConfig": "selection", "keep_mask": "selection", "select": "selection",
+    "ContinualResult": "trainer", "ContinualTrainer": "trainer", "LoRAConfig": "trainer", "Task": "trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "models":
+        return importlib.import_module(".models", __name__)
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | {"models"})
+
 
 __version__ = "0.1.0"
 

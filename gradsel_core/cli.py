@@ -47,7 +47,10 @@ def _version() -> str:
     return f"gradsel {__version__}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; with ``only`` (a command name) just that subcommand's module is imported and gets its
+    options (the others are listed by name and help), so ``gradsel --help`` and ``gradsel select ...``
+    import nothing they do not use (no torch)."""
     parser = argparse.ArgumentParser(
         prog="gradsel", description="Exact per-sample gradient norms and gradient-based sample selection.",
         formatter_class=HelpFormatter)
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = {}
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        subparsers[name] = p
+        if only is not None and name != only:
+            continue
         mod = importlib.import_module(f"gradsel_core.commands.{module}")
         mod.add_arguments(p)
         for action in p._actions:  # an option without help text still shows its default
@@ -66,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback of an error")
         p.set_defaults(_run=mod.run)
-        subparsers[name] = p
     parser.set_defaults(_subparsers=subparsers)
     return parser
 
@@ -76,7 +81,8 @@ USER_ERRORS = (GradselError, ValueError, TypeError, OSError, KeyError, UnicodeDe
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=next((a for a in argv if not a.startswith("-")), ""))
     args, extra = parser.parse_known_args(argv)
     if extra:  # an unknown flag: the subcommand's usage, not the top-level one
         sub = args._subparsers.get(args.command)

@@ -37,14 +37,16 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from . import fileio
 from .errors import StoreConflictError, StoreError
 from .fileio import TMP_PREFIX
+
+if TYPE_CHECKING:  # torch is imported where a model is hashed: reading a store (inspect, select) needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +339,8 @@ def decode_shard(data: bytes, name: str = "<shard>") -> Tuple[Dict[str, np.ndarr
 
 def _tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's raw bytes (any dtype, any device; copied to the CPU when needed)."""
+    import torch
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()

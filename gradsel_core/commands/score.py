@@ -51,7 +51,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
     """--max-line-bytes, --allow-special-files (every command reading JSONL)."""
-    from ..data import DEFAULT_MAX_LINE_BYTES
+    from ..jsonl import DEFAULT_MAX_LINE_BYTES
 
     p.add_argument("--max-line-bytes", type=positive_int, default=DEFAULT_MAX_LINE_BYTES, metavar="N",
                    help="refuse a JSONL line longer than this many bytes")
@@ -75,7 +75,7 @@ def read_records(args: argparse.Namespace, progress: bool):
     """The JSONL records of ``--data`` as an iterator (with a reading bar); refuses an empty file up front."""
     import itertools
 
-    from ..data import iter_jsonl
+    from ..jsonl import iter_jsonl
     from ..errors import UsageError
 
     box: list = []

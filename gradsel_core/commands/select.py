@@ -242,7 +242,7 @@ def _score_rows(store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
 def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
     """The kept records of the scored JSONL ``path``, checked against the store record by record: the id,
     and the content hash the store keeps for each record (an edited record with its old id is refused)."""
-    from ..data import iter_jsonl, record_digest
+    from ..jsonl import iter_jsonl, record_digest
 
     if os.path.isdir(path):
         raise UsageError(f"--data {path} is a directory; give the JSONL file that was scored")
