@@ -76,6 +76,29 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (not the stream of the first call)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(level: int) -> None:
+    """One stderr handler on the root logger (``LEVEL name: message``), installed once per process."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
 # errors a user can act on: one line, exit 2, no traceback (unless --debug)
 USER_ERRORS = (GradselError, ValueError, TypeError, OSError, KeyError, UnicodeDecodeError)
 
@@ -87,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if extra:  # an unknown flag: the subcommand's usage, not the top-level one
         sub = args._subparsers.get(args.command)
         (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -349,7 +349,7 @@ def _load_error(spec: str, e: BaseException, hub: bool) -> UsageError:
             + ("; HF_HUB_OFFLINE=1 is set: put the model in the HF cache first (or unset it to download)" if offline
                else "; check the id, --revision, your network or HF_TOKEN for gated models"))
     text = str(e)
-    if "size mismatch" in text or "shape" in text and "checkpoint" in text:
+    if "mismatch" in text or ("shape" in text and "checkpoint" in text):
         return UsageError(f"--model {spec}: the weights do not match config.json ({first}); "
                           "use the config the weights were saved with")
     return UsageError(f"--model {spec}: cannot load the model ({type(e).__name__}: {first}); is the checkpoint "
@@ -398,7 +398,7 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
                 from peft import PeftModel
 
                 base_kw = {"trust_remote_code": trust_remote_code}
-                base = AutoModelForCausalLM.from_pretrained(base_path, **kw, **base_kw)
+                base = _from_pretrained(AutoModelForCausalLM, base_path, kw, base_kw)
                 model = PeftModel.from_pretrained(base, spec, is_trainable=True, **({"revision": revision} if revision else {}))
                 if local and not _has_tokenizer(spec):
                     tok = AutoTokenizer.from_pretrained(base_path, **base_kw)
@@ -408,7 +408,7 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
                     except OSError:  # an adapter repository without tokenizer files: the base's
                         tok = AutoTokenizer.from_pretrained(base_path, **base_kw)
             else:
-                model = AutoModelForCausalLM.from_pretrained(spec, **kw, **hub_kw)
+                model = _from_pretrained(AutoModelForCausalLM, spec, kw, hub_kw)
                 tok = AutoTokenizer.from_pretrained(spec, **hub_kw)
         except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is the user's to fix
             if isinstance(e, UsageError) or "adapter_config.json" in str(e):
@@ -417,6 +417,20 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
     if device is not None:
         model = model.to(device)
     return model, tok
+
+
+def _from_pretrained(cls: Any, where: str, kw: Mapping[str, Any], hub_kw: Mapping[str, Any]) -> Any:
+    """``cls.from_pretrained`` that refuses weights that do not fit the config (missing, unexpected or
+    mismatched tensors: transformers would initialise them at random and carry on)."""
+    model, info = cls.from_pretrained(where, **kw, **hub_kw, output_loading_info=True)
+    bad = {k: list(v) for k, v in (info or {}).items()
+           if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        what = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:3]))}{', ...' if len(v) > 3 else ''}"
+                         for k, v in bad.items())
+        raise UsageError(f"--model {where}: the weights do not match config.json ({what}); use the config the "
+                         "weights were saved with")
+    return model
 
 
 def _adapter_config(spec: str, hub_kw: Mapping[str, Any]) -> Optional[str]:
