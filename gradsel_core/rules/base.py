@@ -16,14 +16,15 @@ The built-in rules live beside this file, one file per layer family.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..factors import Factor
 from ..errors import LayoutError, UnsupportedModule
-from ..ghost.rows import Rows
+if TYPE_CHECKING:  # annotations only: importing ghost here would make `import gradsel_core.rules` circular
+    from ..ghost.rows import Rows
 
 
 @dataclass
