@@ -273,7 +273,9 @@ def test_a_copied_shard_is_caught_on_read_and_rescored_by_the_same_command(tmp_p
     for argv in (["inspect", sa], ["select", "--scores", sa, "--out", str(tmp_path / "k.jsonl")]):
         rc, o, e = run_cli(capsys, argv)
         assert rc == 2 and f"{name}: written by another run" in error_line(e), e
-    # the advice is to rerun the same command: it rescores the foreign shard
+    # repair's advice and the error's are the same: rerun the same command, which rescores the foreign shard
+    rc, o, e = run_cli(capsys, ["repair", sa])
+    assert rc == 0 and "rerun the same `gradsel score` command" in o, (o, e)
     rc, o, e = run_cli(capsys, cmd_a)
     assert rc == 0 and "scored 8 records" in o, e
     np.testing.assert_array_equal(ScoreStore.open(sa).norms, good)
@@ -439,19 +441,30 @@ def test_policy_help_and_readme_synopsis_match_the_code():
 
 
 def test_help_version_inspect_and_select_do_not_import_torch(tmp_path, capsys):
+    """No torch for --help, --version, inspect and select, and each starts within 0.5 s of the floor any numpy
+    CLI pays (an interpreter importing numpy), timed in the same run: the best of 3, as this shared CPU is noisy."""
+    import time
+
     data = write_jsonl(tmp_path / "d.jsonl", tiny_records(4))
     out = str(tmp_path / "s")
     assert run_cli(capsys, ["score", "--model", "tiny", "--data", data, "--out", out, "--no-progress"])[0] == 0
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'kernels'}")
-    for argv in (["--help"], ["--version"], ["inspect", out], ["select", "--scores", out, "--out",
-                                                                 str(tmp_path / "k.jsonl"), "--data", data]):
-        code = ("import sys; from gradsel_core.cli import main\n"
-                "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
-                "assert rc in (0, None), rc\n"
-                "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n")
-        r = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *argv], env=env, capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0, (argv, r.stderr[-2000:])
-        # our imports (the cumulative time of every top-level import), not the interpreter's start: < 0.5 s
-        total_us = sum(int(m.group(1)) for m in re.finditer(r"^import time:\s+\d+ \|\s+(\d+) \| \S", r.stderr, re.M))
-        assert total_us < 500_000, (argv, total_us)
+
+    def best(args):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
+            times.append(time.perf_counter() - t0)
+            assert r.returncode == 0, (args, r.stderr[-2000:])
+        return min(times)
+
+    floor = best(["-c", "import numpy, json, argparse"])
+    code = ("import sys; from gradsel_core.cli import main\n"
+            "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "assert rc in (0, None), rc\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n")
+    for argv in (["--help"], ["--version"], ["inspect", out],
+                 ["select", "--scores", out, "--out", str(tmp_path / "k.jsonl"), "--data", data]):
+        t = best(["-c", code, *argv])
+        assert t - floor < 0.5, (argv, round(t, 3), round(floor, 3))
