@@ -909,7 +909,7 @@ def repair_store(out_dir: str) -> RepairReport:
         found = scan_shard_files(out_dir)
         good = [f for f in found if f[5] is None and isinstance(f[4].get("identity"), dict)]
         keys = sorted({f[4].get("run_key") for f in good})
-        if old is not None and old["run_key"] in keys:
+        if old is not None:  # a readable manifest names the run: shards of another run (copied in) are not it
             key = old["run_key"]
         elif len(keys) == 1:
             key = keys[0]
@@ -926,7 +926,12 @@ def repair_store(out_dir: str) -> RepairReport:
                 log.warning("%s; removing it, rerun the score command to score it again", err)
                 removed.append(name)
                 os.unlink(os.path.join(out_dir, name))
-        meta0 = next(f[4] for f in good if f[4].get("run_key") == key)
+        meta0 = next((f[4] for f in good if f[4].get("run_key") == key), None)
+        if meta0 is None:  # no shard of the manifest's run is left: the manifest says what it was
+            meta0 = {"identity": {k: old[k] for k in IDENTITY_KEYS}, "records": old["counts"]["records"],
+                     "shards_planned": old["counts"]["shards_planned"], "side_files": old["files"],
+                     "versions": old.get("versions", {})}
+        foreign = sorted(f[0] for f in good if f[4].get("run_key") != key)
         identity = meta0["identity"]
         if canonical_hash({k: identity.get(k) for k in IDENTITY_KEYS}) != key:
             raise StoreError(f"{out_dir}: the shards' identity does not hash to their run key; score again with --overwrite")
@@ -971,6 +976,9 @@ def repair_store(out_dir: str) -> RepairReport:
             why.append(f"{len(missing)} of {planned} shards missing or corrupted")
         if bad_side:
             why.append(f"{', '.join(bad_side)} missing or corrupted")
+        if foreign:
+            why.append(f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} written by another run "
+                       "(rescored by the rerun)")
         msg = (f"rebuilt {os.path.join(out_dir, MANIFEST)} as incomplete ({'; '.join(why)}); rerun the same "
                "`gradsel score` command to finish the store")
     return RepairReport(out_dir, complete, len(chosen), planned, removed, missing, msg)
