@@ -7,7 +7,9 @@ Layout of ``out_dir`` (format 2)::
     manifest.json                     format, identity (model fingerprint, scoring config, data and
                                       tokenizer), counts, package versions, and the sha256 and size of
                                       every file below
-    ids.json                          {"kind": "int"|"str", "ids": [...]} in dataset order
+    ids.json                          {"kind": "int"|"str", "ids": [...]} in dataset order, and for records
+                                      read from JSON "record_sha256": [...], each record's content hash
+                                      (``gradsel select --data`` refuses an edited record by it)
     fields.json                       metadata columns {name: [value per record]} (only when any)
     shard-000000-r0.safetensors       one shard per plan window (dataset positions [start, stop)),
     shard-000001-r1.safetensors       tagged with the rank that scored it; tensors: positions (int64),

@@ -210,9 +210,9 @@ def check_paths(data: str, out: str) -> None:
     file or not writable."""
     from ..errors import UsageError
 
-    if os.path.isdir(data):
+    if data != "-" and os.path.isdir(data):  # "-": standard input
         raise UsageError(f"--data {data} is a directory; give a JSONL file (one JSON object per line)")
-    if not os.path.exists(data):
+    if data != "-" and not os.path.exists(data):
         raise UsageError(f"--data {data}: no such file")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a directory; give a directory for the score store")
@@ -295,10 +295,7 @@ def run(args: argparse.Namespace) -> int:
     from ..scoring import score_dataset
 
     t0 = time.perf_counter()
-    if args.data != "-":
-        check_paths(args.data, args.out)
-    elif os.path.lexists(args.out) and not os.path.isdir(args.out):
-        check_paths(os.devnull, args.out)
+    check_paths(args.data, args.out)
     check_device(args.device)
     initialised, local = _init_distributed(args.dist_timeout)
     rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
