@@ -358,6 +358,8 @@ def test_hub_ids_resolve_from_the_local_cache_offline(llama_dir, tmp_path):
     cfg["base_model_name_or_path"] = "gradsel-test/tiny-llama"
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat"}, {"prompt": "the", "response": "dog ran"}])
+    train_cfg = _write(tmp_path / "run.json", json.dumps({"model": "gradsel-test/tiny-llama", "batch_size": 2,
+                                                          "tasks": [{"name": "t", "train": data}]}))
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1",
                PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'kernels'}", OMP_NUM_THREADS="1")
     script = (
@@ -367,10 +369,12 @@ def test_hub_ids_resolve_from_the_local_cache_offline(llama_dir, tmp_path):
         f"    rc = main(['score', '--model', model, '--data', {data!r}, '--out', {str(tmp_path)!r} + '/' + out, "
         "'--no-progress', '--json'] + extra)\n"
         "    print('RC', rc, flush=True)\n"
+        f"print('RC', main(['train', '--config', {train_cfg!r}, '--dry-run', '--json']), flush=True)\n"
     )
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     rcs = re.findall(r"^RC (\d+)$", r.stdout, re.M)
-    assert rcs == ["0", "0", "2"], (r.stdout, r.stderr[-3000:])
+    assert rcs == ["0", "0", "2", "0"], (r.stdout, r.stderr[-3000:])
+    assert json.loads(r.stdout.splitlines()[-2])["tasks"][0]["records"] == 2  # train's model key takes Hub ids too
     first = json.loads(r.stdout.splitlines()[0])
     assert first["records"] == 2
     assert "--model gradsel-test/not-cached: not a local directory, and the Hub id could not be resolved" in r.stderr

@@ -72,7 +72,8 @@ def config_keys() -> List[ConfigKey]:
     tr, sel, lora = _trainer_defaults(), _defaults(SelectionConfig), _defaults(LoRAConfig)
     K = ConfigKey
     return [
-        K("model", "str", "tiny", "'tiny' (the built-in TinyGPT, byte tokenizer) or a local HF causal-LM directory"),
+        K("model", "str", "tiny", "'tiny' (the built-in TinyGPT, byte tokenizer), a local HF causal-LM directory or a "
+          "Hugging Face Hub id (org/name: the HF cache, offline with HF_HUB_OFFLINE=1, else downloaded)"),
         K("tasks", "list[object]", REQUIRED, "the continual tasks, trained in this order (at least one)"),
         K("tasks[].name", "str", REQUIRED, "the task's name (in metrics.jsonl and the accuracy matrix)"),
         K("tasks[].train", "str", REQUIRED, "JSONL of training records: {text}, {prompt, response} or {messages}"),
@@ -295,9 +296,14 @@ class TrainConfig:
                 safety[p] = _existing(base_dir, safety[p], f"{where}: safety.{p}")
         model = cfg.get("model", "tiny")
         if model != "tiny":
-            model = _path(base_dir, model)
-            if not os.path.isdir(model):
-                raise UsageError(f"{where}: model = {cfg['model']!r}: not 'tiny' and not a directory ({model})")
+            from ..data import is_hub_id
+
+            local = _path(base_dir, model)
+            if os.path.isdir(local):
+                model = local
+            elif not is_hub_id(model):
+                raise UsageError(f"{where}: model = {cfg['model']!r}: not 'tiny' and not a directory ({local}) nor a "
+                                 "Hugging Face Hub id (org/name)")
         trainer = {k: cfg[k] for k in TRAINER_KEYS if k in cfg}
         out_dir = _path(base_dir, cfg["out_dir"]) if cfg.get("out_dir") else None
         return cls(tasks, model, selection, lora, safety, cfg.get("max_length"), out_dir, trainer)
