@@ -333,9 +333,10 @@ def run(args: argparse.Namespace) -> int:
                     print(json.dumps(d, allow_nan=False))
                 else:
                     est = "no batch to time" if d["estimate_s"] is None else (
-                        f"about {d['estimate_s']:.1f} s (from {d['timed_batches']} timed batches, this device)")
+                        f"about {d['estimate_s']:.1f} s (from {d['timed_batches']} timed batch{'es' if d['timed_batches'] != 1 else ''}, "
+                        "this device)")
                     print(f"dry run: {d['records']} records, {d['tokens']:,} tokens ({d['padded_tokens']:,} padded) in "
-                          f"{d['batches']} batches, {d['shards']} shards; backend {d['backend']}; scoring would take "
+                          f"{d['batches']} batches, {d['shards']} shard(s); backend {d['backend']}; scoring would take "
                           f"{est}; run key {d['run_key'][:16]}; --out {d['out_dir']}: {d['out_state']}")
             elif args.json:
                 print(json.dumps(summary_dict(result, time.perf_counter() - t0), allow_nan=False))

@@ -474,7 +474,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"task {t['name']}: {t['records']} records, {t['tokens']:,} tokens, {t['eval_records']} eval records")
             est = "-" if d["estimate_train_s"] is None else f"about {d['estimate_train_s']:.1f} s"
             print(f"dry run: {len(d['tasks'])} tasks x {d['epochs']} epochs, mode {d['mode']}; training batches would "
-                  f"take {est} (from {d['timed_batches']} timed batches; selection and evaluation not included)")
+                  f"take {est} (from {d['timed_batches']} timed batch{'es' if d['timed_batches'] != 1 else ''}; selection "
+                  "and evaluation not included)")
         return 0
     res = trainer.run()
     out = jsonable({"tasks": res.tasks, "accuracy": res.accuracy, "forgetting": res.forgetting,
