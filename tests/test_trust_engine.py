@@ -1,0 +1,349 @@
+"""Trust II, engine level: the safety net (per-parameter check on 3 distinct samples, every backend auto moves
+to checked in turn, moves only on "cannot score this model"), no side effects (buffers, sample-mixing layers),
+``filtered_backward`` through the engine's own path, encoder-decoder models.
+
+Faults in a fast backend are injected by wrapping the engine's backend functions: the net is tested on its
+own, whatever the rules do.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, assert_close_rel, lm_batch, tiny_gpt
+from torch import nn
+
+import gradsel_core as gs
+import gradsel_core.engine as engine_mod
+from gradsel_core.errors import UnsupportedModule, UsageError, VerificationError
+
+D = 8
+DTYPES = [torch.float32, torch.float64]
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+class SmallShare(nn.Module):
+    """A language model with a parameter whose share of the squared norm is ~1e-5: ``side.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.side = nn.Linear(D, D, bias=False)
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)  # (B, T, D)
+        return self.out(torch.tanh(h + self.side(h * 1e-3)))
+
+
+def small_share(dtype):
+    torch.manual_seed(0)
+    return SmallShare().to(dtype)
+
+
+def wrong_on(name, factor, after=0):
+    """A ``score_ghost`` that multiplies the squared norms of ``name`` by ``factor`` for samples >= ``after``."""
+    real = engine_mod.score_ghost
+
+    def fake(*args, **kwargs):
+        raw = real(*args, **kwargs)
+        sq = raw.per_param_sq[name].clone()
+        sq[after:] = sq[after:] * factor
+        raw.per_param_sq[name] = sq
+        return raw
+
+    return fake
+
+
+def loop_scores(model, batch, **kw):
+    return gs.GradNormEngine(model, backend="loop", per_param=True, **kw).score(batch)
+
+
+# -- 1. the safety net -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_parameter_with_a_small_share_is_checked_against_its_own_norm(dtype, monkeypatch, caplog):
+    model = small_share(dtype)
+    batch = lm_batch(B=5)
+    ref = loop_scores(model, batch)
+    share = float((ref.per_param["side.weight"] / ref.norms.double().pow(2)).nan_to_num(0.0).max())
+    assert 0 < share < 1e-4  # 100% off on this parameter moves the total by less than the old check's 1e-3
+    monkeypatch.setattr(engine_mod, "score_ghost", wrong_on("side.weight", 2.0))
+    with pytest.raises(VerificationError, match="side.weight"):
+        gs.GradNormEngine(model, backend="ghost", verify=True).score(batch)
+    with caplog.at_level(logging.WARNING):
+        eng = gs.GradNormEngine(model, backend="auto", per_param=True)
+        got = eng.score(batch)
+    assert "side.weight" in caplog.text and got.backend == "vmap" and eng.verified
+    for n in ref.per_param:
+        assert_close_rel(got.per_param[n], ref.per_param[n], RTOL[dtype], n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_correct_fast_backend_passes_the_check(dtype):
+    model = small_share(dtype)
+    batch = lm_batch(B=6)
+    eng = gs.GradNormEngine(model, backend="auto", per_param=True)
+    got = eng.score(batch)
+    assert got.backend == "ghost" and eng.verified
+    ref = loop_scores(model, batch)
+    for n in ref.per_param:
+        assert_close_rel(got.per_param[n], ref.per_param[n], RTOL[dtype], n)
+
+
+def prepared(batch):
+    from gradsel_core.batching import prepare_batch
+
+    return prepare_batch(batch, lm_loss=True)
+
+
+def test_the_checked_samples_differ_in_length_and_are_distinct():
+    batch = lm_batch(B=6, T=10)
+    batch["attention_mask"][4, 7:] = 0
+    idx, complete = engine_mod.verify_indices(prepared(batch))
+    lengths = batch["attention_mask"][idx].sum(1).tolist()
+    assert complete and len(set(lengths)) == 3
+    assert 1 not in lengths  # sample 2 (one token, no target) is not taken while others have targets
+    # unpadded: all of one length; three samples whose tokens differ
+    flat = lm_batch(B=4, padding=False)
+    idx, complete = engine_mod.verify_indices(prepared(flat))
+    assert complete and len(idx) == 3
+    # three copies of one sample and another: only two distinct samples
+    twins = {"input_ids": torch.cat([flat["input_ids"][:1].repeat(3, 1), flat["input_ids"][1:2]])}
+    idx, complete = engine_mod.verify_indices(prepared(twins))
+    assert not complete and len(idx) == 2
+    idx, complete = engine_mod.verify_indices(prepared(lm_batch(B=1)))
+    assert not complete and idx.tolist() == [0]
+    idx, complete = engine_mod.verify_indices(prepared({"input_ids": torch.zeros(0, 4, dtype=torch.long)}))
+    assert not complete and idx.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_batch_of_one_does_not_complete_verification(dtype, monkeypatch):
+    """A fault that a B = 1 batch cannot show (here: every sample after the first is off, the way a (1, T, .)
+    output indexed [0] is) passes a check on B = 1 and is caught on the first batch that can complete it."""
+    model = small_share(dtype)
+    monkeypatch.setattr(engine_mod, "score_ghost", wrong_on("side.weight", 3.0, after=1))
+    eng = gs.GradNormEngine(model, backend="auto")
+    one = lm_batch(B=1)
+    assert eng.score(one).backend == "ghost" and not eng.verified
+    two = lm_batch(B=2, seed=3)
+    assert eng.score(two).backend == "vmap"  # B = 2 is checked on its samples: sample 1 shows the fault
+    eng = gs.GradNormEngine(model, backend="auto")
+    twins = {"input_ids": lm_batch(B=1, padding=False)["input_ids"].repeat(4, 1)}
+    eng.score(twins)
+    assert not eng.verified  # four copies of one sample are one distinct sample
+    got = eng.score(lm_batch(B=5, seed=4))
+    assert got.backend == "vmap" and eng.verified
+    assert_close_rel(got.norms, loop_scores(model, lm_batch(B=5, seed=4)).norms, RTOL[dtype], "after the move")
+
+
+def test_a_wrong_sample_is_caught_whichever_it_is(monkeypatch):
+    """The fault is on one sample only (the last, of the shortest length with a target): the check picks it."""
+    model = small_share(torch.float64)
+    batch = lm_batch(B=4)  # lengths 10, 5, 1 (no target), 8
+    monkeypatch.setattr(engine_mod, "score_ghost", wrong_on("emb.weight", 1.5, after=1))
+    with pytest.raises(VerificationError, match="emb.weight"):
+        gs.GradNormEngine(model, backend="ghost", verify=True).score(batch)
+
+
+def fail_with(exc):
+    def fake(*args, **kwargs):
+        raise exc
+
+    return fake
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_backend_auto_moves_to_is_checked_in_turn(dtype, monkeypatch, caplog):
+    """ghost cannot score the model; vmap is wrong (injected): the check of vmap moves auto to the loop."""
+    model = small_share(dtype)
+    batch = lm_batch(B=4)
+    ref = loop_scores(model, batch)
+    monkeypatch.setattr(engine_mod, "score_ghost", fail_with(UnsupportedModule("no rule for this")))
+    real_vmap = engine_mod.score_vmap
+
+    def bad_vmap(*a, **k):
+        raw = real_vmap(*a, **k)
+        raw.per_param_sq["out.bias"] = raw.per_param_sq["out.bias"] * 1.01
+        return raw
+
+    monkeypatch.setattr(engine_mod, "score_vmap", bad_vmap)
+    with caplog.at_level(logging.WARNING):
+        eng = gs.GradNormEngine(model, backend="auto", per_param=True)
+        got = eng.score(batch)
+    assert got.backend == "loop" and "out.bias" in caplog.text and "no rule for this" in caplog.text
+    assert "exact" not in caplog.text  # a backend moved to is not called exact before it is checked
+    assert_close_rel(got.norms, ref.norms, RTOL[dtype], "loop")
+
+
+@pytest.mark.parametrize("first", ["ghost", "vmap"])
+def test_a_bad_batch_is_raised_and_auto_stays_on_its_fast_backend(first, monkeypatch):
+    model = tiny_gpt()
+    if first == "vmap":  # a plan that is not complete starts auto on vmap
+        monkeypatch.setattr(engine_mod.GradNormEngine, "resolve_backend",
+                            lambda self, prepared=None: self._settled or "vmap")
+    eng = gs.GradNormEngine(model, backend="auto")
+    good = lm_batch(B=4)
+    assert eng.score(good).backend == first
+    bad = lm_batch(B=4, seed=2)
+    bad["input_ids"][1, 3] = VOCAB + 5  # token id >= vocab
+    with pytest.raises((IndexError, RuntimeError)):
+        eng.score(bad)
+    assert eng._settled is None and eng.score(lm_batch(B=4, seed=3)).backend == first
+
+
+def test_a_loss_fn_error_is_raised_and_auto_stays_on_ghost():
+    from conftest import Classifier, classifier_loss
+
+    torch.manual_seed(0)
+    eng = gs.GradNormEngine(Classifier(), loss_fn=classifier_loss, backend="auto")
+    batch = lm_batch(B=4)
+    with pytest.raises(KeyError, match="labels"):
+        eng.score(batch)  # no labels in the batch: the loss_fn's own error
+    batch["labels"] = torch.tensor([0, 1, 2, 0])
+    assert eng.score(batch).backend == "ghost" and eng.verified
+
+
+def test_an_error_only_the_backend_raises_moves_auto_down(monkeypatch, caplog):
+    """A non-UnsupportedModule error of ghost where a plain forward succeeds: the backend's, so auto moves."""
+    model = tiny_gpt()
+    monkeypatch.setattr(engine_mod, "score_ghost", fail_with(RuntimeError("a hook broke")))
+    with caplog.at_level(logging.WARNING):
+        got = gs.GradNormEngine(model, backend="auto").score(lm_batch())
+    assert got.backend == "vmap" and "a hook broke" in caplog.text
+    with pytest.raises(RuntimeError, match="a hook broke"):  # an explicit backend raises as is
+        gs.GradNormEngine(model, backend="ghost").score(lm_batch())
+
+
+class BatchCentering(nn.Module):
+    """Mixes samples outside any norm layer: subtracts the batch mean of the hidden states."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)  # (B, T, D)
+        return self.out(h - 0.5 * h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_model_that_mixes_samples_is_caught_by_the_check(dtype):
+    torch.manual_seed(0)
+    model = BatchCentering().to(dtype)
+    batch = lm_batch(B=4)
+    with pytest.raises(VerificationError):
+        gs.GradNormEngine(model, backend="ghost", verify=True).score(batch)
+    got = gs.GradNormEngine(model, backend="auto").score(batch)
+    assert got.backend == "vmap"
+    assert_close_rel(got.norms, loop_scores(model, batch).norms, RTOL[dtype], "vmap")
+
+
+# -- 2. no side effects ------------------------------------------------------------------------------------------
+
+
+class Counting(nn.Module):
+    """Counts its forwards in a buffer (in eval mode too) and uses a weight functionally (a ghost retry)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.proj = nn.Linear(D, D)
+        self.out = nn.Linear(D, VOCAB)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seen", torch.zeros(D))
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        h = self.emb(input_ids)
+        self.seen.mul_(0.5).add_(h.detach().mean((0, 1)))
+        h = torch.tanh(self.proj(h)) + F.linear(h, self.proj.weight)  # a use outside proj's call
+        return self.out(h)
+
+
+@pytest.mark.parametrize("backend", ["auto", "ghost", "vmap"])
+def test_state_moves_as_one_forward_does_through_retries_and_the_check(backend):
+    torch.manual_seed(0)
+    model = Counting()
+    batch = lm_batch(B=4)
+    plain = Counting()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        plain.eval()(**{k: v for k, v in batch.items()})
+    eng = gs.GradNormEngine(model, backend=backend, verify=True)
+    if backend == "vmap":  # vmap cannot write into a captured buffer: an explicit vmap says so, auto moves on
+        with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+            eng.score(batch)
+        assert int(model.calls) == 0
+        return
+    eng.score(batch)
+    assert int(model.calls) == 1 and torch.equal(model.seen, plain.seen)
+
+
+def test_the_loop_leaves_buffers_as_found():
+    torch.manual_seed(0)
+    model = Counting()
+    gs.GradNormEngine(model, backend="loop").score(lm_batch(B=4))
+    assert int(model.calls) == 0 and float(model.seen.abs().sum()) == 0.0
+
+
+class WithNorm(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.norm = norm
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids).transpose(1, 2)  # (B, D, T)
+        return self.out(self.norm(h).transpose(1, 2))
+
+
+MIXING = {
+    "BatchNorm1d": lambda: nn.BatchNorm1d(D),
+    "BatchNorm1d (no running stats)": lambda: nn.BatchNorm1d(D, track_running_stats=False),
+    "InstanceNorm1d (running stats)": lambda: nn.InstanceNorm1d(D, affine=True, track_running_stats=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(MIXING))
+@pytest.mark.parametrize("how", ["score", "filtered"])
+def test_layers_that_mix_samples_are_refused_before_any_forward(kind, how):
+    torch.manual_seed(0)
+    model = WithNorm(MIXING[kind]()).train()
+    calls = []
+    model.emb.register_forward_hook(lambda *a: calls.append(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UsageError, match=r"module norm \(" + kind.split()[0]):
+        if how == "score":
+            gs.GradNormEngine(model, backend="auto").score(lm_batch())
+        else:
+            gs.filtered_backward(model, lm_batch(), policy="drop_top", ratio=0.5, loss_filter_std=None)
+    assert not calls and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_layers_that_do_not_mix_samples_are_scored(dtype):
+    torch.manual_seed(0)
+    for norm in (nn.BatchNorm1d(D), nn.InstanceNorm1d(D, affine=True, track_running_stats=True),
+                 nn.GroupNorm(2, D)):
+        model = WithNorm(norm).to(dtype)
+        if not isinstance(norm, nn.GroupNorm):
+            with torch.no_grad():  # running statistics that are not the defaults
+                norm.running_mean.normal_()
+                norm.running_var.uniform_(0.5, 2.0)
+            model.eval()
+        else:
+            model.train()  # GroupNorm is per sample in train mode
+        batch = lm_batch(B=4)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        got = gs.GradNormEngine(model, backend="auto").score(batch)
+        assert got.backend in ("ghost", "vmap")
+        assert_close_rel(got.norms, loop_scores(model, batch).norms, RTOL[dtype], type(norm).__name__)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
