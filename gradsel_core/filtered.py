@@ -42,7 +42,7 @@ from .factors import weighted_total
 from .errors import UsageError
 from .params import ParamSpec
 from .errors import UnsupportedModule
-from .types import BufferSnapshot, RawScores, finish_norms, grad_enabled_for, refuse_sample_mixing, scoring_mode
+from .types import BufferSnapshot, RawScores, acc_dtype, finish_norms, grad_enabled_for, refuse_sample_mixing, scoring_mode
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,14 @@ class FilteredBackward:
     ``loss_filter_std``: ``"auto"`` (1.0 for ``median_band``, no loss filter for other policies),
     ``None`` or a number (any policy); ``ratio > 0`` keeps at least one sample per batch.
     The model's mode is left as the caller set it (train mode: dropout on; the norms are then those of
-    the training loss actually optimised).
+    the training loss actually optimised). ``verify``: the engine's check against the per-sample loop
+    (:class:`GradNormEngine`; default on for ``backend="auto"``).
     """
 
     def __init__(self, model: nn.Module, policy: str = "median_band", ratio: float = 0.2,
                  params: ParamSpec = "trainable", loss_filter_std: Union[float, None, str] = "auto",
                  loss_fn: Optional[LossFn] = None, loss_reduction: str = "mean", backend: str = "auto",
-                 reference: Any = None, **policy_kwargs: Any):
+                 reference: Any = None, verify: Optional[bool] = None, **policy_kwargs: Any):
         if backend not in ("auto", "ghost", "triton"):
             raise ValueError(f"filtered_backward needs the one-backward engine: backend 'auto', 'ghost' or "
                              f"'triton', got {backend!r}")
@@ -111,7 +112,7 @@ class FilteredBackward:
         engine_backend = backend if backend != "auto" or not sharded_param_names(select_params(model, params)) \
             else "ghost"
         self.engine = GradNormEngine(model, params=params, loss_fn=loss_fn, backend=engine_backend,
-                                     loss_reduction=loss_reduction)
+                                     loss_reduction=loss_reduction, verify=verify)
         self.backend = backend
         from .selection import resolve_loss_filter_std
 
@@ -124,7 +125,6 @@ class FilteredBackward:
         self.refs = None
         if reference is not None:
             from .reference import stack_references
-            from .types import acc_dtype
 
             self.refs = stack_references(reference, self.engine.params, acc_dtype(self.engine.params))
         sharded = sharded_param_names(self.engine.params)
@@ -160,7 +160,8 @@ class FilteredBackward:
         if K == 0:
             log.debug("filtered_backward: no sample kept in this batch; no gradient added")
             return FilteredResult(kept, norms, losses, tokens, 0.0, 0, summary, cos)
-        w = torch.full((K,), loss_scale / K, device=device)  # mean over the kept samples
+        w = torch.full((K,), loss_scale / K, device=device, dtype=acc_dtype(engine.params))  # mean over the kept
+        # samples (in fp64 for fp64 parameters: 1/K rounded to fp32 is 3e-8 off)
         for name, factors in cap.factors.items():
             p = engine.params[name]
             g = weighted_total(factors, w, index).reshape(p.shape).to(p.dtype)

@@ -347,3 +347,148 @@ def test_norm_layers_that_do_not_mix_samples_are_scored(dtype):
         assert got.backend in ("ghost", "vmap")
         assert_close_rel(got.norms, loop_scores(model, batch).norms, RTOL[dtype], type(norm).__name__)
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# -- 3. filtered_backward through the engine's own path ----------------------------------------------------------
+
+
+def plain_kept_grads(model, batch, kept, names, scale=1.0):
+    """The reference: the gradient of the kept samples' mean loss, by a plain forward of the batch."""
+    from gradsel_core.batching import per_sample_losses, prepare_batch
+
+    params = dict(model.named_parameters())
+    p = prepare_batch(batch, lm_loss=True)
+    losses, _ = per_sample_losses(model(**p.model_inputs), p, None, "mean")
+    w = kept.to(losses.dtype) * (scale / max(int(kept.sum()), 1))
+    grads = torch.autograd.grad((losses * w).sum(), [params[n] for n in names], allow_unused=True)
+    return dict(zip(names, grads))
+
+
+def wrong_capture_on(monkeypatch, name, factor):
+    """Every ghost capture (score() and filtered_backward alike) reports ``factor`` x the squared norms of ``name``."""
+    from gradsel_core.ghost.capture import GhostCapture
+
+    real = GhostCapture.per_param_sq
+
+    def fake(self, params, device):
+        sq = real(self, params, device)
+        sq[name] = sq[name] * factor
+        return sq
+
+    monkeypatch.setattr(GhostCapture, "per_param_sq", fake)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["one_backward", "two_pass"])
+@pytest.mark.parametrize("train", [False, True])
+def test_filtered_backward_is_checked_and_moves_to_an_exact_step(dtype, mode, train, monkeypatch, caplog):
+    model = small_share(dtype).train(train)
+    batch = lm_batch(B=6)
+    names = [n for n, _ in model.named_parameters()]
+    wrong_capture_on(monkeypatch, "side.weight", 2.0)
+    with pytest.raises(VerificationError, match="side.weight"):
+        gs.FilteredBackward(model, policy="drop_top", ratio=0.5, loss_filter_std=None, backend="ghost",
+                            verify=True).step(batch)
+    assert all(p.grad is None for p in model.parameters())
+    with caplog.at_level(logging.WARNING):
+        res = gs.filtered_backward(model, batch, policy="drop_top", ratio=0.5, loss_filter_std=None, mode=mode)
+    assert "side.weight" in caplog.text
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ref = gs.GradNormEngine(model.eval(), backend="loop").score(batch)
+    model.train(train)
+    assert_close_rel(res.norms, ref.norms, RTOL[dtype], "norms")
+    want = plain_kept_grads(model, batch, res.kept, names)
+    for n in names:
+        assert_close_rel(got[n], want[n], RTOL[dtype], n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_filtered_backward_on_a_model_that_mixes_samples_is_exact(dtype):
+    """A batch-centering model: the one-backward path cannot be exact, the check says so, the step is exact."""
+    torch.manual_seed(0)
+    model = BatchCentering().to(dtype)
+    batch = lm_batch(B=5)
+    names = [n for n, _ in model.named_parameters()]
+    fb = gs.FilteredBackward(model, policy="drop_top", ratio=0.4, loss_filter_std=None)
+    res = fb.step(batch)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert fb.engine.last_backend == "vmap"
+    assert_close_rel(res.norms, loop_scores(model, batch).norms, RTOL[dtype], "norms")
+    want = plain_kept_grads(model, batch, res.kept, names)
+    for n in names:
+        assert_close_rel(got[n], want[n], RTOL[dtype], n)
+
+
+def test_filtered_backward_raises_a_bad_batch_and_stays_on_ghost():
+    model = tiny_gpt().eval()
+    fb = gs.FilteredBackward(model, policy="drop_top", ratio=0.5, loss_filter_std=None)
+    fb.step(lm_batch(B=4))
+    bad = lm_batch(B=4, seed=2)
+    bad["input_ids"][0, 1] = VOCAB
+    with pytest.raises((IndexError, RuntimeError)):
+        fb.step(bad)
+    fb.step(lm_batch(B=4, seed=3))
+    assert fb.engine.last_backend == "ghost" and fb.engine._settled is None
+
+
+def test_filtered_norms_follow_score_on_nan_and_inf():
+    """A sample whose gradient overflows is +inf, one whose loss is NaN is NaN: as in score()."""
+    torch.manual_seed(0)
+    model = SmallShare()
+
+    def loss_fn(out, batch):  # (B,)
+        first = batch["input_ids"][:, 0]
+        scale = torch.where(first == 1, 1e30, torch.where(first == 2, float("nan"), 1.0))
+        return out.float().pow(2).mean((1, 2)) * scale
+
+    batch = lm_batch(B=5, padding=False)
+    batch["input_ids"][0, 0], batch["input_ids"][2, 0] = 1, 2
+    want = gs.GradNormEngine(model, loss_fn=loss_fn, backend="auto").score(batch).norms
+    res = gs.filtered_backward(model, batch, policy="drop_top", ratio=0.4, loss_filter_std=None, loss_fn=loss_fn)
+    assert torch.isinf(want[0]) and torch.isnan(want[2])
+    assert torch.isinf(res.norms[0]) and res.norms[0] > 0 and torch.isnan(res.norms[2])
+    assert_close_rel(res.norms[[1, 3, 4]], want[[1, 3, 4]], 1e-5, "finite norms")
+
+
+def test_the_function_pays_the_check_once_per_model(monkeypatch):
+    model = tiny_gpt().eval()
+    calls = []
+    real = engine_mod.score_loop
+    monkeypatch.setattr(engine_mod, "score_loop", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for seed in (1, 2, 3):
+        gs.filtered_backward(model, lm_batch(B=4, seed=seed), policy="drop_top", ratio=0.5, loss_filter_std=None)
+    assert len(calls) == 1
+
+
+class SpectralNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.hid = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(D, D))
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(torch.tanh(self.hid(self.emb(input_ids))))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["one_backward", "two_pass"])
+def test_spectral_norm_in_train_mode_advances_as_one_forward(dtype, mode):
+    import copy
+
+    torch.manual_seed(0)
+    model = SpectralNet().to(dtype).train()
+    ref = copy.deepcopy(model)
+    batch = lm_batch(B=6)
+    names = [n for n, _ in model.named_parameters()]
+    res = gs.filtered_backward(model, batch, policy="drop_top", ratio=0.5, loss_filter_std=None, mode=mode)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    want = plain_kept_grads(ref, batch, res.kept, names)  # one train-mode forward of the reference copy
+    for (n, b), (_, b_ref) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, b_ref), n
+    for n in names:
+        assert_close_rel(got[n], want[n], RTOL[dtype], n)
+    # scoring (eval mode) leaves the power iteration where it was
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gs.GradNormEngine(model.eval(), backend="auto").score(batch)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
