@@ -28,7 +28,8 @@ from torch import nn
 from .ghost import GhostBackend, score_ghost
 from .backends.loop import score_loop
 from .backends.vmap import score_vmap
-from .batching import IGNORE_INDEX, LossFn, PreparedBatch, per_sample_losses, prepare_batch
+from .batching import (IGNORE_INDEX, LossFn, PreparedBatch, add_decoder_inputs, is_encoder_decoder,
+                       per_sample_losses, prepare_batch)
 from .params import ParamSpec, select_params
 from .errors import UnsupportedModule, VerificationError
 from .types import (BufferSnapshot, Coverage, CoverageEntry, RawScores, ScoreResult, ScoringSpec, acc_dtype,
@@ -134,7 +135,8 @@ class GradNormEngine:
 
     def prepare(self, batch: Mapping[str, Any]) -> PreparedBatch:
         """Validate ``batch`` for this engine's model and loss (see :func:`gradsel_core.batching.prepare_batch`)."""
-        return prepare_batch(batch, lm_loss=self.loss_fn is None)
+        seq2seq = self.loss_fn is None and is_encoder_decoder(self.model)
+        return add_decoder_inputs(prepare_batch(batch, lm_loss=self.loss_fn is None, seq2seq=seq2seq), self.model)
 
     @property
     def verified(self) -> bool:
@@ -317,13 +319,19 @@ def verify_indices(prepared: PreparedBatch, lm_loss: bool = True) -> Tuple[torch
     mask = prepared.full.get("attention_mask")
     att = mask.ne(0) if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else torch.ones_like(ids, dtype=torch.bool)
     lengths = att.sum(1).tolist()
-    if lm_loss and prepared.labels is not None and prepared.labels.dim() == 2:
-        targets = prepared.labels[:, 1:].ne(IGNORE_INDEX).sum(1).tolist()
+    labels = prepared.labels if lm_loss and isinstance(prepared.labels, torch.Tensor) else None
+    if labels is not None and labels.dim() == 2:
+        # seq2seq: every label is a target; the length is the encoder's and the decoder's
+        targets = (labels if prepared.seq2seq else labels[:, 1:]).ne(IGNORE_INDEX).sum(1).tolist()
+        if prepared.seq2seq:
+            lengths = [(a, t) for a, t in zip(lengths, targets)]
     else:
         targets = [1] * B
     rows = ids.masked_fill(~att, -1).tolist()
+    if labels is not None and prepared.seq2seq:
+        rows = [r + [-2] + l_ for r, l_ in zip(rows, labels.tolist())]
     order = sorted(range(B), key=lambda b: (targets[b] == 0, lengths[b], b))
-    first_of: Dict[int, int] = {}
+    first_of: Dict[Any, int] = {}
     for b in order:
         first_of.setdefault(lengths[b], b)
     by_len = sorted(first_of.values(), key=lambda b: (targets[b] == 0, lengths[b]))

@@ -492,3 +492,138 @@ def test_spectral_norm_in_train_mode_advances_as_one_forward(dtype, mode):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     gs.GradNormEngine(model.eval(), backend="auto").score(batch)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# -- 4. encoder-decoder models ----------------------------------------------------------------------------------
+
+
+def tiny_bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    return BartForConditionalGeneration(BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0))
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0))
+
+
+SEQ2SEQ = {"bart": tiny_bart, "t5": tiny_t5}
+
+
+def s2s_batch(B=4, seed=0):
+    """Encoder inputs of several lengths (T 7), decoder targets of several lengths (T_dec 5), one without targets."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1 % B, 4:] = 0
+    mask[(B - 1), 2:] = 0
+    labels = torch.randint(3, VOCAB, (B, 5), generator=g)
+    labels[0, 3:] = -100
+    if B > 2:
+        labels[2, :] = -100  # no target token: loss 0, gradient 0
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("name", list(SEQ2SEQ))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seq2seq_loss_is_the_model_s_own_per_sample_loss(name, dtype):
+    """Labels go to the decoder, each sample's loss is the mean over its own target tokens (no causal shift):
+    HF's own loss of that sample alone."""
+    model = SEQ2SEQ[name]().to(dtype).eval()
+    batch = s2s_batch()
+    res = gs.GradNormEngine(model, backend="loop").score(batch)
+    assert res.tokens.tolist() == (batch["labels"] != -100).sum(1).tolist()
+    for b in range(4):
+        if int(res.tokens[b]) == 0:
+            assert float(res.losses[b]) == 0.0 and float(res.norms[b]) == 0.0
+            continue
+        own = model(**{k: v[b:b + 1] for k, v in batch.items()}).loss
+        assert abs(float(own) - float(res.losses[b])) <= 1e-5 * max(1.0, float(own))
+
+
+@pytest.mark.parametrize("name", list(SEQ2SEQ))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seq2seq_every_backend_is_exact(name, dtype):
+    model = SEQ2SEQ[name]().to(dtype)
+    batch = s2s_batch()
+    ref = loop_scores(model, batch)
+    backends = ["vmap", "auto"] + (["ghost"] if name == "bart" else [])
+    for backend in backends:
+        eng = gs.GradNormEngine(model, backend=backend, per_param=True)
+        got = eng.score(batch)
+        assert_close_rel(got.norms, ref.norms, RTOL[dtype], f"{name} {backend}")
+        assert_close_rel(got.losses, ref.losses, RTOL[dtype], f"{name} {backend} losses")
+        assert torch.equal(got.tokens, ref.tokens)
+    if name == "t5":  # T5's relative attention bias: ghost refuses it clearly, auto is exact on vmap
+        with pytest.raises(UnsupportedModule):
+            gs.GradNormEngine(model, backend="ghost").score(batch)
+    # B = 1 and empty
+    one = {k: v[:1] for k, v in batch.items()}
+    assert_close_rel(gs.GradNormEngine(model, backend="auto").score(one).norms, ref.norms[:1], RTOL[dtype], "B=1")
+    empty = {k: v[:0] for k, v in batch.items()}
+    assert gs.GradNormEngine(model, backend="auto").score(empty).norms.shape == (0,)
+
+
+def test_seq2seq_is_never_scored_with_the_causal_shift():
+    model = tiny_bart()
+    batch = s2s_batch()
+    with pytest.raises(UsageError, match="encoder-decoder.*labels"):
+        gs.GradNormEngine(model, backend="auto").score({k: batch[k] for k in ("input_ids", "attention_mask")})
+    with pytest.raises(UsageError, match="labels"):
+        gs.GradNormEngine(model, backend="loop").score({**batch, "labels": batch["labels"][:, 0]})
+
+    class NoShift(nn.Module):  # an encoder-decoder config, but no way to build the decoder's inputs
+        config = model.config
+
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    with pytest.raises(UsageError, match="decoder_input_ids"):
+        gs.GradNormEngine(NoShift(), backend="loop").score(batch)
+    # given decoder_input_ids are used as they are
+    dec = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    a = gs.GradNormEngine(NoShift(), backend="loop").score({**batch, "decoder_input_ids": dec})
+    b = gs.GradNormEngine(model, backend="loop").score(batch)
+    assert torch.equal(a.norms, b.norms)
+
+
+@pytest.mark.parametrize("name", list(SEQ2SEQ))
+@pytest.mark.parametrize("mode", ["one_backward", "two_pass"])
+def test_seq2seq_filtered_backward(name, mode):
+    model = SEQ2SEQ[name]().double().train()
+    batch = s2s_batch(B=5)
+    names = [n for n, _ in model.named_parameters()]
+    res = gs.filtered_backward(model, batch, policy="drop_top", ratio=0.4, loss_filter_std=None, mode=mode)
+    got = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    assert_close_rel(res.norms, loop_scores(model.eval(), batch).norms, 1e-10, "norms")
+    model.train()
+    from gradsel_core.batching import add_decoder_inputs, per_sample_losses, prepare_batch
+
+    p = add_decoder_inputs(prepare_batch(batch, lm_loss=True, seq2seq=True), model)
+    losses, _ = per_sample_losses(model(**p.model_inputs), p, None, "mean")
+    w = res.kept.double() / res.kept.sum()
+    params = dict(model.named_parameters())
+    want = torch.autograd.grad((losses * w).sum(), [params[n] for n in names], allow_unused=True)
+    # against the largest gradient entry: a bias whose gradient is 0 in exact arithmetic (k_proj.bias under the
+    # softmax) holds rounding noise (~1e-22) in both
+    scale = max(float(g.abs().max()) for g in want if g is not None)
+    for n, g in zip(names, want):
+        if g is None:
+            assert got[n] is None or float(got[n].abs().sum()) == 0.0
+        else:
+            err = float((got[n] - g).abs().max()) / scale
+            assert err <= 1e-10, f"{n}: {err:.3g}"
