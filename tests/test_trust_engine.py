@@ -627,3 +627,61 @@ def test_seq2seq_filtered_backward(name, mode):
         else:
             err = float((got[n] - g).abs().max()) / scale
             assert err <= 1e-10, f"{n}: {err:.3g}"
+
+
+def make_bart_dir(d) -> str:
+    """A tiny random BART and a word-level tokenizer (BOS/EOS added around each text) saved into ``d``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
+    from conftest import WORDS
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(str(d))
+    torch.manual_seed(0)
+    BartForConditionalGeneration(BartConfig(
+        vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)).save_pretrained(str(d))
+    return str(d)
+
+
+def test_seq2seq_score_dataset_and_the_cli(tmp_path, capsys):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from gradsel_core.cli import main
+    from gradsel_core.data import load_model_and_tokenizer
+    from gradsel_core.store import ScoreStore
+
+    d = make_bart_dir(tmp_path / "bart")
+    rows = [{"id": i, "prompt": p, "response": r} for i, (p, r) in enumerate([
+        ("what is two plus three ?", "five"), ("tell me about the cat", "the cat sat on the mat"),
+        ("hello", "hello world"), ("why", "because the dog sat"), ("a", "yes"),
+    ])]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UsageError, match="encoder-decoder"):  # a text record has no target for the decoder
+        model, tok = load_model_and_tokenizer(d)
+        gs.score_dataset(model, [{"text": "the cat"}], str(tmp_path / "x"), tokenizer=tok)
+    out = str(tmp_path / "scores")
+    assert main(["score", "--model", d, "--data", str(data), "--out", out, "--batch-size", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    store = ScoreStore.open(out)
+    assert store.meta["model"]["class"] == "BartForConditionalGeneration"
+    tok = AutoTokenizer.from_pretrained(d)
+    model, _ = load_model_and_tokenizer(d)
+    for i, r in enumerate(rows):  # each record alone: prompt -> encoder, response (with BOS/EOS) -> labels
+        enc = torch.tensor([tok.encode(r["prompt"])])
+        lab = torch.tensor([tok.encode(r["response"])])
+        assert store.tokens[i] == lab.shape[1]
+        ref = gs.GradNormEngine(model, backend="loop").score({"input_ids": enc, "labels": lab})
+        assert abs(float(store.norms[i]) - float(ref.norms[0])) <= 1e-5 * float(ref.norms[0])
+        assert abs(float(store.losses[i]) - float(model(input_ids=enc, labels=lab).loss)) <= 1e-5
