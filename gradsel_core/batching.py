@@ -132,6 +132,13 @@ def is_encoder_decoder(model: Any) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def prepare_for(model: Any, batch: Mapping[str, Any], loss_fn: Optional[LossFn] = None) -> PreparedBatch:
+    """:func:`prepare_batch` for ``model``: the seq2seq loss (and the decoder's inputs) when its config says
+    ``is_encoder_decoder`` and no custom ``loss_fn`` is given, else the causal LM loss (or ``loss_fn``)."""
+    seq2seq = loss_fn is None and is_encoder_decoder(model)
+    return add_decoder_inputs(prepare_batch(batch, lm_loss=loss_fn is None, seq2seq=seq2seq), model)
+
+
 def add_decoder_inputs(prepared: PreparedBatch, model: Any) -> PreparedBatch:
     """The decoder's inputs of a seq2seq batch: the labels shifted right by the model's own
     ``prepare_decoder_input_ids_from_labels`` (the decoder start token, -100 as padding), unless the batch

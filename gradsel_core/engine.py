@@ -28,8 +28,7 @@ from torch import nn
 from .ghost import GhostBackend, score_ghost
 from .backends.loop import score_loop
 from .backends.vmap import score_vmap
-from .batching import (IGNORE_INDEX, LossFn, PreparedBatch, add_decoder_inputs, is_encoder_decoder,
-                       per_sample_losses, prepare_batch)
+from .batching import IGNORE_INDEX, LossFn, PreparedBatch, per_sample_losses, prepare_for
 from .params import ParamSpec, select_params
 from .errors import UnsupportedModule, VerificationError
 from .types import (BufferSnapshot, Coverage, CoverageEntry, RawScores, ScoreResult, ScoringSpec, acc_dtype,
@@ -135,8 +134,7 @@ class GradNormEngine:
 
     def prepare(self, batch: Mapping[str, Any]) -> PreparedBatch:
         """Validate ``batch`` for this engine's model and loss (see :func:`gradsel_core.batching.prepare_batch`)."""
-        seq2seq = self.loss_fn is None and is_encoder_decoder(self.model)
-        return add_decoder_inputs(prepare_batch(batch, lm_loss=self.loss_fn is None, seq2seq=seq2seq), self.model)
+        return prepare_for(self.model, batch, self.loss_fn)
 
     @property
     def verified(self) -> bool:
@@ -177,6 +175,18 @@ class GradNormEngine:
         on errors meaning "this backend cannot score this model", and check a fast backend against the loop
         until it is verified. ``snapshot``: the buffers before the call, restored before every extra run."""
         snapshot = snapshot or BufferSnapshot(self.model)
+        settled = self._settled
+        try:
+            return self._score_chain(prepared, backend, refs, snapshot)
+        except BaseException:
+            # the batch's error, raised by the last backend tried: the moves made on the way were not proven to
+            # be the model's (a backward that fails on this batch alone fails on every backend), so the engine
+            # stays where it was
+            self._settled = settled
+            raise
+
+    def _score_chain(self, prepared: PreparedBatch, backend: str, refs: Any,
+                     snapshot: BufferSnapshot) -> Tuple[RawScores, str]:
         while True:
             try:
                 raw = self._run_backend(backend, prepared, refs)

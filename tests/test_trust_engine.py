@@ -685,3 +685,45 @@ def test_seq2seq_score_dataset_and_the_cli(tmp_path, capsys):
         ref = gs.GradNormEngine(model, backend="loop").score({"input_ids": enc, "labels": lab})
         assert abs(float(store.norms[i]) - float(ref.norms[0])) <= 1e-5 * float(ref.norms[0])
         assert abs(float(store.losses[i]) - float(model(input_ids=enc, labels=lab).loss)) <= 1e-5
+
+
+def test_an_error_of_the_batch_in_the_backward_does_not_move_auto():
+    """A loss whose backward fails on one batch only (the forward and loss succeed): every backend fails on it,
+    the error is raised, and the next batch runs on ghost again."""
+
+    class Fragile(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, bad):
+            ctx.bad = bad
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            if ctx.bad:
+                raise RuntimeError("this batch's backward fails")
+            return g, None
+
+    def loss_fn(out, batch):
+        bad = bool((batch["input_ids"] == 1).any())
+        return Fragile.apply(out, bad).float().pow(2).mean((1, 2))
+
+    model = small_share(torch.float32)
+    eng = gs.GradNormEngine(model, backend="auto", loss_fn=loss_fn)
+    batch = lm_batch(B=4, padding=False)
+    assert eng.score(batch).backend == "ghost"
+    bad = lm_batch(B=4, seed=2, padding=False)
+    bad["input_ids"][0, 0] = 1
+    with pytest.raises(RuntimeError, match="backward fails"):
+        eng.score(bad)
+    assert eng._settled is None and eng.score(batch).backend == "ghost"
+
+
+def test_seq2seq_reference_gradient_is_the_mean_of_the_scored_gradients():
+    """reference_gradient uses the same seq2seq loss: Σ_i ⟨g_i, r⟩ / N = ||r||² with r = (1/N) Σ_i g_i."""
+    model = tiny_bart().double()
+    batch = s2s_batch()
+    r = gs.reference_gradient(model, [batch])
+    assert r.meta["loss"] == "seq2seq_lm"
+    res = gs.GradNormEngine(model, backend="loop").score(batch, reference=r.grads)
+    sq = sum(float(g.double().pow(2).sum()) for g in r.grads.values())
+    assert abs(float(res.dots.double().sum()) / 4 - sq) <= 1e-6 * sq
