@@ -175,18 +175,18 @@ class GradNormEngine:
         on errors meaning "this backend cannot score this model", and check a fast backend against the loop
         until it is verified. ``snapshot``: the buffers before the call, restored before every extra run."""
         snapshot = snapshot or BufferSnapshot(self.model)
-        settled = self._settled
+        proven = [self._settled]  # the last move proven to be the model's (UnsupportedModule, a failed check)
         try:
-            return self._score_chain(prepared, backend, refs, snapshot)
+            return self._score_chain(prepared, backend, refs, snapshot, proven)
         except BaseException:
-            # the batch's error, raised by the last backend tried: the moves made on the way were not proven to
-            # be the model's (a backward that fails on this batch alone fails on every backend), so the engine
-            # stays where it was
-            self._settled = settled
+            # the batch's error, raised by the last backend tried: a move made on the way because a backend
+            # raised where a plain forward does not is not proven to be the model's (a backward that fails on
+            # this batch alone fails on every backend), so the engine goes back to where the proof ends
+            self._settled = proven[0]
             raise
 
-    def _score_chain(self, prepared: PreparedBatch, backend: str, refs: Any,
-                     snapshot: BufferSnapshot) -> Tuple[RawScores, str]:
+    def _score_chain(self, prepared: PreparedBatch, backend: str, refs: Any, snapshot: BufferSnapshot,
+                     proven: List[Optional[str]]) -> Tuple[RawScores, str]:
         while True:
             try:
                 raw = self._run_backend(backend, prepared, refs)
@@ -198,6 +198,8 @@ class GradNormEngine:
                 reason = self.cannot_score(e, prepared, snapshot)
                 snapshot.restore()
                 backend = self.move_down(backend, f"{type(reason).__name__}: {_first_line(reason)}")
+                if reason is e:
+                    proven[0] = backend
                 continue
             if backend == "loop":
                 snapshot.restore()  # B forwards of one sample: buffers are left as found
@@ -207,6 +209,7 @@ class GradNormEngine:
                 return raw, backend
             snapshot.restore()
             backend = self.move_down(backend, bad, verification=True)
+            proven[0] = backend
 
     def cannot_score(self, error: BaseException, prepared: PreparedBatch, snapshot: BufferSnapshot) -> BaseException:
         """Sort a fast backend's error: an :class:`UnsupportedModule` (this backend cannot score this model) is
@@ -272,7 +275,9 @@ class GradNormEngine:
             return None
         worst = ", ".join(f"{n} (rel. error {e:.2g} of its own norm)" for n, e in sorted(bad, key=lambda x: -x[1])[:4])
         return (f"backend {backend} disagrees with a per-sample backward on {len(bad)} parameter(s) of samples "
-                f"{idx.tolist()}: {worst}; a rule does not describe a module of this model")
+                f"{idx.tolist()}: {worst}; " + ("a rule does not describe a module of this model"
+                                                 if backend in ("ghost", "triton") else
+                                                 "it does not compute this model's per-sample gradients"))
 
     # -- internals --------------------------------------------------------------------------------
     def _run_backend(self, backend: str, prepared: PreparedBatch, refs=None) -> RawScores:

@@ -727,3 +727,23 @@ def test_seq2seq_reference_gradient_is_the_mean_of_the_scored_gradients():
     res = gs.GradNormEngine(model, backend="loop").score(batch, reference=r.grads)
     sq = sum(float(g.double().pow(2).sum()) for g in r.grads.values())
     assert abs(float(res.dots.double().sum()) / 4 - sq) <= 1e-6 * sq
+
+
+def test_a_proven_move_survives_an_error_of_the_batch(monkeypatch):
+    """ghost fails the check (proven: auto leaves it), vmap raises where a plain forward does not (not proven),
+    the loop raises on the whole batch: the error is raised and the engine stays on vmap, never back on ghost."""
+    model = small_share(torch.float64)
+    monkeypatch.setattr(engine_mod, "score_ghost", wrong_on("side.weight", 2.0))
+    monkeypatch.setattr(engine_mod, "score_vmap", fail_with(RuntimeError("vmap broke")))
+    real_loop = engine_mod.score_loop
+
+    def loop(spec, prepared, refs=None):
+        if prepared.batch_size == 4:
+            raise RuntimeError("the loop broke on this batch")
+        return real_loop(spec, prepared, refs)
+
+    monkeypatch.setattr(engine_mod, "score_loop", loop)
+    eng = gs.GradNormEngine(model, backend="auto")
+    with pytest.raises(RuntimeError, match="loop broke"):
+        eng.score(lm_batch(B=4))
+    assert eng._settled == "vmap"
