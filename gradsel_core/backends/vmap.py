@@ -28,7 +28,7 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
     saved = [(c, c._attn_implementation) for c in configs.values()]
     # HF's bidirectional (encoder) mask asks padding_mask.all() to skip building the mask: data-dependent
     # control flow under vmap. Always building it is the same math.
-    masking = sys.modules.get("transformers.masking_utils")
+    masking: Any = sys.modules.get("transformers.masking_utils")
     skip = getattr(masking, "_ignore_bidirectional_mask_sdpa", None)
     try:
         for c, impl in saved:
