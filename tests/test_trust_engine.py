@@ -747,3 +747,10 @@ def test_a_proven_move_survives_an_error_of_the_batch(monkeypatch):
     with pytest.raises(RuntimeError, match="loop broke"):
         eng.score(lm_batch(B=4))
     assert eng._settled == "vmap"
+
+
+def test_the_causal_trainer_refuses_an_encoder_decoder_model():
+    from gradsel_core.trainer import ContinualTrainer
+
+    with pytest.raises(UsageError, match="encoder-decoder"):
+        ContinualTrainer(tiny_bart(), tasks=[])
