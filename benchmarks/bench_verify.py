@@ -4,8 +4,10 @@ engine with the check, against one without it and a plain forward+backward, in o
     python benchmarks/bench_verify.py            # TinyGPT d=256, 4 layers, T=128, B=16, full parameters
     python benchmarks/bench_verify.py --quick --out-dir /tmp/x
 
-The check runs the per-sample reference (one forward and backward of a single sample) on two samples of
-the first batch, so its cost is about 2/B of a per-sample loop; later batches pay nothing.
+The check runs the per-sample reference (one forward and backward of a single sample) on three distinct samples
+of the first batch (differing in length where the batch allows), so its cost is about 3/B of a per-sample loop,
+plus a snapshot of the buffers; later batches pay nothing. (``filtered_backward`` on a model in train mode pays
+one eval-mode ghost score of the first batch on top, to check the path with dropout off.)
 """
 from __future__ import annotations
 

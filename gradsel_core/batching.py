@@ -31,6 +31,7 @@ class PreparedBatch:
     full: Dict[str, Any]
     batch_size: int
     seq_len: int
+    seq2seq: bool = False  # labels are decoder targets, aligned with the logits (no causal shift)
 
     def per_sample_keys(self) -> Dict[str, bool]:
         """Which entries of ``full`` carry the batch on dim 0 (sliced per sample)."""
@@ -47,6 +48,7 @@ class PreparedBatch:
             full=full,
             batch_size=ids.shape[0],
             seq_len=self.seq_len,
+            seq2seq=self.seq2seq,
         )
 
 
@@ -55,9 +57,12 @@ def _is_per_sample(v: Any, batch_size: int) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size
 
 
-def prepare_batch(batch: Mapping[str, Any], lm_loss: bool) -> PreparedBatch:
+def prepare_batch(batch: Mapping[str, Any], lm_loss: bool, seq2seq: bool = False) -> PreparedBatch:
     """Validate ``batch`` and build the LM labels.
 
+    ``seq2seq`` (an encoder-decoder model, ``config.is_encoder_decoder``): ``input_ids`` go to the encoder and
+    ``labels`` (B, T_dec), required, are the decoder's targets, aligned with its logits (no causal shift; the
+    decoder inputs are the labels shifted right, :func:`add_decoder_inputs`).
     Raises ``TypeError``/``ValueError`` with a message that says what to fix.
     """
     if not isinstance(batch, Mapping):
@@ -78,7 +83,18 @@ def prepare_batch(batch: Mapping[str, Any], lm_loss: bool) -> PreparedBatch:
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"batch['attention_mask'] must have the shape of input_ids {(B, T)}, got {shape}")
     labels = batch.get("labels")
-    if lm_loss:
+    if lm_loss and seq2seq:
+        from .errors import UsageError
+
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[0] != B:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise UsageError(
+                f"an encoder-decoder model (config.is_encoder_decoder) is scored on its decoder's targets: the batch "
+                f"needs 'labels' of shape [B, T_dec] = [{B}, T_dec] (-100 where ignored), got {got}; 'input_ids' go "
+                "to the encoder (records: 'prompt' -> encoder, 'response' -> labels)")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"batch['labels'] must hold integer token ids or -100, got dtype {labels.dtype}")
+    elif lm_loss:
         if labels is None:
             labels = default_labels(ids, mask)
         else:
@@ -107,7 +123,45 @@ def prepare_batch(batch: Mapping[str, Any], lm_loss: bool) -> PreparedBatch:
         full=full,
         batch_size=B,
         seq_len=T,
+        seq2seq=seq2seq and lm_loss,
     )
+
+
+def is_encoder_decoder(model: Any) -> bool:
+    """Whether the model's (HF) config says it is an encoder-decoder model (BART, T5, ...)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def prepare_for(model: Any, batch: Mapping[str, Any], loss_fn: Optional[LossFn] = None) -> PreparedBatch:
+    """:func:`prepare_batch` for ``model``: the seq2seq loss (and the decoder's inputs) when its config says
+    ``is_encoder_decoder`` and no custom ``loss_fn`` is given, else the causal LM loss (or ``loss_fn``)."""
+    seq2seq = loss_fn is None and is_encoder_decoder(model)
+    return add_decoder_inputs(prepare_batch(batch, lm_loss=loss_fn is None, seq2seq=seq2seq), model)
+
+
+def add_decoder_inputs(prepared: PreparedBatch, model: Any) -> PreparedBatch:
+    """The decoder's inputs of a seq2seq batch: the labels shifted right by the model's own
+    ``prepare_decoder_input_ids_from_labels`` (the decoder start token, -100 as padding), unless the batch
+    gives ``decoder_input_ids``. Refused when the model has neither."""
+    if not prepared.seq2seq or "decoder_input_ids" in prepared.full:
+        return prepared
+    make = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if make is None:
+        from .errors import UsageError
+
+        raise UsageError(
+            f"{type(model).__name__} is an encoder-decoder model without prepare_decoder_input_ids_from_labels: pass "
+            "'decoder_input_ids' (the labels shifted right, starting with the decoder start token) in the batch")
+    dec = make(labels=prepared.labels)  # (B, T_dec)
+    if not isinstance(dec, torch.Tensor) or tuple(dec.shape) != tuple(prepared.labels.shape):
+        from .errors import UsageError
+
+        raise UsageError(f"{type(model).__name__}.prepare_decoder_input_ids_from_labels gave "
+                         f"{getattr(dec, 'shape', type(dec).__name__)} for labels {tuple(prepared.labels.shape)}: "
+                         "pass 'decoder_input_ids' in the batch")
+    prepared.full["decoder_input_ids"] = dec
+    prepared.model_inputs["decoder_input_ids"] = dec
+    return prepared
 
 
 def _usable(v: Any) -> Any:
@@ -181,6 +235,25 @@ def causal_lm_losses(
     return sums / tokens.clamp(min=1).to(acc), tokens
 
 
+def seq2seq_lm_losses(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss of an encoder-decoder model: the decoder's logits at t predict ``labels`` at t (no
+    shift). logits: (B, T_dec, V); labels: (B, T_dec) with -100 ignored. Returns (losses (B,), tokens (B,)), a
+    sample without a target token has loss 0."""
+    B, T = labels.shape
+    if logits.dim() != 3 or logits.shape[:2] != (B, T):
+        raise ValueError(f"decoder logits must have shape [B, T_dec, V] = [{B}, {T}, V], got {tuple(logits.shape)}")
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    tok = F.cross_entropy(logits.to(acc).reshape(B * T, -1), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(B, T)  # (B, T_dec), 0 where ignored
+    tokens = (labels != IGNORE_INDEX).sum(dim=1)  # (B,)
+    sums = tok.sum(dim=1)  # (B,)
+    if reduction == "sum":
+        return sums, tokens
+    return sums / tokens.clamp(min=1).to(acc), tokens
+
+
 def per_sample_losses(
     outputs: Any, batch: PreparedBatch, loss_fn: Optional[LossFn], reduction: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +264,8 @@ def per_sample_losses(
     """
     B = batch.batch_size
     if loss_fn is None:
+        if batch.seq2seq:
+            return seq2seq_lm_losses(extract_logits(outputs), batch.labels, reduction)
         return causal_lm_losses(extract_logits(outputs), batch.labels, reduction)
     losses = loss_fn(outputs, batch.full)
     if not isinstance(losses, torch.Tensor) or losses.shape != (B,):

@@ -181,8 +181,14 @@ def has_targets(labels: Sequence[int]) -> bool:
     return any(int(l) != IGNORE_INDEX for l in labels[1:])
 
 
-def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optional[int] = None) -> Dict[str, Any]:
+def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optional[int] = None,
+                  seq2seq: bool = False) -> Dict[str, Any]:
     """Tokenize one record into ``{"input_ids", "labels", "attention_mask", "id", ...metadata}``.
+
+    ``seq2seq`` (an encoder-decoder model): ``prompt`` -> ``input_ids`` (the encoder's, with special tokens),
+    ``response`` -> ``labels`` (the decoder's targets, with special tokens, e.g. EOS), each truncated to
+    ``max_length``; ``input_ids`` records pass through with their own ``labels`` (any length); ``text`` and
+    ``messages`` records are refused (there is no target to put on the decoder).
 
     ``text`` -> all tokens are targets; ``prompt`` + ``response`` -> only response tokens (and EOS) are
     targets; chat ``messages`` -> only the assistant turns are targets (:func:`encode_messages`); a record
@@ -191,6 +197,8 @@ def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optiona
     """
     if not isinstance(record, Mapping):
         raise TypeError(f"a record must be a dict, got {type(record).__name__}")
+    if seq2seq:
+        return _encode_seq2seq(record, tokenizer, max_length)
     if "input_ids" in record:
         ids = _int_list(record["input_ids"], "input_ids")
         labels = _int_list(record["labels"], "labels") if record.get("labels") is not None else list(ids)
@@ -227,6 +235,31 @@ def encode_record(record: Mapping[str, Any], tokenizer: Any, max_length: Optiona
     return out
 
 
+def _encode_seq2seq(record: Mapping[str, Any], tokenizer: Any, max_length: Optional[int]) -> Dict[str, Any]:
+    if "input_ids" in record:
+        if record.get("labels") is None:
+            raise UsageError("a record for an encoder-decoder model needs 'labels' (the decoder's targets) with its "
+                             "'input_ids' (the encoder's)")
+        ids = [int(i) for i in record["input_ids"]]
+        labels = [int(i) for i in record["labels"]]
+        mask = [int(i) for i in record["attention_mask"]] if record.get("attention_mask") is not None else [1] * len(ids)
+        if len(mask) != len(ids):
+            raise UsageError(f"record {record.get('id')!r}: attention_mask must have the length of input_ids")
+    elif "prompt" in record and "response" in record:
+        ids = _encode(tokenizer, record["prompt"], add_special_tokens=True)
+        labels = _encode(tokenizer, record["response"], add_special_tokens=True)
+        mask = [1] * len(ids)
+    else:
+        raise UsageError(
+            "a record for an encoder-decoder model needs 'prompt' (to the encoder) + 'response' (the decoder's "
+            f"targets), or 'input_ids' + 'labels'; got keys {sorted(record)}")
+    if max_length is not None:
+        ids, labels, mask = ids[:max_length], labels[:max_length], mask[:max_length]
+    out: Dict[str, Any] = {"input_ids": ids, "labels": labels, "attention_mask": mask, "id": record.get("id")}
+    out.update(extra_fields(record))
+    return out
+
+
 def compact_record(rec: Dict[str, Any]) -> Dict[str, Any]:
     """The same record in less memory: int32 arrays, ``attention_mask`` dropped when all ones and
     ``labels`` dropped when they equal ``input_ids`` (what :func:`collate` assumes when they are absent)."""
@@ -251,6 +284,7 @@ def compact_record(rec: Dict[str, Any]) -> Dict[str, Any]:
 
 def encode_records(
     records, tokenizer: Any, max_length: Optional[int] = None, compact: bool = False, progress: Any = None,
+    seq2seq: bool = False,
 ) -> List[Dict[str, Any]]:
     """:func:`encode_record` over an iterable (``compact``: :func:`compact_record` each, ~10x less memory
     than lists for large datasets); warns about records without a target token, saying whether they had
@@ -259,15 +293,18 @@ def encode_records(
     none, cut = [], []  # positions of records without a target token: from the start / after truncation
     for pos, r in enumerate(records):
         try:
-            e = encode_record(r, tokenizer, None)
+            e = encode_record(r, tokenizer, max_length if seq2seq else None, seq2seq=seq2seq)
         except (ValueError, TypeError) as err:
             rid = r.get("id") if isinstance(r, Mapping) else None
             raise type(err)(f"record {pos}{'' if rid is None else f' (id {rid!r})'}: {err}") from err
-        if not has_targets(e["labels"]):
+        if seq2seq:  # decoder targets: every label counts (no shift); encode_record truncated both sides
+            if all(int(l) == IGNORE_INDEX for l in e["labels"]):
+                none.append(pos)
+        elif not has_targets(e["labels"]):
             none.append(pos)
         elif max_length is not None and len(e["input_ids"]) > max_length and not has_targets(e["labels"][:max_length]):
             cut.append(pos)
-        if max_length is not None:
+        if max_length is not None and not seq2seq:
             for k in TOKEN_KEYS:
                 e[k] = e[k][:max_length]
         out.append(compact_record(e) if compact else e)
@@ -359,7 +396,8 @@ def _load_error(spec: str, e: BaseException, hub: bool) -> UsageError:
 def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Optional[Any] = None,
                              revision: Optional[str] = None, trust_remote_code: bool = False):
     """``(model, tokenizer)`` for ``"tiny"`` (TinyGPT + :class:`ByteTokenizer`), a local directory or a
-    Hugging Face Hub id: an HF causal-LM (``AutoModelForCausalLM``/``AutoTokenizer``), or a PEFT adapter
+    Hugging Face Hub id: an HF causal-LM (``AutoModelForCausalLM``/``AutoTokenizer``; ``AutoModelForSeq2SeqLM``
+    when its config says ``is_encoder_decoder``), or a PEFT adapter
     (``adapter_config.json``: the base is loaded from its ``base_model_name_or_path``, a local path (a
     relative one taken from the adapter's folder first, :func:`adapter_base_path`) or a Hub id, then the
     adapter with its LoRA weights trainable, so ``params="trainable"`` selects them).
@@ -386,7 +424,11 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
         if not local and (os.path.exists(spec) or not is_hub_id(spec)):
             raise FileNotFoundError(f"--model {spec!r}: not 'tiny', not a local model directory and not a Hub id "
                                     "(org/name)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        def auto_class(path: str, kw_: Dict[str, Any]):  # an encoder-decoder config (BART, T5) loads as a seq2seq LM
+            return AutoModelForSeq2SeqLM if getattr(AutoConfig.from_pretrained(path, **kw_), "is_encoder_decoder",
+                                                    False) else AutoModelForCausalLM
 
         kw: Dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
         hub_kw: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -398,7 +440,7 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
                 from peft import PeftModel
 
                 base_kw = {"trust_remote_code": trust_remote_code}
-                base = _from_pretrained(AutoModelForCausalLM, base_path, kw, base_kw)
+                base = _from_pretrained(auto_class(base_path, base_kw), base_path, kw, base_kw)
                 model = PeftModel.from_pretrained(base, spec, is_trainable=True, **({"revision": revision} if revision else {}))
                 if local and not _has_tokenizer(spec):
                     tok = AutoTokenizer.from_pretrained(base_path, **base_kw)
@@ -408,7 +450,7 @@ def load_model_and_tokenizer(spec: str, dtype: Optional[str] = None, device: Opt
                     except OSError:  # an adapter repository without tokenizer files: the base's
                         tok = AutoTokenizer.from_pretrained(base_path, **base_kw)
             else:
-                model = _from_pretrained(AutoModelForCausalLM, spec, kw, hub_kw)
+                model = _from_pretrained(auto_class(spec, hub_kw), spec, kw, hub_kw)
                 tok = AutoTokenizer.from_pretrained(spec, **hub_kw)
         except Exception as e:  # noqa: BLE001 - a checkpoint that does not load is the user's to fix
             if isinstance(e, UsageError) or "adapter_config.json" in str(e):
@@ -518,13 +560,17 @@ def as_int_array(x: Any, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def collate(records: Sequence[Mapping[str, Any]], pad_id: int = 0, max_len: Optional[int] = None) -> Dict[str, torch.Tensor]:
+def collate(records: Sequence[Mapping[str, Any]], pad_id: int = 0, max_len: Optional[int] = None,
+            seq2seq: bool = False) -> Dict[str, torch.Tensor]:
     """Right-pad records into ``{"input_ids", "attention_mask", "labels"}`` int64 tensors [B, T].
 
     Padding: ``input_ids = pad_id``, ``attention_mask = 0``, ``labels = -100``. A record without labels
     gets the engine's default labels (its ids, -100 where it or its predecessor is masked). ``max_len``:
-    refuse a record longer than that (``UsageError``) instead of building a longer batch.
+    refuse a record longer than that (``UsageError``) instead of building a longer batch. ``seq2seq``: the
+    labels are the decoder's targets, padded to their own length [B, T_dec] (required on every record).
     """
+    if seq2seq:
+        return _collate_seq2seq(records, pad_id, max_len)
     B = len(records)
     ids_l = [as_int_array(r["input_ids"], "input_ids") for r in records]
     T = max((len(a) for a in ids_l), default=0)
@@ -549,6 +595,24 @@ def collate(records: Sequence[Mapping[str, Any]], pad_id: int = 0, max_len: Opti
         keep = torch.from_numpy(given)[:, None]
         labels_t = torch.where(keep, labels_t, dflt)
     return {"input_ids": ids_t, "attention_mask": mask_t, "labels": labels_t}
+
+
+def _collate_seq2seq(records: Sequence[Mapping[str, Any]], pad_id: int, max_len: Optional[int]) -> Dict[str, torch.Tensor]:
+    enc = collate([{k: r[k] for k in ("input_ids", "attention_mask") if r.get(k) is not None} for r in records],
+                  pad_id, max_len)
+    labs = []
+    for i, r in enumerate(records):
+        if r.get("labels") is None:
+            raise UsageError(f"record {i} of the batch has no 'labels': an encoder-decoder model is scored on its "
+                             "decoder's targets")
+        labs.append(as_int_array(r["labels"], "labels"))
+    T = max((len(a) for a in labs), default=0)
+    if max_len is not None and T > max_len:
+        raise UsageError(f"a record has {T} target tokens > max_len={max_len}")
+    labels = np.full((len(records), T), IGNORE_INDEX, dtype=np.int64)
+    for i, a in enumerate(labs):
+        labels[i, :len(a)] = a
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.from_numpy(labels)}
 
 
 # -- bucketing planner ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from .batching import LossFn, per_sample_losses, prepare_batch
+from .batching import LossFn, is_encoder_decoder, per_sample_losses, prepare_for
 from .errors import UsageError
 from .params import ParamSpec, select_params
 from .types import scoring_mode
@@ -107,7 +107,7 @@ def reference_gradient(model: nn.Module, batches: Iterable[Mapping[str, Any]], p
     count = 0
     with scoring_mode(model, chosen):
         for i, batch in enumerate(batches):
-            prepared = prepare_batch(batch, lm_loss=loss_fn is None)
+            prepared = prepare_for(model, batch, loss_fn)  # (seq2seq for an encoder-decoder model)
             if prepared.batch_size == 0:
                 continue
             out = model(**prepared.model_inputs)
@@ -127,7 +127,8 @@ def reference_gradient(model: nn.Module, batches: Iterable[Mapping[str, Any]], p
         from .store import model_fingerprint
 
         fp = model_fingerprint(model, chosen)["content_sha256"]
-    return ReferenceGradient(mean, fp, count, {"loss": "causal_lm" if loss_fn is None else "custom",
+    return ReferenceGradient(mean, fp, count, {"loss": ("seq2seq_lm" if is_encoder_decoder(model) else "causal_lm")
+                                                          if loss_fn is None else "custom",
                                                 "loss_reduction": loss_reduction, **(meta or {})})
 
 

@@ -156,7 +156,8 @@ def _check_vocab(a: np.ndarray, vocab: Optional[int], what: str, labels: bool = 
         )
 
 
-def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optional[int] = None) -> DataScan:
+def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optional[int] = None,
+                 seq2seq: bool = False) -> DataScan:
     """Validate every record (token ids inside ``[0, vocab)`` when given; labels inside
     ``[0, label_vocab)`` or -100; ids and int fields within 64 bits); collect lengths, ids, metadata fields
     and a content hash. Errors name the record (its position and id)."""
@@ -193,7 +194,7 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
                 h.update(b"-")
                 continue
             a = as_int_array(v, f"{where}: {key}")
-            if len(a) != L:
+            if len(a) != L and not (seq2seq and key == "labels"):  # seq2seq: the decoder's own length
                 raise UsageError(f"{where}: {key} has length {len(a)}, input_ids has {L}")
             if key == "labels":
                 _check_vocab(a, label_vocab if label_vocab is not None else vocab, f"{where}: labels", labels=True)
@@ -507,12 +508,12 @@ class _Batches:
     """Collated batches of a shard, on the model's device; on CUDA the next batch is collated and
     copied in a background thread while the current one is scored."""
 
-    def __init__(self, source, pad_id: int, device: torch.device):
-        self.source, self.pad_id, self.device = source, pad_id, device
+    def __init__(self, source, pad_id: int, device: torch.device, seq2seq: bool = False):
+        self.source, self.pad_id, self.device, self.seq2seq = source, pad_id, device, seq2seq
         self.pool = ThreadPoolExecutor(max_workers=1) if device.type == "cuda" else None
 
     def _make(self, positions: Sequence[int]) -> Dict[str, torch.Tensor]:
-        batch = collate([self.source[int(p)] for p in positions], self.pad_id)
+        batch = collate([self.source[int(p)] for p in positions], self.pad_id, seq2seq=self.seq2seq)
         if self.device.type == "cuda":
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -709,6 +710,9 @@ def score_dataset(
     """
     t_start = time.perf_counter()
     record_sha256: Optional[List[Any]] = None
+    from .batching import is_encoder_decoder
+
+    seq2seq = is_encoder_decoder(model)  # prompt -> encoder, response -> the decoder's labels
     if tokenizer is not None:
         from .data import encode_records, model_max_length, record_digest
         from .store import tokenizer_fingerprint
@@ -723,7 +727,7 @@ def score_dataset(
                 record_sha256.append(record_digest(r) if isinstance(r, Mapping) else None)
                 yield r
 
-        dataset = encode_records(tap(_indexable(dataset)[1]), tokenizer, length, compact=True)
+        dataset = encode_records(tap(_indexable(dataset)[1]), tokenizer, length, compact=True, seq2seq=seq2seq)
         # how the records were made is part of the store's identity (another tokenizer or length is refused)
         source = dict(source or {})
         source.setdefault("tokenizer", tokenizer_fingerprint(tokenizer))
@@ -735,7 +739,7 @@ def score_dataset(
         model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction
     )
     vocab_in, vocab_out = _model_vocab(model)
-    scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out)
+    scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)
     if record_sha256 is not None and None not in record_sha256:
         scan.record_sha256 = record_sha256
     window = shard_size if shard_size is not None else (64 * batch_size if batch_size is not None else 4096)
@@ -743,8 +747,9 @@ def score_dataset(
     device = _model_device(model)
     pad = model_pad_id(model) if pad_id is None else int(pad_id)
     if len(scan):
-        probe = collate([scan.source[0]], pad)
-        resolved = engine.resolve_backend(prepare_batch({k: v.to(device) for k, v in probe.items()}, lm_loss=True))
+        probe = collate([scan.source[0]], pad, seq2seq=seq2seq)
+        resolved = engine.resolve_backend(prepare_batch({k: v.to(device) for k, v in probe.items()}, lm_loss=True,
+                                                        seq2seq=seq2seq))
     else:
         resolved = engine.resolve_backend(None)
     config = {
@@ -758,8 +763,10 @@ def score_dataset(
         "pad_id": pad,
         "chunk_size": chunk_size,
         "loss_reduction": loss_reduction,
-        "loss": {"kind": "causal_lm_cross_entropy", "shift": 1, "ignore_index": IGNORE_INDEX,
-                 "reduction": loss_reduction},
+        "loss": ({"kind": "seq2seq_cross_entropy", "shift": 0, "ignore_index": IGNORE_INDEX,
+                  "reduction": loss_reduction} if seq2seq else
+                 {"kind": "causal_lm_cross_entropy", "shift": 1, "ignore_index": IGNORE_INDEX,
+                  "reduction": loss_reduction}),
     }
     from .integrations.fsdp import FullParams, is_sharded, unsharded_class_name
 
@@ -840,7 +847,7 @@ def score_dataset(
                 dynamic_ncols=True, smoothing=0.05,
             )
         clock = {"t0": time.perf_counter(), "tokens": 0}
-        batches = _Batches(scan.source, pad, device)
+        batches = _Batches(scan.source, pad, device, seq2seq)
         header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": len(scan),
                   "shards_planned": len(plan), "side_files": {k: v[0] for k, v in prep["side"].items()},
                   "versions": versions, "rank": rank}

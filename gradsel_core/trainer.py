@@ -289,6 +289,11 @@ class ContinualTrainer:
     ):
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise UsageError(f"checkpoint_format must be 'model' or 'peft', got {checkpoint_format!r}")
+        from .batching import is_encoder_decoder
+
+        if is_encoder_decoder(model):  # its records, losses and metrics are causal-LM ones
+            raise UsageError(f"ContinualTrainer trains causal LMs; {type(model).__name__} is an encoder-decoder model "
+                             "(config.is_encoder_decoder): use gradsel_core.filtered_backward in your own training loop")
         if checkpoint_format == "peft":
             if lora is None:
                 raise UsageError("checkpoint_format 'peft' saves LoRA adapters, but this run has no 'lora' config; "

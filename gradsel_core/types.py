@@ -156,3 +156,66 @@ def finish_norms(total_sq: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         inf = torch.full_like(norms, math.inf)
         norms = torch.where(bad, torch.where(torch.isnan(losses.to(norms.dtype)), inf * 0, inf), norms)
     return norms
+
+
+class BufferSnapshot:
+    """The model's buffers as they were (objects and values), to undo what extra forwards did to them.
+
+    Scoring may run the model more than the user's one forward would (a retry while the ghost engine
+    learns the model, the per-sample reference of the first-batch check, a move down ``auto``'s chain); each
+    of those can move state kept in buffers (BatchNorm running statistics in train mode, the power iteration
+    of ``spectral_norm``, a counter). ``restore()`` puts every buffer that existed at the snapshot back, by
+    value and in its own tensor object."""
+
+    def __init__(self, model: nn.Module):
+        self.items = []
+        seen = set()
+        for mod in model.modules():
+            for key, buf in mod._buffers.items():
+                if buf is None:
+                    continue
+                saved = buf if id(buf) in seen else buf.detach().clone()
+                seen.add(id(buf))
+                self.items.append((mod, key, buf, saved))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for mod, key, buf, saved in self.items:
+                mod._buffers[key] = buf
+                if saved is not buf and not (buf.shape == saved.shape and torch.equal(buf, saved)):
+                    if buf.shape != saved.shape:
+                        buf.data = saved.clone()
+                    else:
+                        buf.copy_(saved)
+
+
+def sample_mixing_modules(model: nn.Module) -> List[str]:
+    """Names of modules that mix the samples of a batch in their current mode: BatchNorm and SyncBatchNorm in
+    train mode or without running statistics (batch statistics), InstanceNorm with ``track_running_stats`` in
+    train mode (running statistics over the batch). A per-sample gradient of such a model is not the gradient of a sample's own loss."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    out = []
+    for name, m in model.named_modules():
+        # BatchNorm without running statistics uses batch statistics in eval mode too
+        bn = isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+        if bn or (isinstance(m, _InstanceNorm) and m.track_running_stats and m.training):
+            out.append(name or "<root>")
+    return out
+
+
+def refuse_sample_mixing(model: nn.Module, what: str) -> None:
+    """Raise :class:`UsageError` naming the first module that mixes samples in train mode (before any forward)."""
+    mixing = sample_mixing_modules(model)
+    if not mixing:
+        return
+    from .errors import UsageError
+
+    mod = model.get_submodule("" if mixing[0] == "<root>" else mixing[0])
+    raise UsageError(
+        f"{what}: module {mixing[0]} ({type(mod).__name__}) mixes the samples of a batch in its current mode "
+        f"(batch statistics in train mode), so a sample's gradient is not that of its own loss"
+        f"{f' ({len(mixing)} such modules)' if len(mixing) > 1 else ''}. Put these modules in eval mode "
+        "(model.eval(), or module.eval() on each: running statistics, per-sample), or replace them by GroupNorm / "
+        "LayerNorm (opacus.validators.ModuleValidator.fix does it)")

@@ -3,7 +3,8 @@ selected parameters. ``chunk_size`` bounds memory (samples per vectorised chunk)
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+import sys
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -25,14 +26,26 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
         if cfg is not None and hasattr(cfg, "_attn_implementation"):
             configs[id(cfg)] = cfg
     saved = [(c, c._attn_implementation) for c in configs.values()]
+    # HF's bidirectional (encoder) mask asks padding_mask.all() to skip building the mask: data-dependent
+    # control flow under vmap. Always building it is the same math.
+    masking: Any = sys.modules.get("transformers.masking_utils")
+    skip = getattr(masking, "_ignore_bidirectional_mask_sdpa", None)
     try:
         for c, impl in saved:
             if impl != "eager":
                 c._attn_implementation = "eager"
+        if skip is not None:
+            masking._ignore_bidirectional_mask_sdpa = _never_skip
         yield
     finally:
         for c, impl in saved:
             c._attn_implementation = impl
+        if skip is not None:
+            masking._ignore_bidirectional_mask_sdpa = skip
+
+
+def _never_skip(*args: Any, **kwargs: Any) -> bool:
+    return False
 
 
 def score_vmap(engine: ScoringSpec, batch: PreparedBatch,
@@ -56,6 +69,7 @@ def score_vmap(engine: ScoringSpec, batch: PreparedBatch,
             full=full,
             batch_size=1,
             seq_len=batch.seq_len,
+            seq2seq=batch.seq2seq,
         )
         out = functional_call(model, params, args=(), kwargs=sub.model_inputs)
         loss, tok = per_sample_losses(out, sub, engine.loss_fn, engine.loss_reduction)  # (1,), (1,)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..batching import PreparedBatch, per_sample_losses
 from ..errors import UnsupportedModule
-from ..types import CoverageEntry, RawScores, ScoringSpec
+from ..types import BufferSnapshot, CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
 from .failures import Retry, RuleFailure, RuleFailures, ways_out
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
@@ -170,6 +170,7 @@ class GhostBackend:
         Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
         parameter and the place) instead of falling back over the whole model."""
         last = ""
+        snapshot = BufferSnapshot(self.spec.model)  # a retry leaves the buffers as one forward does
         for _ in range(MAX_PASSES):
             refused = [n for n in self.plan.root_fallback if n in self.moved]
             if strict and refused:  # refused before a pass over the whole model is paid for
@@ -180,6 +181,7 @@ class GhostBackend:
                 return self._attempt(batch, use_triton, keep_factors, retain_graph, refs, weights_in_graph)
             except Retry as r:
                 last = str(r.__cause__ or r)[:200]
+                snapshot.restore()
         raise UnsupportedModule(ways_out(
             f"scoring did not settle after {MAX_PASSES} passes moving parameters to fallbacks (last: {last})"))
 

@@ -13,7 +13,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import LayoutError, UnsupportedModule
 from ..factors import Dense, Factor, Sliced
 from ..rules import ModuleCall
-from ..types import acc_dtype
+from ..types import BufferSnapshot, acc_dtype
 from .failures import RuleFailure, RuleFailures
 from .fallback import fallback_grads
 from .plan import ModulePlan, GhostPlan
@@ -52,6 +52,9 @@ class Record:
     leaves: List[int] = field(default_factory=list)  # output leaves tapped (fallback calls)
     first: int = 0  # the output leaf a rule describes
     grads: Dict[int, torch.Tensor] = field(default_factory=dict)
+    # a fallback module's buffers before its call: its recomputation starts from them (spectral_norm's power
+    # iteration in train mode), so it computes what the forward did and leaves them as the forward did
+    buffers_before: Optional[BufferSnapshot] = None
 
     @property
     def names(self) -> Dict[str, str]:
@@ -84,6 +87,7 @@ class GhostCapture:
         self.use_triton, self.keep_factors, self.copy_taps = use_triton, keep_factors, copy_taps
         self.track = set(track or ()) | set(plan.op_tracked)
         self.records: List[Record] = []
+        self.buffers_before: List[BufferSnapshot] = []  # fallback modules' buffers at their pre-hooks
         self.handles: List[Any] = []  # torch.utils.hooks.RemovableHandle
         self.active = False
         self.anchor: Optional[torch.Tensor] = None
@@ -107,7 +111,7 @@ class GhostCapture:
                     slot.holder._parameters[slot.key] = s
         for plan in self.plan.modules.values():
             own = self._own_slots(plan)
-            self.handles.append(plan.module.register_forward_pre_hook(self._pre_hook(own)))
+            self.handles.append(plan.module.register_forward_pre_hook(self._pre_hook(own, plan)))
             self.handles.append(plan.module.register_forward_hook(self._hook(plan, own), with_kwargs=True))
         tracked = {id(self.stand_ins[n]): n for n in self.track if n in self.stand_ins}
         if tracked or self.follow_rows:
@@ -137,11 +141,15 @@ class GhostCapture:
         inside = {id(m) for m in plan.module.modules()}
         return [(s, g) for g in plan.names.values() for s in self.slots.get(g, ()) if id(s.holder) in inside]
 
-    def _pre_hook(self, own: List[Tuple[Slot, str]]):
+    def _pre_hook(self, own: List[Tuple[Slot, str]], plan: ModulePlan):
+        has_buffers = plan.rule is None and any(True for _ in plan.module.buffers())
+
         def hook(mod, args):
             if self.active:
                 for slot, g in own:
                     slot.holder._parameters[slot.key] = self.params[g]
+                if has_buffers:
+                    self.buffers_before.append(BufferSnapshot(mod))
             return None
 
         return hook
@@ -197,6 +205,8 @@ class GhostCapture:
                               batch_size=B, rows=rows)
             key = len(self.records)
             rec = Record(plan, call)
+            if plan.rule is None and self.buffers_before:
+                rec.buffers_before = self.buffers_before.pop()
             self.records.append(rec)
             if plan.rule is not None:
                 leaves, spec = tree_flatten(output)
@@ -310,11 +320,17 @@ class GhostCapture:
             return unaccounted
         for rec in self.records:
             if rec.plan is not None and rec.plan.rule is None:
+                after = BufferSnapshot(rec.plan.module) if rec.buffers_before is not None else None
                 try:
+                    if rec.buffers_before is not None:
+                        rec.buffers_before.restore()
                     per_sample = fallback_grads(rec, self)
                 except UnsupportedModule as e:
                     self.failures.append(RuleFailure(str(e), list(rec.plan.names.values()), rec.plan.name))
                     continue
+                finally:
+                    if after is not None:
+                        after.restore()
                 for local, grad in per_sample.items():
                     self._add(rec.plan.names[local], Dense(grad))
         if self.failures:
