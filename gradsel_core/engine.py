@@ -55,6 +55,10 @@ class GradNormEngine:
             other than a registered rule, or when the model flattens or routes tokens: a module fallback
             assumes dim 0 is the batch, which a model can break when T == B; off for ``vmap`` and ``loop``). A mismatch moves ``auto`` to an exact backend with a
             warning and raises :class:`VerificationError` for an explicit fast backend.
+        fused_head: the fused LM head of the ghost/triton backends (``gradsel_core/ghost/head.py``: the head,
+            the token cross-entropy and the head's norms chunk by chunk over the vocabulary, never B×T×V
+            logits). ``None`` (default): on where it applies and pays (large vocabularies); ``True``: on
+            wherever it applies; ``False``: off. ``coverage()`` says whether it was used and why not.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class GradNormEngine:
         chunk_size: Optional[int] = None,
         loss_reduction: str = "mean",
         verify: Optional[bool] = None,
+        fused_head: Optional[bool] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -86,6 +91,7 @@ class GradNormEngine:
         self.verify = verify
         self.spec = ScoringSpec(model, self.params, loss_fn, loss_reduction, chunk_size)
         self.ghost = GhostBackend(self.spec)
+        self.ghost.fused_head = fused_head
         self._settled: Optional[str] = None  # the backend auto moved to after a failure or a mismatch
         self._verified = False
         self.last_backend: Optional[str] = None
@@ -148,7 +154,7 @@ class GradNormEngine:
         the loop. Reflects what the engine learned on the batches scored so far."""
         backend = self.last_backend or self.resolve_backend()
         if backend in ("ghost", "triton"):
-            return Coverage(backend, self.ghost.coverage())
+            return Coverage(backend, self.ghost.coverage(), head=self.ghost.head_status)
         how = "whole-model vmap" if backend == "vmap" else "loop"
         return Coverage(backend, [CoverageEntry(n, how) for n in self.params])
 
