@@ -21,7 +21,16 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(H, "CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(H, "MIN_CHUNK", 13)  # 97 = 7 chunks of 13 + 6
+    monkeypatch.setattr(H, "MIN_CHUNK", 13)  # 97 = 7 chunks of 13 + 6 (two-pass vocabulary loop)
+    monkeypatch.setattr(H, "ROW_CHUNK_ELEMENTS", 2 * V)  # 2 tokens per chunk (one-pass token loop)
+
+
+@pytest.fixture(params=["direct", "gram"])
+def form(request, monkeypatch):
+    """Both head loops: the one-pass token loop (direct form, or no head parameter) and the two-pass
+    vocabulary loop (Gram form), whatever the cost rule would pick."""
+    monkeypatch.setattr(H, "gram_is_cheaper", lambda T, d, p: request.param == "gram")
+    return request.param
 
 
 def _hf(family: str, tie: bool):
@@ -97,7 +106,7 @@ CASES = [("gpt2", True), ("llama", False), ("llama", True), ("qwen2", True), ("g
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family,tie", CASES)
-def test_full_params_match_the_loop(family, tie, dtype):
+def test_full_params_match_the_loop(family, tie, dtype, form):
     model = _hf(family, tie).to(dtype)
     batch = _batch()
     for reduction in ("mean", "sum"):
@@ -134,7 +143,7 @@ def test_lora_frozen_head_matches_the_loop(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_head_pass_against_autograd_with_bias_softcap_and_scale(dtype):
+def test_head_pass_against_autograd_with_bias_softcap_and_scale(dtype, form):
     """The chunk loop alone: losses, gradient at h, weight and bias norms, dots, tied rows and the masked
     gradient, against explicit logits and per-sample autograd."""
     torch.manual_seed(3)
@@ -185,12 +194,14 @@ def test_gram_and_direct_forms_agree():
     torch.manual_seed(4)
     h, W = torch.randn(2, 4, 40, dtype=torch.float64), torch.randn(V, 40, dtype=torch.float64)
     labels = torch.randint(0, V, (2, 4))
-    assert H.gram_is_cheaper(3, 40, V)
+    from gradsel_core.factors import gram_is_cheaper
+
+    assert gram_is_cheaper(3, 40, V)
     _, gram = H.head_pass(h, W, None, labels, want=("weight",))
     h2 = torch.randn(2, 60, 8, dtype=torch.float64)
     W2 = torch.randn(V, 8, dtype=torch.float64)
     labels2 = torch.randint(0, V, (2, 60))
-    assert not H.gram_is_cheaper(59, 8, V)
+    assert not gram_is_cheaper(59, 8, V)
     _, direct = H.head_pass(h2, W2, None, labels2, want=("weight",))
     for (hh, WW, ll), out in (((h, W, labels), gram), ((h2, W2, labels2), direct)):
         ref = []
@@ -205,7 +216,7 @@ def test_gram_and_direct_forms_agree():
 # (a ~1e-7 difference of the norm weights' gradient in fp64, with or without the fused head)
 @pytest.mark.parametrize("family,tie,dtype", [("gpt2", True, torch.float64), ("llama", False, torch.float32),
                                               ("qwen2", True, torch.float32)])
-def test_filtered_backward_grad_equals_plain_backward_of_kept(family, tie, dtype):
+def test_filtered_backward_grad_equals_plain_backward_of_kept(family, tie, dtype, form):
     model = _hf(family, tie).to(dtype).eval()  # (GPT-2 has dropout: the two runs must see the same model)
     batch = _batch(B=5, T=8)
     fb = gs.filtered.FilteredBackward(model, policy="keep_bottom", ratio=0.4, loss_filter_std=None, fused_head=True)
@@ -253,7 +264,7 @@ def test_two_pass_filtered_with_lora_frozen_head():
             _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")
 
 
-def test_reference_dots_match_the_loop():
+def test_reference_dots_match_the_loop(form):
     model = _hf("gpt2", True).double()
     batch = _batch(B=3, T=8)
     torch.manual_seed(5)

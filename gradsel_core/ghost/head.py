@@ -51,6 +51,8 @@ MIN_LOGITS = 1 << 24  # B·(T−1)·V elements: 64 MiB of fp32 logits
 # elements of one (rows × chunk) tensor of the chunk loop
 CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK = 256
+# elements of one (tokens × V) logits chunk of the one-pass token loop (``_row_pass``)
+ROW_CHUNK_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -230,9 +232,10 @@ def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], la
     if chunk is None:
         chunk = max(MIN_CHUNK, min(V, CHUNK_ELEMENTS // max(1, B * max(Tp, d))))
     core = HeadCore(A, W, bias, target, coef, post, value, acc, chunk=chunk)
+    if not ("weight" in want and gram_is_cheaper(Tp, d, V)):
+        return core, _row_pass(core, want, refs, ids, h)
     losses = pass_lse(core)
     A_acc = A.to(acc)
-    W_acc = None if W.dtype == acc else W  # cast per chunk otherwise
     grad = torch.zeros(B, Tp, d, dtype=acc, device=h.device)
     gram = "weight" in want and gram_is_cheaper(Tp, d, V)
     GG = torch.zeros(B, Tp, Tp, dtype=acc, device=h.device) if gram else None
@@ -242,7 +245,7 @@ def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], la
     if ids is not None and "weight" in want:
         P = torch.zeros(B, Tp, ids.shape[1], dtype=acc, device=h.device)  # P[b, s, t] = G_b[s, x_t]
     for c0, c1, g in core.grads():  # g (B, T', c)
-        Wc = W[c0:c1].to(acc) if W_acc is None else W_acc[c0:c1]
+        Wc = W[c0:c1].to(acc)
         grad.baddbmm_(g, Wc.unsqueeze(0).expand(B, -1, -1))  # Σ_c G_c W_c  (B, T', d)
         if "weight" in want:
             if gram:
@@ -272,6 +275,85 @@ def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], la
     grad_h[:, :-1] = grad.to(h.dtype)
     rows = torch.bmm(P.transpose(1, 2), A_acc) if P is not None else None  # (B, Tt, d)
     return core, HeadOut(losses, grad_h, sq, dots, rows)
+
+
+def _row_pass(core: HeadCore, want: Tuple[str, ...], refs: Dict[str, torch.Tensor], ids: Optional[torch.Tensor],
+              h: torch.Tensor) -> HeadOut:
+    """One pass over chunks of tokens with the whole vocabulary (rows × V logits at a time), where no Gram over
+    tokens is needed: no head parameter is scored (a frozen head: only the gradient at h), or the direct form
+    (T' (d + V) ≥ d V). The direct form accumulates sample b's head gradient D_b = Σ_t g_t a_tᵀ (V, d) over its
+    token chunks, one sample at a time: the memory of one weight gradient, which a plain backward also holds.
+    Three matmuls of the head's size (logits, Σ G W, D), as a plain forward + backward. Stores the
+    log-sum-exp in ``core`` (for the masked gradient)."""
+    A, W, acc = core.A, core.W, core.acc
+    B, Tp, d = A.shape
+    V = core.V
+    dev = A.device
+    rows = max(1, ROW_CHUNK_ELEMENTS // V)
+    lse = torch.zeros(B, Tp, dtype=acc, device=dev)
+    losses = torch.zeros(B, dtype=acc, device=dev)
+    grad = torch.zeros(B, Tp, d, dtype=acc, device=dev)
+    sq = {r: torch.zeros(B, dtype=acc, device=dev) for r in want}
+    dots = {r: torch.zeros(B, refs[r].shape[0], dtype=acc, device=dev) for r in want if r in refs}
+    U = torch.zeros(B, ids.shape[1], d, dtype=acc, device=dev) if ids is not None and "weight" in want else None
+    W_acc = W.to(acc)  # (V, d) (no copy when W is already in acc)
+    per_sample = bool(want)
+    # the units of work: one sample's token chunks (per-sample sums), or chunks of the flattened rows
+    spans = [(b, t0, min(t0 + rows, Tp)) for b in range(B) for t0 in range(0, Tp, rows)] if per_sample else \
+        [(None, r0, min(r0 + rows, B * Tp)) for r0 in range(0, B * Tp, rows)]
+    A_flat = A.reshape(B * Tp, d) if not per_sample else None
+    D = bsum = None
+    for k, (b, r0, r1) in enumerate(spans):
+        if per_sample:
+            if r0 == 0:
+                D = torch.zeros(V, d, dtype=acc, device=dev) if "weight" in want else None
+                bsum = torch.zeros(V, dtype=acc, device=dev) if "bias" in want else None
+            a = A[b, r0:r1]  # (r, d)
+            tgt, cf = core.target[b, r0:r1], core.coef[b, r0:r1]
+        else:
+            a = A_flat[r0:r1]
+            tgt, cf = core.target.reshape(-1)[r0:r1], core.coef.reshape(-1)[r0:r1]
+        _, z = core.logits(a, 0, V)  # (r, V)
+        m = torch.logsumexp(z, -1)  # (r,)
+        valid = tgt != IGNORE_INDEX
+        zt = z.gather(1, tgt.clamp(0, V - 1).unsqueeze(1)).squeeze(1)
+        tok = torch.where(valid, m - zt, 0.0) * cf  # (r,)
+        g = torch.exp(z - m.unsqueeze(1))  # (r, V) softmax
+        g.scatter_add_(1, tgt.clamp(0, V - 1).unsqueeze(1), -valid.to(acc).unsqueeze(1))
+        g = g * cf.unsqueeze(1)
+        if core.post == "softcap":
+            g = g * (1 - (z / core.value) ** 2)
+        elif core.post == "scale":
+            g = g * core.value
+        del z
+        if per_sample:
+            lse[b, r0:r1] = m
+            losses[b] += tok.sum()
+            grad[b, r0:r1] = g @ W_acc
+            if D is not None:
+                D.addmm_(g.t(), a.to(acc))  # Σ_t g_t a_tᵀ
+            if bsum is not None:
+                bsum += g.sum(0)
+            last = k + 1 == len(spans) or spans[k + 1][0] != b
+            if last:
+                if D is not None:
+                    sq["weight"][b] = D.pow(2).sum()
+                    if "weight" in refs:
+                        dots["weight"][b] = torch.einsum("vd,rvd->r", D, refs["weight"].to(acc))
+                    if U is not None:
+                        U[b] = D[ids[b].long()]  # the gradient's rows at the tied embedding's ids
+                if bsum is not None:
+                    sq["bias"][b] = bsum.pow(2).sum()
+                    if "bias" in refs:
+                        dots["bias"][b] = refs["bias"].to(acc) @ bsum
+        else:
+            lse.view(-1)[r0:r1] = m
+            losses.index_add_(0, torch.arange(r0, r1, device=dev) // Tp, tok)
+            grad.view(-1, d)[r0:r1] = g @ W_acc
+    core.lse = lse
+    grad_h = torch.zeros_like(h)
+    grad_h[:, :-1] = grad.to(h.dtype)
+    return HeadOut(losses, grad_h, sq, dots, U)
 
 
 def masked_weight_grad(core: HeadCore, w: torch.Tensor, index: Optional[torch.Tensor], role: str) -> torch.Tensor:
