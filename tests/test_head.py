@@ -320,3 +320,38 @@ def test_unknown_model_steps_aside():
 
     spec, why = H.find_head(Scaled())
     assert spec is None and "not a causal LM" in why
+
+
+def test_score_dataset_and_cli_flag(tmp_path):
+    """score_dataset gets the fused head through the engine: the same norms as the full-logits path."""
+    import numpy as np
+
+    from gradsel_core.commands.score import add_arguments
+
+    model = _hf("qwen2", True)
+    g = torch.Generator().manual_seed(2)
+    records = [{"input_ids": torch.randint(3, V, (int(n),), generator=g).tolist()} for n in (5, 9, 7, 3)]
+    on = gs.score_dataset(model, records, str(tmp_path / "on"), batch_size=2, progress=False, fused_head=True)
+    off = gs.score_dataset(model, records, str(tmp_path / "off"), batch_size=2, progress=False, fused_head=False)
+    np.testing.assert_allclose(on.norms, off.norms, rtol=1e-5)
+    np.testing.assert_allclose(on.losses, off.losses, rtol=1e-5)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model", "m", "--data", "d", "--out", "o", "--no-fused-head"])
+    assert args.no_fused_head
+
+
+@pytest.mark.parametrize("family,tie", [("llama", False), ("gemma2", True)])
+def test_bf16_within_the_dtype_tolerance(family, tie):
+    from gradsel_core.types import tolerance
+
+    model = _hf(family, tie).to(torch.bfloat16)
+    batch = _batch()
+    eng, fast = _raw(model, batch, True)
+    assert eng.ghost.head_status.startswith("on"), eng.ghost.head_status
+    _, ref = _raw(model, batch, False, backend="loop")
+    total_f, total_r = sum(fast.per_param_sq.values()), sum(ref.per_param_sq.values())
+    err = ((total_f - total_r).abs() / total_r.abs()).max().item()
+    assert err <= tolerance(torch.bfloat16), err
