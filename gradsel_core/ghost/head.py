@@ -1,21 +1,25 @@
 """The fused LM head: chunked Linear head + token cross-entropy + per-sample norms, never B × T × V logits.
 
 At LLM vocabularies (V = 128,256 for Llama 3, 151,936 for Qwen 2.5) the logits and their gradient dominate
-the memory of a scored forward and backward. Everything the ghost engine needs from the head is local to a
-chunk c of the vocabulary (rows W_c of the head weight, A = h[:, :-1] the head input at the positions that
-predict a token, G_c the gradient of Σ_b L_b with respect to the chunk's logits):
+the memory of a scored forward and backward. Write A = h[:, :-1] (B, T', d) for the head input at the positions
+that predict a token, W (V, d) for the head weight and G (B, T', V) for the gradient of Σ_b L_b with respect
+to the logits: G = c_{b,t} (softmax − onehot(target)), times the derivative of the final-logit soft-capping or
+scaling. Two loops compute what the engine needs without ever holding G whole:
 
-* pass 1: the log-sum-exp of every position, online over the chunks (and the target logit);
-* pass 2, per chunk: G_c = c_{b,t} (softmax_c − onehot_c) (times the derivative of the final-logit
-  soft-capping or scaling), then
-  - the gradient at the head input, Σ_c G_c W_c  (B, T, d), which continues the backward into the backbone;
-  - the head weight's per-sample squared norm, Gram form ⟨AAᵀ, Σ_c G_c G_cᵀ⟩ or direct form
-    Σ_c ||G_cᵀA||² (the cost rule of ``docs/norm-math.md``, with p = V); a bias: Σ_c ||Σ_t g_t||²;
-  - the reference dots ⟨G_cᵀA, V_c⟩ summed over the chunks;
-  - for a head tied to the input embedding, the head gradient's rows at the input ids,
-    U_{b,t} = Σ_s G_b[s, x_t] a_s, from which the cross term with the embedding's use is Σ_t δ_t · U_t.
-* in filtered training, the masked head gradient Σ_b m_b G_bᵀ A_b is recomputed chunk by chunk for the
-  kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp).
+* **token loop** (``_row_pass``; one pass, rows × V logits at a time), used when no Gram over tokens is
+  needed: a frozen head (LoRA: only the input gradient Σ G W) or the direct form of the head's norm. For the
+  direct form, sample b's head gradient D_b = Σ_t g_t a_tᵀ (V, d) is accumulated over its token chunks, one
+  sample at a time (the memory of one weight gradient, which a plain backward holds too): ||D_b||², ⟨D_b, V_r⟩
+  and, for a head tied to the input embedding, its rows at the input ids U_{b,t} = D_b[x_t]. Three
+  head-sized matmuls, like a plain forward + backward.
+* **vocabulary loop** (two passes over chunks c of the vocabulary), used for the Gram form (T' (d + V) < d V):
+  pass 1 is the online log-sum-exp; pass 2 forms G_c and accumulates Σ_c G_c W_c, the Gram Σ_c G_c G_cᵀ
+  (norm ⟨AAᵀ, GGᵀ⟩), a bias's Σ_t g_t, the reference dots Σ_t g_t·(V_c a_t), and the tied rows through
+  P[b, s, t] = G_b[s, x_t] (U = Pᵀ A). Four head-sized matmuls.
+
+The cross term of a tied embedding (ids x_t, output gradients δ_t) with the head is Σ_t δ_t · U_t
+(``docs/norm-math.md``). In filtered training the masked head gradient Σ_b m_b G_bᵀ A_b is recomputed chunk by
+chunk for the kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp).
 
 c_{b,t} is 1/n_b (``loss_reduction="mean"``, n_b the sample's target tokens) or 1 (``"sum"``), 0 where the
 label is -100 and at the last position. The head's forward never runs: a pre-hook on it takes its input h and
