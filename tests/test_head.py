@@ -48,6 +48,12 @@ def _hf(family: str, tie: bool):
         return tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     if family == "qwen2":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    if family == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **common))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common))
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**common))
     if family == "gemma":
         return tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=8, **common))
     if family == "gemma2":
@@ -101,7 +107,11 @@ def _head_calls(model):
 
 
 CASES = [("gpt2", True), ("llama", False), ("llama", True), ("qwen2", True), ("gemma", True), ("gemma2", True),
-         ("cohere", False)]
+         ("cohere", False), ("qwen3", True), ("mistral", False), ("phi3", False)]
+
+
+def test_every_listed_family_is_tested():
+    assert {f for f, _ in CASES} == set(H.HEADS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

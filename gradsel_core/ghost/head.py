@@ -481,6 +481,8 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool) -> Tuple[Optional[Hea
     head, why = find_head(spec.model)
     if head is None:
         return None, "off: " + why
+    if any(type(p).__name__ == "DTensor" for p in head.module.parameters()):
+        return None, "off: the head's weight is sharded (FSDP2 / tensor parallel)"
     names = {n: g for n, p in head.module.named_parameters() for g, q in spec.params.items() if p is q}
     plan = ghost.plan
     mp = plan.modules.get(id(head.module))
