@@ -365,3 +365,20 @@ def test_bf16_within_the_dtype_tolerance(family, tie):
     total_f, total_r = sum(fast.per_param_sq.values()), sum(ref.per_param_sq.values())
     err = ((total_f - total_r).abs() / total_r.abs()).max().item()
     assert err <= tolerance(torch.bfloat16), err
+
+
+def test_two_pass_with_a_trainable_head_steps_aside():
+    """Two-pass filtering takes the head's weight gradient from autograd: the fused head steps aside, and says so."""
+    model = _hf("gpt2", True).double().eval()
+    batch = _batch(B=4, T=8)
+    fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
+                                             fused_head=True)
+    res = fb.step(batch)
+    assert fb.engine.ghost.head_status.startswith("off: two-pass"), fb.engine.ghost.head_status
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    causal_lm_losses(out.logits, batch["labels"])[0][res.kept].mean().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")

@@ -194,7 +194,7 @@ class GhostBackend:
                            follow_rows=self.follow_rows)
         try:
             with cap:  # the fused LM head (ghost/head.py) stops at the head's input: out is then a HeadInput
-                out = head_forward(self, batch, weights_in_graph)
+                out = head_forward(self, batch, weights_in_graph, cap)
         except RuleFailure as e:
             self._climb([e])
         except RuntimeError as e:

@@ -467,9 +467,9 @@ class HeadInput:
     head: HeadSpec
 
 
-def decide(ghost: Any, batch: Any, weights_in_graph: bool) -> Tuple[Optional[HeadSpec], str]:
+def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> Tuple[Optional[HeadSpec], str]:
     """Whether this scored forward uses the fused head: (spec, "") or (None, why not). Remembered on the
-    ghost backend for ``coverage()``."""
+    ghost backend for ``coverage()``. ``cap``: the capture in force (its stand-ins sit in the parameters' slots)."""
     setting = getattr(ghost, "fused_head", None)
     if setting is False:
         return None, "off (fused_head=False)"
@@ -483,11 +483,16 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool) -> Tuple[Optional[Hea
         return None, "off: " + why
     if any(type(p).__name__ == "DTensor" for p in head.module.parameters()):
         return None, "off: the head's weight is sharded (FSDP2 / tensor parallel)"
-    names = {n: g for n, p in head.module.named_parameters() for g, q in spec.params.items() if p is q}
+    # the selected parameters of the head, by identity with the real parameters or (inside the capture) with
+    # the stand-ins that sit in their slots
+    known = {id(p): g for g, p in spec.params.items()}
+    if cap is not None:
+        known.update({id(s): g for g, s in cap.stand_ins.items()})
+    names = {n: known[id(p)] for n, p in head.module.named_parameters() if id(p) in known}
     plan = ghost.plan
     mp = plan.modules.get(id(head.module))
     for g in names.values():
-        if g in ghost.moved or g in plan.op_tracked or mp is None or mp.rule is None:
+        if g in ghost.moved or g in plan.op_tracked or mp is None or mp.rule is None or g not in mp.names.values():
             return None, f"off: the head parameter {g} is not scored by the Linear rule"
     if weights_in_graph and names:
         return None, "off: two-pass filtering with a trainable head (its weight gradient comes from autograd)"
@@ -499,11 +504,11 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool) -> Tuple[Optional[Hea
     return head, ""
 
 
-def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False) -> Any:
+def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: Any = None) -> Any:
     """The scored forward (inside the capture). With the fused head: the backbone only, stopped by a pre-hook
     at the head's input, returned as :class:`HeadInput`; otherwise the model's own outputs."""
     model = ghost.spec.model
-    head, why = decide(ghost, batch, weights_in_graph)
+    head, why = decide(ghost, batch, weights_in_graph, cap)
     if head is None:
         ghost.head_status = why
         return model(**batch.model_inputs)
