@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -556,7 +556,7 @@ def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch
     mp = cap.plan.modules.get(id(mod))
     if roles:
         cap.records.append(Record(mp, None))  # the head's use, counted for the cross terms
-    done = []
+    done: List[bool] = []
 
     def on_backward():
         if done or cap.closed:
