@@ -492,7 +492,9 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
     plan = ghost.plan
     mp = plan.modules.get(id(head.module))
     for g in names.values():
-        if g in ghost.moved or g in plan.op_tracked or mp is None or mp.rule is None or g not in mp.names.values():
+        # (a tied weight may also be op-tracked for its other uses, e.g. Gemma 2's scaled embedding: fine, the
+        # head's own use is the Linear rule's)
+        if g in ghost.moved or mp is None or mp.rule is None or g not in mp.names.values():
             return None, f"off: the head parameter {g} is not scored by the Linear rule"
     if weights_in_graph and names:
         return None, "off: two-pass filtering with a trainable head (its weight gradient comes from autograd)"
