@@ -5,6 +5,7 @@ selection built on them (arXiv 2604.17215, "Continual Safety Alignment via Gradi
     res = gs.GradNormEngine(model).score(batch)   # res.norms, res.losses, res.tokens
 """
 import importlib
+import importlib.util
 from typing import Any
 
 from .errors import (GradselError, LayoutError, StoreConflictError, StoreError, UnsupportedModule, UsageError,
@@ -27,10 +28,11 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    if name == "models":
-        return importlib.import_module(".models", __name__)
     module = _LAZY.get(name)
     if module is None:
+        # a submodule (gs.models, gs.filtered, gs.trainer, ...), as an eagerly importing package would have it
+        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value

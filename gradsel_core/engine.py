@@ -62,6 +62,10 @@ class GradNormEngine:
             assumes dim 0 is the batch, which a model can break when T == B; off for ``vmap`` and ``loop``). A mismatch moves ``auto`` to an exact backend with a
             warning and raises :class:`VerificationError` for an explicit fast backend. A batch with fewer than 3
             distinct samples leaves the check pending (``engine.verified`` says where it stands).
+        fused_head: the fused LM head of the ghost/triton backends (``gradsel_core/ghost/head.py``: the head,
+            the token cross-entropy and the head's norms chunk by chunk over the vocabulary, never B×T×V
+            logits). ``None`` (default): on where it applies and pays (large vocabularies); ``True``: on
+            wherever it applies; ``False``: off. ``coverage()`` says whether it was used and why not.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class GradNormEngine:
         chunk_size: Optional[int] = None,
         loss_reduction: str = "mean",
         verify: Optional[bool] = None,
+        fused_head: Optional[bool] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -93,6 +98,7 @@ class GradNormEngine:
         self.verify = verify
         self.spec = ScoringSpec(model, self.params, loss_fn, loss_reduction, chunk_size)
         self.ghost = GhostBackend(self.spec)
+        self.ghost.fused_head = fused_head
         self._settled: Optional[str] = None  # the backend auto moved to after a failure or a mismatch
         self._verified: Set[str] = set()  # backends that passed the check against the per-sample loop
         self._unchecked: Set[str] = set()  # backends decided (on a batch that could be checked) not to check
@@ -164,7 +170,7 @@ class GradNormEngine:
         the loop. Reflects what the engine learned on the batches scored so far."""
         backend = self.last_backend or self.resolve_backend()
         if backend in ("ghost", "triton"):
-            return Coverage(backend, self.ghost.coverage())
+            return Coverage(backend, self.ghost.coverage(), head=self.ghost.head_status)
         how = "whole-model vmap" if backend == "vmap" else "loop"
         return Coverage(backend, [CoverageEntry(n, how) for n in self.params])
 

@@ -102,7 +102,8 @@ class FilteredBackward:
     def __init__(self, model: nn.Module, policy: str = "median_band", ratio: float = 0.2,
                  params: ParamSpec = "trainable", loss_filter_std: Union[float, None, str] = "auto",
                  loss_fn: Optional[LossFn] = None, loss_reduction: str = "mean", backend: str = "auto",
-                 reference: Any = None, verify: Optional[bool] = None, **policy_kwargs: Any):
+                 reference: Any = None, verify: Optional[bool] = None, fused_head: Optional[bool] = None,
+                 **policy_kwargs: Any):
         if backend not in ("auto", "ghost", "triton"):
             raise ValueError(f"filtered_backward needs the one-backward engine: backend 'auto', 'ghost' or "
                              f"'triton', got {backend!r}")
@@ -112,7 +113,8 @@ class FilteredBackward:
         engine_backend = backend if backend != "auto" or not sharded_param_names(select_params(model, params)) \
             else "ghost"
         self.engine = GradNormEngine(model, params=params, loss_fn=loss_fn, backend=engine_backend,
-                                     loss_reduction=loss_reduction, verify=verify)
+                                     loss_reduction=loss_reduction, verify=verify,
+                                     fused_head=fused_head)
         self.backend = backend
         from .selection import resolve_loss_filter_std
 
@@ -411,7 +413,8 @@ def filtered_backward(model: nn.Module, batch: Mapping[str, Any], policy: str = 
                       loss_filter_std: Union[float, None, str] = "auto",
                       loss_scale: float = 1.0, loss_fn: Optional[LossFn] = None, seed: Any = 0,
                       mode: str = "auto", backward_fn: Optional[Callable[[torch.Tensor], Any]] = None,
-                      reference: Any = None, **policy_kwargs: Any) -> FilteredResult:
+                      reference: Any = None, fused_head: Optional[bool] = None,
+                      **policy_kwargs: Any) -> FilteredResult:
     """Score ``batch``, keep samples by the per-batch ``policy``, and accumulate
     ``loss_scale · ∇(mean loss over the kept samples)`` into ``p.grad`` of the selected parameters.
 
@@ -424,7 +427,7 @@ def filtered_backward(model: nn.Module, batch: Mapping[str, Any], policy: str = 
     if mode not in MODES:
         raise UsageError(f"mode={mode!r} is unknown; choose one of {MODES}")
     kwargs = dict(policy=policy, ratio=ratio, params=params, loss_filter_std=loss_filter_std, loss_fn=loss_fn,
-                  reference=reference,
+                  reference=reference, fused_head=fused_head,
                   **policy_kwargs)
     if mode == "auto":
         two = backward_fn is not None

@@ -670,6 +670,7 @@ def score_dataset(
     max_length: Optional[int] = None,
     reference: Any = None,
     dry_run: bool = False,
+    fused_head: Optional[bool] = None,
 ) -> ScoreStore:
     """Score every record of ``dataset`` into the score store ``out_dir`` and return it.
 
@@ -680,7 +681,7 @@ def score_dataset(
             the position is the id; duplicates are an error. Other scalar fields become ``store.fields``.
         batch_size: records per batch at most (``None``: only ``max_tokens`` limits).
         max_tokens: padded tokens per batch at most (``B * T_max``).
-        params, backend, per_param, chunk_size, loss_reduction: as in :class:`GradNormEngine`.
+        params, backend, per_param, chunk_size, loss_reduction, fused_head: as in :class:`GradNormEngine`.
         reference: a :class:`gradsel_core.ReferenceGradient` (or a list of them): the store also holds
             ``dots`` and ``cosines`` per record; the manifest records each reference's digest, so a store made
             with another reference (or none) is refused. A reference computed on other weights is refused.
@@ -736,7 +737,8 @@ def score_dataset(
         raise ValueError("max_length truncates while tokenizing: it needs tokenizer= as well")
     rank, world = _dist()
     engine = GradNormEngine(
-        model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction
+        model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction,
+        fused_head=fused_head,  # exact either way: not part of the store's identity
     )
     vocab_in, vocab_out = _model_vocab(model)
     scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)

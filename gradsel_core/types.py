@@ -75,6 +75,7 @@ class Coverage:
 
     backend: str
     entries: List[CoverageEntry] = field(default_factory=list)
+    head: str = ""  # the fused LM head (ghost/head.py): "on: ..." or "off: why", "" before any ghost batch
 
     def counts(self) -> Dict[str, int]:
         return dict(Counter(e.how for e in self.entries))
@@ -96,6 +97,8 @@ class Coverage:
                 mods = sorted({e.module or "<root>" for e in es})
                 where = f" ({', '.join(mods[:4])}{', ...' if len(mods) > 4 else ''})"
             parts.append(f"{len(es)} params {label}{where}")
+        if self.head.startswith("on"):
+            parts.append(f"LM head {self.head}")
         return f"backend {self.backend}: " + ("; ".join(parts) if parts else "no parameters")
 
     def __str__(self) -> str:

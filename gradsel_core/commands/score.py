@@ -145,6 +145,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=positive_int, default=None,
                    help="records per shard and length-bucketing window (default 64 * batch size)")
     p.add_argument("--per-param", action="store_true", help="also store each parameter's squared norm")
+    p.add_argument("--no-fused-head", action="store_true",
+                   help="score the LM head through full logits instead of the fused chunked head (on by default at "
+                        "large vocabularies; exact either way)")
     p.add_argument("--reference", action="append", default=None, metavar="REF.safetensors",
                    help="also store each record's dot and cosine with this reference gradient (`gradsel "
                         "reference`); repeat for several")
@@ -323,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, max_tokens=args.max_tokens, params=args.params, backend=args.backend,
                 per_param=args.per_param, resume=not args.no_resume, progress=not args.no_progress and not args.json,
                 overwrite=args.overwrite, shard_size=args.shard_size, reference=reference, dry_run=args.dry_run,
+                fused_head=False if args.no_fused_head else None,
             )
         except GradselError as e:
             raise cli_words(e) from None

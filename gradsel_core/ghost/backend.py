@@ -12,6 +12,7 @@ from ..errors import UnsupportedModule
 from ..types import BufferSnapshot, CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
 from .failures import Retry, RuleFailure, RuleFailures, ways_out
+from .head import HeadInput, head_forward, head_losses
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
 from .standins import can_stand_in
 from .uses import Place
@@ -44,6 +45,8 @@ class GhostBackend:
         self.track: Set[str] = set()
         self.copy_taps = False
         self.follow_rows = False  # carry row -> sample maps through every op (after a layout failure)
+        self.fused_head: Optional[bool] = None  # the fused LM head (ghost/head.py): None auto, False off, True on
+        self.head_status = ""  # whether the last scored forward used it, and why not
         self._plan: Optional[GhostPlan] = None
 
     @property
@@ -192,8 +195,8 @@ class GhostBackend:
                            copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
                            follow_rows=self.follow_rows)
         try:
-            with cap:
-                out = spec.model(**batch.model_inputs)
+            with cap:  # the fused LM head (ghost/head.py) stops at the head's input: out is then a HeadInput
+                out = head_forward(self, batch, weights_in_graph, cap)
         except RuleFailure as e:
             self._climb([e])
         except RuntimeError as e:
@@ -203,7 +206,10 @@ class GhostBackend:
                             str(e).splitlines()[0][:160])
                 raise Retry() from e
             raise
-        losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
+        if isinstance(out, HeadInput):  # the chunked head + cross-entropy, outside the capture
+            losses, tokens = head_losses(self, cap, batch, out)
+        else:
+            losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
         try:
             unaccounted = cap.backward(losses.sum(), retain_graph)
         except RuleFailures as e:

@@ -1,0 +1,578 @@
+"""The fused LM head: chunked Linear head + token cross-entropy + per-sample norms, never B × T × V logits.
+
+At LLM vocabularies (V = 128,256 for Llama 3, 151,936 for Qwen 2.5) the logits and their gradient dominate
+the memory of a scored forward and backward. Write A = h[:, :-1] (B, T', d) for the head input at the positions
+that predict a token, W (V, d) for the head weight and G (B, T', V) for the gradient of Σ_b L_b with respect
+to the logits: G = c_{b,t} (softmax − onehot(target)), times the derivative of the final-logit soft-capping or
+scaling. Two loops compute what the engine needs without ever holding G whole:
+
+* **token loop** (``_row_pass``; one pass, rows × V logits at a time), used when no Gram over tokens is
+  needed: a frozen head (LoRA: only the input gradient Σ G W) or the direct form of the head's norm. For the
+  direct form, sample b's head gradient D_b = Σ_t g_t a_tᵀ (V, d) is accumulated over its token chunks, one
+  sample at a time (the memory of one weight gradient, which a plain backward holds too): ||D_b||², ⟨D_b, V_r⟩
+  and, for a head tied to the input embedding, its rows at the input ids U_{b,t} = D_b[x_t]. Three
+  head-sized matmuls, like a plain forward + backward.
+* **vocabulary loop** (two passes over chunks c of the vocabulary), used for the Gram form (T' (d + V) < d V):
+  pass 1 is the online log-sum-exp; pass 2 forms G_c and accumulates Σ_c G_c W_c, the Gram Σ_c G_c G_cᵀ
+  (norm ⟨AAᵀ, GGᵀ⟩), a bias's Σ_t g_t, the reference dots Σ_t g_t·(V_c a_t), and the tied rows through
+  P[b, s, t] = G_b[s, x_t] (U = Pᵀ A). Four head-sized matmuls.
+
+The cross term of a tied embedding (ids x_t, output gradients δ_t) with the head is Σ_t δ_t · U_t
+(``docs/norm-math.md``). In filtered training the masked head gradient Σ_b m_b G_bᵀ A_b is recomputed chunk by
+chunk for the kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp).
+
+c_{b,t} is 1/n_b (``loss_reduction="mean"``, n_b the sample's target tokens) or 1 (``"sum"``), 0 where the
+label is -100 and at the last position. The head's forward never runs: a pre-hook on it takes its input h and
+stops the model's forward there (nothing after the head is needed: the library's loss is computed here).
+Hence the path is used only for models whose computation after the head is known (``HEADS``): plain logits,
+Gemma 2's final soft-capping z = s·tanh(y/s) (dz/dy = 1 − (z/s)²) and Cohere's scaling z = s·y; any other
+model, a custom ``loss_fn``, a head that is not exactly ``nn.Linear`` (a LoRA-wrapped head) keeps today's
+path, with the reason in ``GradNormEngine.coverage()``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..batching import IGNORE_INDEX
+from ..factors import _INNER, EmbRows, Factor, gram_is_cheaper
+
+log = logging.getLogger(__name__)
+
+# model_type -> what the model's forward does to the head's output before returning the logits
+HEADS: Dict[str, str] = {
+    "gpt2": "none", "llama": "none", "mistral": "none", "qwen2": "none", "qwen3": "none", "gemma": "none",
+    "phi3": "none", "gemma2": "softcap", "cohere": "scale",
+}
+# auto: used when the vocabulary and the logits are at least this large (benchmarks/bench_head.py: below
+# that the logits are a small part of the memory and the extra head matmul of pass 1 is not paid back)
+MIN_VOCAB = 16384
+MIN_LOGITS = 1 << 24  # B·(T−1)·V elements: 64 MiB of fp32 logits
+# elements of one (rows × chunk) tensor of the chunk loop
+CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK = 256
+# elements of one (tokens × V) logits chunk of the one-pass token loop (``_row_pass``)
+ROW_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class HeadSpec:
+    """A model's LM head as the fused path sees it."""
+
+    module: nn.Linear
+    name: str  # the head module's name in the model
+    post: str  # "none" | "softcap" | "scale"
+    value: float = 1.0  # the soft-capping s or the logit scale s
+    vocab: int = 0
+
+
+def _base(model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_base_model", None)  # PEFT
+    return get() if callable(get) else model
+
+
+def find_head(model: nn.Module) -> Tuple[Optional[HeadSpec], str]:
+    """The model's fusable LM head, or (None, why not)."""
+    from ..models import TinyGPT
+
+    base = _base(model)
+    if isinstance(base, TinyGPT):
+        post, value = "none", 1.0
+    else:
+        cfg = getattr(base, "config", None)
+        mtype = getattr(cfg, "model_type", None)
+        cls = type(base).__name__
+        if mtype not in HEADS or not cls.endswith(("ForCausalLM", "LMHeadModel")):
+            return None, (f"{cls} (model_type {mtype!r}) is not a causal LM whose computation after the head "
+                          f"is known ({sorted(HEADS)})")
+        post = HEADS[mtype]
+        value = 1.0
+        if post == "softcap":
+            cap = getattr(cfg, "final_logit_softcapping", None)
+            post, value = ("none", 1.0) if cap is None else ("softcap", float(cap))
+        elif post == "scale":
+            value = float(getattr(cfg, "logit_scale", 1.0))
+    get_out = getattr(base, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else getattr(base, "lm_head", None)
+    if type(head) is not nn.Linear:
+        return None, f"the output head is {type(head).__name__}, not exactly nn.Linear (e.g. a LoRA-wrapped head)"
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if name is None:
+        return None, "the output head is not a submodule of the model"
+    return HeadSpec(head, name, post, value, head.out_features), ""
+
+
+# -- the chunk loop --------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadCore:
+    """What the chunk loop needs to (re)compute the logit gradient of any chunk for any samples."""
+
+    A: torch.Tensor  # (B, T', d) head input at the predicting positions (T' = T − 1), detached
+    W: torch.Tensor  # (V, d) head weight, detached
+    bias: Optional[torch.Tensor]  # (V,) or None
+    target: torch.Tensor  # (B, T') int64, -100 where not counted
+    coef: torch.Tensor  # (B, T') acc dtype: d(Σ_b L_b)/d(token loss)
+    post: str
+    value: float
+    acc: torch.dtype
+    lse: Optional[torch.Tensor] = None  # (B, T') acc, after pass 1
+    chunk: int = 0
+
+    @property
+    def V(self) -> int:
+        return self.W.shape[0]
+
+    def logits(self, A: torch.Tensor, c0: int, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(raw y, final z) of the chunk [c0, c1) in the accumulation dtype: (K, T', c) each. y is computed in
+        the model's dtype, as the model's own head would."""
+        y = A @ self.W[c0:c1].t()  # (K, T', c) model dtype
+        if self.bias is not None:
+            y = y + self.bias[c0:c1]
+        y = y.to(self.acc)
+        if self.post == "softcap":
+            z = torch.tanh(y / self.value) * self.value
+        elif self.post == "scale":
+            z = y * self.value
+        else:
+            z = y
+        return y, z
+
+    def grads(self, index: Optional[torch.Tensor] = None) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """Pass 2: (c0, c1, G_c (K, T', c)) the gradient of Σ_b L_b w.r.t. the raw logits of chunk c, for the
+        samples ``index`` (all when None)."""
+        A = self.A if index is None else self.A[index]
+        tgt = self.target if index is None else self.target[index]
+        coef = self.coef if index is None else self.coef[index]
+        lse = self.lse if index is None else self.lse[index]
+        for c0 in range(0, self.V, self.chunk):
+            c1 = min(c0 + self.chunk, self.V)
+            _, z = self.logits(A, c0, c1)
+            g = torch.exp(z - lse.unsqueeze(-1))  # (K, T', c) softmax
+            local = tgt - c0
+            inside = (local >= 0) & (local < c1 - c0)  # (K, T')
+            g.scatter_add_(2, local.clamp(0, c1 - c0 - 1).unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
+            g = g * coef.unsqueeze(-1)
+            if self.post == "softcap":
+                g = g * (1 - (z / self.value) ** 2)
+            elif self.post == "scale":
+                g = g * self.value
+            yield c0, c1, g
+
+
+def _targets(labels: torch.Tensor, reduction: str, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(target (B, T−1), coef (B, T−1), tokens (B,)) as ``batching.causal_lm_losses`` defines the loss."""
+    target = labels[:, 1:]  # (B, T−1): logits at t predict the label at t+1
+    valid = target != IGNORE_INDEX
+    tokens = valid.sum(1)  # (B,)
+    coef = valid.to(acc)
+    if reduction == "mean":
+        coef = coef / tokens.clamp(min=1).to(acc).unsqueeze(1)
+    return target, coef, tokens
+
+
+def pass_lse(core: HeadCore) -> torch.Tensor:
+    """Pass 1: per-token losses' parts, online over the vocabulary chunks. Returns the per-sample losses (B,)
+    (weighted by ``coef``, i.e. the library's per-sample loss) and stores the log-sum-exp in ``core``."""
+    B, Tp, _ = core.A.shape
+    m = torch.full((B, Tp), -torch.inf, dtype=core.acc, device=core.A.device)
+    s = torch.zeros((B, Tp), dtype=core.acc, device=core.A.device)
+    zt = torch.zeros((B, Tp), dtype=core.acc, device=core.A.device)  # the target's logit
+    for c0 in range(0, core.V, core.chunk):
+        c1 = min(c0 + core.chunk, core.V)
+        _, z = core.logits(core.A, c0, c1)  # (B, T', c)
+        m_new = torch.maximum(m, z.amax(-1))
+        s = s * torch.exp(m - m_new) + torch.exp(z - m_new.unsqueeze(-1)).sum(-1)
+        m = m_new
+        local = core.target - c0
+        inside = (local >= 0) & (local < c1 - c0)
+        zt = zt + torch.where(inside, z.gather(2, local.clamp(0, c1 - c0 - 1).unsqueeze(-1)).squeeze(-1), 0.0)
+    core.lse = m + torch.log(s)  # (B, T')
+    tok = torch.where(core.target != IGNORE_INDEX, core.lse - zt, 0.0)  # (B, T') as F.cross_entropy(ignore)
+    return (tok * core.coef).sum(1)  # (B,)
+
+
+@dataclass
+class HeadOut:
+    losses: torch.Tensor  # (B,) acc
+    grad_h: torch.Tensor  # (B, T, d) in h's dtype
+    sq: Dict[str, torch.Tensor] = field(default_factory=dict)  # "weight"/"bias" -> (B,)
+    dots: Dict[str, torch.Tensor] = field(default_factory=dict)  # "weight"/"bias" -> (B, R)
+    rows: Optional[torch.Tensor] = None  # (B, T, d) U: the weight gradient's rows at ``ids``
+
+
+def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+              reduction: str = "mean", post: str = "none", value: float = 1.0, want: Tuple[str, ...] = (),
+              refs: Optional[Dict[str, torch.Tensor]] = None, ids: Optional[torch.Tensor] = None,
+              chunk: Optional[int] = None) -> Tuple[HeadCore, HeadOut]:
+    """Everything the engine needs from the head, never building (B, T, V).
+
+    h (B, T, d) head input; W (V, d); bias (V,) or None; labels (B, T) (-100 ignored). ``want``: the head
+    parameters to score ("weight", "bias"); ``refs``: role -> (R, *shape) references; ``ids`` (B, T): the
+    ids of a tied embedding's use, for the cross term (rows U of the weight gradient at the ids)."""
+    h = h.detach()
+    W = W.detach()
+    bias = bias.detach() if bias is not None else None
+    B, T, d = h.shape
+    V = W.shape[0]
+    acc = torch.float64 if torch.float64 in (h.dtype, W.dtype) else torch.float32
+    refs = refs or {}
+    if T < 2:
+        core = HeadCore(h[:, :0], W, bias, labels[:, :0], torch.zeros(B, 0, dtype=acc, device=h.device),
+                        post, value, acc, torch.zeros(B, 0, dtype=acc, device=h.device), 1)
+        zero = torch.zeros(B, dtype=acc, device=h.device)
+        out = HeadOut(zero, torch.zeros_like(h), {r: zero.clone() for r in want},
+                      {r: torch.zeros(B, refs[r].shape[0], dtype=acc, device=h.device) for r in want if r in refs},
+                      torch.zeros(B, ids.shape[1], d, dtype=acc, device=h.device) if ids is not None else None)
+        return core, out
+    target, coef, _ = _targets(labels, reduction, acc)
+    A = h[:, :-1]  # (B, T', d)
+    Tp = T - 1
+    if chunk is None:
+        chunk = max(MIN_CHUNK, min(V, CHUNK_ELEMENTS // max(1, B * max(Tp, d))))
+    core = HeadCore(A, W, bias, target, coef, post, value, acc, chunk=chunk)
+    if not ("weight" in want and gram_is_cheaper(Tp, d, V)):
+        return core, _row_pass(core, want, refs, ids, h)
+    losses = pass_lse(core)
+    A_acc = A.to(acc)
+    grad = torch.zeros(B, Tp, d, dtype=acc, device=h.device)
+    gram = "weight" in want and gram_is_cheaper(Tp, d, V)
+    GG = torch.zeros(B, Tp, Tp, dtype=acc, device=h.device) if gram else None
+    sq = {r: torch.zeros(B, dtype=acc, device=h.device) for r in want}
+    dots = {r: torch.zeros(B, refs[r].shape[0], dtype=acc, device=h.device) for r in want if r in refs}
+    P = None
+    if ids is not None and "weight" in want:
+        P = torch.zeros(B, Tp, ids.shape[1], dtype=acc, device=h.device)  # P[b, s, t] = G_b[s, x_t]
+    for c0, c1, g in core.grads():  # g (B, T', c)
+        Wc = W[c0:c1].to(acc)
+        grad.baddbmm_(g, Wc.unsqueeze(0).expand(B, -1, -1))  # Σ_c G_c W_c  (B, T', d)
+        if "weight" in want:
+            if gram:
+                GG.baddbmm_(g, g.transpose(1, 2))  # Σ_c G_c G_cᵀ  (B, T', T')
+                if "weight" in refs:
+                    for r, v in enumerate(refs["weight"]):
+                        av = A_acc @ v[c0:c1].to(acc).t()  # (B, T', c)
+                        dots["weight"][:, r] += (av * g).sum(dim=(1, 2))
+            else:
+                D = torch.bmm(g.transpose(1, 2), A_acc)  # (B, c, d): the chunk's per-sample gradient
+                sq["weight"] += D.pow(2).sum(dim=(1, 2))
+                if "weight" in refs:
+                    dots["weight"] += torch.einsum("bcd,rcd->br", D, refs["weight"][:, c0:c1].to(acc))
+            if P is not None:
+                local = ids - c0
+                inside = ((local >= 0) & (local < c1 - c0)).to(acc)  # (B, Tt)
+                cols = g.gather(2, local.clamp(0, c1 - c0 - 1).unsqueeze(1).expand(B, Tp, -1))  # (B, T', Tt)
+                P += cols * inside.unsqueeze(1)
+        if "bias" in want:
+            rs = g.sum(1)  # (B, c)
+            sq["bias"] += rs.pow(2).sum(1)
+            if "bias" in refs:
+                dots["bias"] += rs @ refs["bias"][:, c0:c1].to(acc).t()
+    if gram:
+        sq["weight"] = (torch.bmm(A_acc, A_acc.transpose(1, 2)) * GG).sum(dim=(1, 2))  # ⟨AAᵀ, GGᵀ⟩
+    grad_h = torch.zeros_like(h)
+    grad_h[:, :-1] = grad.to(h.dtype)
+    rows = torch.bmm(P.transpose(1, 2), A_acc) if P is not None else None  # (B, Tt, d)
+    return core, HeadOut(losses, grad_h, sq, dots, rows)
+
+
+def _row_pass(core: HeadCore, want: Tuple[str, ...], refs: Dict[str, torch.Tensor], ids: Optional[torch.Tensor],
+              h: torch.Tensor) -> HeadOut:
+    """One pass over chunks of tokens with the whole vocabulary (rows × V logits at a time), where no Gram over
+    tokens is needed: no head parameter is scored (a frozen head: only the gradient at h), or the direct form
+    (T' (d + V) ≥ d V). The direct form accumulates sample b's head gradient D_b = Σ_t g_t a_tᵀ (V, d) over its
+    token chunks, one sample at a time: the memory of one weight gradient, which a plain backward also holds.
+    Three matmuls of the head's size (logits, Σ G W, D), as a plain forward + backward. Stores the
+    log-sum-exp in ``core`` (for the masked gradient)."""
+    A, W, acc = core.A, core.W, core.acc
+    B, Tp, d = A.shape
+    V = core.V
+    dev = A.device
+    rows = max(1, ROW_CHUNK_ELEMENTS // V)
+    lse = torch.zeros(B, Tp, dtype=acc, device=dev)
+    losses = torch.zeros(B, dtype=acc, device=dev)
+    grad = torch.zeros(B, Tp, d, dtype=acc, device=dev)
+    sq = {r: torch.zeros(B, dtype=acc, device=dev) for r in want}
+    dots = {r: torch.zeros(B, refs[r].shape[0], dtype=acc, device=dev) for r in want if r in refs}
+    U = torch.zeros(B, ids.shape[1], d, dtype=acc, device=dev) if ids is not None and "weight" in want else None
+    W_acc = W.to(acc)  # (V, d) (no copy when W is already in acc)
+    per_sample = bool(want)
+    # the units of work: one sample's token chunks (per-sample sums), or chunks of the flattened rows
+    spans = [(b, t0, min(t0 + rows, Tp)) for b in range(B) for t0 in range(0, Tp, rows)] if per_sample else \
+        [(None, r0, min(r0 + rows, B * Tp)) for r0 in range(0, B * Tp, rows)]
+    A_flat = A.reshape(B * Tp, d) if not per_sample else None
+    D = bsum = None
+    for k, (b, r0, r1) in enumerate(spans):
+        if per_sample:
+            if r0 == 0:
+                D = torch.zeros(V, d, dtype=acc, device=dev) if "weight" in want else None
+                bsum = torch.zeros(V, dtype=acc, device=dev) if "bias" in want else None
+            a = A[b, r0:r1]  # (r, d)
+            tgt, cf = core.target[b, r0:r1], core.coef[b, r0:r1]
+        else:
+            a = A_flat[r0:r1]
+            tgt, cf = core.target.reshape(-1)[r0:r1], core.coef.reshape(-1)[r0:r1]
+        _, z = core.logits(a, 0, V)  # (r, V)
+        m = torch.logsumexp(z, -1)  # (r,)
+        valid = tgt != IGNORE_INDEX
+        zt = z.gather(1, tgt.clamp(0, V - 1).unsqueeze(1)).squeeze(1)
+        tok = torch.where(valid, m - zt, 0.0) * cf  # (r,)
+        g = torch.exp(z - m.unsqueeze(1))  # (r, V) softmax
+        g.scatter_add_(1, tgt.clamp(0, V - 1).unsqueeze(1), -valid.to(acc).unsqueeze(1))
+        g = g * cf.unsqueeze(1)
+        if core.post == "softcap":
+            g = g * (1 - (z / core.value) ** 2)
+        elif core.post == "scale":
+            g = g * core.value
+        del z
+        if per_sample:
+            lse[b, r0:r1] = m
+            losses[b] += tok.sum()
+            grad[b, r0:r1] = g @ W_acc
+            if D is not None:
+                D.addmm_(g.t(), a.to(acc))  # Σ_t g_t a_tᵀ
+            if bsum is not None:
+                bsum += g.sum(0)
+            last = k + 1 == len(spans) or spans[k + 1][0] != b
+            if last:
+                if D is not None:
+                    sq["weight"][b] = D.pow(2).sum()
+                    if "weight" in refs:
+                        dots["weight"][b] = torch.einsum("vd,rvd->r", D, refs["weight"].to(acc))
+                    if U is not None:
+                        U[b] = D[ids[b].long()]  # the gradient's rows at the tied embedding's ids
+                if bsum is not None:
+                    sq["bias"][b] = bsum.pow(2).sum()
+                    if "bias" in refs:
+                        dots["bias"][b] = refs["bias"].to(acc) @ bsum
+        else:
+            lse.view(-1)[r0:r1] = m
+            losses.index_add_(0, torch.arange(r0, r1, device=dev) // Tp, tok)
+            grad.view(-1, d)[r0:r1] = g @ W_acc
+    core.lse = lse
+    grad_h = torch.zeros_like(h)
+    grad_h[:, :-1] = grad.to(h.dtype)
+    return HeadOut(losses, grad_h, sq, dots, U)
+
+
+def masked_weight_grad(core: HeadCore, w: torch.Tensor, index: Optional[torch.Tensor], role: str) -> torch.Tensor:
+    """Σ_k w_k ∇_{index_k} of the head weight (V, d) or bias (V,), recomputed chunk by chunk (pass 2 over the
+    selected samples only)."""
+    acc = core.acc
+    A = (core.A if index is None else core.A[index]).to(acc)  # (K, T', d)
+    wk = w.to(acc)
+    out = torch.zeros((core.V, core.A.shape[-1]) if role == "weight" else (core.V,), dtype=acc, device=A.device)
+    if A.shape[1] == 0:
+        return out
+    for c0, c1, g in core.grads(index):
+        g = g * wk[:, None, None]  # (K, T', c)
+        if role == "weight":
+            out[c0:c1] = g.reshape(-1, c1 - c0).t() @ A.reshape(-1, A.shape[-1])  # (c, d)
+        else:
+            out[c0:c1] = g.sum(dim=(0, 1))
+    return out
+
+
+@dataclass
+class HeadFactor(Factor):
+    """One use of the head weight or bias, computed by the chunk loop: the squared norms, dots and (weight)
+    rows at the tied embedding's ids are precomputed; the masked gradient is recomputed chunk by chunk."""
+
+    core: HeadCore
+    role: str  # "weight" | "bias"
+    sq: torch.Tensor  # (B,)
+    dots: Optional[torch.Tensor] = None  # (B, R) against ``ref``
+    ref: Optional[torch.Tensor] = None
+    ids: Optional[torch.Tensor] = None  # (B, Tt)
+    rows: Optional[torch.Tensor] = None  # (B, Tt, d)
+
+    @property
+    def shape(self):
+        return (self.core.V, self.core.A.shape[-1]) if self.role == "weight" else (self.core.V,)
+
+    def sq_norm(self, use_triton: bool = False) -> torch.Tensor:
+        return self.sq
+
+    def dot(self, V: torch.Tensor) -> torch.Tensor:
+        if self.dots is not None and V is self.ref:
+            return self.dots
+        # another reference: one more chunked pass (Σ_c ⟨G_cᵀA, V_c⟩)
+        acc = self.core.acc
+        A = self.core.A.to(acc)
+        out = torch.zeros(A.shape[0], V.shape[0], dtype=acc, device=A.device)
+        for c0, c1, g in self.core.grads():
+            if self.role == "weight":
+                out += torch.einsum("btc,rcd,btd->br", g, V[:, c0:c1].to(acc), A)
+            else:
+                out += g.sum(1) @ V[:, c0:c1].to(acc).t()
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """(B, V, d) explicit per-sample gradients, chunk by chunk (tests and rare cross terms only)."""
+        B = self.core.A.shape[0]
+        return torch.stack([masked_weight_grad(self.core, torch.ones(1, device=self.sq.device),
+                                               torch.tensor([b], device=self.sq.device), self.role)
+                            for b in range(B)]) if B else torch.zeros(0, *self.shape, dtype=self.core.acc)
+
+    def weighted_sum(self, w: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return masked_weight_grad(self.core, w, index, self.role)
+
+
+def _emb_head(e: EmbRows, f: HeadFactor):
+    """Tied embedding and head: Σ_t δ_t · U_t with U_t the head gradient's row at x_t (norm-math.md)."""
+    if e.transposed or f.role != "weight" or f.rows is None or f.ids is None or e.ids.shape != f.ids.shape \
+            or not torch.equal(e.ids.long(), f.ids.long()):
+        return None  # the dense fallback (exact, (B, V, d))
+    return (e._g().to(f.rows.dtype) * f.rows).sum(dim=(1, 2))
+
+
+_INNER[(EmbRows, HeadFactor)] = _emb_head
+
+
+# -- the loss node -----------------------------------------------------------------------------------------
+
+
+class _HeadLoss(torch.autograd.Function):
+    """losses (B,) as a function of h: the backward hands Σ_b ∂(go_b L_b)/∂h = go_b · grad_h[b] to the backbone,
+    and (once, in the activation backward) the head's factors to the capture."""
+
+    @staticmethod
+    def forward(ctx, h, anchor, losses, grad_h, on_backward):  # noqa: D401
+        ctx.grad_h, ctx.on_backward = grad_h, on_backward
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, go):
+        ctx.on_backward()
+        gh = ctx.grad_h * go.to(ctx.grad_h.dtype).view(-1, *([1] * (ctx.grad_h.dim() - 1)))
+        return gh, None, None, None, None
+
+
+class _HeadReached(Exception):
+    def __init__(self, h: torch.Tensor):
+        super().__init__("LM head reached")
+        self.h = h
+
+
+@dataclass
+class HeadInput:
+    """The scored forward stopped at the head: its input h (B, T, d), in the graph of the backbone."""
+
+    h: torch.Tensor
+    head: HeadSpec
+
+
+def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> Tuple[Optional[HeadSpec], str]:
+    """Whether this scored forward uses the fused head: (spec, "") or (None, why not). Remembered on the
+    ghost backend for ``coverage()``. ``cap``: the capture in force (its stand-ins sit in the parameters' slots)."""
+    setting = getattr(ghost, "fused_head", None)
+    if setting is False:
+        return None, "off (fused_head=False)"
+    spec = ghost.spec
+    if spec.loss_fn is not None:
+        return None, "off: a custom loss_fn (the fused path computes the library's token cross-entropy)"
+    if batch.labels is None:
+        return None, "off: no labels"
+    head, why = find_head(spec.model)
+    if head is None:
+        return None, "off: " + why
+    if any(type(p).__name__ == "DTensor" for p in head.module.parameters()):
+        return None, "off: the head's weight is sharded (FSDP2 / tensor parallel)"
+    # the selected parameters of the head, by identity with the real parameters or (inside the capture) with
+    # the stand-ins that sit in their slots
+    known = {id(p): g for g, p in spec.params.items()}
+    if cap is not None:
+        known.update({id(s): g for g, s in cap.stand_ins.items()})
+    names = {n: known[id(p)] for n, p in head.module.named_parameters() if id(p) in known}
+    plan = ghost.plan
+    mp = plan.modules.get(id(head.module))
+    for g in names.values():
+        # (a tied weight may also be op-tracked for its other uses, e.g. Gemma 2's scaled embedding: fine, the
+        # head's own use is the Linear rule's)
+        if g in ghost.moved or mp is None or mp.rule is None or g not in mp.names.values():
+            return None, f"off: the head parameter {g} is not scored by the Linear rule"
+    if weights_in_graph and names:
+        return None, "off: two-pass filtering with a trainable head (its weight gradient comes from autograd)"
+    if setting is None:
+        B, T = batch.batch_size, batch.seq_len
+        if head.vocab < MIN_VOCAB or B * max(T - 1, 0) * head.vocab < MIN_LOGITS:
+            return None, (f"off: does not pay at vocabulary {head.vocab} and B·(T−1) = {B * max(T - 1, 0)} "
+                          f"(on from V ≥ {MIN_VOCAB} and B·(T−1)·V ≥ {MIN_LOGITS})")
+    return head, ""
+
+
+def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: Any = None) -> Any:
+    """The scored forward (inside the capture). With the fused head: the backbone only, stopped by a pre-hook
+    at the head's input, returned as :class:`HeadInput`; otherwise the model's own outputs."""
+    model = ghost.spec.model
+    head, why = decide(ghost, batch, weights_in_graph, cap)
+    if head is None:
+        ghost.head_status = why
+        return model(**batch.model_inputs)
+    B, T = batch.batch_size, batch.seq_len
+
+    def stop(mod, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and tuple(x.shape[:2]) == (B, T):
+            raise _HeadReached(x)
+        return None  # any other call (logits_to_keep, a second use) runs as usual
+
+    handle = head.module.register_forward_pre_hook(stop, prepend=True)
+    try:
+        out = model(**batch.model_inputs)
+        ghost.head_status = "off: the head was not called on the (B, T, d) hidden states"
+        return out
+    except _HeadReached as r:
+        return HeadInput(r.h, head)
+    finally:
+        handle.remove()
+
+
+def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(losses (B,), tokens (B,)) from the head input by the chunk loop (outside the capture: the real
+    parameters are back in their slots). The losses' backward continues into the backbone with Σ_c G_c W_c and
+    hands the head's factors to the capture."""
+    h, head = inp.h, inp.head
+    B, T = batch.batch_size, batch.seq_len
+    ghost.head_status = (f"on: fused chunked LM head + cross-entropy at {head.name} (V = {head.vocab}"
+                         f"{', soft-capped' if head.post == 'softcap' else ''}"
+                         f"{', scaled' if head.post == 'scale' else ''}; torch chunks)")
+    mod = head.module
+    params = ghost.spec.params
+    roles = {role: g for role, p in (("weight", mod.weight), ("bias", mod.bias)) if p is not None
+             for g, q in params.items() if q is p}
+    refs = {role: cap.refs[g] for role, g in roles.items() if g in cap.refs}
+    tied = "weight" in roles and any(
+        rec.names and roles["weight"] in rec.names.values() for rec in cap.records) \
+        or ("weight" in roles and roles["weight"] in cap.track)
+    ids = batch.full["input_ids"] if tied else None
+    core, res = head_pass(h, mod.weight, mod.bias, batch.labels, ghost.spec.loss_reduction, head.post,
+                          head.value, tuple(roles), refs, ids)
+    from .capture import Record
+
+    mp = cap.plan.modules.get(id(mod))
+    if roles:
+        cap.records.append(Record(mp, None))  # the head's use, counted for the cross terms
+    done: List[bool] = []
+
+    def on_backward():
+        if done or cap.closed:
+            return  # a later backward (two-pass) through the same graph
+        done.append(True)
+        try:
+            for role, g in roles.items():
+                cap._add(g, HeadFactor(core, role, res.sq[role], res.dots.get(role), refs.get(role),
+                                       ids if role == "weight" else None, res.rows if role == "weight" else None))
+        except BaseException as e:  # errors raised inside autograd lose their type
+            cap.error = e
+
+    anchor = cap._anchor_for(h)
+    losses = _HeadLoss.apply(h, anchor, res.losses, res.grad_h, on_backward)
+    tokens = (batch.labels[:, 1:] != IGNORE_INDEX).sum(1) if T >= 2 else \
+        torch.zeros(B, dtype=torch.int64, device=h.device)
+    return losses, tokens

@@ -1,0 +1,384 @@
+"""The fused LM head (gradsel_core/ghost/head.py): exact against the per-sample loop and against autograd.
+
+Vocabulary chunks are forced small (a few rows) so that every quantity crosses chunk boundaries."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradsel_core as gs
+from gradsel_core.backends.loop import score_loop
+from gradsel_core.batching import causal_lm_losses, prepare_batch
+from gradsel_core.ghost import head as H
+from gradsel_core.ghost import score_ghost
+from gradsel_core.types import scoring_mode
+
+V = 97
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(H, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(H, "MIN_CHUNK", 13)  # 97 = 7 chunks of 13 + 6 (two-pass vocabulary loop)
+    monkeypatch.setattr(H, "ROW_CHUNK_ELEMENTS", 2 * V)  # 2 tokens per chunk (one-pass token loop)
+
+
+@pytest.fixture(params=["direct", "gram"])
+def form(request, monkeypatch):
+    """Both head loops: the one-pass token loop (direct form, or no head parameter) and the two-pass
+    vocabulary loop (Gram form), whatever the cost rule would pick."""
+    monkeypatch.setattr(H, "gram_is_cheaper", lambda T, d, p: request.param == "gram")
+    return request.param
+
+
+def _hf(family: str, tie: bool):
+    import transformers as tf
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                            eos_token_id=2, tie_word_embeddings=tie)
+        return tf.GPT2LMHeadModel(cfg)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    if family == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    if family == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=8, **common))
+    if family == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**common))
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**common))
+    if family == "gemma":
+        return tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=8, **common))
+    if family == "gemma2":
+        cfg = tf.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, **common)  # small cap: tanh bends
+        cfg._attn_implementation = "eager"
+        return tf.Gemma2ForCausalLM(cfg)
+    if family == "cohere":
+        return tf.CohereForCausalLM(tf.CohereConfig(logit_scale=0.37, **common))
+    raise KeyError(family)
+
+
+def _batch(B=3, T=9, seed=1, minus100=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if B >= 2:
+        mask[1, T - 3:] = 0  # right padding
+        ids[1, T - 3:] = 0
+    labels = gs.batching.default_labels(ids, mask)
+    if minus100 and B >= 1:
+        labels[0, 2:4] = -100  # a prompt span
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _raw(model, batch, fused: bool, backend="ghost", params="trainable", reduction="mean", refs=None):
+    eng = gs.GradNormEngine(model, params=params, backend=backend, loss_reduction=reduction, fused_head=fused)
+    prepared = prepare_batch(batch, lm_loss=True)
+    if refs is not None:
+        from gradsel_core.reference import stack_references
+        from gradsel_core.types import acc_dtype
+
+        refs = stack_references(refs, eng.params, acc_dtype(eng.params))
+    with scoring_mode(model, eng.params):
+        if backend == "loop":
+            raw = score_loop(eng.spec, prepared, refs)
+        else:
+            raw = score_ghost(eng.ghost, prepared, strict=True, refs=refs)
+    return eng, raw
+
+
+def _assert_close(fast, ref, dtype, what):
+    scale = ref.abs().max().clamp(min=1e-30)
+    err = ((fast.double() - ref.double()).abs().max() / scale).item()
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]}"
+
+
+def _head_calls(model):
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, o: calls.append(1))
+    return calls
+
+
+CASES = [("gpt2", True), ("llama", False), ("llama", True), ("qwen2", True), ("gemma", True), ("gemma2", True),
+         ("cohere", False), ("qwen3", True), ("mistral", False), ("phi3", False)]
+
+
+def test_every_listed_family_is_tested():
+    assert {f for f, _ in CASES} == set(H.HEADS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family,tie", CASES)
+def test_full_params_match_the_loop(family, tie, dtype, form):
+    model = _hf(family, tie).to(dtype)
+    batch = _batch()
+    for reduction in ("mean", "sum"):
+        calls = _head_calls(model)
+        eng, fast = _raw(model, batch, True, reduction=reduction)
+        assert not calls, "the fused path must never run the head's forward"
+        assert eng.ghost.head_status.startswith("on"), eng.ghost.head_status
+        _, ref = _raw(model, batch, False, backend="loop", reduction=reduction)
+        _assert_close(fast.losses, ref.losses, dtype, f"{family} losses")
+        total_f = sum(fast.per_param_sq.values())
+        total_r = sum(ref.per_param_sq.values())
+        _assert_close(total_f, total_r, dtype, f"{family} {reduction} total")
+        head = [n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight][0]
+        _assert_close(fast.per_param_sq[head], ref.per_param_sq[head], dtype, f"{family} head {head}")
+        model.get_output_embeddings()._forward_hooks.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lora_frozen_head_matches_the_loop(dtype):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_hf("llama", False), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                               "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    model = model.to(dtype)
+    batch = _batch(B=2, T=7)
+    eng, fast = _raw(model, batch, True)
+    assert eng.ghost.head_status.startswith("on"), eng.ghost.head_status
+    _, ref = _raw(model, batch, False, backend="loop")
+    _assert_close(sum(fast.per_param_sq.values()), sum(ref.per_param_sq.values()), dtype, "lora total")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_head_pass_against_autograd_with_bias_softcap_and_scale(dtype, form):
+    """The chunk loop alone: losses, gradient at h, weight and bias norms, dots, tied rows and the masked
+    gradient, against explicit logits and per-sample autograd."""
+    torch.manual_seed(3)
+    B, T, d = 3, 6, 5
+    h = torch.randn(B, T, d, dtype=dtype)
+    W = torch.randn(V, d, dtype=dtype) * 0.5
+    b = torch.randn(V, dtype=dtype) * 0.1
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 1:3] = -100
+    labels[2, :] = -100  # a sample with no target token: loss 0, gradient 0
+    ids = torch.randint(0, V, (B, T))
+    refs = {"weight": torch.randn(2, V, d, dtype=dtype), "bias": torch.randn(2, V, dtype=dtype)}
+    for post, value in (("none", 1.0), ("softcap", 0.7), ("scale", 1.9)):
+        for reduction in ("mean", "sum"):
+            core, out = H.head_pass(h, W, b, labels, reduction, post, value, ("weight", "bias"), refs, ids)
+            per_w, per_b, per_loss, per_gh = [], [], [], []
+            for i in range(B):
+                hi = h[i:i + 1].clone().requires_grad_(True)
+                Wi, bi = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+                z = hi @ Wi.t() + bi
+                z = torch.tanh(z / value) * value if post == "softcap" else (z * value if post == "scale" else z)
+                loss = causal_lm_losses(z, labels[i:i + 1], reduction)[0].sum()
+                gh, gw, gb = torch.autograd.grad(loss, (hi, Wi, bi), allow_unused=True)
+                per_loss.append(loss.detach())
+                per_gh.append(gh[0])
+                per_w.append(gw)
+                per_b.append(gb)
+            gw, gb = torch.stack(per_w), torch.stack(per_b)  # (B, V, d), (B, V)
+            what = f"{post}/{reduction}"
+            _assert_close(out.losses, torch.stack(per_loss), dtype, what + " losses")
+            _assert_close(out.grad_h, torch.stack(per_gh), dtype, what + " grad_h")
+            _assert_close(out.sq["weight"], gw.pow(2).sum((1, 2)), dtype, what + " weight sq")
+            _assert_close(out.sq["bias"], gb.pow(2).sum(1), dtype, what + " bias sq")
+            _assert_close(out.dots["weight"], torch.einsum("bvd,rvd->br", gw, refs["weight"]), dtype, what + " dots")
+            _assert_close(out.dots["bias"], gb @ refs["bias"].t(), dtype, what + " bias dots")
+            _assert_close(out.rows, gw.gather(1, ids.unsqueeze(-1).expand(B, T, d)), dtype, what + " tied rows")
+            wts = torch.tensor([0.3, -1.2], dtype=dtype)
+            idx = torch.tensor([2, 0])
+            _assert_close(H.masked_weight_grad(core, wts, idx, "weight"), (wts[:, None, None] * gw[idx]).sum(0),
+                          dtype, what + " masked weight")
+            _assert_close(H.masked_weight_grad(core, wts, idx, "bias"), (wts[:, None] * gb[idx]).sum(0),
+                          dtype, what + " masked bias")
+            assert float(out.sq["weight"][2]) == 0.0 and float(out.losses[2]) == 0.0
+
+
+def test_gram_and_direct_forms_agree():
+    """T' (d + V) < d V picks the Gram form for short sequences; both forms give the same norms."""
+    torch.manual_seed(4)
+    h, W = torch.randn(2, 4, 40, dtype=torch.float64), torch.randn(V, 40, dtype=torch.float64)
+    labels = torch.randint(0, V, (2, 4))
+    from gradsel_core.factors import gram_is_cheaper
+
+    assert gram_is_cheaper(3, 40, V)
+    _, gram = H.head_pass(h, W, None, labels, want=("weight",))
+    h2 = torch.randn(2, 60, 8, dtype=torch.float64)
+    W2 = torch.randn(V, 8, dtype=torch.float64)
+    labels2 = torch.randint(0, V, (2, 60))
+    assert not gram_is_cheaper(59, 8, V)
+    _, direct = H.head_pass(h2, W2, None, labels2, want=("weight",))
+    for (hh, WW, ll), out in (((h, W, labels), gram), ((h2, W2, labels2), direct)):
+        ref = []
+        for i in range(2):
+            Wi = WW.clone().requires_grad_(True)
+            loss = causal_lm_losses(hh[i:i + 1] @ Wi.t(), ll[i:i + 1])[0].sum()
+            ref.append(torch.autograd.grad(loss, Wi)[0].pow(2).sum())
+        _assert_close(out.sq["weight"], torch.stack(ref), torch.float64, "form")
+
+
+# Llama in fp32: HF's RMSNorm computes x̂ in fp32 even in an fp64 model, which the RMSNorm rule does in fp64
+# (a ~1e-7 difference of the norm weights' gradient in fp64, with or without the fused head)
+@pytest.mark.parametrize("family,tie,dtype", [("gpt2", True, torch.float64), ("llama", False, torch.float32),
+                                              ("qwen2", True, torch.float32)])
+def test_filtered_backward_grad_equals_plain_backward_of_kept(family, tie, dtype, form):
+    model = _hf(family, tie).to(dtype).eval()  # (GPT-2 has dropout: the two runs must see the same model)
+    batch = _batch(B=5, T=8)
+    fb = gs.filtered.FilteredBackward(model, policy="keep_bottom", ratio=0.4, loss_filter_std=None, fused_head=True)
+    res = fb.step(batch)
+    assert fb.engine.ghost.head_status.startswith("on"), fb.engine.ghost.head_status
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    kept = res.kept.nonzero().squeeze(1)
+    assert 0 < kept.numel() < 5
+    # the kept samples' mean loss, on the same batch shape (Llama's rotary tables are fp32: a sub-batch of other
+    # padding differs by ~1e-7 in fp64 with or without the fused head)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    losses, _ = causal_lm_losses(out.logits, batch["labels"])
+    losses[kept].mean().backward()
+    for n, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        _assert_close(got[n], p.grad, dtype, f"p.grad {n}")
+    assert set(got) == {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_pass_filtered_with_lora_frozen_head():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_hf("gpt2", True), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                          fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    model = model.double().eval()
+    batch = _batch(B=4, T=8)
+    fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
+                                             fused_head=True)
+    res = fb.step(batch)
+    assert fb.engine.ghost.head_status.startswith("on"), fb.engine.ghost.head_status
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert got
+    model.zero_grad(set_to_none=True)
+    kept = res.kept.nonzero().squeeze(1)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    causal_lm_losses(out.logits, batch["labels"])[0][kept].mean().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")
+
+
+def test_reference_dots_match_the_loop(form):
+    model = _hf("gpt2", True).double()
+    batch = _batch(B=3, T=8)
+    torch.manual_seed(5)
+    ref = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    eng, fast = _raw(model, batch, True, refs=ref)
+    assert eng.ghost.head_status.startswith("on")
+    _, slow = _raw(model, batch, False, backend="loop", refs=ref)
+    _assert_close(sum(fast.dots.values()), sum(slow.dots.values()), torch.float64, "dots")
+
+
+def test_score_api_coverage_and_edges():
+    model = _hf("llama", True)
+    eng = gs.GradNormEngine(model, backend="ghost", fused_head=True)
+    batch = _batch()
+    res = eng.score(batch)
+    assert "LM head on" in eng.coverage().summary()
+    ref = gs.GradNormEngine(model, backend="loop").score(batch)
+    _assert_close(res.norms, ref.norms, torch.float32, "norms")
+    # B = 1, T = 1 (no target token: zero loss and norm), B = 0
+    one = {k: v[:1] for k, v in batch.items()}
+    _assert_close(eng.score(one).norms, gs.GradNormEngine(model, backend="loop").score(one).norms, torch.float32, "B=1")
+    short = {k: v[:, :1] for k, v in batch.items()}
+    assert torch.equal(eng.score(short).norms, torch.zeros(3))
+    empty = {k: v[:0] for k, v in batch.items()}
+    assert eng.score(empty).norms.shape == (0,)
+    # auto: a vocabulary of 97 does not pay; False: off; a custom loss_fn: off
+    auto = gs.GradNormEngine(model, backend="ghost")
+    auto.score(batch)
+    assert auto.coverage().head.startswith("off: does not pay")
+    off = gs.GradNormEngine(model, backend="ghost", fused_head=False)
+    off.score(batch)
+    assert off.coverage().head == "off (fused_head=False)"
+    custom = gs.GradNormEngine(model, backend="ghost", fused_head=True,
+                               loss_fn=lambda out, b: F.cross_entropy(out.logits[:, -1], b["input_ids"][:, 0],
+                                                                      reduction="none"))
+    custom.score(batch)
+    assert "custom loss_fn" in custom.coverage().head
+
+
+def test_unknown_model_steps_aside():
+    model = gs.models.TinyGPT(gs.models.TinyGPTConfig(vocab_size=V, d_model=16, n_layer=1, n_head=2))
+    H_spec, why = H.find_head(model)
+    assert H_spec is not None
+    from torch import nn
+
+    class Scaled(nn.Module):  # a model that changes its logits after the head: not in HEADS
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids, attention_mask) * 2.0
+
+    spec, why = H.find_head(Scaled())
+    assert spec is None and "not a causal LM" in why
+
+
+def test_score_dataset_and_cli_flag(tmp_path):
+    """score_dataset gets the fused head through the engine: the same norms as the full-logits path."""
+    import numpy as np
+
+    from gradsel_core.commands.score import add_arguments
+
+    model = _hf("qwen2", True)
+    g = torch.Generator().manual_seed(2)
+    records = [{"input_ids": torch.randint(3, V, (int(n),), generator=g).tolist()} for n in (5, 9, 7, 3)]
+    on = gs.score_dataset(model, records, str(tmp_path / "on"), batch_size=2, progress=False, fused_head=True)
+    off = gs.score_dataset(model, records, str(tmp_path / "off"), batch_size=2, progress=False, fused_head=False)
+    np.testing.assert_allclose(on.norms, off.norms, rtol=1e-5)
+    np.testing.assert_allclose(on.losses, off.losses, rtol=1e-5)
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--model", "m", "--data", "d", "--out", "o", "--no-fused-head"])
+    assert args.no_fused_head
+
+
+@pytest.mark.parametrize("family,tie", [("llama", False), ("gemma2", True)])
+def test_bf16_within_the_dtype_tolerance(family, tie):
+    from gradsel_core.types import tolerance
+
+    model = _hf(family, tie).to(torch.bfloat16)
+    batch = _batch()
+    eng, fast = _raw(model, batch, True)
+    assert eng.ghost.head_status.startswith("on"), eng.ghost.head_status
+    _, ref = _raw(model, batch, False, backend="loop")
+    total_f, total_r = sum(fast.per_param_sq.values()), sum(ref.per_param_sq.values())
+    err = ((total_f - total_r).abs() / total_r.abs()).max().item()
+    assert err <= tolerance(torch.bfloat16), err
+
+
+def test_two_pass_with_a_trainable_head_steps_aside():
+    """Two-pass filtering takes the head's weight gradient from autograd: the fused head steps aside, and says so."""
+    model = _hf("gpt2", True).double().eval()
+    batch = _batch(B=4, T=8)
+    fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
+                                             fused_head=True)
+    res = fb.step(batch)
+    assert fb.engine.ghost.head_status.startswith("off: two-pass"), fb.engine.ghost.head_status
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    causal_lm_losses(out.logits, batch["labels"])[0][res.kept].mean().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")
