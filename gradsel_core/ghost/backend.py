@@ -6,6 +6,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..batching import PreparedBatch, per_sample_losses
 from ..errors import UnsupportedModule
@@ -45,6 +46,8 @@ class GhostBackend:
         self.copy_taps = False
         self.follow_rows = False  # carry row -> sample maps through every op (after a layout failure)
         self._plan: Optional[GhostPlan] = None
+        # module -> the key under which its rule reproduced its output (``selfcheck``): checked once per module
+        self.checked = WeakIdKeyDictionary()
 
     @property
     def plan(self) -> GhostPlan:
@@ -188,7 +191,7 @@ class GhostBackend:
         spec = self.spec
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
                            copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
-                           follow_rows=self.follow_rows)
+                           follow_rows=self.follow_rows, checked=self.checked)
         try:
             with cap:
                 out = spec.model(**batch.model_inputs)

@@ -18,6 +18,7 @@ from .failures import RuleFailure, RuleFailures
 from .fallback import fallback_grads
 from .plan import ModulePlan, GhostPlan
 from .rows import flatten_rows
+from .selfcheck import check_key, has_forward_hooks, self_check
 from .standins import Slot, can_stand_in, make_stand_in, parameter_slots
 from .uses import OpUse, Place, UseTracker, use_factors
 
@@ -69,8 +70,13 @@ class GhostCapture:
                  use_triton: bool = False, keep_factors: bool = False, copy_taps: bool = False,
                  track: Optional[Set[str]] = None, stand_ins: bool = True,
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False,
-                 follow_rows: bool = False):
+                 follow_rows: bool = False, checked: Optional[WeakIdKeyDictionary] = None):
         self.model, self.plan, self.params, self.B = model, plan, params, batch_size
+        # module -> the key (``selfcheck.check_key``) under which its rule reproduced its output: the engine's
+        # cache of verdicts, so a rule checks itself once per module (a fresh capture checks every module)
+        self.checked = checked if checked is not None else WeakIdKeyDictionary()
+        self._checks: Dict[int, Tuple[Any, bool, bool]] = {}  # id(module) -> (key, check value, check hooks)
+        self._raw: Dict[int, Tuple[Any, Any]] = {}  # id(module) -> (output of forward, its grad_fn)
         # activation -> Rows (gradsel_core.rows), from module hooks and the tracker; follow_rows keeps the
         # tracker on for the whole forward to carry them through ops (learned after a layout failure)
         self.rows = WeakIdKeyDictionary()
@@ -107,6 +113,12 @@ class GhostCapture:
                     slot.holder._parameters[slot.key] = s
         for plan in self.plan.modules.values():
             own = self._own_slots(plan)
+            if plan.rule is not None:
+                key = check_key(plan.module, plan.rule)
+                hooks = has_forward_hooks(plan.module)
+                self._checks[id(plan.module)] = (key, self.checked.get(plan.module) != key, hooks)
+                if hooks:  # runs before the user's forward hooks: what forward itself returned
+                    self.handles.append(plan.module.register_forward_hook(self._raw_hook, prepend=True))
             self.handles.append(plan.module.register_forward_pre_hook(self._pre_hook(own)))
             self.handles.append(plan.module.register_forward_hook(self._hook(plan, own), with_kwargs=True))
         tracked = {id(self.stand_ins[n]): n for n in self.track if n in self.stand_ins}
@@ -146,6 +158,37 @@ class GhostCapture:
 
         return hook
 
+    def _raw_hook(self, mod, args, output):
+        if self.active:
+            first = next((v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)), None)
+            self._raw[id(mod)] = (first, first.grad_fn if first is not None else None)
+        return None
+
+    def _check_rule(self, plan: ModulePlan, mod, args, kwargs, output) -> None:
+        """The rule's self-check (``selfcheck``): raises RuleFailure (the module moves to its fallback) when
+        the rule does not describe this call."""
+        key, value, hooks = self._checks.get(id(mod), (None, False, False))
+        first = next((v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)), None)
+        why = None
+        if hooks:
+            raw, raw_fn = self._raw.pop(id(mod), (None, None))
+            if first is None or first is not raw or first.grad_fn is not raw_fn:
+                why = "a forward hook replaces or modifies its output (the rule describes its forward only)"
+        if why is None and value and first is not None:
+            det = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            call = ModuleCall(mod, plan.name, tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()},
+                              batch_size=self.B)
+            was, self.active = self.active, False  # modules the formula calls (a LoRA base layer) are not scored
+            try:
+                why = self_check(plan.rule, call, first)
+            finally:
+                self.active = was
+            if why is None:
+                self.checked[mod] = key
+        if why is not None:
+            raise RuleFailure(f"module {plan.name} ({type(mod).__name__}, rule {plan.rule.name}): {why}",
+                              list(plan.names.values()), plan.name)
+
     def _anchor_for(self, t: torch.Tensor) -> torch.Tensor:
         if self.anchor is None:
             self.anchor = torch.zeros((), device=t.device, requires_grad=True)
@@ -172,6 +215,8 @@ class GhostCapture:
                 return None
             for slot, g in own:
                 slot.holder._parameters[slot.key] = self.stand_ins[g]
+            if plan.rule is not None:
+                self._check_rule(plan, mod, args, kwargs, output)
             B = self.B
             x = args[0] if args else None
             rows = None

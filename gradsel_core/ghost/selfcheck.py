@@ -1,0 +1,56 @@
+"""Rules check themselves: a rule describes one module's forward, so before it scores a module the module's
+output is recomputed by the rule's own formula (``NormRule.check``) from the call's inputs and parameters and
+compared with the output the tap saw. The verdict is cached per module and invalidated when the module's class,
+its forward or forward-pre hooks, an instance-level ``forward``, the rule, or its parameter shapes change: the
+check costs one recomputation per module, not one per batch.
+
+Forward hooks that run after the module (``register_forward_hook``) change what the tap sees: a hook that
+returns a new output or writes into it makes the rule's formula describe the wrong function (and a hook such as
+``torch.where(m, y, y.detach())`` changes the gradient without changing the value). So for a module with forward
+hooks, every call also checks that the output reaching the tap is the very tensor ``forward`` returned, not
+modified in place; otherwise the module moves to its exact fallback, which runs the hooks.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from ..rules import ModuleCall, NormRule
+from ..rules.base import output_matches
+
+
+def hook_ids(module: nn.Module) -> Tuple[Tuple[int, ...], ...]:
+    """The handles of ``module``'s own forward and forward-pre hooks. (Global hooks come and go, e.g. with
+    ``FlopCounterMode``: they are not part of the key; their effect on the output is checked on every call.)"""
+    return (tuple(module._forward_pre_hooks), tuple(module._forward_hooks))
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether hooks run after ``module.forward`` returns (they may replace or modify its output)."""
+    return bool(module._forward_hooks) or bool(_module._global_forward_hooks)
+
+
+def check_key(module: nn.Module, rule: NormRule) -> Tuple[Any, ...]:
+    """What a verdict depends on. Computed before the capture registers its own hooks."""
+    inst_forward = module.__dict__.get("forward")
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters())
+    return (type(module), id(rule), id(inst_forward) if inst_forward is not None else None, hook_ids(module), shapes)
+
+
+def self_check(rule: NormRule, call: ModuleCall, output: torch.Tensor) -> Optional[str]:
+    """None when ``rule.check`` reproduces ``output``; otherwise why not. (Rules with ``keeps_output`` check
+    themselves when they run; a rule without ``check`` is trusted as registered.)"""
+    if rule.check is None:
+        return None
+    try:
+        with torch.no_grad():
+            expected = rule.check(call)
+    except Exception as e:  # noqa: BLE001 - a formula that cannot even run does not describe the module
+        return f"the rule's formula fails on this call ({type(e).__name__}: {str(e)[:120]})"
+    if not output_matches(expected, output):
+        return ("the output recomputed by the rule's formula differs from the module's output (its forward, a "
+                "forward hook or an instance-level forward computes something else)")
+    return None
