@@ -321,8 +321,9 @@ def test_ghost_does_fewer_flops_than_plain_forward_backward():
     with FlopCounterMode(display=False) as fwd:
         model(ids)
     assert ghost.get_total_flops() < plain.get_total_flops()
-    # the self-checks recompute each ruled module's output once: at most one more forward, on the first batch
-    assert first.get_total_flops() <= ghost.get_total_flops() + 1.01 * fwd.get_total_flops()
+    # first batch only: the rules' self-checks recompute each ruled module's output (one forward) and the layout
+    # probe runs one more activation backward (about one forward)
+    assert first.get_total_flops() <= ghost.get_total_flops() + 2.02 * fwd.get_total_flops()
     # forward + activation backward (≈ 2 forwards) + reductions: well below the 3 forwards of a plain step
     assert ghost.get_total_flops() < 2.75 * fwd.get_total_flops()
 

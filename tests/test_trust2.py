@@ -321,3 +321,146 @@ def test_lora_embedding_with_a_padding_idx(dtype):
     model = model.to(dtype)
     eng = exact(model, "ghost", verify=False)
     assert set(how(eng).values()) == {"rule"}, how(eng)
+
+
+# -- item 3: layouts only from proof ---------------------------------------------------------------------------
+
+
+class TimeMajor(nn.Module):
+    """A (T, B, d) layer: with T == B its dim 0 has the batch's size and is not the batch."""
+
+    def __init__(self, contiguous: bool):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.mid = nn.Linear(D, D)
+        self.norm = nn.LayerNorm(D)
+        self.out = nn.Linear(D, VOCAB)
+        self.contiguous = contiguous
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids).transpose(0, 1)  # (T, B, d)
+        h = h.contiguous() if self.contiguous else h
+        h = self.norm(torch.tanh(self.mid(h)))  # (T, B, d)
+        return self.out(h.transpose(0, 1))  # (B, T, V)
+
+
+class SharedRowIndexed(nn.Module):
+    """A (1, T, ·) output indexed [0] by the model: one row shared by every sample, not sample 0's."""
+
+    def __init__(self, through_linear: bool):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(16, D)
+        self.q = nn.Linear(D, D)
+        self.out = nn.Linear(D, VOCAB)
+        self.through_linear = through_linear
+
+    def forward(self, input_ids, attention_mask=None):
+        T = input_ids.shape[1]
+        p = self.pos(torch.arange(T, device=input_ids.device)[None])  # (1, T, d)
+        p = self.q(p)[0] if self.through_linear else p[0]  # (T, d)
+        return self.out(torch.tanh(self.emb(input_ids) + p))
+
+
+class BroadcastPositions(SharedRowIndexed):
+    """The legitimate form: a [1, T] lookup broadcast over the batch (HF position_ids) stays on the rule."""
+
+    def forward(self, input_ids, attention_mask=None):
+        T = input_ids.shape[1]
+        p = self.pos(torch.arange(T, device=input_ids.device)[None])  # (1, T, d)
+        return self.out(torch.tanh(self.q(self.emb(input_ids) + p)))
+
+
+LAYOUTS = {
+    "time_major": (lambda: TimeMajor(False), ["mid.weight", "norm.weight"]),
+    "time_major_contiguous": (lambda: TimeMajor(True), ["mid.weight", "norm.weight"]),
+    "pos_indexed": (lambda: SharedRowIndexed(False), ["pos.weight"]),
+    "pos_linear_indexed": (lambda: SharedRowIndexed(True), ["q.weight"]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+@pytest.mark.parametrize("B,T", [(6, 6), (3, 5), (4, 9)])
+def test_a_batch_dimension_is_never_read_from_a_shape(case, dtype, B, T):
+    build, unproven = LAYOUTS[case]
+    torch.manual_seed(0)
+    model = build().to(dtype)
+    batch = lm_batch(B=B, T=T)
+    # ghost: exact, or refused naming the parameter; never a wrong number
+    try:
+        eng = exact(model, "ghost", batch=batch, verify=False)
+    except gs.UnsupportedModule as e:
+        assert any(n in str(e) for n in unproven), str(e)
+    else:
+        for n in unproven:
+            assert how(eng)[n] != "rule", (n, how(eng))
+    exact(model, "auto", batch=batch, verify=False)  # auto moves on to an exact backend without the verify
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_first_batch_of_one_sample_does_not_prove_a_layout(dtype):
+    """B = 1 proves nothing about rows (every row is sample 0's): the probe runs again on the first B ≥ 2."""
+    torch.manual_seed(0)
+    model = SharedRowIndexed(False).to(dtype)
+    eng = gs.GradNormEngine(model, backend="auto", verify=False)
+    one = lm_batch(B=1, T=6)
+    ref = gs.GradNormEngine(model, backend="loop").score(one)
+    assert_close_rel(eng.score(one).norms, ref.norms, TOL[dtype], "B=1")
+    batch = lm_batch(B=4, T=6)
+    ref = gs.GradNormEngine(model, backend="loop").score(batch)
+    assert_close_rel(eng.score(batch).norms, ref.norms, TOL[dtype], "B=4 after B=1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_broadcast_positions_and_sequence_first_attention_keep_their_rules(dtype):
+    torch.manual_seed(0)
+    model = BroadcastPositions(False).to(dtype)
+    eng = exact(model, "ghost", batch=lm_batch(B=6, T=6), verify=False)
+    assert set(how(eng).values()) == {"rule"}, how(eng)
+    filtered_exact(model)  # (B=6, T=6 in fp64: filtered_backward is 3e-8 off already before this change; reported)
+
+
+class SeqFirstMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.attn = nn.MultiheadAttention(D, 2, batch_first=False)
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids).transpose(0, 1)  # (T, B, d)
+        T = h.shape[0]
+        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=h.device), 1)
+        a, _ = self.attn(h, h, h, attn_mask=causal, need_weights=False)
+        return self.out(torch.tanh(a.transpose(0, 1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sequence_first_attention_with_t_equal_b_keeps_its_rule(dtype):
+    """nn.MultiheadAttention(batch_first=False) reads dim 1 as the batch: the probe checks dim 1."""
+    torch.manual_seed(0)
+    model = SeqFirstMHA().to(dtype)
+    eng = exact(model, "ghost", batch=lm_batch(B=6, T=6), verify=False)
+    assert how(eng)["attn.in_proj_weight"] == "rule", how(eng)
+
+
+def test_the_probe_runs_once_per_model():
+    from gradsel_core.ghost import capture
+
+    torch.manual_seed(0)
+    model = BroadcastPositions(False)
+    probes = []
+    real = capture.probe_weights
+    capture.probe_weights = lambda *a: probes.append(1) or real(*a)
+    try:
+        eng = gs.GradNormEngine(model, backend="ghost", verify=False)
+        for seed in range(3):
+            eng.score(lm_batch(seed=seed))
+        gs.GradNormEngine(model, backend="ghost", verify=False).score(lm_batch())  # a new engine: cached
+        assert len(probes) == 1
+        model.q.register_forward_hook(_noop_hook)  # hooks changed: the probe runs again
+        eng.score(lm_batch())
+        assert len(probes) == 2
+    finally:
+        capture.probe_weights = real

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..batching import PreparedBatch, per_sample_losses
 from ..errors import UnsupportedModule
 from ..types import CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
+from .layout import PROVEN, hooks_signature
+from .selfcheck import VERDICTS
 from .failures import Retry, RuleFailure, RuleFailures, ways_out
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
 from .standins import can_stand_in
@@ -47,7 +48,7 @@ class GhostBackend:
         self.follow_rows = False  # carry row -> sample maps through every op (after a layout failure)
         self._plan: Optional[GhostPlan] = None
         # module -> the key under which its rule reproduced its output (``selfcheck``): checked once per module
-        self.checked = WeakIdKeyDictionary()
+        self.checked = VERDICTS
 
     @property
     def plan(self) -> GhostPlan:
@@ -56,6 +57,13 @@ class GhostBackend:
             self._plan = plan_claims(self.spec.model, self.spec.params, self.moved,
                                      op_ok=can_stand_in(self.spec.params))
         return self._plan
+
+    def layout_signature(self) -> Tuple[Any, ...]:
+        """What the layout probe's verdict depends on: the plan, what was learned, and the model's hooks."""
+        plan = self.plan
+        return (tuple(sorted((mp.name, id(mp.rule), tuple(sorted(mp.names.values()))) for mp in plan.modules.values())),
+                tuple(sorted(plan.op_tracked)), tuple(sorted(self.track)), tuple(sorted(self.moved)),
+                tuple(sorted(self.spec.params)), self.copy_taps, self.follow_rows, hooks_signature(self.spec.model))
 
     def coverage(self) -> List[CoverageEntry]:
         plan = self.plan
@@ -189,6 +197,7 @@ class GhostBackend:
     def _attempt(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, retain_graph: bool,
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
         spec = self.spec
+        sig = self.layout_signature()
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
                            copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
                            follow_rows=self.follow_rows, checked=self.checked)
@@ -206,7 +215,8 @@ class GhostBackend:
             raise
         losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
         try:
-            unaccounted = cap.backward(losses.sum(), retain_graph)
+            unaccounted = cap.backward(losses.sum(), retain_graph,
+                                       probe=None if sig in PROVEN.get(spec.model, ()) else losses)
         except RuleFailures as e:
             self._climb(e.failures)
         except RuntimeError as e:
@@ -217,6 +227,8 @@ class GhostBackend:
         if unaccounted:
             self._learn(unaccounted)
             raise Retry()
+        if batch.batch_size >= 2:  # the probe ran on this plan and every tap passed (``layout``)
+            PROVEN.setdefault(spec.model, set()).add(sig)
         return cap, losses, tokens
 
 

@@ -18,6 +18,7 @@ from .failures import RuleFailure, RuleFailures
 from .fallback import fallback_grads
 from .plan import ModulePlan, GhostPlan
 from .rows import flatten_rows
+from .layout import batch_dim, probe_weights, row_sq, rows_agree
 from .selfcheck import check_key, has_forward_hooks, self_check
 from .standins import Slot, can_stand_in, make_stand_in, parameter_slots
 from .uses import OpUse, Place, UseTracker, use_factors
@@ -77,6 +78,10 @@ class GhostCapture:
         self.checked = checked if checked is not None else WeakIdKeyDictionary()
         self._checks: Dict[int, Tuple[Any, bool, bool]] = {}  # id(module) -> (key, check value, check hooks)
         self._raw: Dict[int, Tuple[Any, Any]] = {}  # id(module) -> (output of forward, its grad_fn)
+        # the layout probe (``layout``): weights c (B,) while probing, and each tap's row norms from the probe
+        self.probing = False
+        self._probe_c: Optional[torch.Tensor] = None
+        self._probe_n: Dict[Tuple[int, int], torch.Tensor] = {}
         # activation -> Rows (gradsel_core.rows), from module hooks and the tracker; follow_rows keeps the
         # tracker on for the whole forward to carry them through ops (learned after a layout failure)
         self.rows = WeakIdKeyDictionary()
@@ -278,7 +283,14 @@ class GhostCapture:
         if self.error is not None or self.closed:
             return
         rec = self.records[key[0]]
+        if self.probing:
+            n = row_sq(g, self._batch_dim(rec, key))
+            if n is not None:
+                self._probe_n[key] = n
+            return
         try:
+            if self._probe_c is not None:
+                self._check_layout(rec, key, g)
             if rec.use is not None:
                 factors = use_factors(rec.use, g, self.B)
                 for role, f in factors.items():
@@ -309,6 +321,33 @@ class GhostCapture:
         except BaseException as e:  # errors raised inside autograd lose their type: re-raise after
             self.error = e
 
+    @staticmethod
+    def _batch_dim(rec: Record, key: Tuple[int, int]) -> int:
+        return batch_dim(rec.plan.module) if rec.plan is not None and rec.plan.rule is not None else 0
+
+    def _check_layout(self, rec: Record, key: Tuple[int, int], g: torch.Tensor) -> None:
+        """The probe's verdict on one tap (``layout``): its rows must each belong to one sample."""
+        n2 = self._probe_n.pop(key, None)
+        c = self._probe_c
+        if n2 is None or c is None:
+            return
+        n1 = row_sq(g, self._batch_dim(rec, key))
+        rows = rec.use.rows if rec.use is not None else (rec.call.rows if rec.call is not None else None)
+        if n1 is None or n1.shape != n2.shape:
+            return
+        if rows is not None and rows.n == n1.shape[0]:
+            c_rows = c[rows.seg]
+        elif n1.shape[0] == self.B:
+            c_rows = c
+        else:
+            return  # rows of unknown samples: the rule refuses them itself (LayoutError)
+        if not rows_agree(n1, n2, c_rows, g.dtype):
+            where = rec.plan.name if rec.plan is not None else rec.use.place.module
+            what = f"module {where}" if rec.plan is not None else f"{rec.use.place}"
+            raise RuleFailure(f"{what}: the rows of its output gradient do not each belong to one sample (dim 0 of "
+                              "size B is not the batch here: a time-major layout, or a shared row indexed by the "
+                              "model)", list(rec.names.values()), where)
+
     def _shared(self, name: str, index: Optional[int]) -> bool:
         """Whether a use of ``name`` (of its slice ``index``) has cross terms with another use."""
         if index is None:
@@ -325,8 +364,12 @@ class GhostCapture:
         sq = f.sq_norm(self.use_triton)
         self.sq[name] = sq if name not in self.sq else self.sq[name] + sq
 
-    def backward(self, total: torch.Tensor, retain_graph: bool = False) -> Dict[str, List[Place]]:
+    def backward(self, total: torch.Tensor, retain_graph: bool = False,
+                 probe: Optional[torch.Tensor] = None) -> Dict[str, List[Place]]:
         """Run the activation backward of ``total`` = Σ_b L_b and reduce every norm.
+
+        ``probe``: the (B,) per-sample losses; first run the layout probe (``layout``): one more activation
+        backward of Σ_b c_b L_b, after which every tap's rows are checked to belong to one sample each.
 
         Returns the parameters whose stand-ins got a gradient (uses nobody accounted for), with the places
         the tracker saw (empty for untracked parameters). Nothing is reduced then: the caller learns and
@@ -340,6 +383,14 @@ class GhostCapture:
         names = list(self.stand_ins)
         inputs = ([self.anchor] if self.anchor is not None else []) + [self.stand_ins[n] for n in names]
         unaccounted: Dict[str, List[Place]] = {}
+        if probe is not None and self.B >= 2 and probe.requires_grad and self.anchor is not None:
+            c = probe_weights(self.B, probe.dtype, probe.device)
+            self.probing = True
+            try:
+                torch.autograd.grad((probe * c).sum(), [self.anchor], allow_unused=True, retain_graph=True)
+            finally:
+                self.probing = False
+            self._probe_c = c
         if total.requires_grad and inputs:
             grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=retain_graph)
             self.closed = True

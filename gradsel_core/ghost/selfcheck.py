@@ -17,9 +17,15 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..rules import ModuleCall, NormRule
 from ..rules.base import output_matches
+
+
+# module -> the key (``check_key``) under which its rule reproduced its output. One cache for the process, so an
+# engine built per step (``gs.filtered_backward``) does not check again; the key says when a verdict is stale.
+VERDICTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def hook_ids(module: nn.Module) -> Tuple[Tuple[int, ...], ...]:
