@@ -97,6 +97,7 @@ class GradNormEngine:
         ``reference``: a mapping name -> tensor (``gs.reference_gradient``) or a list of them: the result
         then also holds ``dots`` ⟨∇θ L_i, r⟩ and ``cosines``, (B,) for one reference, (B, R) for a list."""
         prepared = prepare_batch(batch, lm_loss=self.loss_fn is None)
+        self.ghost.refresh_params()  # a Parameter replaced since __init__ (resize_token_embeddings) is re-resolved
         refs = None
         if reference is not None:
             from .reference import stack_references

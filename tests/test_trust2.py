@@ -464,3 +464,49 @@ def test_the_probe_runs_once_per_model():
         assert len(probes) == 2
     finally:
         capture.probe_weights = real
+
+
+# -- item 4: every use seen, or refused ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", ["hf_llama", "hf_gpt2"])
+@pytest.mark.parametrize("backend", ["ghost", "auto", "vmap"])
+def test_parameters_replaced_after_the_engine_was_built(build, backend):
+    """resize_token_embeddings() swaps the Parameter objects: the engine scores the new ones."""
+    import conftest
+
+    model = getattr(conftest, build)()
+    eng = gs.GradNormEngine(model, backend=backend, per_param=True)
+    eng.score(lm_batch())
+    model.resize_token_embeddings(VOCAB + 5)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[VOCAB:] = torch.randn(5, emb.shape[1]) * 0.5
+    batch = lm_batch(seed=4, vocab=VOCAB + 5)
+    ref = gs.GradNormEngine(model, backend="loop", per_param=True).score(batch)
+    got = eng.score(batch)
+    assert_close_rel(got.norms, ref.norms, 1e-5, f"{build} {backend} after resize")
+
+
+def test_filtered_backward_built_before_a_resize_writes_the_new_gradients():
+    from conftest import hf_llama
+
+    from gradsel_core.filtered import FilteredBackward
+
+    model = hf_llama()
+    fb = FilteredBackward(model, policy="drop_top", ratio=0.5, loss_filter_std=None)
+    fb.step(lm_batch())
+    model.zero_grad(set_to_none=True)
+    model.resize_token_embeddings(VOCAB + 5)
+    batch = lm_batch(seed=4, vocab=VOCAB + 5)
+    res = fb.step(batch)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert "model.embed_tokens.weight" in got
+    keep = res.kept.nonzero().squeeze(1)
+    model.zero_grad(set_to_none=True)
+    prepared = prepare_batch({k: v[keep] for k, v in batch.items()}, lm_loss=True)
+    loss, _ = per_sample_losses(model(**prepared.model_inputs), prepared, None, "mean")
+    loss.mean().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close_rel(got[n], p.grad, 2e-5, f"filtered grad {n} after resize")

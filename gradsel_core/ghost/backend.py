@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..batching import PreparedBatch, per_sample_losses
-from ..errors import UnsupportedModule
+from ..errors import UnsupportedModule, UsageError
 from ..types import CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
 from .layout import PROVEN, hooks_signature
@@ -57,6 +57,28 @@ class GhostBackend:
             self._plan = plan_claims(self.spec.model, self.spec.params, self.moved,
                                      op_ok=can_stand_in(self.spec.params))
         return self._plan
+
+    def refresh_params(self) -> List[str]:
+        """Resolve the selected parameters by name again: a Parameter replaced since the engine was built
+        (``model.resize_token_embeddings()``, a re-assigned ``weight``) is the one scored from now on, in place
+        in the shared ``spec.params`` (so every backend and ``FilteredBackward`` see it), and the plan is made
+        again. Returns the replaced names. A selected name the model no longer has is a :class:`UsageError`."""
+        params = self.spec.params
+        changed: List[str] = []
+        for n, p in list(params.items()):
+            try:
+                cur = self.spec.model.get_parameter(n)
+            except AttributeError:
+                raise UsageError(f"the selected parameter {n} is no longer a parameter of the model; build a new "
+                                 "engine (or FilteredBackward) for the changed model") from None
+            if cur is not p:
+                params[n] = cur
+                changed.append(n)
+        if changed:
+            self._plan = None
+            log.info("ghost: parameter(s) %s were replaced since the engine was built; scoring the new ones",
+                     ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else ""))
+        return changed
 
     def layout_signature(self) -> Tuple[Any, ...]:
         """What the layout probe's verdict depends on: the plan, what was learned, and the model's hooks."""
@@ -180,6 +202,7 @@ class GhostBackend:
 
         Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
         parameter and the place) instead of falling back over the whole model."""
+        self.refresh_params()
         last = ""
         for _ in range(MAX_PASSES):
             refused = [n for n in self.plan.root_fallback if n in self.moved]
