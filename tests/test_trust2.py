@@ -510,3 +510,64 @@ def test_filtered_backward_built_before_a_resize_writes_the_new_gradients():
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert_close_rel(got[n], p.grad, 2e-5, f"filtered grad {n} after resize")
+
+
+class Hidden(nn.Module):
+    """A weight also reached through a Python container or closure, not through its module attribute."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.mid = nn.Linear(D, D)
+        self.out = nn.Linear(D, VOCAB)
+        self.how = how
+        w = self.mid.weight
+        if how == "list":
+            self.held = [w]
+        elif how == "dict":
+            self.held = {"w": w}
+        elif how == "closure":
+            self.held = lambda h: h @ w.T
+        elif how == "tied_list":
+            self.held = [self.emb.weight]
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        y = torch.tanh(self.mid(h))
+        if self.how == "list":
+            y = y + 0.5 * h @ self.held[0].T
+        elif self.how == "dict":
+            y = y * torch.sigmoid(h @ self.held["w"])
+        elif self.how == "closure":
+            y = y + self.held(h)
+        logits = self.out(y)
+        if self.how == "tied_list":
+            logits = logits + y @ self.held[0].T
+        return logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("how_", ["list", "dict", "closure", "tied_list"])
+def test_a_use_outside_module_attributes_is_refused_or_exact(how_, dtype):
+    torch.manual_seed(0)
+    model = Hidden(how_).to(dtype)
+    batch = lm_batch()
+    for backend in ("ghost", "vmap"):
+        with pytest.raises(gs.UnsupportedModule, match="Python list, dict or closure"):
+            gs.GradNormEngine(model, backend=backend, verify=False).score(batch)
+    with pytest.raises(gs.UnsupportedModule, match="Python list, dict or closure"):
+        gs.GradNormEngine(model, backend="ghost", verify=False).score(lm_batch(B=1))  # B = 1 as well
+    eng = exact(model, "auto", verify=False)
+    assert eng.last_backend == "loop"
+    for mode in ("one_backward", "two_pass"):
+        with pytest.raises(gs.UnsupportedModule, match="Python list, dict or closure"):
+            gs.filtered_backward(model, batch, mode=mode)
+
+
+def test_hidden_use_detection_costs_nothing_when_there_is_none():
+    """The same model without the hidden use: ghost stays on its rules and is exact; vmap too."""
+    torch.manual_seed(0)
+    model = Hidden("none")
+    eng = exact(model, "ghost", verify=False)
+    assert set(how(eng).values()) == {"rule"}
+    exact(model, "vmap")

@@ -15,7 +15,7 @@ from .layout import PROVEN, hooks_signature
 from .selfcheck import VERDICTS
 from .failures import Retry, RuleFailure, RuleFailures, ways_out
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
-from .standins import can_stand_in
+from .standins import assert_no_hidden_uses, can_stand_in
 from .uses import Place
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,15 @@ class GhostBackend:
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
         spec = self.spec
         sig = self.layout_signature()
+        if weights_in_graph and sig not in PROVEN.get(spec.model, ()):
+            # the capture cannot look for hidden uses when the real weights must stay in the graph: one plain
+            # forward does (once per model)
+            assert_no_hidden_uses(spec.model, spec.params, lambda: per_sample_losses(
+                spec.model(**batch.model_inputs), batch, spec.loss_fn, spec.loss_reduction)[0].sum())
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
                            copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
-                           follow_rows=self.follow_rows, checked=self.checked)
+                           follow_rows=self.follow_rows, checked=self.checked,
+                           find_hidden=sig not in PROVEN.get(spec.model, ()))
         try:
             with cap:
                 out = spec.model(**batch.model_inputs)

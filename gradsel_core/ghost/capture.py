@@ -14,7 +14,7 @@ from ..errors import LayoutError, UnsupportedModule
 from ..factors import Dense, Factor, Sliced
 from ..rules import ModuleCall
 from ..types import acc_dtype
-from .failures import RuleFailure, RuleFailures
+from .failures import HiddenUseError, RuleFailure, RuleFailures
 from .fallback import fallback_grads
 from .plan import ModulePlan, GhostPlan
 from .rows import flatten_rows
@@ -71,7 +71,8 @@ class GhostCapture:
                  use_triton: bool = False, keep_factors: bool = False, copy_taps: bool = False,
                  track: Optional[Set[str]] = None, stand_ins: bool = True,
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False,
-                 follow_rows: bool = False, checked: Optional[WeakIdKeyDictionary] = None):
+                 follow_rows: bool = False, checked: Optional[WeakIdKeyDictionary] = None,
+                 find_hidden: bool = False):
         self.model, self.plan, self.params, self.B = model, plan, params, batch_size
         # module -> the key (``selfcheck.check_key``) under which its rule reproduced its output: the engine's
         # cache of verdicts, so a rule checks itself once per module (a fresh capture checks every module)
@@ -82,6 +83,11 @@ class GhostCapture:
         self.probing = False
         self._probe_c: Optional[torch.Tensor] = None
         self._probe_n: Dict[Tuple[int, int], torch.Tensor] = {}
+        # find_hidden: a ruled or fallback module's own call gets a second stand-in, not the real Parameter, so the
+        # real one is reached only by a use outside every slot (a list, dict, closure): the probe asks for its
+        # gradient (``standins.hidden_uses``). Not with weights_in_graph (a later backward needs the real weights)
+        self.window: Dict[str, nn.Parameter] = {}
+        self.find_hidden = find_hidden and not weights_in_graph
         # activation -> Rows (gradsel_core.rows), from module hooks and the tracker; follow_rows keeps the
         # tracker on for the whole forward to carry them through ops (learned after a layout failure)
         self.rows = WeakIdKeyDictionary()
@@ -114,6 +120,8 @@ class GhostCapture:
         if self.use_stand_ins:
             for name, slots in self.slots.items():
                 s = self.stand_ins[name] = make_stand_in(self.params[name])
+                if self.find_hidden:
+                    self.window[name] = make_stand_in(self.params[name])
                 for slot in slots:
                     slot.holder._parameters[slot.key] = s
         for plan in self.plan.modules.values():
@@ -158,7 +166,7 @@ class GhostCapture:
         def hook(mod, args):
             if self.active:
                 for slot, g in own:
-                    slot.holder._parameters[slot.key] = self.params[g]
+                    slot.holder._parameters[slot.key] = self.window.get(g, self.params[g])
             return None
 
         return hook
@@ -383,14 +391,23 @@ class GhostCapture:
         names = list(self.stand_ins)
         inputs = ([self.anchor] if self.anchor is not None else []) + [self.stand_ins[n] for n in names]
         unaccounted: Dict[str, List[Place]] = {}
-        if probe is not None and self.B >= 2 and probe.requires_grad and self.anchor is not None:
-            c = probe_weights(self.B, probe.dtype, probe.device)
+        if probe is not None and probe.requires_grad:
+            layout = self.B >= 2 and self.anchor is not None  # one sample proves nothing about rows
+            c = probe_weights(self.B, probe.dtype, probe.device) if layout else torch.ones_like(probe)
+            hidden = [n for n in self.window if self.params[n].requires_grad]
+            ins = ([self.anchor] if self.anchor is not None else []) + [self.params[n] for n in hidden]
             self.probing = True
             try:
-                torch.autograd.grad((probe * c).sum(), [self.anchor], allow_unused=True, retain_graph=True)
+                got = torch.autograd.grad((probe * c).sum(), ins, allow_unused=True, retain_graph=True) if ins else []
             finally:
                 self.probing = False
-            self._probe_c = c
+            if not layout:
+                self._probe_n.clear()
+            else:
+                self._probe_c = c
+            found = [n for n, g in zip(hidden, got[len(ins) - len(hidden):]) if g is not None]
+            if found:
+                raise HiddenUseError(found)
         if total.requires_grad and inputs:
             grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=retain_graph)
             self.closed = True

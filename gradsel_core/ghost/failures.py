@@ -33,3 +33,20 @@ class RuleFailures(UnsupportedModule):
     def __init__(self, failures: List[RuleFailure]):
         super().__init__("; ".join(str(f) for f in failures[:3]))
         self.failures = failures
+
+
+class HiddenUseError(UnsupportedModule):
+    """A selected parameter reaches the model's computation other than through its module attribute (a
+    Python list, dict or closure holds the Parameter itself): neither the ghost capture nor ``torch.func``
+    (``functional_call`` replaces module attributes only) sees that use. Only the per-sample loop is exact;
+    ``backend="auto"`` moves straight to it."""
+
+    only_loop = True
+
+    def __init__(self, names: List[str]):
+        super().__init__(
+            f"parameter(s) {names[:4]} {'is' if len(names) == 1 else 'are'} used by the model other than through "
+            "their module attribute (a Python list, dict or closure holds the Parameter): ghost and vmap cannot see "
+            "that use and would miss its gradient; pass backend='loop' (exact), or reach the parameter through its "
+            "module (e.g. self.lin.weight, not a list built in __init__)")
+        self.params = names
