@@ -571,3 +571,58 @@ def test_hidden_use_detection_costs_nothing_when_there_is_none():
     eng = exact(model, "ghost", verify=False)
     assert set(how(eng).values()) == {"rule"}
     exact(model, "vmap")
+
+
+# -- item 5: gradient hooks on selected parameters --------------------------------------------------------------
+
+
+def _freeze_rows(n_old: int):
+    def hook(g):
+        g = g.clone()
+        g[:n_old] = 0  # only the new tokens' rows train
+        return g
+
+    return hook
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_gradient_hook_is_applied_by_auto_or_refused_naming_the_parameter(dtype):
+    torch.manual_seed(0)
+    model = Net(nn.Linear(D, D)).to(dtype)
+    h = model.emb.weight.register_hook(_freeze_rows(VOCAB // 2))
+    batch = lm_batch()
+    for backend in ("ghost", "vmap"):
+        with pytest.raises(gs.UnsupportedModule, match=r"emb\.weight.*p\.register_hook"):
+            gs.GradNormEngine(model, backend=backend).score(batch)
+    for mode in ("one_backward", "two_pass"):
+        with pytest.raises(gs.UnsupportedModule, match=r"emb\.weight"):
+            gs.filtered_backward(model, batch, mode=mode)
+    # auto: the loop, which applies the hook to each sample's gradient
+    ref = gs.GradNormEngine(model, backend="loop", per_param=True).score(batch)
+    eng = gs.GradNormEngine(model, backend="auto", per_param=True)
+    got = eng.score(batch)
+    assert eng.last_backend == "loop"
+    assert_close_rel(got.norms, ref.norms, TOL[dtype], "auto with a hook")
+    # the loop's numbers are those of the hooked gradient: by hand, sample 0
+    prepared = prepare_batch({k: v[:1] for k, v in batch.items()}, lm_loss=True)
+    loss, _ = per_sample_losses(model(**prepared.model_inputs), prepared, None, "mean")
+    g = torch.autograd.grad(loss.sum(), [model.emb.weight])[0]
+    assert float(g[: VOCAB // 2].abs().max()) == 0.0
+    assert_close_rel(ref.per_param["emb.weight"][:1], g.pow(2).sum().reshape(1).to(ref.per_param["emb.weight"].dtype),
+                     TOL[dtype], "hooked emb.weight")
+    h.remove()
+    exact(model, "ghost")  # without the hook: back to the fast path
+
+
+def test_a_post_accumulate_hook_refuses_one_backward_filtering_only():
+    torch.manual_seed(0)
+    model = Net(nn.Linear(D, D))
+    seen = []
+    model.mid.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    batch = lm_batch()
+    exact(model, "ghost")  # scoring accumulates nothing: the hook is not part of a per-sample gradient
+    with pytest.raises(gs.UnsupportedModule, match=r"mid\.weight.*post-accumulate"):
+        gs.filtered_backward(model, batch, mode="one_backward")
+    model.zero_grad(set_to_none=True)
+    gs.filtered_backward(model, batch, mode="two_pass")  # its ordinary backward runs the hook
+    assert len(seen) == 1 and torch.equal(seen[0], model.mid.weight.grad)

@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ..batching import PreparedBatch, per_sample_losses
+from ..ghost.failures import grad_hooks
 from ..ghost.standins import assert_no_hidden_uses
 from ..types import RawScores, ScoringSpec, acc_dtype
 
@@ -39,6 +40,7 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
 def score_vmap(engine: ScoringSpec, batch: PreparedBatch,
                refs: Optional[Dict[str, torch.Tensor]] = None) -> RawScores:
     model = engine.model
+    grad_hooks(engine.params)  # torch.func never runs a parameter's gradient hooks: refused, naming it
     # functional_call replaces module attributes only: a Parameter held in a list/dict/closure is refused
     assert_no_hidden_uses(model, engine.params, lambda: per_sample_losses(
         model(**batch.model_inputs), batch, engine.loss_fn, engine.loss_reduction)[0].sum())

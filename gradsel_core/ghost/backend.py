@@ -13,7 +13,7 @@ from ..types import CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
 from .layout import PROVEN, hooks_signature
 from .selfcheck import VERDICTS
-from .failures import Retry, RuleFailure, RuleFailures, ways_out
+from .failures import Retry, RuleFailure, RuleFailures, grad_hooks, ways_out
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
 from .standins import assert_no_hidden_uses, can_stand_in
 from .uses import Place
@@ -203,6 +203,9 @@ class GhostBackend:
         Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
         parameter and the place) instead of falling back over the whole model."""
         self.refresh_params()
+        # gradient hooks on selected parameters: refused, naming them (one-backward filtering writes p.grad
+        # itself, so post-accumulate hooks would be skipped there too)
+        grad_hooks(self.spec.params, post_accumulate=keep_factors and not weights_in_graph)
         last = ""
         for _ in range(MAX_PASSES):
             refused = [n for n in self.plan.root_fallback if n in self.moved]
