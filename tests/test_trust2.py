@@ -626,3 +626,25 @@ def test_a_post_accumulate_hook_refuses_one_backward_filtering_only():
     model.zero_grad(set_to_none=True)
     gs.filtered_backward(model, batch, mode="two_pass")  # its ordinary backward runs the hook
     assert len(seen) == 1 and torch.equal(seen[0], model.mid.weight.grad)
+
+
+def test_one_sample_batches_probe_once_for_hidden_uses_then_not_again(monkeypatch):
+    from gradsel_core.ghost import capture
+
+    probes = []
+    real = capture.GhostCapture.backward
+
+    def backward(self, total, retain_graph=False, probe=None):
+        probes.append(probe is not None)
+        return real(self, total, retain_graph, probe)
+
+    monkeypatch.setattr(capture.GhostCapture, "backward", backward)
+    torch.manual_seed(0)
+    model = Net(nn.Linear(D, D))
+    eng = gs.GradNormEngine(model, backend="ghost", verify=False)
+    for seed in range(3):
+        eng.score(lm_batch(B=1, seed=seed))
+    assert probes == [True, False, False]  # the hidden-use check once; B = 1 needs no layout proof
+    eng.score(lm_batch(B=4))
+    eng.score(lm_batch(B=4, seed=2))
+    assert probes == [True, False, False, True, False]  # the layout probe on the first B >= 2

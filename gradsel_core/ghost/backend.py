@@ -224,7 +224,11 @@ class GhostBackend:
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
         spec = self.spec
         sig = self.layout_signature()
-        if weights_in_graph and sig not in PROVEN.get(spec.model, ()):
+        proven = PROVEN.get(spec.model, set())
+        # what the first pass of a plan proves (``layout``): no hidden use (any B), the layout (B >= 2 only)
+        hidden_done = (sig, "hidden") in proven
+        layout_done = (sig, "layout") in proven or batch.batch_size < 2
+        if weights_in_graph and not hidden_done:
             # the capture cannot look for hidden uses when the real weights must stay in the graph: one plain
             # forward does (once per model)
             assert_no_hidden_uses(spec.model, spec.params, lambda: per_sample_losses(
@@ -232,7 +236,7 @@ class GhostBackend:
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
                            copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
                            follow_rows=self.follow_rows, checked=self.checked,
-                           find_hidden=sig not in PROVEN.get(spec.model, ()))
+                           find_hidden=not hidden_done)
         try:
             with cap:
                 out = spec.model(**batch.model_inputs)
@@ -248,7 +252,7 @@ class GhostBackend:
         losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
         try:
             unaccounted = cap.backward(losses.sum(), retain_graph,
-                                       probe=None if sig in PROVEN.get(spec.model, ()) else losses)
+                                       probe=None if hidden_done and layout_done else losses)
         except RuleFailures as e:
             self._climb(e.failures)
         except RuntimeError as e:
@@ -259,8 +263,10 @@ class GhostBackend:
         if unaccounted:
             self._learn(unaccounted)
             raise Retry()
+        proven = PROVEN.setdefault(spec.model, set())
+        proven.add((sig, "hidden"))  # (two-pass: checked by assert_no_hidden_uses above)
         if batch.batch_size >= 2:  # the probe ran on this plan and every tap passed (``layout``)
-            PROVEN.setdefault(spec.model, set()).add(sig)
+            proven.add((sig, "layout"))
         return cap, losses, tokens
 
 
