@@ -58,7 +58,8 @@ def row_sq(g: torch.Tensor, dim: int = 0) -> Optional[torch.Tensor]:
     if g.dim() <= dim:
         return None
     g = g.detach().transpose(0, dim) if dim else g.detach()
-    return g.reshape(g.shape[0], -1).double().pow(2).sum(1)
+    # a reduction kernel, no G-sized temporary (exact under the power-of-two scaling, like the backward)
+    return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).double().pow(2)
 
 
 def rows_agree(n1: torch.Tensor, n2: torch.Tensor, c_rows: torch.Tensor, dtype: torch.dtype) -> bool:

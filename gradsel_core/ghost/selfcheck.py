@@ -51,12 +51,23 @@ def self_check(rule: NormRule, call: ModuleCall, output: torch.Tensor) -> Option
     themselves when they run; a rule without ``check`` is trusted as registered.)"""
     if rule.check is None:
         return None
-    try:
-        with torch.no_grad():
-            expected = rule.check(call)
-    except Exception as e:  # noqa: BLE001 - a formula that cannot even run does not describe the module
-        return f"the rule's formula fails on this call ({type(e).__name__}: {str(e)[:120]})"
-    if not output_matches(expected, output):
-        return ("the output recomputed by the rule's formula differs from the module's output (its forward, a "
-                "forward hook or an instance-level forward computes something else)")
+    x = call.args[0] if call.args else None
+    w = getattr(call.module, "weight", None)
+    pieces = [slice(None)]
+    if rule.rowwise and isinstance(x, torch.Tensor) and x.dim() >= 3 and output.dim() >= 3 \
+            and x.shape[0] == output.shape[0] and isinstance(w, torch.Tensor) and w.dim() < x.dim():
+        # a row-wise rule on (B, ..., d): recompute a few samples at a time (no output-sized temporary)
+        step = max(1, (1 << 22) // max(1, output[0].numel()))
+        pieces = [slice(i, i + step) for i in range(0, x.shape[0], step)]
+    for sl in pieces:
+        sub = call if sl == slice(None) else ModuleCall(call.module, call.name, (x[sl],) + tuple(call.args[1:]),
+                                                        call.kwargs, batch_size=call.batch_size)
+        try:
+            with torch.no_grad():
+                expected = rule.check(sub)
+        except Exception as e:  # noqa: BLE001 - a formula that cannot even run does not describe the module
+            return f"the rule's formula fails on this call ({type(e).__name__}: {str(e)[:120]})"
+        if not output_matches(expected, output[sl]):
+            return ("the output recomputed by the rule's formula differs from the module's output (its forward, a "
+                    "forward hook or an instance-level forward computes something else)")
     return None
