@@ -111,6 +111,7 @@ class GradNormEngine:
         ``reference``: a mapping name -> tensor (``gs.reference_gradient``) or a list of them: the result
         then also holds ``dots`` ⟨∇θ L_i, r⟩ and ``cosines``, (B,) for one reference, (B, R) for a list."""
         prepared = self.prepare(batch)
+        self.ghost.refresh_params()  # a Parameter replaced since __init__ (resize_token_embeddings) is re-resolved
         refuse_sample_mixing(self.model, "scoring")
         refs = None
         if reference is not None:
@@ -203,7 +204,8 @@ class GradNormEngine:
                     raise
                 reason = self.cannot_score(e, prepared, snapshot)
                 snapshot.restore()
-                backend = self.move_down(backend, f"{type(reason).__name__}: {_first_line(reason)}")
+                backend = self.move_down(backend, f"{type(reason).__name__}: {_first_line(reason)}",
+                                         only_loop=getattr(reason, "only_loop", False))
                 if reason is e:
                     proven[0] = backend
                 continue
@@ -235,14 +237,15 @@ class GradNormEngine:
         return UnsupportedModule(f"{type(error).__name__} where a plain forward of the batch succeeds: "
                                  f"{_first_line(error)}")
 
-    def move_down(self, backend: str, why: str, verification: bool = False) -> str:
-        """``auto``: settle on the next backend of the chain (unverified until a batch can check it). Raises
-        :class:`VerificationError` for an explicit backend that failed the check."""
+    def move_down(self, backend: str, why: str, verification: bool = False, only_loop: bool = False) -> str:
+        """``auto``: settle on the next backend of the chain (unverified until a batch can check it); straight on
+        the loop for an error only the loop handles (``only_loop``: a hidden use of a parameter, a gradient
+        hook). Raises :class:`VerificationError` for an explicit backend that failed the check."""
         if verification and self.backend != "auto":
             raise VerificationError(why + "; pass backend='auto' or 'vmap' (exact)")
         chain = _chain_from(backend)
         # a failed check of triton is a rule's fault: ghost uses the same rules
-        nxt = "vmap" if verification and backend == "triton" else chain[1]
+        nxt = "loop" if only_loop else ("vmap" if verification and backend == "triton" else chain[1])
         checked = ("the per-sample reference" if nxt == "loop"
                    else "checked against the per-sample loop on the next batch that can be checked")
         log.warning("backend %s cannot score this model (%s); using backend=%r (%s)", backend, why, nxt, checked)

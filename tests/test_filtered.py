@@ -95,7 +95,8 @@ def test_rule_less_parameters_use_the_fallback():
 
 def test_one_backward_only():
     """The filtered step costs about one plain step: no second backward (flop count). The check against the
-    per-sample loop is paid on the first call only (also through the function, on the same model)."""
+    per-sample loop, the rules' self-checks and the layout probe are paid on the first call only (also through
+    the function, on the same model)."""
     model = gs.models.TinyGPT(gs.models.TinyGPTConfig(vocab_size=512, d_model=64, n_layer=2, max_seq_len=32))
     batch = {"input_ids": torch.randint(0, 512, (8, 32))}
     with FlopCounterMode(display=False) as first:

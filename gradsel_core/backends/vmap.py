@@ -10,6 +10,8 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from ..batching import PreparedBatch, per_sample_losses
+from ..ghost.failures import grad_hooks
+from ..ghost.standins import assert_no_hidden_uses
 from ..types import RawScores, ScoringSpec, acc_dtype
 
 
@@ -51,6 +53,10 @@ def _never_skip(*args: Any, **kwargs: Any) -> bool:
 def score_vmap(engine: ScoringSpec, batch: PreparedBatch,
                refs: Optional[Dict[str, torch.Tensor]] = None) -> RawScores:
     model = engine.model
+    grad_hooks(engine.params)  # torch.func never runs a parameter's gradient hooks: refused, naming it
+    # functional_call replaces module attributes only: a Parameter held in a list/dict/closure is refused
+    assert_no_hidden_uses(model, engine.params, lambda: per_sample_losses(
+        model(**batch.model_inputs), batch, engine.loss_fn, engine.loss_reduction)[0].sum())
     acc = acc_dtype(engine.params)
     names = list(engine.params)
     detached = {n: p.detach() for n, p in engine.params.items()}

@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..batching import PreparedBatch, per_sample_losses
-from ..errors import UnsupportedModule
+from ..errors import UnsupportedModule, UsageError
 from ..types import BufferSnapshot, CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
-from .failures import Retry, RuleFailure, RuleFailures, ways_out
+from .failures import Retry, RuleFailure, RuleFailures, grad_hooks, ways_out
 from .head import HeadInput, head_forward, head_losses
+from .layout import PROVEN, hooks_signature
+from .selfcheck import VERDICTS
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
-from .standins import can_stand_in
+from .standins import assert_no_hidden_uses, can_stand_in
 from .uses import Place
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class GhostBackend:
         self.fused_head: Optional[bool] = None  # the fused LM head (ghost/head.py): None auto, False off, True on
         self.head_status = ""  # whether the last scored forward used it, and why not
         self._plan: Optional[GhostPlan] = None
+        # module -> the key under which its rule reproduced its output (``selfcheck``): checked once per module
+        self.checked = VERDICTS
 
     @property
     def plan(self) -> GhostPlan:
@@ -56,6 +60,35 @@ class GhostBackend:
             self._plan = plan_claims(self.spec.model, self.spec.params, self.moved,
                                      op_ok=can_stand_in(self.spec.params))
         return self._plan
+
+    def refresh_params(self) -> List[str]:
+        """Resolve the selected parameters by name again: a Parameter replaced since the engine was built
+        (``model.resize_token_embeddings()``, a re-assigned ``weight``) is the one scored from now on, in place
+        in the shared ``spec.params`` (so every backend and ``FilteredBackward`` see it), and the plan is made
+        again. Returns the replaced names. A selected name the model no longer has is a :class:`UsageError`."""
+        params = self.spec.params
+        changed: List[str] = []
+        for n, p in list(params.items()):
+            try:
+                cur = self.spec.model.get_parameter(n)
+            except AttributeError:
+                raise UsageError(f"the selected parameter {n} is no longer a parameter of the model; build a new "
+                                 "engine (or FilteredBackward) for the changed model") from None
+            if cur is not p:
+                params[n] = cur
+                changed.append(n)
+        if changed:
+            self._plan = None
+            log.info("ghost: parameter(s) %s were replaced since the engine was built; scoring the new ones",
+                     ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else ""))
+        return changed
+
+    def layout_signature(self) -> Tuple[Any, ...]:
+        """What the layout probe's verdict depends on: the plan, what was learned, and the model's hooks."""
+        plan = self.plan
+        return (tuple(sorted((mp.name, id(mp.rule), tuple(sorted(mp.names.values()))) for mp in plan.modules.values())),
+                tuple(sorted(plan.op_tracked)), tuple(sorted(self.track)), tuple(sorted(self.moved)),
+                tuple(sorted(self.spec.params)), self.copy_taps, self.follow_rows, hooks_signature(self.spec.model))
 
     def coverage(self) -> List[CoverageEntry]:
         plan = self.plan
@@ -172,6 +205,10 @@ class GhostBackend:
 
         Returns (capture, losses (B,), tokens (B,)). ``strict``: refuse (UnsupportedModule naming the
         parameter and the place) instead of falling back over the whole model."""
+        self.refresh_params()
+        # gradient hooks on selected parameters: refused, naming them (one-backward filtering writes p.grad
+        # itself, so post-accumulate hooks would be skipped there too)
+        grad_hooks(self.spec.params, post_accumulate=keep_factors and not weights_in_graph)
         last = ""
         snapshot = BufferSnapshot(self.spec.model)  # a retry leaves the buffers as one forward does
         for _ in range(MAX_PASSES):
@@ -191,9 +228,20 @@ class GhostBackend:
     def _attempt(self, batch: PreparedBatch, use_triton: bool, keep_factors: bool, retain_graph: bool,
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False):
         spec = self.spec
+        sig = self.layout_signature()
+        proven = PROVEN.get(spec.model, set())
+        # what the first pass of a plan proves (``layout``): no hidden use (any B), the layout (B >= 2 only)
+        hidden_done = (sig, "hidden") in proven
+        layout_done = (sig, "layout") in proven or batch.batch_size < 2
+        if weights_in_graph and not hidden_done:
+            # the capture cannot look for hidden uses when the real weights must stay in the graph: one plain
+            # forward does (once per model)
+            assert_no_hidden_uses(spec.model, spec.params, lambda: per_sample_losses(
+                spec.model(**batch.model_inputs), batch, spec.loss_fn, spec.loss_reduction)[0].sum())
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
                            copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
-                           follow_rows=self.follow_rows)
+                           follow_rows=self.follow_rows, checked=self.checked,
+                           find_hidden=not hidden_done)
         try:
             with cap:  # the fused LM head (ghost/head.py) stops at the head's input: out is then a HeadInput
                 out = head_forward(self, batch, weights_in_graph, cap)
@@ -211,7 +259,8 @@ class GhostBackend:
         else:
             losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
         try:
-            unaccounted = cap.backward(losses.sum(), retain_graph)
+            unaccounted = cap.backward(losses.sum(), retain_graph,
+                                       probe=None if hidden_done and layout_done else losses)
         except RuleFailures as e:
             self._climb(e.failures)
         except RuntimeError as e:
@@ -222,6 +271,10 @@ class GhostBackend:
         if unaccounted:
             self._learn(unaccounted)
             raise Retry()
+        proven = PROVEN.setdefault(spec.model, set())
+        proven.add((sig, "hidden"))  # (two-pass: checked by assert_no_hidden_uses above)
+        if batch.batch_size >= 2:  # the probe ran on this plan and every tap passed (``layout``)
+            proven.add((sig, "layout"))
         return cap, losses, tokens
 
 

@@ -14,10 +14,12 @@ from ..errors import LayoutError, UnsupportedModule
 from ..factors import Dense, Factor, Sliced
 from ..rules import ModuleCall
 from ..types import BufferSnapshot, acc_dtype
-from .failures import RuleFailure, RuleFailures
+from .failures import HiddenUseError, RuleFailure, RuleFailures
 from .fallback import fallback_grads
 from .plan import ModulePlan, GhostPlan
 from .rows import flatten_rows
+from .layout import batch_dim, probe_weights, row_sq, rows_agree
+from .selfcheck import check_key, has_forward_hooks, self_check
 from .standins import Slot, can_stand_in, make_stand_in, parameter_slots
 from .uses import OpUse, Place, UseTracker, use_factors
 
@@ -72,8 +74,23 @@ class GhostCapture:
                  use_triton: bool = False, keep_factors: bool = False, copy_taps: bool = False,
                  track: Optional[Set[str]] = None, stand_ins: bool = True,
                  refs: Optional[Dict[str, torch.Tensor]] = None, weights_in_graph: bool = False,
-                 follow_rows: bool = False):
+                 follow_rows: bool = False, checked: Optional[WeakIdKeyDictionary] = None,
+                 find_hidden: bool = False):
         self.model, self.plan, self.params, self.B = model, plan, params, batch_size
+        # module -> the key (``selfcheck.check_key``) under which its rule reproduced its output: the engine's
+        # cache of verdicts, so a rule checks itself once per module (a fresh capture checks every module)
+        self.checked = checked if checked is not None else WeakIdKeyDictionary()
+        self._checks: Dict[int, Tuple[Any, bool, bool]] = {}  # id(module) -> (key, check value, check hooks)
+        self._raw: Dict[int, Tuple[Any, Any]] = {}  # id(module) -> (output of forward, its grad_fn)
+        # the layout probe (``layout``): weights c (B,) while probing, and each tap's row norms from the probe
+        self.probing = False
+        self._probe_c: Optional[torch.Tensor] = None
+        self._probe_n: Dict[Tuple[int, int], torch.Tensor] = {}
+        # find_hidden: a ruled or fallback module's own call gets a second stand-in, not the real Parameter, so the
+        # real one is reached only by a use outside every slot (a list, dict, closure): the probe asks for its
+        # gradient (``standins.hidden_uses``). Not with weights_in_graph (a later backward needs the real weights)
+        self.window: Dict[str, nn.Parameter] = {}
+        self.find_hidden = find_hidden and not weights_in_graph
         # activation -> Rows (gradsel_core.rows), from module hooks and the tracker; follow_rows keeps the
         # tracker on for the whole forward to carry them through ops (learned after a layout failure)
         self.rows = WeakIdKeyDictionary()
@@ -107,10 +124,18 @@ class GhostCapture:
         if self.use_stand_ins:
             for name, slots in self.slots.items():
                 s = self.stand_ins[name] = make_stand_in(self.params[name])
+                if self.find_hidden:
+                    self.window[name] = make_stand_in(self.params[name])
                 for slot in slots:
                     slot.holder._parameters[slot.key] = s
         for plan in self.plan.modules.values():
             own = self._own_slots(plan)
+            if plan.rule is not None:
+                key = check_key(plan.module, plan.rule)
+                hooks = has_forward_hooks(plan.module)
+                self._checks[id(plan.module)] = (key, self.checked.get(plan.module) != key, hooks)
+                if hooks:  # runs before the user's forward hooks: what forward itself returned
+                    self.handles.append(plan.module.register_forward_hook(self._raw_hook, prepend=True))
             self.handles.append(plan.module.register_forward_pre_hook(self._pre_hook(own, plan)))
             self.handles.append(plan.module.register_forward_hook(self._hook(plan, own), with_kwargs=True))
         tracked = {id(self.stand_ins[n]): n for n in self.track if n in self.stand_ins}
@@ -147,12 +172,43 @@ class GhostCapture:
         def hook(mod, args):
             if self.active:
                 for slot, g in own:
-                    slot.holder._parameters[slot.key] = self.params[g]
+                    slot.holder._parameters[slot.key] = self.window.get(g, self.params[g])
                 if has_buffers:
                     self.buffers_before.append(BufferSnapshot(mod))
             return None
 
         return hook
+
+    def _raw_hook(self, mod, args, output):
+        if self.active:
+            first = next((v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)), None)
+            self._raw[id(mod)] = (first, first.grad_fn if first is not None else None)
+        return None
+
+    def _check_rule(self, plan: ModulePlan, mod, args, kwargs, output) -> None:
+        """The rule's self-check (``selfcheck``): raises RuleFailure (the module moves to its fallback) when
+        the rule does not describe this call."""
+        key, value, hooks = self._checks.get(id(mod), (None, False, False))
+        first = next((v for v in tree_flatten(output)[0] if isinstance(v, torch.Tensor)), None)
+        why = None
+        if hooks:
+            raw, raw_fn = self._raw.pop(id(mod), (None, None))
+            if first is None or first is not raw or first.grad_fn is not raw_fn:
+                why = "a forward hook replaces or modifies its output (the rule describes its forward only)"
+        if why is None and value and first is not None:
+            det = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            call = ModuleCall(mod, plan.name, tuple(det(a) for a in args), {k: det(v) for k, v in kwargs.items()},
+                              batch_size=self.B)
+            was, self.active = self.active, False  # modules the formula calls (a LoRA base layer) are not scored
+            try:
+                why = self_check(plan.rule, call, first)
+            finally:
+                self.active = was
+            if why is None:
+                self.checked[mod] = key
+        if why is not None:
+            raise RuleFailure(f"module {plan.name} ({type(mod).__name__}, rule {plan.rule.name}): {why}",
+                              list(plan.names.values()), plan.name)
 
     def _anchor_for(self, t: torch.Tensor) -> torch.Tensor:
         if self.anchor is None:
@@ -180,6 +236,12 @@ class GhostCapture:
                 return None
             for slot, g in own:
                 slot.holder._parameters[slot.key] = self.stand_ins[g]
+            if plan.rule is not None:
+                try:
+                    self._check_rule(plan, mod, args, kwargs, output)
+                except RuleFailure as e:  # collected: the forward goes on, so one pass finds every such module
+                    self.failures.append(e)
+                    return None  # the output untapped: nothing is scored from this pass (backward raises first)
             B = self.B
             x = args[0] if args else None
             rows = None
@@ -243,7 +305,14 @@ class GhostCapture:
         if self.error is not None or self.closed:
             return
         rec = self.records[key[0]]
+        if self.probing:
+            n = row_sq(g, self._batch_dim(rec, key))
+            if n is not None:
+                self._probe_n[key] = n
+            return
         try:
+            if self._probe_c is not None:
+                self._check_layout(rec, key, g)
             if rec.use is not None:
                 factors = use_factors(rec.use, g, self.B)
                 for role, f in factors.items():
@@ -274,6 +343,33 @@ class GhostCapture:
         except BaseException as e:  # errors raised inside autograd lose their type: re-raise after
             self.error = e
 
+    @staticmethod
+    def _batch_dim(rec: Record, key: Tuple[int, int]) -> int:
+        return batch_dim(rec.plan.module) if rec.plan is not None and rec.plan.rule is not None else 0
+
+    def _check_layout(self, rec: Record, key: Tuple[int, int], g: torch.Tensor) -> None:
+        """The probe's verdict on one tap (``layout``): its rows must each belong to one sample."""
+        n2 = self._probe_n.pop(key, None)
+        c = self._probe_c
+        if n2 is None or c is None:
+            return
+        n1 = row_sq(g, self._batch_dim(rec, key))
+        rows = rec.use.rows if rec.use is not None else (rec.call.rows if rec.call is not None else None)
+        if n1 is None or n1.shape != n2.shape:
+            return
+        if rows is not None and rows.n == n1.shape[0]:
+            c_rows = c[rows.seg]
+        elif n1.shape[0] == self.B:
+            c_rows = c
+        else:
+            return  # rows of unknown samples: the rule refuses them itself (LayoutError)
+        if not rows_agree(n1, n2, c_rows, g.dtype):
+            where = rec.plan.name if rec.plan is not None else rec.use.place.module
+            what = f"module {where}" if rec.plan is not None else f"{rec.use.place}"
+            raise RuleFailure(f"{what}: the rows of its output gradient do not each belong to one sample (dim 0 of "
+                              "size B is not the batch here: a time-major layout, or a shared row indexed by the "
+                              "model)", list(rec.names.values()), where)
+
     def _shared(self, name: str, index: Optional[int]) -> bool:
         """Whether a use of ``name`` (of its slice ``index``) has cross terms with another use."""
         if index is None:
@@ -290,12 +386,18 @@ class GhostCapture:
         sq = f.sq_norm(self.use_triton)
         self.sq[name] = sq if name not in self.sq else self.sq[name] + sq
 
-    def backward(self, total: torch.Tensor, retain_graph: bool = False) -> Dict[str, List[Place]]:
+    def backward(self, total: torch.Tensor, retain_graph: bool = False,
+                 probe: Optional[torch.Tensor] = None) -> Dict[str, List[Place]]:
         """Run the activation backward of ``total`` = Σ_b L_b and reduce every norm.
+
+        ``probe``: the (B,) per-sample losses; first run the layout probe (``layout``): one more activation
+        backward of Σ_b c_b L_b, after which every tap's rows are checked to belong to one sample each.
 
         Returns the parameters whose stand-ins got a gradient (uses nobody accounted for), with the places
         the tracker saw (empty for untracked parameters). Nothing is reduced then: the caller learns and
         runs the batch again."""
+        if self.failures:  # rules that failed their self-check in the forward: move them all, run again
+            raise RuleFailures(self.failures)
         self.uses = {}  # name -> uses; (name, slice index or None) -> uses
         for rec in self.records:
             for role, g in rec.names.items():
@@ -305,6 +407,23 @@ class GhostCapture:
         names = list(self.stand_ins)
         inputs = ([self.anchor] if self.anchor is not None else []) + [self.stand_ins[n] for n in names]
         unaccounted: Dict[str, List[Place]] = {}
+        if probe is not None and probe.requires_grad:
+            layout = self.B >= 2 and self.anchor is not None  # one sample proves nothing about rows
+            c = probe_weights(self.B, probe.dtype, probe.device) if layout else torch.ones_like(probe)
+            hidden = [n for n in self.window if self.params[n].requires_grad]
+            ins = ([self.anchor] if self.anchor is not None else []) + [self.params[n] for n in hidden]
+            self.probing = True
+            try:
+                got = torch.autograd.grad((probe * c).sum(), ins, allow_unused=True, retain_graph=True) if ins else []
+            finally:
+                self.probing = False
+            if not layout:
+                self._probe_n.clear()
+            else:
+                self._probe_c = c
+            found = [n for n, g in zip(hidden, got[len(ins) - len(hidden):]) if g is not None]
+            if found:
+                raise HiddenUseError(found)
         if total.requires_grad and inputs:
             grads = torch.autograd.grad(total, inputs, allow_unused=True, retain_graph=retain_graph)
             self.closed = True

@@ -561,8 +561,8 @@ def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch
     done: List[bool] = []
 
     def on_backward():
-        if done or cap.closed:
-            return  # a later backward (two-pass) through the same graph
+        if done or cap.closed or getattr(cap, "probing", False):
+            return  # the layout probe's backward, or a later backward (two-pass) through the same graph
         done.append(True)
         try:
             for role, g in roles.items():

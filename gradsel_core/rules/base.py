@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..factors import Factor
-from ..errors import LayoutError, UnsupportedModule
+from ..errors import LayoutError, UnsupportedModule, UsageError
 if TYPE_CHECKING:  # annotations only: importing ghost here would make `import gradsel_core.rules` circular
     from ..ghost.rows import Rows
 
@@ -50,6 +50,9 @@ class ModuleCall:
 
 
 RuleFn = Callable[[ModuleCall, Sequence[str]], Dict[str, Factor]]
+# the module's output recomputed by the rule's own formula from the call's inputs and the module's parameters:
+# one tensor, or several acceptable ones (RMSNorm: w ⊙ x̂ or (1 + w) ⊙ x̂, the same gradient)
+CheckFn = Callable[[ModuleCall], Union[torch.Tensor, Sequence[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,21 @@ class NormRule:
     one call. ``rowwise``: row i of the module's input makes row i of its output (Linear, norms), so a known
     row -> sample map of the input carries over to the output. ``keeps_output``: the rule checks its own
     recomputation against the module's output (``ModuleCall.output`` is filled in). ``claims``: local names
-    of parameters of submodules that this rule scores (the module uses them functionally)."""
+    of parameters of submodules that this rule scores (the module uses them functionally). ``check``: the
+    module's output by the rule's own formula (``CheckFn``); the engine compares it with the output the tap saw
+    the first time the rule scores a module (and again when the module's class, hooks or parameter shapes
+    change), and moves the module to an exact fallback on a mismatch. A rule with neither ``check`` nor
+    ``keeps_output`` is trusted as registered (for its own class only: a predicate never applies it)."""
 
     fn: RuleFn
     rowwise: bool = False
     keeps_output: bool = False
     claims: Tuple[str, ...] = ()
+    check: Optional[CheckFn] = None
+
+    @property
+    def checks_itself(self) -> bool:
+        return self.check is not None or self.keeps_output
 
     @property
     def name(self) -> str:
@@ -80,13 +92,20 @@ _PREDICATES: List[Tuple[Callable[[nn.Module], bool], NormRule]] = []
 
 
 def register_norm_rule(*targets: Union[type, str], predicate: Optional[Callable[[nn.Module], bool]] = None,
-                       rowwise: bool = False, keeps_output: bool = False, claims: Sequence[str] = ()):
+                       rowwise: bool = False, keeps_output: bool = False, claims: Sequence[str] = (),
+                       check: Optional[CheckFn] = None):
     """Register ``fn(call, names) -> {local_param_name: Factor}`` for module types, dotted class
     names, or modules matching ``predicate``; the keywords are :class:`NormRule`'s. A later registration for
-    the same target replaces the earlier. The decorated function is returned unchanged."""
+    the same target replaces the earlier. The decorated function is returned unchanged.
+
+    A ``predicate`` (name-based look-alikes) needs ``check`` or ``keeps_output``: a look-alike is scored by the
+    rule only once its output has been recomputed by the rule's formula and found equal."""
+    if predicate is not None and check is None and not keeps_output:
+        raise UsageError("register_norm_rule(predicate=...) needs check= (the output by the rule's formula) or "
+                         "keeps_output=True: a look-alike is never scored by a rule that has not checked it")
 
     def deco(fn: RuleFn) -> RuleFn:
-        rule = NormRule(fn, rowwise=rowwise, keeps_output=keeps_output, claims=tuple(claims))
+        rule = NormRule(fn, rowwise=rowwise, keeps_output=keeps_output, claims=tuple(claims), check=check)
         for t in targets:
             _BY_TYPE[t] = rule
         if predicate is not None:
@@ -136,6 +155,50 @@ def as_btd(x: torch.Tensor, B: int, name: str, rows: Optional[Rows] = None, last
             "not a provable flatten of it; pass backend='vmap', or register a rule that knows its layout"
         )
     return x.reshape(B, -1, d)
+
+
+def output_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative to the output's largest entry) a rule's recomputation may be from the module's output:
+    a few rounding errors of the dtype, far below any change a hook or a different formula makes."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-5
+    return 2e-2
+
+
+def output_matches(expected: Union[torch.Tensor, Sequence[torch.Tensor]], actual: torch.Tensor,
+                   chunk: int = 1 << 20) -> bool:
+    """Whether ``actual`` (the module's output) equals ``expected`` (or one of several candidates), in shape
+    and within :func:`output_tolerance` of its dtype, relative to ``actual``'s largest finite entry; a non-finite
+    entry must be equal. Compared in slices of about ``chunk`` entries (no output-sized temporaries)."""
+    cands = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    act = actual.detach().reshape(-1)
+    acc = torch.float64 if act.dtype == torch.float64 else torch.float32
+    scale = 0.0
+    for i in range(0, act.numel(), chunk):
+        a = act[i:i + chunk].to(acc)
+        a = torch.where(torch.isfinite(a), a, torch.zeros((), dtype=acc, device=a.device))
+        scale = max(scale, float(a.abs().max()) if a.numel() else 0.0)
+    tol = output_tolerance(actual.dtype) * (scale + 1e-30)
+    for e in cands:
+        if not isinstance(e, torch.Tensor) or tuple(e.shape) != tuple(actual.shape):
+            continue
+        e = e.detach().reshape(-1)
+        ok = True
+        for i in range(0, act.numel(), chunk):
+            a, b = act[i:i + chunk].to(acc), e[i:i + chunk].to(acc)
+            fa, fb = torch.isfinite(a), torch.isfinite(b)
+            if not torch.equal(fa, fb) or not torch.equal(a[~fa], b[~fb]):
+                ok = False
+                break
+            d = torch.where(fa, a - b, torch.zeros((), dtype=acc, device=a.device))
+            if d.numel() and float(d.abs().max()) > tol:
+                ok = False
+                break
+        if ok:
+            return True
+    return False
 
 
 def only(names: Sequence[str], allowed: Sequence[str], call: ModuleCall) -> None:

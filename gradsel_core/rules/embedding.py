@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModule
@@ -11,7 +12,12 @@ from ..factors import EmbRows, Factor
 from .base import ModuleCall, only, register_norm_rule
 
 
-@register_norm_rule(nn.Embedding)
+def _embedding_output(call: ModuleCall) -> torch.Tensor:
+    m = call.module
+    return F.embedding(call.input(), m.weight, m.padding_idx)
+
+
+@register_norm_rule(nn.Embedding, check=_embedding_output)
 def embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """Rows gathered by ids: Σ_v ||Σ_{t: x_t = v} g_t||², padding_idx rows get no gradient."""
     only(names, ("weight",), call)
@@ -42,7 +48,16 @@ _SCALED_EMBEDDINGS = tuple(
     ))
 
 
-@register_norm_rule(*_SCALED_EMBEDDINGS)
+def _scaled_embedding_output(call: ModuleCall) -> torch.Tensor:
+    m = call.module
+    scale = getattr(m, "embed_scale", None)
+    if scale is None:
+        raise UnsupportedModule(f"{call.name}: a scaled embedding without embed_scale")
+    s = scale.to(m.weight.dtype) if isinstance(scale, torch.Tensor) else scale
+    return F.embedding(call.input(), m.weight, m.padding_idx) * s
+
+
+@register_norm_rule(*_SCALED_EMBEDDINGS, check=_scaled_embedding_output)
 def scaled_embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """y = E[x] · s with s = ``embed_scale`` (Gemma: √d): the Embedding rule with output gradient s·g."""
     m = call.module

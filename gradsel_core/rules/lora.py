@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
+import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedModule
@@ -11,7 +12,20 @@ from ..factors import EmbRows, Factor, Outer
 from .base import ModuleCall, register_norm_rule
 
 
-@register_norm_rule("peft.tuners.lora.layer.Embedding")
+def _lora_embedding_output(call: ModuleCall) -> torch.Tensor:
+    """base_layer(x) + Σ_a (A_aᵀ[x] B_aᵀ)·s_a (·embed_scale), PEFT's vanilla LoRA embedding."""
+    m, x = call.module, call.input()
+    out = m.base_layer(x)
+    embed_scale = m._get_embed_scale() if hasattr(m, "_get_embed_scale") else None
+    for adapter in m.active_adapters:
+        if adapter not in m.lora_embedding_A:
+            continue
+        y = (F.embedding(x, m.lora_embedding_A[adapter].T) @ m.lora_embedding_B[adapter].T) * m.scaling[adapter]
+        out = out + (y * embed_scale.to(y.dtype) if embed_scale is not None else y)
+    return out
+
+
+@register_norm_rule("peft.tuners.lora.layer.Embedding", check=_lora_embedding_output)
 def peft_lora_embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str, Factor]:
     """PEFT LoRA on an embedding: out = E[x] + s·(A.T[x]) Bᵀ with A (r, V), B (d, r).
 
@@ -27,6 +41,10 @@ def peft_lora_embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str
     G = call.grad_output.reshape(B, ids.shape[1], -1)  # (B, T, d)
     out: Dict[str, Factor] = {}
     embed_scale = m._get_embed_scale() if hasattr(m, "_get_embed_scale") else None
+    base = m.get_base_layer() if hasattr(m, "get_base_layer") else m.base_layer
+    if getattr(base, "max_norm", None) is not None or getattr(base, "scale_grad_by_freq", False):
+        raise UnsupportedModule(f"{call.name}: LoRA on an embedding with max_norm/scale_grad_by_freq couples samples")
+    pad = getattr(base, "padding_idx", None)  # PEFT looks A up with the base layer's padding_idx: no gradient there
     for local in names:
         kind, _, adapter = local.partition(".")
         if kind not in ("lora_embedding_A", "lora_embedding_B") or adapter not in m.active_adapters:
@@ -43,5 +61,5 @@ def peft_lora_embedding_rule(call: ModuleCall, names: Sequence[str]) -> Dict[str
             after_a = F.embedding(ids, A.detach().t())  # (B, T, r)
             out[local] = Outer(after_a, sg)
         else:
-            out[local] = EmbRows(ids, sg @ Bw.detach(), A.shape[1], None, transposed=True)  # (B, T, r)
+            out[local] = EmbRows(ids, sg @ Bw.detach(), A.shape[1], pad, transposed=True)  # (B, T, r)
     return out
