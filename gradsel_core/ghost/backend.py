@@ -202,6 +202,7 @@ class GhostBackend:
                 raise Retry() from e
             raise
         losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
+        del out  # the outputs (logits: (B, T, V), the largest activation) must not outlive the backward's need
         try:
             unaccounted = cap.backward(losses.sum(), retain_graph)
         except RuleFailures as e:
