@@ -21,6 +21,15 @@ Every ghost row is checked against this checkout's per-sample loop on the first 
 Timings on a shared CPU are noisy (other jobs run beside them): ``--rounds N`` runs every method N times,
 each in a fresh process, interleaved, and reports the median over all repeats of all rounds (memory: the
 median over rounds).
+
+Memory is measured twice. The timed processes run under glibc's default allocator: their peak RSS (the
+``peak mem`` column, as in ``bench_engine.py``) varies by ±15-30 MiB from run to run for the SAME method,
+because glibc's dynamic mmap threshold keeps freed activations of tens of MiB in the heap or not depending
+on the order of earlier frees. A second pass runs every method again in fresh processes with
+``MALLOC_MMAP_THRESHOLD_`` fixed (``--mem-threshold``, default 64 KiB: every allocation of 64 KiB or more is
+its own mapping, returned to the system when freed), so peak RSS follows the live tensors; those peaks
+(``peak mem, fixed mmap``) repeat to within about 1 MiB and are the ones to compare. That pass is not timed
+(``--mem-repeats`` calls after the warm-up).
 """
 from __future__ import annotations
 
@@ -113,25 +122,52 @@ def _pool(rounds: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     return out
 
 
+def _memory_pass(rows: List[Dict[str, Any]], spec: H.CaseSpec, methods: List[str], versions: Dict[str, str],
+                 args: Any, threads: int, env: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Every method again, each in a fresh process under a fixed mmap threshold: adds ``peak_mem_fixed_*``."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mem_threshold)
+    try:
+        mem = H.run_case(spec, methods, _registry(list(versions)), __file__, bench="regression-memory",
+                         device="cpu", repeats=args.mem_repeats, warmup=args.warmup, isolate="process",
+                         timeout=args.timeout, threads=threads, ref_samples=args.ref_samples or min(4, spec.B), env=env)
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    by = {r["method"]: r for r in mem}
+    for r in rows:
+        m = by.get(r["method"]) if r["case"] == spec.name else None
+        if m is None:
+            continue
+        r["peak_mem_fixed_bytes"] = m.get("peak_mem_bytes") if m["status"] == "ok" else None
+        r["peak_mem_fixed_ratio"] = m.get("peak_mem_ratio") if m["status"] == "ok" else None
+        r["mem_pass_max_rel_err"] = m.get("max_rel_err")
+        r["mem_threshold"] = args.mem_threshold
+    return rows
+
+
 def table(rows: List[Dict[str, Any]], methods: List[str]) -> str:
     cases = list(dict.fromkeys(r["case"] for r in rows))
     by = {(r["case"], r["method"]): r for r in rows}
+
+    def over(r: Dict[str, Any], p: Dict[str, Any], key: str) -> str:
+        a, b = r.get(key), p.get(key)
+        return "" if a is None or b is None or r is p else f"{(a - b) / 2**20:+.1f} MiB"
+
     body = []
     for c in cases:
-        plain_mem = by[(c, "plain")].get("peak_mem_bytes")
+        p = by[(c, "plain")]
         for m in methods:
             r = by.get((c, m))
             if r is None:
                 continue
-            mem = r.get("peak_mem_bytes")
-            extra = "" if mem is None or plain_mem is None or m == "plain" else f"{(mem - plain_mem) / 2**20:+.1f} MiB"
             body.append([c, m, r["status"], "" if r.get("median_s") is None else f"{r['median_s']:.3f}",
-                         H.fmt_ratio(r.get("ratio_to_plain")), H.fmt_bytes(mem), extra,
-                         H.fmt_ratio(r.get("peak_mem_ratio")),
+                         H.fmt_ratio(r.get("ratio_to_plain")), H.fmt_bytes(r.get("peak_mem_bytes")),
+                         over(r, p, "peak_mem_bytes"), H.fmt_bytes(r.get("peak_mem_fixed_bytes")),
+                         over(r, p, "peak_mem_fixed_bytes"), H.fmt_ratio(r.get("peak_mem_fixed_ratio")),
                          "" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}",
                          "" if r["status"] == "ok" else r.get("reason", "")])
     return H.markdown_table(["case", "method", "status", "median s", "time / plain", "peak mem", "over plain",
-                             "mem / plain", "max rel err vs loop", "reason"], body)
+                             "peak mem, fixed mmap", "over plain", "mem / plain (fixed mmap)",
+                             "max rel err vs loop", "reason"], body)
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
@@ -143,6 +179,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--cases", default="tinygpt-lora,tinygpt-full,gpt2-full",
                     help="comma-separated subset of tinygpt-lora, tinygpt-full, gpt2-full")
     ap.add_argument("--rounds", type=int, default=1, help="fresh-process runs of every method (pooled)")
+    ap.add_argument("--mem-threshold", type=int, default=65536,
+                    help="MALLOC_MMAP_THRESHOLD_ (bytes) of the memory pass; 0: no memory pass")
+    ap.add_argument("--mem-repeats", type=int, default=2, help="calls after the warm-up in the memory pass")
     H.add_run_args(ap, ["plain", "ghost"], "method", "regression")
     args = ap.parse_args(argv)
 
@@ -175,12 +214,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                                  timeout=args.timeout, threads=threads, ref_samples=args.ref_samples or min(4, spec.B),
                                  env=env) for _ in range(args.rounds)]
             rows += _pool(rounds)
+            if args.mem_threshold and device == "cpu":
+                rows = _memory_pass(rows, spec, methods, versions, args, threads, env)
     for r in rows:
         v = r["method"].partition("@")[2]
         r["version_commit"] = commits.get(v, env.get("git_commit"))
         r["version_rev"] = versions.get(v, "this checkout")
     md = (f"Ghost scoring per version / plain forward+backward, {threads} thread(s), median of {repeats} repeats x "
-          f"{args.rounds} round(s), each method in a fresh process. Versions: this checkout = "
+          f"{args.rounds} round(s), each method in a fresh process; peak mem = peak RSS over the baseline under the "
+          f"default allocator (noisy), fixed mmap = the same with MALLOC_MMAP_THRESHOLD_={args.mem_threshold} "
+          f"({args.mem_repeats} calls after the warm-up). Versions: this checkout = "
           f"{env.get('git_commit')}{' (dirty)' if env.get('git_dirty') else ''}; "
           + "; ".join(f"{v} = {rev} = {c}" for (v, rev), c in zip(versions.items(), commits.values()))
           + f". {env['device_name']}, torch {env['torch_version']}, {env['timestamp']}.\n\n"
@@ -188,7 +231,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     stem = f"regression-{H.utc_stamp()}{'-quick' if q else ''}"
     meta = {"bench": "regression", "argv": sys.argv if argv is None else argv, "env": env, "methods": methods,
             "versions": {v: {"rev": versions[v], "commit": commits[v]} for v in versions},
-            "cases": [c.name for c in cases], "repeats": repeats, "rounds": args.rounds, "threads": threads}
+            "cases": [c.name for c in cases], "repeats": repeats, "rounds": args.rounds, "threads": threads,
+            "mem_threshold": args.mem_threshold, "mem_repeats": args.mem_repeats}
     return H.finish(rows, args.out_dir, stem, meta, md)
 
 
