@@ -132,6 +132,13 @@ def _memory_pass(rows: List[Dict[str, Any]], spec: H.CaseSpec, methods: List[str
                          timeout=args.timeout, threads=threads, ref_samples=args.ref_samples or min(4, spec.B), env=env)
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    for r in mem:
+        r["peak_mem_fixed_bytes"] = r["peak_mem_bytes"] if r["status"] == "ok" else None
+        r["peak_mem_fixed_ratio"] = r["peak_mem_ratio"] if r["status"] == "ok" else None
+        r["mem_pass_max_rel_err"] = r.get("max_rel_err")
+        r["mem_threshold"] = args.mem_threshold
+    if not rows:
+        return mem
     by = {r["method"]: r for r in mem}
     for r in rows:
         m = by.get(r["method"]) if r["case"] == spec.name else None
@@ -182,6 +189,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--mem-threshold", type=int, default=65536,
                     help="MALLOC_MMAP_THRESHOLD_ (bytes) of the memory pass; 0: no memory pass")
     ap.add_argument("--mem-repeats", type=int, default=2, help="calls after the warm-up in the memory pass")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only the memory pass (its rows' times are those of that pass: not comparable timings)")
     H.add_run_args(ap, ["plain", "ghost"], "method", "regression")
     args = ap.parse_args(argv)
 
@@ -209,18 +218,23 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
               f"repeats={repeats}, rounds={args.rounds}; versions {commits}")
         rows = []
         for spec in cases:
+            if args.memory_only:  # the memory pass alone (its times are that pass's few calls: not for comparison)
+                rows += _memory_pass([], spec, methods, versions, args, threads, env)
+                continue
             rounds = [H.run_case(spec, methods, _registry(list(versions)), __file__, bench="regression", device=device,
                                  repeats=repeats, warmup=args.warmup, isolate=args.isolate or "process",
                                  timeout=args.timeout, threads=threads, ref_samples=args.ref_samples or min(4, spec.B),
                                  env=env) for _ in range(args.rounds)]
             rows += _pool(rounds)
-            if args.mem_threshold and device == "cpu":
+            if args.mem_threshold and device == "cpu":  # (after --rounds; not with --memory-only, above)
                 rows = _memory_pass(rows, spec, methods, versions, args, threads, env)
     for r in rows:
         v = r["method"].partition("@")[2]
         r["version_commit"] = commits.get(v, env.get("git_commit"))
         r["version_rev"] = versions.get(v, "this checkout")
-    md = (f"Ghost scoring per version / plain forward+backward, {threads} thread(s), median of {repeats} repeats x "
+    md = ("MEMORY PASS ONLY (--memory-only): the times below are those of its few calls, not a timing. "
+          if args.memory_only else "")
+    md += (f"Ghost scoring per version / plain forward+backward, {threads} thread(s), median of {repeats} repeats x "
           f"{args.rounds} round(s), each method in a fresh process; peak mem = peak RSS over the baseline under the "
           f"default allocator (noisy), fixed mmap = the same with MALLOC_MMAP_THRESHOLD_={args.mem_threshold} "
           f"({args.mem_repeats} calls after the warm-up). Versions: this checkout = "
@@ -228,11 +242,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
           + "; ".join(f"{v} = {rev} = {c}" for (v, rev), c in zip(versions.items(), commits.values()))
           + f". {env['device_name']}, torch {env['torch_version']}, {env['timestamp']}.\n\n"
           + table(rows, methods) + "\n")
-    stem = f"regression-{H.utc_stamp()}{'-quick' if q else ''}"
+    stem = f"regression-{'memory-' if args.memory_only else ''}{H.utc_stamp()}{'-quick' if q else ''}"
     meta = {"bench": "regression", "argv": sys.argv if argv is None else argv, "env": env, "methods": methods,
             "versions": {v: {"rev": versions[v], "commit": commits[v]} for v in versions},
             "cases": [c.name for c in cases], "repeats": repeats, "rounds": args.rounds, "threads": threads,
-            "mem_threshold": args.mem_threshold, "mem_repeats": args.mem_repeats}
+            "mem_threshold": args.mem_threshold, "mem_repeats": args.mem_repeats,
+            "memory_only": args.memory_only}
     return H.finish(rows, args.out_dir, stem, meta, md)
 
 
