@@ -7,6 +7,9 @@
 Cases (d 256, 4 layers, 4 heads, vocab 8192, T 128, B 16, float32): the private GPT (``TinyGPT``) with PEFT
 LoRA r 8 on every Linear, the same GPT with full parameters, and HF GPT-2 with full parameters.
 
+Time: the median wall time of the calls and, beside it, their median process CPU time (one torch thread:
+the work of the process, not the time it waited for a core on a loaded machine).
+
 Rows (methods), each in a FRESH subprocess (``benchmarks/harness.py``: median of the timed repeats after a
 warm-up; CPU peak memory = peak RSS over the baseline taken after the model, batch and engine are built):
 
@@ -167,12 +170,14 @@ def table(rows: List[Dict[str, Any]], methods: List[str]) -> str:
             if r is None:
                 continue
             body.append([c, m, r["status"], "" if r.get("median_s") is None else f"{r['median_s']:.3f}",
-                         H.fmt_ratio(r.get("ratio_to_plain")), H.fmt_bytes(r.get("peak_mem_bytes")),
+                         H.fmt_ratio(r.get("ratio_to_plain")), H.fmt_ratio(r.get("cpu_ratio_to_plain")),
+                         H.fmt_bytes(r.get("peak_mem_bytes")),
                          over(r, p, "peak_mem_bytes"), H.fmt_bytes(r.get("peak_mem_fixed_bytes")),
                          over(r, p, "peak_mem_fixed_bytes"), H.fmt_ratio(r.get("peak_mem_fixed_ratio")),
                          "" if r.get("max_rel_err") is None else f"{r['max_rel_err']:.1e}",
                          "" if r["status"] == "ok" else r.get("reason", "")])
-    return H.markdown_table(["case", "method", "status", "median s", "time / plain", "peak mem", "over plain",
+    return H.markdown_table(["case", "method", "status", "median s", "time / plain", "CPU time / plain",
+                             "peak mem", "over plain",
                              "peak mem, fixed mmap", "over plain", "mem / plain (fixed mmap)",
                              "max rel err vs loop", "reason"], body)
 
