@@ -241,8 +241,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
           if args.memory_only else "")
     md += (f"Ghost scoring per version / plain forward+backward, {threads} thread(s), median of {repeats} repeats x "
           f"{args.rounds} round(s), each method in a fresh process; peak mem = peak RSS over the baseline under the "
-          f"default allocator (noisy), fixed mmap = the same with MALLOC_MMAP_THRESHOLD_={args.mem_threshold} "
-          f"({args.mem_repeats} calls after the warm-up). Versions: this checkout = "
+          + (f"default allocator (noisy), fixed mmap = the same with MALLOC_MMAP_THRESHOLD_={args.mem_threshold} "
+             f"({args.mem_repeats} calls after the warm-up). " if args.mem_threshold else
+             "default allocator (noisy); no memory pass (--mem-threshold 0). ")
+          + f"CPU time = process time (one torch thread). Versions: this checkout = "
           f"{env.get('git_commit')}{' (dirty)' if env.get('git_dirty') else ''}; "
           + "; ".join(f"{v} = {rev} = {c}" for (v, rev), c in zip(versions.items(), commits.values()))
           + f". {env['device_name']}, torch {env['torch_version']}, {env['timestamp']}.\n\n"
