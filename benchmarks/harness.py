@@ -3,7 +3,9 @@
 What is measured
 ----------------
 * Time: ``time_fn`` runs ``warmup`` untimed calls, then ``repeats`` timed calls (``perf_counter``;
-  ``torch.cuda.synchronize`` before and after each call on CUDA) and reports the median.
+  ``torch.cuda.synchronize`` before and after each call on CUDA) and reports the median; also the median
+  process CPU time of the calls (``process_time``: on a shared CPU with one torch thread it counts this
+  process's work, not the time it waited for a core).
 * Peak memory (``PeakMemory``):
     - CUDA: ``torch.cuda.max_memory_allocated()`` after the runs minus ``memory_allocated()`` at the
       baseline (peak stats are reset at the baseline). Kind ``cuda_max_allocated_delta``.
@@ -149,14 +151,18 @@ def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, device: Op
         fn()
     sync(device)
     times: List[float] = []
+    cpu: List[float] = []  # process CPU time per call: less sensitive to other jobs on a shared machine
     for _ in range(repeats):
         gc.collect()
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     return {
+        "cpu_median_s": statistics.median(cpu),
+        "cpu_all_s": cpu,
         "median_s": statistics.median(times),
         "mean_s": statistics.fmean(times),
         "min_s": min(times),
@@ -697,6 +703,7 @@ def run_case(
     plain = results["plain"]
     plain_t = plain.get("timing", {}).get("median_s") if plain["status"] == "ok" else None
     plain_m = plain.get("peak_mem_bytes") if plain["status"] == "ok" else None
+    plain_cpu = plain.get("timing", {}).get("cpu_median_s") if plain["status"] == "ok" else None
     env = env or env_info(device)
     rows = []
     for m, r in results.items():
@@ -708,6 +715,9 @@ def run_case(
             "note": r.get("note", ""),
             "median_s": med, "mean_s": timing.get("mean_s"), "min_s": timing.get("min_s"),
             "stdev_s": timing.get("stdev_s"), "all_s": timing.get("all_s"),
+            "cpu_median_s": timing.get("cpu_median_s"), "cpu_all_s": timing.get("cpu_all_s"),
+            "cpu_ratio_to_plain": (timing["cpu_median_s"] / plain_cpu) if (timing.get("cpu_median_s") and plain_cpu)
+            else None,
             "repeats": repeats, "warmup": warmup,
             "ratio_to_plain": (med / plain_t) if (med is not None and plain_t) else None,
             "peak_mem_bytes": mem, "mem_kind": r.get("mem_kind"),

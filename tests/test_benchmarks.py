@@ -147,3 +147,24 @@ def test_bench_verify_quick(tmp_path):
     assert [r["method"] for r in out["rows"]] == ["plain", "first score, verify=False", "first score, verify=True"]
     assert all(r["median_s"] > 0 for r in out["rows"])
     assert "one-off cost" in out["stdout"]
+
+
+def test_bench_regression_quick(tmp_path):
+    """Ghost of this checkout against the pre-trust engine (its own gradsel_core, imported first in its worker)."""
+    from benchmarks.bench_regression import TRUST_COMMIT
+
+    rev = subprocess.run(["git", "rev-parse", "--verify", f"{TRUST_COMMIT}^"], cwd=REPO, capture_output=True, text=True)
+    if rev.returncode != 0:
+        pytest.skip(f"commit {TRUST_COMMIT} is not in this checkout's history (shallow clone)")
+    out = run_script("bench_regression.py", tmp_path, "--cases", "tinygpt-lora")
+    check_rows(out["rows"], ["plain", "ghost", "ghost@pre-trust"])
+    by = {r["method"]: r for r in out["rows"]}
+    assert by["ghost@pre-trust"]["version_commit"] == rev.stdout.strip()
+    assert "/pre-trust/gradsel_core" in by["ghost@pre-trust"]["note"]  # the old tree was the one imported
+    assert str(REPO / "gradsel_core") in by["ghost"]["note"]
+    for r in out["rows"]:
+        assert r["status"] == "ok", r["reason"]
+        assert r["peak_mem_fixed_bytes"] > 0 and r["mem_threshold"] == 65536
+        if r["method"] != "plain":
+            assert r["max_rel_err"] < 1e-5 and r["mem_pass_max_rel_err"] < 1e-5
+    assert out["meta"]["versions"]["pre-trust"]["commit"] == rev.stdout.strip()

@@ -328,6 +328,34 @@ def test_ghost_does_fewer_flops_than_plain_forward_backward():
     assert ghost.get_total_flops() < 2.75 * fwd.get_total_flops()
 
 
+def test_ghost_releases_the_model_outputs_before_the_activation_backward():
+    """The outputs (an LM's logits, (B, T, V): the largest activation) are not kept through the backward."""
+    import weakref
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB)
+
+        def forward(self, input_ids):
+            return self.out(self.emb(input_ids))  # (B, T, V)
+
+    alive = []
+
+    def loss_fn(outputs, batch):  # a sum saves nothing for its backward: only a reference keeps outputs
+        ref = weakref.ref(outputs)
+        outputs.register_hook(lambda g: alive.append(ref() is not None))
+        return outputs.sum(dim=(1, 2))
+
+    torch.manual_seed(0)
+    model = Head()
+    batch = {"input_ids": torch.randint(0, VOCAB, (3, 5))}
+    got = gs.GradNormEngine(model, loss_fn=loss_fn, backend="ghost").score(batch)
+    assert alive and not any(alive)  # released in every backward (the first batch's layout probe runs one more)
+    ref = gs.GradNormEngine(model, loss_fn=loss_fn, backend="loop").score(batch)
+    assert_close_rel(got.norms, ref.norms, 1e-5, "head")
+
+
 def test_cost_rule():
     assert gram_is_cheaper(128, 256, 8192)
     assert not gram_is_cheaper(4096, 256, 256)

@@ -258,6 +258,7 @@ class GhostBackend:
             losses, tokens = head_losses(self, cap, batch, out)
         else:
             losses, tokens = per_sample_losses(out, batch, spec.loss_fn, spec.loss_reduction)
+        del out  # the outputs (logits: (B, T, V), the largest activation) must not outlive the backward's need
         try:
             unaccounted = cap.backward(losses.sum(), retain_graph,
                                        probe=None if hidden_done and layout_done else losses)
