@@ -189,3 +189,93 @@ def test_model_dir_path_on_a_tiny_hf_llama(tmp_path, capsys):
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["tasks"] == ["qa", "chat"]
     assert {"refusal_rate", "fact_acc", "safety_margin"} <= set(saved["runs"][0]["steps"][-1])
+
+
+def test_oracle_drops_every_eroding_record_and_keeps_rho_n():
+    import numpy as np
+
+    from gradsel_core.study.experiment import oracle_mask
+
+    raw = [{"meta": {"eroding": i % 7 == 0}} for i in range(100)]  # 15 eroding
+    for ratio, k in ((0.2, 20), (0.5, 50)):
+        m = oracle_mask(raw, ratio, np.random.default_rng(0))
+        assert m.sum() == k and not any(m[i] for i in range(100) if raw[i]["meta"]["eroding"])
+    m = oracle_mask(raw, 0.9, np.random.default_rng(0))  # fewer clean records than ⌊ρ·n⌋: all of them
+    assert m.sum() == 85
+    assert (oracle_mask(raw, 0.2, np.random.default_rng(1)) == oracle_mask(raw, 0.2, np.random.default_rng(1))).all()
+
+
+def test_norm_per_token_is_the_sum_norm_over_sqrt_tokens():
+    import numpy as np
+    import torch
+
+    from gradsel_core.engine import GradNormEngine
+    from gradsel_core.models import TinyGPT, TinyGPTConfig
+    from gradsel_core.study.experiment import norm_per_token
+
+    torch.manual_seed(0)
+    model = TinyGPT(TinyGPTConfig(vocab_size=17, max_seq_len=12, d_model=8, n_layer=1, n_head=2)).double()
+    ids = torch.randint(1, 17, (3, 10))
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[1, :2] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    r_sum = GradNormEngine(model, backend="loop", loss_reduction="sum").score(batch)
+    key = norm_per_token(r_sum.norms.numpy(), r_sum.tokens.numpy())
+    for i in range(3):  # the loop's gradient of the summed loss, by hand
+        model.zero_grad()
+        out = model(input_ids=ids[i:i + 1])
+        logits = out.logits if hasattr(out, "logits") else out
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100, reduction="sum")
+        loss.backward()
+        g = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None))
+        n = int((labels[i, 1:] != -100).sum())
+        assert r_sum.norms.dtype == torch.float32  # the engine reports norms in fp32: fp32 tolerance
+        assert key[i] == pytest.approx(float(g) / np.sqrt(n), rel=1e-6)
+
+
+def test_holm_and_sign_flip():
+    from gradsel_core.study.experiment import holm, sign_flip_p
+
+    assert sign_flip_p([1.0] * 10) == pytest.approx(2 / 1024)
+    assert sign_flip_p([1.0, -1.0]) == pytest.approx(1.0)
+    h = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert h["a"]["p_holm"] == pytest.approx(0.03) and h["a"]["survives"]
+    assert h["c"]["p_holm"] == pytest.approx(0.06) and not h["c"]["survives"]
+    assert h["b"]["p_holm"] == pytest.approx(0.06) and not h["b"]["survives"]  # step-down: stops at c
+
+
+def test_matched_utility_recovers_a_planted_offset():
+    from gradsel_core.study.experiment import matched_utility, positive_control
+
+    def run(method, seed, x, y):
+        step = {"refusal_rate": y, "harmful_compliance": 0.0, "margin_per_token": 0.0, "task_loglik": [x],
+                "mean_task_em": 0.5, "mean_task_loglik": x, "optimizer_steps": 10}
+        return {"cell": {"method": method, "mode": "offline", "ratio": 0.2, "budget": "steps"},
+                "label": f"{method}/offline/ρ=0.2/steps", "seed": seed, "steps": [step], "plasticity_em": [0.5],
+                "forgetting": {"bwt": 0.0}}
+
+    runs = [run("random", s, -1.0 + 0.1 * s, 0.5 - 0.1 * (-1.0 + 0.1 * s)) for s in range(10)]
+    runs += [run("oracle", s, -1.0 + 0.05 * s, 0.6 - 0.1 * (-1.0 + 0.05 * s) + 0.01 * (s % 2)) for s in range(10)]
+    mu = matched_utility(runs)
+    st = mu["cells"]["oracle/offline/ρ=0.2/steps"]
+    assert st["mean"] == pytest.approx(0.105, abs=1e-9) and st["survives"]
+    pc = positive_control({"oracle/offline/ρ=0.2/steps": {"refusal_mean": {"n": 10, "ci": [0.01, 0.2]}}})
+    assert not pc["holds"]  # ρ = 0.5 did not run
+
+
+def test_testbed_marks_a_minority_as_eroding_and_the_reference_is_disjoint():
+    from gradsel_core.study.testbed import REFERENCE_REFUSALS, REFUSALS, TestbedConfig, build_testbed
+
+    tb = build_testbed(TestbedConfig(seed=0, n_pretrain=100, n_align=50, n_task_train=200, n_task_test=10))
+    for t in tb.tasks:
+        flags = [r["meta"]["eroding"] for r in t.train]
+        assert sum(flags) == round(0.05 * 200)
+        assert not any(r["meta"]["eroding"] for r in t.eval)
+        for r in t.train:
+            if r["meta"]["eroding"]:
+                assert r["meta"]["erosion"] in ("form", "role", "list") and r["meta"]["harmful"] is False
+    ref = tb.reference_refusals(40)
+    scored = {p["preferred"] for p in tb.safety_pairs()} | {t for t, _ in REFUSALS}
+    assert all(r["response"] in REFERENCE_REFUSALS and r["response"] not in scored for r in ref)
+    assert not ({r["prompt"] for r in ref} & set(tb.heldout_harmful))
