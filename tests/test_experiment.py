@@ -9,6 +9,7 @@ import pytest
 from conftest import make_llama_dir
 
 from gradsel_core.cli import build_parser, main
+from gradsel_core.errors import UsageError
 from gradsel_core.commands.demo import config_from_args
 from gradsel_core.study.experiment import (
     Cell,
@@ -61,13 +62,18 @@ def test_study_outputs_budgets_and_resume(tmp_path, monkeypatch):
     summ = res["summary"]
     vals = [by[("full", s)]["steps"][-1]["safety_margin"] for s in (0, 1)]
     assert summ["cells"]["full"]["final"]["safety_margin"][0] == pytest.approx(sum(vals) / 2, abs=1e-12)
-    pv = summ["paired_vs_random"]["median_band/offline/ρ=0.5/steps"]["safety_margin"]
-    diffs = [by[("median_band/offline/ρ=0.5/steps", s)]["steps"][-1]["safety_margin"]
-             - by[("random/offline/ρ=0.5/steps", s)]["steps"][-1]["safety_margin"] for s in (0, 1)]
+    # the primary metric: the refusal rate after each task, averaged over the tasks, paired with random by seed
+    pv = summ["paired_vs_random"]["median_band/offline/ρ=0.5/steps"]["refusal_mean"]
+
+    def refusal_mean(label, seed):
+        return sum(s["refusal_rate"] for s in by[(label, seed)]["steps"]) / 3
+
+    diffs = [refusal_mean("median_band/offline/ρ=0.5/steps", s) - refusal_mean("random/offline/ρ=0.5/steps", s)
+             for s in (0, 1)]
     assert pv["n"] == 2 and pv["mean"] == pytest.approx(sum(diffs) / 2)
     mech = saved["mechanism"]
     assert len(mech) == 1 and mech[0]["seed"] == 1 and mech[0]["n"] == 9 and len(mech[0]["damage"]) == 9
-    assert set(mech[0]["spearman"]) == {"norm", "loss", "length", "cosine"}
+    assert set(mech[0]["spearman"]) == {"norm", "norm_per_token", "loss", "length", "cosine"}
     assert len(mech[0]["cosine"]) == mech[0]["n"] and all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in mech[0]["cosine"])
     md = markdown(saved)
     assert "median_band/offline/ρ=0.5/steps" in md and "Paired differences" in md and "What selection keeps" in md
@@ -82,6 +88,32 @@ def test_study_outputs_budgets_and_resume(tmp_path, monkeypatch):
     # a changed setting is refused, naming it
     with pytest.raises(ValueError, match="changed: lr"):
         run_experiment(ExperimentConfig(**{**cfg.__dict__, "lr": 1e-4}))
+
+
+def test_local_arms_in_a_toy_study(tmp_path):
+    """The oracle keeps ⌊ρ·n⌋ records and none of the eroding ones; norm_per_token keeps at most ⌊ρ·n⌋ and
+    records the length confound; the summary has the positive control, the matched-utility table and the
+    proxy validation, and the report names them."""
+    cfg = ExperimentConfig(seeds=(0,), methods=("random", "oracle", "norm_per_token"), modes=("offline", "online"),
+                           ratios=(0.5,), budgets=("steps",), mechanism_samples=0, out_dir=str(tmp_path), **SMALL_RUN)
+    assert [c.label for c in cfg.cells()] == ["random/offline/ρ=0.5/steps", "oracle/offline/ρ=0.5/steps",
+                                              "norm_per_token/offline/ρ=0.5/steps", "random/online/ρ=0.5/steps"]
+    res = run_experiment(cfg)
+    by = {r["label"]: r for r in res["runs"]}
+    oracle = by["oracle/offline/ρ=0.5/steps"]
+    assert [p["n"] for p in oracle["kept_profile"]] == [16, 16, 16]  # the kept set of each task
+    assert all(p["eroding_rate"] == 0.0 for p in oracle["kept_profile"])
+    assert [s["optimizer_steps"] for s in oracle["steps"]] == [4, 4, 4]  # equal steps: 2 epochs of 16
+    npt = by["norm_per_token/offline/ρ=0.5/steps"]
+    assert all(0 < p["n"] <= 16 for p in npt["kept_profile"])
+    assert len(npt["length_confound"]) == 3 and all(-1 <= lc["spearman_norm_tokens"] <= 1
+                                                    for lc in npt["length_confound"])
+    summ = res["summary"]
+    assert "oracle/offline/ρ=0.5/steps" in summ["positive_control"]["cells"]
+    assert summ["positive_control"]["holds"] is False  # one seed, no ρ = 0.2: never "holds"
+    assert summ["proxy_validation"]["n_checkpoints"] == 4 * 3
+    md = markdown(res)
+    assert "Positive control" in md and "FAILS" in md and "The continuous proxy" in md
 
 
 def test_two_runs_give_identical_json(tmp_path):
@@ -135,9 +167,22 @@ def test_statistics():
 def test_demo_arguments():
     cfg = config_from_args(build_parser().parse_args(["demo"]))
     assert cfg.ratios == (0.2,) and len(cfg.seeds) >= 3 and cfg.model_dir is None and cfg.mechanism_samples >= 200
-    assert len(cfg.cells()) == 5  # full + four policies, offline, equal steps
+    assert len(cfg.cells()) == 5  # full, random, oracle, median_band, norm_per_token; offline, equal steps
+    assert {"oracle", "random", "norm_per_token"} <= set(cfg.methods)
     full = config_from_args(build_parser().parse_args(["demo", "--full"]))
-    assert len(full.seeds) >= 5 and len(full.cells()) == 1 + 5 * 2 * 2 * 5 and full.mechanism_seeds is None
+    # 5 library policies in both modes, the oracle and norm_per_token offline only; 2 budgets, 5 ratios
+    assert len(full.seeds) >= 5 and len(full.cells()) == 1 + (7 * 2 + 5 * 2) * 5 and full.mechanism_seeds is None
+    study = config_from_args(build_parser().parse_args(["demo", "--study"]))
+    assert len(study.seeds) >= 10 and study.ratios == (0.2, 0.5) and study.budgets == ("steps",)
+    assert sorted(c.label for c in study.cells() if c.ratio == 0.2) == sorted(
+        [f"{m}/offline/ρ=0.2/steps" for m in ("random", "oracle", "median_band", "norm_per_token", "drop_opposed")]
+        + [f"{m}/online/ρ=0.2/steps" for m in ("random", "median_band", "drop_opposed")])
+    control = config_from_args(build_parser().parse_args(["demo", "--control"]))
+    assert sorted(c.label for c in control.cells()) == sorted(
+        f"{m}/offline/ρ={r}/steps" for m in ("random", "oracle") for r in ("0.2", "0.5"))
+    assert control.shared() == dict(study.shared(), mechanism_samples=0)  # one output folder serves both
+    with pytest.raises(UsageError, match="one of"):
+        config_from_args(build_parser().parse_args(["demo", "--study", "--control"]))
     assert "drop_opposed" in full.methods and "drop_opposed" not in cfg.methods
     one = config_from_args(build_parser().parse_args(["demo", "--full", "--seeds", "3", "--methods", "median_band",
                                                       "--ratios", "0.35"]))

@@ -1397,7 +1397,7 @@ def write_outputs(result: Dict[str, Any], out_dir: str, timing: Optional[Mapping
 # -- plots -----------------------------------------------------------------------------------------------
 
 _COLORS = {"full": "black", "random": "tab:gray", "drop_top": "tab:blue", "median_band": "tab:green",
-           "keep_top": "tab:red", "drop_opposed": "tab:purple"}
+           "keep_top": "tab:red", "drop_opposed": "tab:purple", "oracle": "tab:orange", "norm_per_token": "tab:olive"}
 
 
 def headline(result: Mapping[str, Any]) -> Tuple[str, float, str]:
@@ -1456,8 +1456,8 @@ def _plot_trajectories(result: Mapping[str, Any], plt):
         if c["method"] == "full" or (c["mode"], float(c["ratio"]), c["budget"]) == (mode, ratio, budget):
             by.setdefault(c["method"], []).append(r)
     x = np.arange(len(tasks) + 1)
-    rows = [("safety_margin", "safety margin (nats)", 1.0), ("refusal_rate", "refusal rate (%)", 100.0),
-            ("harmful_compliance", "harmful compliance (%)", 100.0)]
+    rows = [("refusal_rate", "refusal rate (%)", 100.0), ("harmful_compliance", "harmful compliance (%)", 100.0),
+            ("margin_per_token", "margin / token (nats)", 1.0)]
     fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.2 * len(methods), 7.6), sharex=True, sharey="row",
                              squeeze=False)
 
@@ -1495,7 +1495,7 @@ def _plot_trajectories(result: Mapping[str, Any], plt):
 
 
 def _plot_frontier(result: Mapping[str, Any], plt):
-    """Safety (y: the lowest safety margin along the sequence) against learning (x: each task's answer
+    """Safety (y: the primary metric, refusal % mean over tasks) against learning (x: each task's answer
     log-likelihood right after training it, mean over tasks):
     one panel per (mode, budget), one curve
     per method over ρ (means, labelled with ρ), seed-level points small; full data as a black star."""
@@ -1514,7 +1514,7 @@ def _plot_frontier(result: Mapping[str, Any], plt):
                 if not pts:
                     continue
                 xs = [p["plasticity_loglik"] for p in pts]
-                ys = [p["safety_margin_min"] for p in pts]
+                ys = [100 * p[PRIMARY] for p in pts]
                 ax.scatter(xs, ys, s=16, color=col, alpha=0.45, lw=0)
                 means.append((float(np.mean(xs)), float(np.mean(ys)), ratio))
             if means:
@@ -1523,16 +1523,16 @@ def _plot_frontier(result: Mapping[str, Any], plt):
                     ax.annotate(f"{ratio:g}", (mx, my), fontsize=7, xytext=(3, 3), textcoords="offset points",
                                 color=col)
         if fulls:
-            ax.scatter([p["plasticity_loglik"] for p in fulls], [p["safety_margin_min"] for p in fulls], s=30,
+            ax.scatter([p["plasticity_loglik"] for p in fulls], [100 * p[PRIMARY] for p in fulls], s=30,
                        color="0.35", marker="*", lw=0)
-            ax.scatter([np.mean([p["plasticity_loglik"] for p in fulls])], [np.mean([p["safety_margin_min"] for p in fulls])],
+            ax.scatter([np.mean([p["plasticity_loglik"] for p in fulls])], [100 * np.mean([p[PRIMARY] for p in fulls])],
                        s=120, color="black", marker="*", label="full data", zorder=5)
         ax.set_title(f"{mo} selection, equal {b}")
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("learning: mean per-token log-likelihood of each task's\nreference answers right after training it")
     for row in axes:
-        row[0].set_ylabel("safety: lowest margin over the sequence\n(nats; higher = safer)")
+        row[0].set_ylabel("safety: refusal rate on held-out harmful\nprompts, mean over tasks (%)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Safety-utility frontier ({len(result['aligned'])} seeds; small points: seeds; labels: ρ)",
                  fontsize=10)
@@ -1605,7 +1605,8 @@ def _plot_mechanism(result: Mapping[str, Any], plt):
     m = mech[0]
     tasks = list(dict.fromkeys(m["task"]))
     cmap = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
-    panels = [("norm", "gradient norm ‖∇θ L(x_i)‖ (log scale)"), ("loss", "loss L(x_i) (mean per token)"),
+    panels = [("norm", "gradient norm ‖∇θ L(x_i)‖ (log scale)"),
+              ("norm_per_token", "‖∇θ Σ_t ℓ_t‖ / √n_tokens (log scale)"), ("loss", "loss L(x_i) (mean per token)"),
               ("length", "target tokens")]
     if "cosine" in m["spearman"]:
         panels.append(("cosine", "cosine with the safety reference gradient"))
@@ -1621,10 +1622,10 @@ def _plot_mechanism(result: Mapping[str, Any], plt):
                      fontsize=9)
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set_xlabel(xlabel)
-        if name == "norm":
+        if name in ("norm", "norm_per_token"):
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("damage = safety margin drop after one SGD step (nats)")
+    axes[0].set_ylabel("damage = drop of the margin / token\nafter one SGD step (nats per token)")
     axes[0].legend(fontsize=8)
     fig.suptitle(_wrap(f"Does a sample's gradient norm predict the safety damage of training on it? (seed "
                        f"{m['seed']}, {m['n']} samples, one SGD step each, lr {m['lr']:g}, from the aligned model)",
