@@ -174,9 +174,12 @@ def test_demo_arguments():
     assert len(full.seeds) >= 5 and len(full.cells()) == 1 + (7 * 2 + 5 * 2) * 5 and full.mechanism_seeds is None
     study = config_from_args(build_parser().parse_args(["demo", "--study"]))
     assert len(study.seeds) >= 10 and study.ratios == (0.2, 0.5) and study.budgets == ("steps",)
-    assert sorted(c.label for c in study.cells() if c.ratio == 0.2) == sorted(
+    assert sorted(c.label for c in study.cells() if c.ratio == 0.2 and c.budget == "steps") == sorted(
         [f"{m}/offline/ρ=0.2/steps" for m in ("random", "oracle", "median_band", "norm_per_token", "drop_opposed")]
         + [f"{m}/online/ρ=0.2/steps" for m in ("random", "median_band", "drop_opposed")])
+    # random's frontier: random alone at equal epochs, ρ 0.1, 0.2, 0.5, per mode
+    assert sorted(c.label for c in study.cells() if c.budget == "epochs" and c.method != "full") == sorted(
+        f"random/{m}/ρ={r}/epochs" for m in ("offline", "online") for r in ("0.1", "0.2", "0.5"))
     control = config_from_args(build_parser().parse_args(["demo", "--control"]))
     assert sorted(c.label for c in control.cells()) == sorted(
         f"{m}/offline/ρ={r}/steps" for m in ("random", "oracle") for r in ("0.2", "0.5"))

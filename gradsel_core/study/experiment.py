@@ -161,6 +161,9 @@ class ExperimentConfig:
     mechanism_samples: int = 240  # per-sample study: N task samples (0: off)
     mechanism_lr: Optional[float] = None  # its one SGD step (None: lr, the fine-tuning rate: a small step)
     mechanism_seeds: Optional[Sequence[int]] = (0,)  # seeds that run it (None: every seed)
+    # extra random cells at equal epochs (fewer steps: less learning), per mode of the grid: they trace random's
+    # safety-utility frontier down to the utility of policies that learn less (the matched-utility analysis)
+    frontier_ratios: Sequence[float] = ()
     threads: int = 1  # torch threads per process (pinned: the numbers depend on the reduction order)
     jobs: int = 2  # seeds run in parallel processes (the numbers do not depend on it)
     device: str = "cpu"
@@ -212,9 +215,10 @@ class ExperimentConfig:
         """The study's headline cells: ρ ∈ {0.2, 0.5}, offline and online, equal steps, 10 seeds; random, the
         oracle (positive control), median_band (the paper's rule), norm_per_token (length-debiased),
         drop_opposed (a reference disjoint from the safety metric) and full data; the mechanism study on
-        every seed."""
+        every seed; random also at equal epochs, ρ ∈ {0.1, 0.2, 0.5}, for its frontier."""
         base = dict(seeds=tuple(range(10)), methods=HEADLINE_METHODS, modes=MODES, ratios=HEADLINE_RATIOS,
-                    budgets=("steps",), mechanism_seeds=None, out_dir="gradsel_runs/study")
+                    budgets=("steps",), frontier_ratios=(0.1, 0.2, 0.5), mechanism_seeds=None,
+                    out_dir="gradsel_runs/study")
         base.update(kw)
         return cls(**base)
 
@@ -227,7 +231,9 @@ class ExperimentConfig:
         return cls(**base)
 
     def cells(self) -> List[Cell]:
-        return make_cells(self.methods, self.modes, self.ratios, self.budgets)
+        cells = make_cells(self.methods, self.modes, self.ratios, self.budgets)
+        extra = [c for c in make_cells(("random",), self.modes, self.frontier_ratios, ("epochs",)) if c not in cells]
+        return cells + extra
 
     def selection(self, cell: Cell) -> Optional[SelectionConfig]:
         """The selection of a cell, with its loss filter passed explicitly (never a default)."""
@@ -256,7 +262,8 @@ class ExperimentConfig:
     def shared(self) -> Dict[str, Any]:
         """Everything a run's numbers depend on besides its seed and cell (checked when resuming)."""
         d = asdict(self)
-        for k in ("seeds", "methods", "modes", "ratios", "budgets", "out_dir", "progress", "mechanism_seeds", "jobs"):
+        for k in ("seeds", "methods", "modes", "ratios", "budgets", "out_dir", "progress", "mechanism_seeds", "jobs",
+                  "frontier_ratios"):
             d.pop(k)
         return json.loads(json.dumps(d, default=str))
 
@@ -1088,34 +1095,44 @@ def _fit_line(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
 
 def matched_utility(runs: Sequence[Mapping[str, Any]], x_key: str = "plasticity_loglik",
                     y_key: str = PRIMARY) -> Dict[str, Any]:
-    """Each method's vertical distance from random's safety-utility frontier: per (mode, budget), a line of
-    the primary safety metric on the learned loglik fitted to random's runs (every ρ and seed); per cell and
-    seed the residual y − f(x); per cell the mean residual with a 95% t-interval over seeds and a sign-flip
-    p. Holm's correction runs over every non-random selection cell reported."""
-    by_slice: Dict[Tuple[str, str], List[Mapping[str, Any]]] = {}
+    """Each method's vertical distance from random's safety-utility frontier: per mode, a line of the primary
+    safety metric on the learned loglik fitted to random's runs (every ρ, budget and seed: equal epochs at
+    small ρ gives the low-utility end); per cell and seed the residual y − f(x); per cell the mean residual
+    with a 95% t-interval over seeds and a sign-flip p. No extrapolation: a run whose utility lies outside
+    random's observed range (± 10% of it) gets no residual, and a cell with fewer than two residuals is
+    reported as "outside random's range", not tested. Holm's correction runs over every tested cell."""
+    by_mode: Dict[str, List[Mapping[str, Any]]] = {}
     for r in runs:
         c = r["cell"]
         if c["method"] != "full":
-            by_slice.setdefault((c["mode"], c["budget"]), []).append(r)
-    cells: Dict[str, Any] = {}
+            by_mode.setdefault(c["mode"], []).append(r)
+    cells: Dict[str, List[float]] = {}
+    outside: Dict[str, int] = {}
     frontiers: Dict[str, Any] = {}
-    for (mode, budget), rs in by_slice.items():
+    for mode, rs in by_mode.items():
         rand = [final_metrics(r) for r in rs if r["cell"]["method"] == "random"]
         if len(rand) < 3:
             continue
         x = np.array([f[x_key] for f in rand], dtype=float)
         y = np.array([f[y_key] for f in rand], dtype=float)
         slope, icpt = _fit_line(x, y)
-        frontiers[f"{mode}/{budget}"] = {"slope": slope, "intercept": icpt, "n": int(x.size)}
+        pad = 0.1 * float(np.ptp(x))
+        lo, hi = float(x.min()) - pad, float(x.max()) + pad
+        frontiers[mode] = {"slope": slope, "intercept": icpt, "n": int(x.size), "x_range": [lo, hi]}
         for r in rs:
             if r["cell"]["method"] == "random":
                 continue
             f = final_metrics(r)
-            cells.setdefault(r["label"], []).append(f[y_key] - (icpt + slope * f[x_key]))
-    stats = {}
+            cells.setdefault(r["label"], [])
+            if lo <= f[x_key] <= hi:
+                cells[r["label"]].append(f[y_key] - (icpt + slope * f[x_key]))
+            else:
+                outside[r["label"]] = outside.get(r["label"], 0) + 1
+    stats: Dict[str, Any] = {}
     for label, res in cells.items():
         st = paired_stats(res)
-        st["perm_p"] = sign_flip_p(res)
+        st["perm_p"] = sign_flip_p(res) if len(res) > 1 else float("nan")
+        st["outside_range"] = outside.get(label, 0)
         stats[label] = st
     corrected = holm({k: v["perm_p"] for k, v in stats.items() if v.get("n", 0) > 1})
     for k, v in stats.items():
@@ -1349,19 +1366,23 @@ def _matched_utility_md(summ: Mapping[str, Any]) -> List[str]:
     if not mu.get("cells"):
         return []
     L = ["", "## Matched utility: distance from random's safety-utility frontier", "",
-         "Per (mode, budget), a line of the primary metric (refusal, mean over tasks) on the learned loglik is fitted "
-         "to random's runs (every ρ and seed); a cell's residual is its run's refusal minus the line at its learned "
-         "loglik (pp; > 0: safer than random at equal utility). Mean over seeds [95% t-interval], two-sided sign-flip "
-         "p (exact), and Holm's correction over every cell in this table.", ""]
+         "Per mode, a line of the primary metric (refusal, mean over tasks) on the learned loglik is fitted to "
+         "random's runs (every ρ, budget and seed); a run's residual is its refusal minus the line at its learned "
+         "loglik (pp; > 0: safer than random at equal utility). No extrapolation: runs whose learned loglik lies "
+         "outside random's range (± 10%) get no residual (counted in the last column). Mean over seeds [95% "
+         "t-interval], two-sided sign-flip p (exact), and Holm's correction over every tested cell.", ""]
     fr = mu.get("frontiers", {})
     L.append("Frontiers: " + "; ".join(f"{k}: refusal = {100 * v['intercept']:.1f} + {100 * v['slope']:.1f}·loglik "
-                                       f"(pp, {v['n']} random runs)" for k, v in fr.items()))
-    L += ["", "| cell | residual pp [CI] | p | Holm p | survives Holm |", "|---|---|---|---|---|"]
+                                       f"(pp; {v['n']} random runs; loglik range {v['x_range'][0]:.2f} to "
+                                       f"{v['x_range'][1]:.2f})" for k, v in fr.items()))
+    L += ["", "| cell | residual pp [CI] | p | Holm p | survives Holm | runs outside random's range |",
+          "|---|---|---|---|---|---|"]
     for label, st in mu["cells"].items():
-        if not st.get("n"):
-            continue
-        L.append(f"| {label} | {_ci(st, 1, pct=True)} | {st['perm_p']:.3f} | {st['p_holm']:.3f} | "
-                 f"{'yes' if st['survives'] else 'no'} |")
+        if st.get("n", 0) > 1:
+            L.append(f"| {label} | {_ci(st, 1, pct=True)} | {st['perm_p']:.3f} | {st['p_holm']:.3f} | "
+                     f"{'yes' if st['survives'] else 'no'} | {st['outside_range']} |")
+        else:
+            L.append(f"| {label} | – (outside random's range: not tested) | – | – | – | {st['outside_range']} |")
     return L
 
 
