@@ -132,7 +132,26 @@ cover the task. At 1000 records per task, lr 2e-3, 3 epochs (96 steps per task),
 0.88 / 0.80 / 0.90 and a random ρ = 0.2 subset at equal steps 0.86 / 0.96 / 0.96 (at equal epochs,
 21 steps, 0.14-0.20: the paper's budget then learns little, which is part of what it measures). The
 sentiment figure sat exactly on the 0.8 line, so the default is 4 epochs (128 steps per task). The
-study re-checks requirement (1) on every seed (``plasticity EM`` in its tables).
+study re-checks requirement (1) on every seed (``plasticity EM`` in its tables). (Issue 22 lowered the
+default ``lr`` to 5e-4: see below.)
+
+Issue 22 re-sizing (the eroding minority; seeds 0 and 1, full data and the oracle/random pair only)
+-------------------------------------------------------------------------------------------------------
+The requirements: the aligned model refuses ≥ 90% of the held-out harmful prompts and over-refuses ≤ 10% of
+the benign ones; after full-data fine-tuning the refusal rate stays graded (15-85%) after every task; the
+oracle beats random (the positive control). Measured: with the task formats in pretraining and alignment the
+aligned models refuse 100% and over-refuse 0.5-1% (before: 89.5%, with a reply "no ." that the keyword judge
+did not count; now "no , sorry ."). At lr 2e-3 every arm, the oracle included, fell to 0% refusal after the
+first or second task (a new output format overwrote everything); at lr 5e-4 (4 epochs) full data with 15%
+eroding records fell to 36% / 1% / 0% after the three tasks, while the same tasks without them kept 90% /
+54% / 23%. With 5% (the default): full data 65% / 13% / 3% (seed 0) and 72% / 67% / 14% (seed 1); with 3%:
+60% / 28% / 14% and 85% / 75% / 22%. So the graded-range requirement is met after the first task and **not**
+after the last one on these seeds at either fraction: the knowledge task's terse colour words take over
+replies to harmful prompts in every arm (the oracle's too). 5% was kept because at 3% the few eroding records
+a random ρ = 0.2 subset keeps (about 6 per task) leave little for the positive control to detect.
+Plasticity (EM right after each task, full data) stays 0.83-1.0. The model was not grown: on the shared
+2-core machine (load 10-15 from other jobs during this work) the ``medium`` size (about 4x the step cost,
+not re-measured here) would not have let the study's runs start in time.
 """
 from __future__ import annotations
 
