@@ -232,6 +232,8 @@ class ExperimentConfig:
 
     def cells(self) -> List[Cell]:
         cells = make_cells(self.methods, self.modes, self.ratios, self.budgets)
+        if "random" not in self.methods:  # a grid narrowed to other methods leaves random's frontier out
+            return cells
         extra = [c for c in make_cells(("random",), self.modes, self.frontier_ratios, ("epochs",)) if c not in cells]
         return cells + extra
 
