@@ -179,7 +179,7 @@ def test_demo_arguments():
         + [f"{m}/online/ρ=0.2/steps" for m in ("random", "median_band", "drop_opposed")])
     # random's frontier: random alone at equal epochs, ρ 0.1, 0.2, 0.5, per mode
     assert sorted(c.label for c in study.cells() if c.budget == "epochs" and c.method != "full") == sorted(
-        f"random/{m}/ρ={r}/epochs" for m in ("offline", "online") for r in ("0.1", "0.2", "0.5"))
+        f"random/{m}/ρ={r}/epochs" for m in ("offline", "online") for r in ("0.02", "0.05", "0.1", "0.2", "0.5"))
     control = config_from_args(build_parser().parse_args(["demo", "--control"]))
     assert sorted(c.label for c in control.cells()) == sorted(
         f"{m}/offline/ρ={r}/steps" for m in ("random", "oracle") for r in ("0.2", "0.5"))

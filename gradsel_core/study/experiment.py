@@ -215,9 +215,10 @@ class ExperimentConfig:
         """The study's headline cells: ρ ∈ {0.2, 0.5}, offline and online, equal steps, 10 seeds; random, the
         oracle (positive control), median_band (the paper's rule), norm_per_token (length-debiased),
         drop_opposed (a reference disjoint from the safety metric) and full data; the mechanism study on
-        every seed; random also at equal epochs, ρ ∈ {0.1, 0.2, 0.5}, for its frontier."""
+        every seed; random also at equal epochs, ρ ∈ {0.02, 0.05, 0.1, 0.2, 0.5}, for its frontier down to low
+        utility."""
         base = dict(seeds=tuple(range(10)), methods=HEADLINE_METHODS, modes=MODES, ratios=HEADLINE_RATIOS,
-                    budgets=("steps",), frontier_ratios=(0.1, 0.2, 0.5), mechanism_seeds=None,
+                    budgets=("steps",), frontier_ratios=(0.02, 0.05, 0.1, 0.2, 0.5), mechanism_seeds=None,
                     out_dir="gradsel_runs/study")
         base.update(kw)
         return cls(**base)
