@@ -1305,7 +1305,7 @@ def markdown(result: Mapping[str, Any]) -> str:
     if mech:
         L += ["", f"## Per-sample mechanism (one SGD step per sample from the aligned model; {mech['n']} samples over "
               f"seeds {[m['seed'] for m in result['mechanism']]})", "",
-              "damage = margin before − margin after (> 0: toward compliance). Spearman ρ per seed with a 1000-sample "
+              "damage = margin/token before − after (> 0: toward compliance). Spearman ρ per seed with a 1000-sample "
               "bootstrap 95% CI; the size of the change is abs(damage). Fraction of steps that damage: "
               f"{_fmt(mech['fraction_damaging'])} %.", ""]
         hdr = ["seed", "predictor", "ρ with damage [CI]", "ρ with the size of the change [CI]"]
@@ -1326,8 +1326,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         if all("cosine" in m["spearman"] for m in result["mechanism"]):
             L.append(f"cosine: of the sample's gradient with the safety reference gradient (the mean per-sample "
                      f"gradient of the refusal loss on {result['mechanism'][0].get('reference_records', '?')} "
-                     "alignment refusals, not the held-out prompts the margin is measured on). To first order "
-                     "a positive cosine makes refusing likelier, i.e. negative damage.")
+                     "reference records: harmful prompts of the alignment pairs, never the held-out prompts the "
+                     "margin is measured on, answered with refusal phrasings that neither the alignment data nor the "
+                     "safety metrics use). To first order a positive cosine makes refusing likelier, i.e. negative "
+                     "damage. norm_per_token: ‖∇ Σ_t ℓ_t‖ / √n_tokens.")
         else:
             L.append("(The cosine with a safety reference gradient is not measured: this source has no safety "
                      "records to compute the reference from.)")
