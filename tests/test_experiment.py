@@ -296,18 +296,28 @@ def test_holm_and_sign_flip():
 def test_matched_utility_recovers_a_planted_offset():
     from gradsel_core.study.experiment import matched_utility, positive_control
 
-    def run(method, seed, x, y):
+    def run(method, seed, x, y, ratio=0.2):
         step = {"refusal_rate": y, "harmful_compliance": 0.0, "margin_per_token": 0.0, "task_loglik": [x],
                 "mean_task_em": 0.5, "mean_task_loglik": x, "optimizer_steps": 10}
-        return {"cell": {"method": method, "mode": "offline", "ratio": 0.2, "budget": "steps"},
-                "label": f"{method}/offline/ρ=0.2/steps", "seed": seed, "steps": [step], "plasticity_em": [0.5],
+        return {"cell": {"method": method, "mode": "offline", "ratio": ratio, "budget": "steps"},
+                "label": f"{method}/offline/ρ={ratio}/steps", "seed": seed, "steps": [step], "plasticity_em": [0.5],
                 "forgetting": {"bwt": 0.0}}
 
-    runs = [run("random", s, -1.0 + 0.1 * s, 0.5 - 0.1 * (-1.0 + 0.1 * s)) for s in range(10)]
-    runs += [run("oracle", s, -1.0 + 0.05 * s, 0.6 - 0.1 * (-1.0 + 0.05 * s) + 0.01 * (s % 2)) for s in range(10)]
+    # random on a line (safety falls as utility rises), five cells of two seeds each; the oracle 0.1 above it
+    runs = [run("random", s, x + 0.01 * (-1) ** s, 0.5 - 0.1 * (x + 0.01 * (-1) ** s), ratio)
+            for ratio, x in ((0.1, -1.0), (0.2, -0.8), (0.3, -0.6), (0.4, -0.4), (0.5, -0.2)) for s in range(2)]
+    runs += [run("oracle", s, -0.95 + 0.07 * s, 0.6 - 0.1 * (-0.95 + 0.07 * s) + 0.01 * (s % 2)) for s in range(10)]
+    runs += [run("keep_top", s, -1.5, 0.9) for s in range(3)]  # learns less than any random cell: not tested
     mu = matched_utility(runs)
     st = mu["cells"]["oracle/offline/ρ=0.2/steps"]
     assert st["mean"] == pytest.approx(0.105, abs=1e-9) and st["survives"]
+    assert mu["cells"]["keep_top/offline/ρ=0.2/steps"]["outside_range"] == 3
+    assert mu["frontiers"]["offline"]["n_cells"] == 5
+    # a frontier that rises somewhere is pooled into a non-increasing one
+    from gradsel_core.study.experiment import random_frontier
+
+    fr = random_frontier([("a", -1.0, 0.5), ("b", -0.5, 0.7), ("c", 0.0, 0.1)])
+    assert fr["y"] == pytest.approx([0.6, 0.6, 0.1])
     pc = positive_control({"oracle/offline/ρ=0.2/steps": {"refusal_mean": {"n": 10, "ci": [0.01, 0.2]}}})
     assert not pc["holds"]  # ρ = 0.5 did not run
 

@@ -1089,21 +1089,41 @@ def positive_control(paired: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def _fit_line(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
-    if x.size < 2 or np.ptp(x) == 0:
-        return 0.0, float(np.mean(y)) if y.size else float("nan")
-    slope, icpt = np.polyfit(x, y, 1)
-    return float(slope), float(icpt)
+def _decreasing_fit(y: Sequence[float], w: Sequence[float]) -> np.ndarray:
+    """Weighted least-squares non-increasing fit (pool adjacent violators) of ``y`` in the given order."""
+    blocks: List[List[float]] = []  # [mean, weight, count]
+    for v, wt in zip(y, w):
+        blocks.append([float(v), float(wt), 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return np.concatenate([[m] * c for m, _, c in blocks]) if blocks else np.zeros(0)
+
+
+def random_frontier(rand: Sequence[Tuple[str, float, float]]) -> Dict[str, Any]:
+    """Random's safety-utility frontier from its runs ``(cell label, utility x, safety y)``: one point per random
+    cell (its mean x and mean y over seeds), sorted by x, made non-increasing (more learning, less safety; a
+    pool-adjacent-violators fit weighted by seeds) and interpolated linearly between the points. Defined
+    only between the outermost points (no extrapolation)."""
+    by: Dict[str, List[Tuple[float, float]]] = {}
+    for label, x, y in rand:
+        by.setdefault(label, []).append((x, y))
+    pts = sorted((float(np.mean([p[0] for p in v])), float(np.mean([p[1] for p in v])), len(v)) for v in by.values())
+    xs = np.array([p[0] for p in pts])
+    ys = _decreasing_fit([p[1] for p in pts], [p[2] for p in pts])
+    return {"x": xs.tolist(), "y": ys.tolist(), "n_cells": len(pts), "n_runs": len(rand)}
 
 
 def matched_utility(runs: Sequence[Mapping[str, Any]], x_key: str = "plasticity_loglik",
                     y_key: str = PRIMARY) -> Dict[str, Any]:
-    """Each method's vertical distance from random's safety-utility frontier: per mode, a line of the primary
-    safety metric on the learned loglik fitted to random's runs (every ρ, budget and seed: equal epochs at
-    small ρ gives the low-utility end); per cell and seed the residual y − f(x); per cell the mean residual
-    with a 95% t-interval over seeds and a sign-flip p. No extrapolation: a run whose utility lies outside
-    random's observed range (± 10% of it) gets no residual, and a cell with fewer than two residuals is
-    reported as "outside random's range", not tested. Holm's correction runs over every tested cell."""
+    """Each method's vertical distance from random's safety-utility frontier: per mode, the primary safety
+    metric against the learned loglik along random's cells (every ρ and budget: equal epochs at small ρ gives
+    the low-utility end; :func:`random_frontier`: cell means, non-increasing, interpolated); per cell and
+    seed the residual y − f(x); per cell the mean residual with a 95% t-interval over seeds and a sign-flip
+    p. No extrapolation: a run whose utility lies outside random's cell means gets no residual, and a cell
+    with fewer than two residuals is reported as "outside random's range", not tested. Holm's correction
+    runs over every tested cell."""
     by_mode: Dict[str, List[Mapping[str, Any]]] = {}
     for r in runs:
         c = r["cell"]
@@ -1113,22 +1133,20 @@ def matched_utility(runs: Sequence[Mapping[str, Any]], x_key: str = "plasticity_
     outside: Dict[str, int] = {}
     frontiers: Dict[str, Any] = {}
     for mode, rs in by_mode.items():
-        rand = [final_metrics(r) for r in rs if r["cell"]["method"] == "random"]
-        if len(rand) < 3:
+        rand = [(r["label"], final_metrics(r)) for r in rs if r["cell"]["method"] == "random"]
+        fr = random_frontier([(label, f[x_key], f[y_key]) for label, f in rand])
+        if fr["n_cells"] < 2:
             continue
-        x = np.array([f[x_key] for f in rand], dtype=float)
-        y = np.array([f[y_key] for f in rand], dtype=float)
-        slope, icpt = _fit_line(x, y)
-        pad = 0.1 * float(np.ptp(x))
-        lo, hi = float(x.min()) - pad, float(x.max()) + pad
-        frontiers[mode] = {"slope": slope, "intercept": icpt, "n": int(x.size), "x_range": [lo, hi]}
+        xs, ys = np.asarray(fr["x"]), np.asarray(fr["y"])
+        lo, hi = float(xs[0]), float(xs[-1])
+        frontiers[mode] = fr
         for r in rs:
             if r["cell"]["method"] == "random":
                 continue
             f = final_metrics(r)
             cells.setdefault(r["label"], [])
             if lo <= f[x_key] <= hi:
-                cells[r["label"]].append(f[y_key] - (icpt + slope * f[x_key]))
+                cells[r["label"]].append(f[y_key] - float(np.interp(f[x_key], xs, ys)))
             else:
                 outside[r["label"]] = outside.get(r["label"], 0) + 1
     stats: Dict[str, Any] = {}
@@ -1371,15 +1389,15 @@ def _matched_utility_md(summ: Mapping[str, Any]) -> List[str]:
     if not mu.get("cells"):
         return []
     L = ["", "## Matched utility: distance from random's safety-utility frontier", "",
-         "Per mode, a line of the primary metric (refusal, mean over tasks) on the learned loglik is fitted to "
-         "random's runs (every ρ, budget and seed); a run's residual is its refusal minus the line at its learned "
-         "loglik (pp; > 0: safer than random at equal utility). No extrapolation: runs whose learned loglik lies "
-         "outside random's range (± 10%) get no residual (counted in the last column). Mean over seeds [95% "
-         "t-interval], two-sided sign-flip p (exact), and Holm's correction over every tested cell.", ""]
-    fr = mu.get("frontiers", {})
-    L.append("Frontiers: " + "; ".join(f"{k}: refusal = {100 * v['intercept']:.1f} + {100 * v['slope']:.1f}·loglik "
-                                       f"(pp; {v['n']} random runs; loglik range {v['x_range'][0]:.2f} to "
-                                       f"{v['x_range'][1]:.2f})" for k, v in fr.items()))
+         "Per mode, random's frontier: each random cell (every ρ and budget; equal epochs at small ρ learns "
+         "little) is one point, its mean learned loglik and mean refusal (mean over tasks) over seeds; the points, "
+         "made non-increasing (pool adjacent violators), are joined linearly. A run's residual is its refusal minus "
+         "the frontier at its learned loglik (pp; > 0: safer than random at equal utility). No extrapolation: runs "
+         "whose learned loglik lies outside random's points get no residual (counted in the last column). Mean over "
+         "seeds [95% t-interval], two-sided sign-flip p (exact), and Holm's correction over every tested cell.", ""]
+    for k, v in mu.get("frontiers", {}).items():
+        L.append(f"Frontier, {k} ({v['n_runs']} random runs in {v['n_cells']} cells): "
+                 + ", ".join(f"({x:.2f}, {100 * y:.1f} %)" for x, y in zip(v["x"], v["y"])))
     L += ["", "| cell | residual pp [CI] | p | Holm p | survives Holm | runs outside random's range |",
           "|---|---|---|---|---|---|"]
     for label, st in mu["cells"].items():
