@@ -1105,14 +1105,17 @@ def random_frontier(rand: Sequence[Tuple[str, float, float]]) -> Dict[str, Any]:
     """Random's safety-utility frontier from its runs ``(cell label, utility x, safety y)``: one point per random
     cell (its mean x and mean y over seeds), sorted by x, made non-increasing (more learning, less safety; a
     pool-adjacent-violators fit weighted by seeds) and interpolated linearly between the points. Defined
-    only between the outermost points (no extrapolation)."""
+    between the outermost points, held flat for ``pad`` beyond them (the largest within-cell std of x: the seed
+    spread), no further (no extrapolation)."""
     by: Dict[str, List[Tuple[float, float]]] = {}
     for label, x, y in rand:
         by.setdefault(label, []).append((x, y))
     pts = sorted((float(np.mean([p[0] for p in v])), float(np.mean([p[1] for p in v])), len(v)) for v in by.values())
     xs = np.array([p[0] for p in pts])
     ys = _decreasing_fit([p[1] for p in pts], [p[2] for p in pts])
-    return {"x": xs.tolist(), "y": ys.tolist(), "n_cells": len(pts), "n_runs": len(rand)}
+    # the seed spread of random's utility: within it of an end point a run is still "at" that point (held flat)
+    pad = max([float(np.std([p[0] for p in v], ddof=1)) for v in by.values() if len(v) > 1] or [0.0])
+    return {"x": xs.tolist(), "y": ys.tolist(), "n_cells": len(pts), "n_runs": len(rand), "pad": pad}
 
 
 def matched_utility(runs: Sequence[Mapping[str, Any]], x_key: str = "plasticity_loglik",
@@ -1138,7 +1141,7 @@ def matched_utility(runs: Sequence[Mapping[str, Any]], x_key: str = "plasticity_
         if fr["n_cells"] < 2:
             continue
         xs, ys = np.asarray(fr["x"]), np.asarray(fr["y"])
-        lo, hi = float(xs[0]), float(xs[-1])
+        lo, hi = float(xs[0]) - fr["pad"], float(xs[-1]) + fr["pad"]
         frontiers[mode] = fr
         for r in rs:
             if r["cell"]["method"] == "random":
@@ -1393,10 +1396,11 @@ def _matched_utility_md(summ: Mapping[str, Any]) -> List[str]:
          "little) is one point, its mean learned loglik and mean refusal (mean over tasks) over seeds; the points, "
          "made non-increasing (pool adjacent violators), are joined linearly. A run's residual is its refusal minus "
          "the frontier at its learned loglik (pp; > 0: safer than random at equal utility). No extrapolation: runs "
-         "whose learned loglik lies outside random's points get no residual (counted in the last column). Mean over "
+         "whose learned loglik lies beyond random's end points by more than the seed spread of random's utility "
+         "(the largest within-cell std; held flat within it) get no residual (counted in the last column). Mean over "
          "seeds [95% t-interval], two-sided sign-flip p (exact), and Holm's correction over every tested cell.", ""]
     for k, v in mu.get("frontiers", {}).items():
-        L.append(f"Frontier, {k} ({v['n_runs']} random runs in {v['n_cells']} cells): "
+        L.append(f"Frontier, {k} ({v['n_runs']} random runs in {v['n_cells']} cells; end tolerance {v['pad']:.3f}): "
                  + ", ".join(f"({x:.2f}, {100 * y:.1f} %)" for x, y in zip(v["x"], v["y"])))
     L += ["", "| cell | residual pp [CI] | p | Holm p | survives Holm | runs outside random's range |",
           "|---|---|---|---|---|---|"]
