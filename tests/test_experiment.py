@@ -113,7 +113,8 @@ def test_local_arms_in_a_toy_study(tmp_path):
     assert summ["positive_control"]["holds"] is False  # one seed, no ρ = 0.2: never "holds"
     assert summ["proxy_validation"]["n_checkpoints"] == 4 * 3
     md = markdown(res)
-    assert "Positive control" in md and "FAILS" in md and "The continuous proxy" in md
+    assert "Positive control" in md and "NOT established" in md and "oracle/offline/ρ=0.2/steps" in md
+    assert "The continuous proxy" in md
 
 
 def test_two_runs_give_identical_json(tmp_path):

@@ -1381,9 +1381,13 @@ def _positive_control_md(summ: Mapping[str, Any]) -> List[str]:
          "difference of the primary metric, refusal % mean over tasks, 95% CI above 0) at ρ = 0.2 and 0.5.", ""]
     for label, st in cells.items():
         L.append(f"- {label} − random: {_ci(st, 1, pct=True)} pp")
-    L += ["", "**The positive control holds.**" if pc.get("holds") else
-          "**The positive control FAILS: the testbed cannot show a selection method helping; no negative result "
-          "about any method is reported from it.**", ""]
+    missing = [k for k, v in (pc.get("cells") or {}).items() if not v]
+    if pc.get("holds"):
+        L += ["", "**The positive control holds.**", ""]
+    else:
+        why = f"not run in this grid: {', '.join(missing)}" if missing else "an interval includes 0"
+        L += ["", f"**The positive control is NOT established here ({why}): this output alone cannot show a "
+              "selection method helping, and no negative result about any method is to be read from it.**", ""]
     return L
 
 
