@@ -1574,6 +1574,10 @@ def _plot_frontier(result: Mapping[str, Any], plt):
                 for mx, my, ratio in means:
                     ax.annotate(f"{ratio:g}", (mx, my), fontsize=7, xytext=(3, 3), textcoords="offset points",
                                 color=col)
+        fr = ((result.get("summary") or {}).get("matched_utility") or {}).get("frontiers", {}).get(mo)
+        if fr:  # random's frontier over every budget and ρ (the matched-utility reference)
+            ax.plot(fr["x"], [100 * y for y in fr["y"]], color="0.45", ls="--", lw=1.2, marker="s", ms=3,
+                    label="random's frontier (every ρ and budget)")
         if fulls:
             ax.scatter([p["plasticity_loglik"] for p in fulls], [100 * p[PRIMARY] for p in fulls], s=30,
                        color="0.35", marker="*", lw=0)
