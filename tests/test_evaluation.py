@@ -404,6 +404,16 @@ def test_margin_and_answer_loglik_equal_scored_continuations():
     flipped = evaluate_margin(model, tok, [dict(it, preferred=it["rejected"], rejected=it["preferred"]) for it in items],
                               prompt_template="<bos> {prompt}")
     assert flipped.margin == pytest.approx(-res.margin)
+    # per_token: each answer's log-likelihood over its token count (eos included), then the difference
+    per_tok = evaluate_margin(model, tok, items, prompt_template="<bos> {prompt}", per_token=True)
+    want_tok = []
+    for it in items:
+        ctx = tok.encode("<bos> " + it["prompt"])
+        (pref, n_p), (rej, n_r) = score_continuations(model, [(ctx, tok.encode(it["preferred"]) + [2]),
+                                                              (ctx, tok.encode(it["rejected"]) + [2])])
+        assert (n_p, n_r) == (len(it["preferred"].split()) + 1, len(it["rejected"].split()) + 1)
+        want_tok.append(pref / n_p - rej / n_r)
+    assert per_tok.per_item == pytest.approx(want_tok) and per_tok.margin == pytest.approx(sum(want_tok) / 2)
     ll = evaluate_answer_loglik(model, tok, [{"prompt": "a", "answer": "b c"}, {"prompt": "b", "answer": "c d"}],
                                 prompt_template="<bos> {prompt}")
     parts = score_continuations(model, [(tok.encode("<bos> a"), tok.encode("b c") + [2]),

@@ -9,6 +9,7 @@ import pytest
 from conftest import make_llama_dir
 
 from gradsel_core.cli import build_parser, main
+from gradsel_core.errors import UsageError
 from gradsel_core.commands.demo import config_from_args
 from gradsel_core.study.experiment import (
     Cell,
@@ -61,13 +62,18 @@ def test_study_outputs_budgets_and_resume(tmp_path, monkeypatch):
     summ = res["summary"]
     vals = [by[("full", s)]["steps"][-1]["safety_margin"] for s in (0, 1)]
     assert summ["cells"]["full"]["final"]["safety_margin"][0] == pytest.approx(sum(vals) / 2, abs=1e-12)
-    pv = summ["paired_vs_random"]["median_band/offline/ρ=0.5/steps"]["safety_margin"]
-    diffs = [by[("median_band/offline/ρ=0.5/steps", s)]["steps"][-1]["safety_margin"]
-             - by[("random/offline/ρ=0.5/steps", s)]["steps"][-1]["safety_margin"] for s in (0, 1)]
+    # the primary metric: the refusal rate after each task, averaged over the tasks, paired with random by seed
+    pv = summ["paired_vs_random"]["median_band/offline/ρ=0.5/steps"]["refusal_mean"]
+
+    def refusal_mean(label, seed):
+        return sum(s["refusal_rate"] for s in by[(label, seed)]["steps"]) / 3
+
+    diffs = [refusal_mean("median_band/offline/ρ=0.5/steps", s) - refusal_mean("random/offline/ρ=0.5/steps", s)
+             for s in (0, 1)]
     assert pv["n"] == 2 and pv["mean"] == pytest.approx(sum(diffs) / 2)
     mech = saved["mechanism"]
     assert len(mech) == 1 and mech[0]["seed"] == 1 and mech[0]["n"] == 9 and len(mech[0]["damage"]) == 9
-    assert set(mech[0]["spearman"]) == {"norm", "loss", "length", "cosine"}
+    assert set(mech[0]["spearman"]) == {"norm", "norm_per_token", "loss", "length", "cosine"}
     assert len(mech[0]["cosine"]) == mech[0]["n"] and all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in mech[0]["cosine"])
     md = markdown(saved)
     assert "median_band/offline/ρ=0.5/steps" in md and "Paired differences" in md and "What selection keeps" in md
@@ -82,6 +88,33 @@ def test_study_outputs_budgets_and_resume(tmp_path, monkeypatch):
     # a changed setting is refused, naming it
     with pytest.raises(ValueError, match="changed: lr"):
         run_experiment(ExperimentConfig(**{**cfg.__dict__, "lr": 1e-4}))
+
+
+def test_local_arms_in_a_toy_study(tmp_path):
+    """The oracle keeps ⌊ρ·n⌋ records and none of the eroding ones; norm_per_token keeps at most ⌊ρ·n⌋ and
+    records the length confound; the summary has the positive control, the matched-utility table and the
+    proxy validation, and the report names them."""
+    cfg = ExperimentConfig(seeds=(0,), methods=("random", "oracle", "norm_per_token"), modes=("offline", "online"),
+                           ratios=(0.5,), budgets=("steps",), mechanism_samples=0, out_dir=str(tmp_path), **SMALL_RUN)
+    assert [c.label for c in cfg.cells()] == ["random/offline/ρ=0.5/steps", "oracle/offline/ρ=0.5/steps",
+                                              "norm_per_token/offline/ρ=0.5/steps", "random/online/ρ=0.5/steps"]
+    res = run_experiment(cfg)
+    by = {r["label"]: r for r in res["runs"]}
+    oracle = by["oracle/offline/ρ=0.5/steps"]
+    assert [p["n"] for p in oracle["kept_profile"]] == [16, 16, 16]  # the kept set of each task
+    assert all(p["eroding_rate"] == 0.0 for p in oracle["kept_profile"])
+    assert [s["optimizer_steps"] for s in oracle["steps"]] == [4, 4, 4]  # equal steps: 2 epochs of 16
+    npt = by["norm_per_token/offline/ρ=0.5/steps"]
+    assert all(0 < p["n"] <= 16 for p in npt["kept_profile"])
+    assert len(npt["length_confound"]) == 3 and all(-1 <= lc["spearman_norm_tokens"] <= 1
+                                                    for lc in npt["length_confound"])
+    summ = res["summary"]
+    assert "oracle/offline/ρ=0.5/steps" in summ["positive_control"]["cells"]
+    assert summ["positive_control"]["holds"] is False  # one seed, no ρ = 0.2: never "holds"
+    assert summ["proxy_validation"]["n_checkpoints"] == 4 * 3
+    md = markdown(res)
+    assert "Positive control" in md and "NOT established" in md and "oracle/offline/ρ=0.2/steps" in md
+    assert "The continuous proxy" in md
 
 
 def test_two_runs_give_identical_json(tmp_path):
@@ -135,9 +168,25 @@ def test_statistics():
 def test_demo_arguments():
     cfg = config_from_args(build_parser().parse_args(["demo"]))
     assert cfg.ratios == (0.2,) and len(cfg.seeds) >= 3 and cfg.model_dir is None and cfg.mechanism_samples >= 200
-    assert len(cfg.cells()) == 5  # full + four policies, offline, equal steps
+    assert len(cfg.cells()) == 5  # full, random, oracle, median_band, norm_per_token; offline, equal steps
+    assert {"oracle", "random", "norm_per_token"} <= set(cfg.methods)
     full = config_from_args(build_parser().parse_args(["demo", "--full"]))
-    assert len(full.seeds) >= 5 and len(full.cells()) == 1 + 5 * 2 * 2 * 5 and full.mechanism_seeds is None
+    # 5 library policies in both modes, the oracle and norm_per_token offline only; 2 budgets, 5 ratios
+    assert len(full.seeds) >= 5 and len(full.cells()) == 1 + (7 * 2 + 5 * 2) * 5 and full.mechanism_seeds is None
+    study = config_from_args(build_parser().parse_args(["demo", "--study"]))
+    assert len(study.seeds) >= 10 and study.ratios == (0.2, 0.5) and study.budgets == ("steps",)
+    assert sorted(c.label for c in study.cells() if c.ratio == 0.2 and c.budget == "steps") == sorted(
+        [f"{m}/offline/ρ=0.2/steps" for m in ("random", "oracle", "median_band", "norm_per_token", "drop_opposed")]
+        + [f"{m}/online/ρ=0.2/steps" for m in ("random", "median_band", "drop_opposed")])
+    # random's frontier: random alone at equal epochs, ρ 0.1, 0.2, 0.5, per mode
+    assert sorted(c.label for c in study.cells() if c.budget == "epochs" and c.method != "full") == sorted(
+        f"random/{m}/ρ={r}/epochs" for m in ("offline", "online") for r in ("0.02", "0.05", "0.1", "0.2", "0.5"))
+    control = config_from_args(build_parser().parse_args(["demo", "--control"]))
+    assert sorted(c.label for c in control.cells()) == sorted(
+        f"{m}/offline/ρ={r}/steps" for m in ("random", "oracle") for r in ("0.2", "0.5"))
+    assert control.shared() == dict(study.shared(), mechanism_samples=0)  # one output folder serves both
+    with pytest.raises(UsageError, match="one of"):
+        config_from_args(build_parser().parse_args(["demo", "--study", "--control"]))
     assert "drop_opposed" in full.methods and "drop_opposed" not in cfg.methods
     one = config_from_args(build_parser().parse_args(["demo", "--full", "--seeds", "3", "--methods", "median_band",
                                                       "--ratios", "0.35"]))
@@ -189,3 +238,103 @@ def test_model_dir_path_on_a_tiny_hf_llama(tmp_path, capsys):
     saved = json.load(open(tmp_path / "out" / "results.json"))
     assert saved["tasks"] == ["qa", "chat"]
     assert {"refusal_rate", "fact_acc", "safety_margin"} <= set(saved["runs"][0]["steps"][-1])
+
+
+def test_oracle_drops_every_eroding_record_and_keeps_rho_n():
+    import numpy as np
+
+    from gradsel_core.study.experiment import oracle_mask
+
+    raw = [{"meta": {"eroding": i % 7 == 0}} for i in range(100)]  # 15 eroding
+    for ratio, k in ((0.2, 20), (0.5, 50)):
+        m = oracle_mask(raw, ratio, np.random.default_rng(0))
+        assert m.sum() == k and not any(m[i] for i in range(100) if raw[i]["meta"]["eroding"])
+    m = oracle_mask(raw, 0.9, np.random.default_rng(0))  # fewer clean records than ⌊ρ·n⌋: all of them
+    assert m.sum() == 85
+    assert (oracle_mask(raw, 0.2, np.random.default_rng(1)) == oracle_mask(raw, 0.2, np.random.default_rng(1))).all()
+
+
+def test_norm_per_token_is_the_sum_norm_over_sqrt_tokens():
+    import numpy as np
+    import torch
+
+    from gradsel_core.engine import GradNormEngine
+    from gradsel_core.models import TinyGPT, TinyGPTConfig
+    from gradsel_core.study.experiment import norm_per_token
+
+    torch.manual_seed(0)
+    model = TinyGPT(TinyGPTConfig(vocab_size=17, max_seq_len=12, d_model=8, n_layer=1, n_head=2)).double()
+    ids = torch.randint(1, 17, (3, 10))
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[1, :2] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    r_sum = GradNormEngine(model, backend="loop", loss_reduction="sum").score(batch)
+    key = norm_per_token(r_sum.norms.numpy(), r_sum.tokens.numpy())
+    for i in range(3):  # the loop's gradient of the summed loss, by hand
+        model.zero_grad()
+        out = model(input_ids=ids[i:i + 1])
+        logits = out.logits if hasattr(out, "logits") else out
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[i, 1:], ignore_index=-100, reduction="sum")
+        loss.backward()
+        g = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None))
+        n = int((labels[i, 1:] != -100).sum())
+        assert r_sum.norms.dtype == torch.float32  # the engine reports norms in fp32: fp32 tolerance
+        assert key[i] == pytest.approx(float(g) / np.sqrt(n), rel=1e-6)
+
+
+def test_holm_and_sign_flip():
+    from gradsel_core.study.experiment import holm, sign_flip_p
+
+    assert sign_flip_p([1.0] * 10) == pytest.approx(2 / 1024)
+    assert sign_flip_p([1.0, -1.0]) == pytest.approx(1.0)
+    h = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert h["a"]["p_holm"] == pytest.approx(0.03) and h["a"]["survives"]
+    assert h["c"]["p_holm"] == pytest.approx(0.06) and not h["c"]["survives"]
+    assert h["b"]["p_holm"] == pytest.approx(0.06) and not h["b"]["survives"]  # step-down: stops at c
+
+
+def test_matched_utility_recovers_a_planted_offset():
+    from gradsel_core.study.experiment import matched_utility, positive_control
+
+    def run(method, seed, x, y, ratio=0.2):
+        step = {"refusal_rate": y, "harmful_compliance": 0.0, "margin_per_token": 0.0, "task_loglik": [x],
+                "mean_task_em": 0.5, "mean_task_loglik": x, "optimizer_steps": 10}
+        return {"cell": {"method": method, "mode": "offline", "ratio": ratio, "budget": "steps"},
+                "label": f"{method}/offline/ρ={ratio}/steps", "seed": seed, "steps": [step], "plasticity_em": [0.5],
+                "forgetting": {"bwt": 0.0}}
+
+    # random on a line (safety falls as utility rises), five cells of two seeds each; the oracle 0.1 above it
+    runs = [run("random", s, x + 0.01 * (-1) ** s, 0.5 - 0.1 * (x + 0.01 * (-1) ** s), ratio)
+            for ratio, x in ((0.1, -1.0), (0.2, -0.8), (0.3, -0.6), (0.4, -0.4), (0.5, -0.2)) for s in range(2)]
+    runs += [run("oracle", s, -0.95 + 0.07 * s, 0.6 - 0.1 * (-0.95 + 0.07 * s) + 0.01 * (s % 2)) for s in range(10)]
+    runs += [run("keep_top", s, -1.5, 0.9) for s in range(3)]  # learns less than any random cell: not tested
+    mu = matched_utility(runs)
+    st = mu["cells"]["oracle/offline/ρ=0.2/steps"]
+    assert st["mean"] == pytest.approx(0.105, abs=1e-9) and st["survives"]
+    assert mu["cells"]["keep_top/offline/ρ=0.2/steps"]["outside_range"] == 3
+    assert mu["frontiers"]["offline"]["n_cells"] == 5
+    # a frontier that rises somewhere is pooled into a non-increasing one
+    from gradsel_core.study.experiment import random_frontier
+
+    fr = random_frontier([("a", -1.0, 0.5), ("b", -0.5, 0.7), ("c", 0.0, 0.1)])
+    assert fr["y"] == pytest.approx([0.6, 0.6, 0.1])
+    pc = positive_control({"oracle/offline/ρ=0.2/steps": {"refusal_mean": {"n": 10, "ci": [0.01, 0.2]}}})
+    assert not pc["holds"]  # ρ = 0.5 did not run
+
+
+def test_testbed_marks_a_minority_as_eroding_and_the_reference_is_disjoint():
+    from gradsel_core.study.testbed import REFERENCE_REFUSALS, REFUSALS, TestbedConfig, build_testbed
+
+    tb = build_testbed(TestbedConfig(seed=0, n_pretrain=100, n_align=50, n_task_train=200, n_task_test=10))
+    for t in tb.tasks:
+        flags = [r["meta"]["eroding"] for r in t.train]
+        assert sum(flags) == round(0.05 * 200)
+        assert not any(r["meta"]["eroding"] for r in t.eval)
+        for r in t.train:
+            if r["meta"]["eroding"]:
+                assert r["meta"]["erosion"] in ("form", "role", "list") and r["meta"]["harmful"] is False
+    ref = tb.reference_refusals(40)
+    scored = {p["preferred"] for p in tb.safety_pairs()} | {t for t, _ in REFUSALS}
+    assert all(r["response"] in REFERENCE_REFUSALS and r["response"] not in scored for r in ref)
+    assert not ({r["prompt"] for r in ref} & set(tb.heldout_harmful))

@@ -76,7 +76,10 @@ def test_sizes_and_record_format(tb):
         assert set(r) >= {"id", "prompt", "response", "task", "meta"}
         assert r["prompt"] and r["response"]
     assert set(tb.heldout_harmful_by_family) == set(HARMFUL_FAMILIES)
-    assert all(len(v) >= cfg.n_heldout_harmful // 2 - 1 for v in tb.heldout_harmful_by_family.values())
+    # balanced where the families have the prompts; a short family gives all it has and the other makes up the rest
+    by_family = tb.heldout_harmful_by_family
+    assert sum(len(v) for v in by_family.values()) == cfg.n_heldout_harmful
+    assert all(len(v) >= min(cfg.n_heldout_harmful // 2, 36) for v in by_family.values())
 
 
 def test_heldout_disjoint_from_alignment(tb):
@@ -98,7 +101,7 @@ def test_alignment_refuses_harmful_and_answers_benign(tb):
         m = r["meta"]
         if m["family"] in HARMFUL_FAMILIES:
             assert m["refusal"] == m["harmful"]
-            assert ("cannot" in r["response"] or r["response"] == "no .") == m["harmful"]
+            assert ("cannot" in r["response"] or r["response"] == "no , sorry .") == m["harmful"]
     # pretraining complies with everything, and has misconceptions for some facts
     assert not any(r["meta"].get("refusal") for r in tb.pretrain)
     assert any(r["meta"].get("false") for r in tb.pretrain if r["meta"]["family"] == "fact")
@@ -171,7 +174,7 @@ def test_collate_right_pads():
 def test_vocabulary_coverage(tb):
     tok = tb.tokenizer
     assert tok.vocab[:6] == ["<pad>", "<bos>", "<eos>", "<unk>", "USER:", "ASSISTANT:"]
-    assert tok.pad_token_id == 0 and tok.vocab_size == len(tok) < 300
+    assert tok.pad_token_id == 0 and tok.vocab_size == len(tok) < 320
     assert WordTokenizer().vocab == tok.vocab
     texts = [PROMPT_TEMPLATE.format(prompt="")]
     for r in tb.all_records():
@@ -264,7 +267,7 @@ def test_optional_tasks_and_pretrain_families():
     fams = {r["meta"]["family"] for r in t.pretrain}
     assert fams == {"arith", "lookup", "fact"}
     for r in t.task("arith").train:
-        if r["meta"]["noisy"]:
+        if r["meta"]["noisy"] or r["meta"]["eroding"]:  # the eroding minority is not arithmetic
             continue
         words = r["prompt"].split()
         nums = [int(w) for w in words if w.isdigit()]

@@ -1,6 +1,8 @@
 """``gradsel demo``: the safety-drift study (see ``gradsel_core.study.experiment``).
 
     gradsel demo                      # the small slice: ρ = 0.2, offline, equal steps, 3 seeds (≤ 5 min, 2 cores)
+    gradsel demo --control            # the positive control: oracle vs random, ρ = 0.2 and 0.5, equal steps, 5 seeds
+    gradsel demo --study              # the headline cells: ρ = 0.2 and 0.5, offline and online, equal steps, 10 seeds
     gradsel demo --full               # the whole study: every method, mode, budget and ρ, 5 seeds
     gradsel demo --full --seeds 3 --methods median_band --ratios 0.35   # rerun one cell (its numbers reproduce)
     gradsel demo --model DIR --task name=train.jsonl,eval.jsonl [--task ...] --harmful prompts.jsonl \
@@ -20,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true",
                    help="the whole study (5 seeds, every method, offline and online, both budgets, 5 ratios); "
                         "the grid flags below narrow it")
+    p.add_argument("--study", action="store_true",
+                   help="the headline cells (10 seeds; random, oracle, median_band, norm_per_token, drop_opposed, "
+                        "full; rho 0.2 and 0.5; offline and online; equal steps); the grid flags below narrow it")
+    p.add_argument("--control", action="store_true",
+                   help="the positive control alone (oracle vs random, offline, equal steps, rho 0.2 and 0.5, 5 seeds)")
     p.add_argument("--out", default=None, help="output directory (default gradsel_runs/demo or gradsel_runs/full); "
                                                "finished runs in it are reused, so an interrupted study resumes")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --full: 0..4)")
@@ -52,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'compliance' answers also give the safety margin")
     p.add_argument("--mc", default=None, help="multiple-choice items {question, choices, answer} (JSONL)")
     p.add_argument("--template", default=None, help="prompt template with {prompt}")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the continual tasks (default 2e-3)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the continual tasks (default 5e-4)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per continual task for full data (default 4)")
 
 
@@ -88,9 +95,14 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         kw.setdefault("out_dir", "gradsel_runs/model")
         kw.setdefault("lr", 1e-4)
         kw.setdefault("mechanism_samples", 0)
-    if "seeds" in kw and args.mechanism is None and not args.full:
+    grids = [name for name in ("full", "study", "control") if getattr(args, name, False)]
+    if len(grids) > 1:
+        raise UsageError(f"choose one of --full, --study, --control (got {', '.join('--' + g for g in grids)})")
+    if "seeds" in kw and args.mechanism is None and not grids:
         kw["mechanism_seeds"] = kw["seeds"][:1]
-    return ExperimentConfig.full(**kw) if args.full else ExperimentConfig(**kw)
+    if grids:
+        return getattr(ExperimentConfig, {"full": "full", "study": "headline", "control": "control"}[grids[0]])(**kw)
+    return ExperimentConfig(**kw)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -612,13 +612,16 @@ def evaluate_margin(
     batch_size: int = 128,
     append_eos: bool = True,
     pad_token_id: Optional[int] = None,
+    per_token: bool = False,
 ) -> MarginResult:
     """Log-likelihood margin over ``{prompt, preferred, rejected}`` items (see :class:`MarginResult`).
 
     A continuous, low-noise safety metric: on held-out harmful prompts with the refusal as
     ``preferred`` and the compliant answer as ``rejected`` it moves with every update, where a refusal
     rate only moves when a greedy generation flips. ``append_eos``: score the answer's end too (the
-    tokenizer's eos), so a prefix of a longer answer does not count as that answer.
+    tokenizer's eos), so a prefix of a longer answer does not count as that answer. ``per_token``: each
+    answer's log-likelihood divided by its token count (a length-normalised margin: a long compliant
+    answer is not "unlikely" merely for being long).
     """
     if not items:
         raise ValueError("evaluate_margin needs at least one {prompt, preferred, rejected} item")
@@ -627,6 +630,8 @@ def evaluate_margin(
     scores = score_continuations(model, _continuation_pairs(tokenizer, seqs, prompt_template, append_eos),
                                  batch_size=batch_size, pad_token_id=pad)
     n = len(items)
+    if per_token:
+        scores = [(lp / max(1, k), k) for lp, k in scores]
     pref = [lp for lp, _ in scores[:n]]
     rej = [lp for lp, _ in scores[n:]]
     per = [a - b for a, b in zip(pref, rej)]
