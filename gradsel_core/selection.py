@@ -67,6 +67,7 @@ import logging
 import math
 from collections.abc import Mapping
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -83,6 +84,8 @@ __all__ = [
     "register_policy",
     "policy_names",
     "target_count",
+    "norm_per_token",
+    "SCORES",
     "resolve_loss_filter_std",
     "LOSS_FILTER_AUTO",
 ]
@@ -117,6 +120,12 @@ def policy_names() -> List[str]:
 _COUNT_RTOL = 1e-9  # products this close (relative) below an integer count as that integer
 
 
+@functools.lru_cache(maxsize=256)
+def _ratio_fraction(ratio: float) -> Fraction:
+    """The decimal a ratio prints as, exactly (parsed once per ratio, not once per group)."""
+    return Fraction(repr(ratio))
+
+
 def target_count(ratio: float, n: int, per_batch: bool = False) -> int:
     """⌊ratio·n⌋ as a user means it: exact for the decimal the ratio prints as (0.29·100 -> 29), with a
     1e-9 relative tolerance for floating-point representation ((1/3)·3 -> 1, (1/3)·300 -> 100).
@@ -125,7 +134,7 @@ def target_count(ratio: float, n: int, per_batch: bool = False) -> int:
     ``ratio > 0`` and ``n >= 1``.
     """
     n = int(n)
-    exact = Fraction(repr(float(ratio))) * n
+    exact = _ratio_fraction(float(ratio)) * n
     k = math.floor(exact)
     if exact - k > 0 and (k + 1 - exact) <= _COUNT_RTOL * max(1.0, float(exact)):
         k += 1
@@ -442,6 +451,21 @@ def _check_lengths(cols: Mapping[str, Optional[np.ndarray]]) -> int:
 def _check_ids(ids: np.ndarray) -> None:
     if ids.ndim != 1:
         raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.dtype.kind in "iu" and bool(np.all(ids[1:] > ids[:-1])):
+        return  # strictly increasing (the usual case: positions or dataset order): unique in O(n)
+    if ids.dtype.kind == "O" and ids.shape[0]:
+        if len({type(v) for v in ids.tolist()}) > 1:
+            raise ValueError("ids must be mutually comparable (all integers or all strings)")
+        try:
+            import pandas as pd
+        except ImportError:
+            pass
+        else:  # hashing: a sort of 10M Python strings takes seconds
+            dup_mask = pd.Index(ids).duplicated(keep="first")
+            if not dup_mask.any():
+                return
+            dup = sorted(set(ids[dup_mask].tolist()))
+            raise ValueError(f"ids must be unique; duplicated: {dup[:5]}{' ...' if len(dup) > 5 else ''}")
     try:
         uniq, counts = np.unique(ids, return_counts=True)
     except TypeError:
@@ -453,6 +477,49 @@ def _check_ids(ids: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # the shared pipeline
+
+
+SCORES = ("norm", "norm_per_token")
+
+
+def _check_score(score: str) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)} (norm: ||grad L_i|| as scored; norm_per_token: "
+                         f"||grad sum_t l_t|| / sqrt(n_tokens), the length-debiased norm), got {score!r}")
+    return score
+
+
+def norm_per_token(norms: Any, tokens: Any, loss_reduction: str) -> np.ndarray:
+    """The length-debiased score ``||∇ Σ_t ℓ_t|| / √n`` (float64, (n,)) from the norms of the same backward.
+
+    ``loss_reduction`` is how the per-sample loss the norms belong to was reduced over the sample's ``n``
+    target tokens: ``"sum"`` (the norm is ``||∇ Σ_t ℓ_t||``: divided by √n) or ``"mean"`` (the loss is
+    ``Σ_t ℓ_t / n``, so ``||∇ Σ_t ℓ_t|| = n·norm``: multiplied by √n). Exact in both cases; a sample with
+    no target token (n = 0) has a zero gradient and scores its norm (0). Only for the built-in causal-LM
+    loss, whose token count is the count of target tokens the loss sums over."""
+    norms = _as_float_1d(norms, "norms")
+    t = np.maximum(_as_float_1d(tokens, "tokens"), 1.0)  # (n,); NaN stays NaN (the sample becomes invalid)
+    if loss_reduction == "sum":
+        return norms / np.sqrt(t)
+    if loss_reduction == "mean":
+        return norms * np.sqrt(t)
+    raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how the scored losses were reduced over tokens), "
+                     f"got {loss_reduction!r}")
+
+
+def _loss_reduction_of(obj: Any) -> Optional[str]:
+    """The per-token reduction the norms of ``obj`` were scored with: a ``ScoreStore``'s manifest config,
+    a ``ScoreResult``'s ``loss_reduction``, a mapping's ``"loss_reduction"``; ``None`` when unknown."""
+    red = _get(obj, "loss_reduction")
+    if red is None:
+        meta = getattr(obj, "meta", None)
+        cfg = meta.get("config") if isinstance(meta, Mapping) else None
+        if isinstance(cfg, Mapping):
+            if isinstance(cfg.get("loss"), Mapping) and cfg["loss"].get("kind") not in (None, "causal_lm_cross_entropy"):
+                raise ValueError(f"score='norm_per_token' needs the built-in causal-LM loss; the store at "
+                                 f"{getattr(obj, 'path', '?')} was scored with loss {cfg['loss'].get('kind')!r}")
+            red = cfg.get("loss_reduction")
+    return red if isinstance(red, str) else None
 
 
 def _ranking_key(norms: np.ndarray, tokens: Optional[np.ndarray], mode: Optional[str]) -> np.ndarray:
@@ -557,18 +624,88 @@ def _label_kind(lab: Any) -> str:
     return type(lab).__name__
 
 
-def _group_index(labels: np.ndarray) -> List[Tuple[Any, np.ndarray]]:
-    """Groups in order of first appearance: [(label, positions)]. Missing labels (None, NaN) form one
-    group labelled None. Labels of different kinds are different groups even when they compare or
-    print equal: ``"1"`` and ``1`` (and ``True`` and ``1``) are two groups."""
-    buckets: Dict[Tuple[str, Any], List[int]] = {}
-    first: Dict[Tuple[str, Any], Any] = {}
+def _first_appearance(uniq_first: np.ndarray, inverse: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Renumber ``np.unique`` groups by first appearance: ``(order, codes)`` where ``order[g]`` is the
+    ``np.unique`` index of group ``g`` and ``codes`` (n,) the group of each record."""
+    order = np.argsort(uniq_first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return order, rank[inverse.reshape(-1)]
+
+
+def _factorize_objects(labels: np.ndarray) -> Optional[Tuple[List[Any], np.ndarray]]:
+    """Group codes of an object array whose labels are all strings (missing labels, None or NaN, form one
+    group labelled None), hash-based (pandas when installed, else one dict pass); ``None`` for any other
+    object array."""
+    values = labels.tolist()
+    kinds = set(map(type, values))
+    if not kinds <= {str, type(None), float}:
+        return None
+    if float in kinds and any(v == v for v in values if type(v) is float):
+        return None  # a real number among strings: the general path keeps "1" and 1.0 apart
+    try:
+        import pandas as pd
+    except ImportError:
+        table: Dict[Any, int] = {}
+        codes = np.fromiter((table.setdefault(None if v is None or v != v else v, len(table)) for v in values),
+                            dtype=np.int64, count=len(values))
+        return list(table), codes
+    c, u = pd.factorize(labels)  # first-appearance order; None and NaN -> -1
+    c = np.asarray(c, dtype=np.int64)
+    firsts: List[Any] = list(u) + [None]
+    uniq, first, inv = np.unique(np.where(c < 0, len(u), c), return_index=True, return_inverse=True)
+    order, codes = _first_appearance(first, inv)
+    return [firsts[int(k)] for k in uniq[order]], codes
+
+
+def _group_codes(labels: np.ndarray) -> Tuple[List[Any], np.ndarray]:
+    """``(labels of the groups in order of first appearance, group code (n,) of each record)``, vectorized
+    (``np.unique`` for numeric and string arrays, hashing for string object arrays). Missing labels
+    (None, NaN) form one group labelled None. Labels of different kinds are different groups even when
+    they compare or print equal: ``"1"`` and ``1`` (and ``True`` and ``1``) are two groups."""
+    n = labels.shape[0]
+    if n == 0:
+        return [], np.zeros(0, dtype=np.int64)
+    if labels.dtype.kind in "biuUSf":
+        real = ~np.isnan(labels) if labels.dtype.kind == "f" else np.ones(n, dtype=bool)
+        pos = np.flatnonzero(real)
+        uniq, first, inv_real = np.unique(labels[real], return_index=True, return_inverse=True)
+        firsts = [_label_value(v) for v in uniq.tolist()]
+        first = pos[first]
+        inv = np.full(n, len(firsts), dtype=np.int64)
+        inv[real] = inv_real.reshape(-1)
+        if pos.shape[0] < n:  # NaN labels: the missing group
+            firsts.append(None)
+            first = np.append(first, int(np.flatnonzero(~real)[0]))
+        order, codes = _first_appearance(first, inv)
+        return [firsts[int(k)] for k in order], codes
+    if labels.dtype.kind == "O":
+        fact = _factorize_objects(labels)
+        if fact is not None:
+            return fact
+    # mixed kinds: one pass keyed by (kind, value)
+    table: Dict[Tuple[str, Any], int] = {}
+    firsts = []
+    codes = np.empty(n, dtype=np.int64)
     for i, lab in enumerate(labels.tolist()):
         lab = _label_value(lab)
         k = (_label_kind(lab), lab)
-        first.setdefault(k, lab)
-        buckets.setdefault(k, []).append(i)
-    return [(first[k], np.asarray(idx, dtype=np.int64)) for k, idx in buckets.items()]
+        c = table.get(k)
+        if c is None:
+            c = table[k] = len(firsts)
+            firsts.append(lab)
+        codes[i] = c
+    return firsts, codes
+
+
+def _group_index(labels: np.ndarray) -> List[Tuple[Any, np.ndarray]]:
+    """Groups in order of first appearance: [(label, positions ascending)] (see :func:`_group_codes`)."""
+    firsts, codes = _group_codes(labels)
+    if not firsts:
+        return []
+    perm = np.argsort(codes, kind="stable")  # positions grouped, ascending within each group
+    bounds = np.cumsum(np.bincount(codes, minlength=len(firsts)))[:-1]
+    return list(zip(firsts, np.split(perm.astype(np.int64, copy=False), bounds)))
 
 
 def _group_keys(labels: Sequence[Any]) -> List[str]:
@@ -596,8 +733,12 @@ def _select_core(
     length_normalize: Union[bool, str, None],
     policy_kwargs: Mapping,
     per_batch: bool = False,
+    diagnostics: bool = False,
+    score: str = "norm",
+    loss_reduction: Optional[str] = None,
 ) -> Tuple[np.ndarray, Dict[str, Any]]:
     fn, kwargs, takes_per_batch = _resolve_policy(policy, policy_kwargs)
+    score = _check_score(score)
     call_kwargs = dict(kwargs, per_batch=per_batch) if takes_per_batch else kwargs
     ratio = _check_ratio(ratio)
     loss_filter_std = resolve_loss_filter_std(policy, loss_filter_std)
@@ -609,7 +750,18 @@ def _select_core(
     if getattr(fn, "ranks_by", "norm") == "cosine":  # drop_opposed, project_band
         if mode is not None:
             raise ValueError(f"length_normalize applies to norms; policy {policy!r} ranks by a cosine")
+        if score != "norm":
+            raise ValueError(f"score={score!r} applies to norms; policy {policy!r} ranks by a cosine")
         key = _reference_key(policy, cols, int(kwargs.get("reference", 0)))
+    elif score == "norm_per_token":
+        if mode is not None:
+            raise ValueError("score='norm_per_token' is already length-debiased; do not combine it with length_normalize")
+        if tokens is None:
+            raise ValueError("score='norm_per_token' needs per-sample token counts ('tokens'), but none were given")
+        if loss_reduction is None:
+            raise ValueError("score='norm_per_token' needs to know how the losses were reduced over tokens: pass "
+                             "loss_reduction='mean' or 'sum' (a ScoreStore and ScoreResult record it)")
+        key = norm_per_token(norms, tokens, loss_reduction)
     else:
         key = _ranking_key(norms, tokens, mode)
 
@@ -618,6 +770,7 @@ def _select_core(
         "ratio": ratio,
         "loss_filter_std": loss_filter_std,
         "length_normalize": mode or False,
+        "score": score,
         "seed": "<Generator>" if isinstance(seed, np.random.Generator) else seed,
         "policy_kwargs": dict(kwargs),
         "group_by": None,
@@ -651,7 +804,8 @@ def _select_core(
         summary["n"], summary["kept"], summary["dropped"] = n, int(mask.sum()), int(n - mask.sum())
         summary["n_groups"] = len(per_group)
         summary["groups"] = per_group
-    summary.update(_length_diagnostics(norms, key, tokens, mask, mode))
+    if diagnostics:  # rank correlations sort every column: only on request
+        summary.update(_length_diagnostics(norms, key, tokens, mask, mode))
     log.debug(
         "select %s ratio=%s: kept %d of %d (%d non-finite, %d loss-filtered)",
         policy, ratio, summary["kept"], n, summary.get("nonfinite", 0), summary.get("loss_filtered", 0),
@@ -671,6 +825,10 @@ def select(
     group_by: Any = None,
     seed: Union[int, None, np.random.Generator] = 0,
     length_normalize: Union[bool, str, None] = False,
+    *,
+    score: str = "norm",
+    loss_reduction: Optional[str] = None,
+    diagnostics: bool = False,
     **policy_kwargs: Any,
 ) -> Selection:
     """Select samples from scored data with a policy (see the module docstring for the exact rules).
@@ -686,13 +844,23 @@ def select(
     filter otherwise), ``None`` (no filter) or a number (applied to any policy); the value used is
     ``summary["loss_filter_std"]``.
 
+    ``score``: what the norm policies rank by: ``"norm"`` (the stored norm) or ``"norm_per_token"``
+    (``||∇ Σ_t ℓ_t|| / √n_tokens``, the length-debiased norm, :func:`norm_per_token`), computed from the
+    same norms with the reduction the scores record (a ``ScoreStore``'s config, a ``ScoreResult``'s
+    ``loss_reduction``; else pass ``loss_reduction``). ``diagnostics=True`` adds the length
+    correlations (Spearman/Pearson of norm and tokens, mean tokens kept/dropped) to the summary; they
+    sort every column, so they are off by default.
+
     Returns a :class:`Selection` whose ``kept_ids``/``dropped_ids`` are sorted ascending and whose
     ``kept_mask`` is in input order.
     """
     cols = _columns(store_or_scores, group_by)
     ids = cols["ids"]
     _check_ids(ids)
-    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs)
+    if score == "norm_per_token" and loss_reduction is None:
+        loss_reduction = _loss_reduction_of(store_or_scores)
+    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs,
+                                 diagnostics=diagnostics, score=score, loss_reduction=loss_reduction)
     if isinstance(group_by, str):
         summary["group_by"] = group_by
     elif group_by is not None:
@@ -711,6 +879,10 @@ def keep_mask(
     length_normalize: Union[bool, str, None] = False,
     return_summary: bool = False,
     cosines: Any = None,
+    *,
+    score: str = "norm",
+    loss_reduction: Optional[str] = None,
+    diagnostics: bool = False,
     **policy_kwargs: Any,
 ):
     """Per-batch selection for in-step filtering: the same policy logic as :func:`select` on one batch
@@ -721,6 +893,8 @@ def keep_mask(
 
     ``seed`` only matters for ``policy="random"``: an int re-seeds on every call, so a training loop
     should pass a per-step seed (e.g. ``seed=step``) or one shared ``numpy.random.Generator``.
+    ``score``, ``loss_reduction`` and ``diagnostics`` as in :func:`select` (``score="norm_per_token"``
+    needs ``tokens`` and ``loss_reduction``).
     """
     import torch
 
@@ -732,7 +906,7 @@ def keep_mask(
         "cosines": None if cosines is None else _as_cosines(cosines),
     }
     mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs,
-                                 per_batch=True)
+                                 per_batch=True, diagnostics=diagnostics, score=score, loss_reduction=loss_reduction)
     out = torch.from_numpy(mask).to(device)
     return (out, summary) if return_summary else out
 
@@ -747,8 +921,8 @@ class SelectionConfig:
     the other policies), ``None`` (off) or a number (for any policy; see :attr:`resolved_loss_filter_std`);
     ``params``: the parameters scored and updated (``"trainable"``,
     ``"lora"``, names or a callable); ``policy_kwargs``: the policy's own parameters (``low_q``,
-    ``high_q`` for ``band``, ``max_norm`` for ``threshold``); ``group_by`` and ``length_normalize`` as
-    in :func:`select`. Used by ``ContinualTrainer``, ``GradSelTrainer`` and the CLI.
+    ``high_q`` for ``band``, ``max_norm`` for ``threshold``); ``group_by``, ``length_normalize`` and
+    ``score`` as in :func:`select`. Used by ``ContinualTrainer``, ``GradSelTrainer`` and the CLI.
     """
 
     policy: str = "median_band"
@@ -758,6 +932,7 @@ class SelectionConfig:
     group_by: Any = None  # offline selection only: select within each group
     length_normalize: Union[bool, str, None] = False
     policy_kwargs: Dict[str, Any] = field(default_factory=dict)
+    score: str = "norm"  # "norm_per_token": rank by ||grad sum_t l_t|| / sqrt(n_tokens) (see select)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -769,6 +944,7 @@ class SelectionConfig:
         if not (0.0 <= r <= 1.0):
             raise ValueError(f"ratio must be in [0, 1] (the fraction of each batch to keep), got {self.ratio!r}")
         resolve_loss_filter_std(self.policy, self.loss_filter_std)  # validates
+        _check_score(self.score)
         if isinstance(self.loss_filter_std, str):
             self.loss_filter_std = LOSS_FILTER_AUTO
         if self.policy_kwargs is None:

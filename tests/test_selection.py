@@ -425,8 +425,9 @@ class TestInputsAndLength:
 
         res = ScoreResult(norms=torch.tensor(PAPER["norms"]), losses=torch.tensor(PAPER["losses"]),
                           tokens=torch.arange(1, 11))
-        sel = select(res, ratio=0.2)
+        sel = select(res, ratio=0.2, diagnostics=True)
         assert ids_of(sel) == [6, 7] and sel.kept_ids.dtype.kind == "i"
+        assert "mean_tokens_kept" not in select(res, ratio=0.2).summary  # diagnostics only on request
         assert sel.summary["mean_tokens_kept"] == 7.5 and sel.summary["mean_tokens_dropped"] == 5.0
 
     def test_bfloat16_and_string_ids(self):
@@ -438,23 +439,23 @@ class TestInputsAndLength:
     def test_length_correlations(self):
         tokens = np.array([50, 40, 30, 20, 10])
         d = {"norms": [1.0, 2.0, 3.0, 5.0, 9.0], "losses": [1.0] * 5, "tokens": tokens}
-        s = select(d, policy="keep_top", ratio=0.4).summary
+        s = select(d, policy="keep_top", ratio=0.4, diagnostics=True).summary
         assert s["norm_tokens_spearman"] == pytest.approx(-1.0)
         assert s["norm_tokens_pearson"] == pytest.approx(np.corrcoef(d["norms"], tokens)[0, 1])
         assert s["mean_tokens_kept"] == 15.0 and s["mean_tokens_dropped"] == 40.0
-        assert "norm_tokens_pearson" not in select(NORMS5).summary
+        assert "norm_tokens_pearson" not in select(NORMS5, diagnostics=True).summary
 
     def test_spearman_with_ties(self):
         d = {"norms": [1.0, 1.0, 2.0, 3.0], "losses": [1.0] * 4, "tokens": [1, 2, 2, 3]}
         # average ranks: norms 1.5 1.5 3 4, tokens 1 2.5 2.5 4
         r = np.corrcoef([1.5, 1.5, 3, 4], [1, 2.5, 2.5, 4])[0, 1]
-        assert select(d).summary["norm_tokens_spearman"] == pytest.approx(r)
+        assert select(d, diagnostics=True).summary["norm_tokens_spearman"] == pytest.approx(r)
 
     def test_length_normalize(self):
         # norm / tokens: 1.0, 1.0, 0.5, 2.0 -> keep_bottom 1 keeps id 2; raw norms would keep id 0
         d = {"norms": [2.0, 4.0, 4.0, 2.0], "losses": [1.0] * 4, "tokens": [2, 4, 8, 1]}
         assert ids_of(select(d, policy="keep_bottom", ratio=0.25)) == [0]
-        s = select(d, policy="keep_bottom", ratio=0.25, length_normalize=True)
+        s = select(d, policy="keep_bottom", ratio=0.25, length_normalize=True, diagnostics=True)
         assert ids_of(s) == [2] and s.summary["length_normalize"] == "tokens" and "key_tokens_spearman" in s.summary
         # norm / sqrt(tokens): 1.414, 2, 1.414, 2 -> ids 0 then 2 (tie, position)
         assert ids_of(select(d, policy="keep_bottom", ratio=0.25, length_normalize="sqrt")) == [0]

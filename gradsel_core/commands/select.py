@@ -69,6 +69,13 @@ def add_policy_arguments(p: argparse.ArgumentParser, policy_default: Optional[st
     p.add_argument("--seed", type=int, default=0, help="seed for the random policy")
     p.add_argument("--length-normalize", default="none", choices=["none", "tokens", "sqrt"],
                    help="rank norm / tokens or norm / sqrt(tokens) instead of the norm")
+    p.add_argument("--score", default="norm", choices=["norm", "norm_per_token"],
+                   help="what the norm policies rank by: the stored norm, or norm_per_token = ||grad sum_t l_t|| / "
+                        "sqrt(target tokens), the length-debiased norm (from the same scores, exact for either "
+                        "loss reduction the store records)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="add the length diagnostics (Spearman/Pearson of norm and target tokens, mean tokens kept and "
+                        "dropped) to the summary; they sort every column, so they are off by default")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="policy parameter, repeatable (band: low_q, high_q; threshold: max_norm)")
 
@@ -123,6 +130,7 @@ def run_policy(store: Any, args: argparse.Namespace):
         return select(
             store, policy=args.policy, ratio=args.ratio, loss_filter_std=args.loss_filter_std,
             group_by=args.group_by, seed=args.seed, length_normalize=args.length_normalize,
+            score=getattr(args, "score", "norm"), diagnostics=getattr(args, "diagnostics", False),
             **parse_params(args.param),
         )
     except TypeError as e:  # a --param the policy does not take
