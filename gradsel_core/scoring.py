@@ -67,6 +67,7 @@ from .engine import GradNormEngine
 from .errors import UsageError
 from .params import ParamSpec
 from .store import (
+    COLUMNS_FILE,
     FIELDS_FILE,
     IDENTITY_KEYS,
     IDS_FILE,
@@ -93,6 +94,7 @@ from .store import (
     scan_shard_files,
     sha256_bytes,
     shard_name,
+    side_file_docs,
     store_files,
     SHARD_RE,
     TMP_PREFIX,
@@ -317,7 +319,7 @@ def _open_out_dir(out_dir: str, overwrite: bool) -> None:
                 "empty directory, or pass overwrite=True (CLI: --overwrite) to put the store's files next to them "
                 "(gradsel never touches files it did not create)"
             )
-        clash = [n for n in others if n in (MANIFEST, IDS_FILE, FIELDS_FILE) or SHARD_RE.match(n) or n.startswith(TMP_PREFIX)]
+        clash = [n for n in others if n in (MANIFEST, IDS_FILE, FIELDS_FILE, COLUMNS_FILE) or SHARD_RE.match(n) or n.startswith(TMP_PREFIX)]
         if clash:
             raise StoreConflictError(
                 f"{out_dir}: {', '.join(clash[:5])} would be overwritten, but gradsel did not create "
@@ -421,14 +423,13 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
             log.warning("%s; repairing the store", e)
     valid = _validate_existing(out_dir, plan, run_key, found)
     side: Dict[str, Tuple[str, int]] = {}
-    docs = [(IDS_FILE, json_bytes({"kind": scan.id_kind, "ids": scan.ids}))]
-    if scan.fields:
-        docs.append((FIELDS_FILE, json_bytes(scan.fields)))
+    docs = side_file_docs(scan.id_kind, scan.ids, scan.fields)
     for name, doc in docs:
         side[name] = (sha256_bytes(doc), len(doc))
         atomic_write(os.path.join(out_dir, name), doc)
-    if not scan.fields and os.path.exists(os.path.join(out_dir, FIELDS_FILE)):
-        os.unlink(os.path.join(out_dir, FIELDS_FILE))  # ours (the directory is a store): stale from a replaced run
+    for name in {IDS_FILE, FIELDS_FILE, COLUMNS_FILE} - set(side):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))  # ours (the directory is a store): stale from a replaced run
     created = (old or {}).get("created") or now()
     manifest = build_manifest(identity, run_key, len(scan), len(plan), side, versions, created)
     atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))

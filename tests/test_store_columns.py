@@ -1,0 +1,108 @@
+"""Format 3: ids and metadata columns stored as arrays (columns.safetensors), ScoreStore.from_arrays, and
+format-2 stores (ids.json, fields.json) still readable."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import gradsel_core as gs
+from gradsel_core.store import COLUMNS_FILE, FIELDS_FILE, IDS_FILE, MANIFEST, json_bytes, sha256_bytes
+
+
+def _cols(n=7):
+    rng = np.random.default_rng(0)
+    return dict(norms=rng.random(n).astype(np.float32), losses=rng.random(n), tokens=rng.integers(0, 9, n))
+
+
+def _same(store, other):
+    assert store.ids.tolist() == other.ids.tolist() and store.ids.dtype == other.ids.dtype
+    assert list(store.fields) == list(other.fields)
+    for k in store.fields:
+        a, b = store.fields[k], other.fields[k]
+        assert a.dtype == b.dtype, k
+        assert [None if v != v else v for v in a.tolist()] == [None if v != v else v for v in b.tolist()], k
+    for k in ("norms", "losses", "tokens"):
+        assert np.array_equal(getattr(store, k), getattr(other, k))
+
+
+def test_from_arrays_round_trip_every_column_kind(tmp_path):
+    fields = {
+        "task": ["a", "b", "a", "c", "b", "a", "é\n"],  # strings: dictionary codes
+        "flag": np.array([True, False, True, True, False, False, True]),
+        "n": np.arange(7) * 10,
+        "x": [0.5, None, 1.5, 2.0, None, 3.0, 4.0],  # numbers with missing: float64 with NaN
+        "mixed": ["1", 1, None, "x", 2.5, "y", "z"],  # kinds mixed: fields.json
+        "nul": ["a\x00b", "c", "d", "e", "f", "g", "h"],  # holds the separator: fields.json
+    }
+    ids = np.array([f"r{i}" for i in range(7)])
+    store = gs.ScoreStore.from_arrays(tmp_path / "s", ids=ids, fields=fields, shard_size=3, **_cols())
+    names = set(os.listdir(tmp_path / "s"))
+    assert COLUMNS_FILE in names and FIELDS_FILE in names and IDS_FILE not in names
+    assert set(json.loads((tmp_path / "s" / FIELDS_FILE).read_text())) == {"mixed", "nul"}
+    assert store.ids.tolist() == ids.tolist() and store.ids.dtype == object
+    assert store.fields["task"].tolist() == fields["task"] and store.fields["task"].dtype == object
+    assert store.fields["flag"].dtype == bool and store.fields["n"].dtype == np.int64
+    assert np.isnan(store.fields["x"][1]) and store.fields["x"][2] == 1.5
+    assert store.fields["mixed"].tolist() == fields["mixed"] and store.fields["nul"][0] == "a\x00b"
+    assert list(store.fields) == list(fields)
+    assert len(store.meta["shards"]) == 3 and store.meta["format_version"] == 3
+    _same(store, gs.ScoreStore.open(tmp_path / "s"))
+    sel = gs.select(store, policy="keep_top", ratio=0.5, group_by="task")
+    assert sel.summary["n_groups"] == 4
+
+
+def test_string_ids_holding_the_separator_go_to_ids_json(tmp_path):
+    ids = ["a\x00", "b", "c"]
+    store = gs.ScoreStore.from_arrays(tmp_path / "s", ids=np.array(ids, dtype=object), **_cols(3))
+    assert IDS_FILE in os.listdir(tmp_path / "s") and store.ids.tolist() == ids
+    _same(store, gs.ScoreStore.open(tmp_path / "s"))
+
+
+def test_format_2_store_stays_readable(tmp_path):
+    """The same store written as format 2 (ids.json and fields.json, no columns file) reads the same."""
+    fields = {"task": ["a", "b", "a", "c", "b", "a", "d"], "n": list(range(7))}
+    out = tmp_path / "s"
+    v3 = gs.ScoreStore.from_arrays(out, ids=np.arange(7) * 3, fields=fields, **_cols())
+    m = json.loads((out / MANIFEST).read_text())
+    os.unlink(out / COLUMNS_FILE)
+    for name, doc in ((IDS_FILE, {"kind": "int", "ids": v3.ids.tolist()}), (FIELDS_FILE, fields)):
+        data = json_bytes(doc)
+        (out / name).write_bytes(data)
+        m["files"][name], m["file_sizes"][name] = sha256_bytes(data), len(data)
+    m["files"].pop(COLUMNS_FILE)
+    m["file_sizes"].pop(COLUMNS_FILE)
+    m["format_version"] = 2
+    (out / MANIFEST).write_text(json.dumps(m))
+    _same(gs.ScoreStore.open(out), v3)
+
+
+def test_corrupted_columns_file_is_named(tmp_path):
+    out = tmp_path / "s"
+    gs.ScoreStore.from_arrays(out, fields={"task": list("abcabca")}, **_cols())
+    b = bytearray((out / COLUMNS_FILE).read_bytes())
+    b[-1] ^= 1
+    (out / COLUMNS_FILE).write_bytes(bytes(b))
+    with pytest.raises(gs.StoreError, match="columns.safetensors: checksum mismatch"):
+        gs.ScoreStore.open(out)
+    with pytest.raises(gs.StoreError, match="columns.safetensors"):
+        gs.ScoreStore.open(out, verify=False)
+
+
+def test_from_arrays_refusals(tmp_path):
+    c = _cols(3)
+    with pytest.raises(gs.UsageError, match="ids must be unique"):
+        gs.ScoreStore.from_arrays(tmp_path / "a", ids=[1, 1, 2], **c)
+    with pytest.raises(gs.UsageError, match=r"losses must have shape \(3,\)"):
+        gs.ScoreStore.from_arrays(tmp_path / "b", c["norms"], np.ones(4))
+    with pytest.raises(gs.UsageError, match="loss_reduction"):
+        gs.ScoreStore.from_arrays(tmp_path / "c", loss_reduction="max", **c)
+    gs.ScoreStore.from_arrays(tmp_path / "d", **c)
+    with pytest.raises(gs.StoreConflictError, match="overwrite=True"):
+        gs.ScoreStore.from_arrays(tmp_path / "d", **c)
+    again = gs.ScoreStore.from_arrays(tmp_path / "d", overwrite=True, ids=[5, 6, 7], **c)
+    assert gs.ScoreStore.open(tmp_path / "d").ids.tolist() == [5, 6, 7] == again.ids.tolist()
+    empty = gs.ScoreStore.from_arrays(tmp_path / "e", np.zeros(0), np.zeros(0))
+    assert len(empty) == 0 and len(gs.ScoreStore.open(tmp_path / "e")) == 0
