@@ -106,3 +106,17 @@ def test_from_arrays_refusals(tmp_path):
     assert gs.ScoreStore.open(tmp_path / "d").ids.tolist() == [5, 6, 7] == again.ids.tolist()
     empty = gs.ScoreStore.from_arrays(tmp_path / "e", np.zeros(0), np.zeros(0))
     assert len(empty) == 0 and len(gs.ScoreStore.open(tmp_path / "e")) == 0
+
+
+@pytest.mark.parametrize("ids", [None, np.array([9, 3, 5, 1, 7, 2, 4]), np.array(list("gfedcba"), dtype=object)])
+def test_select_lines_are_the_json_of_each_row(tmp_path, ids):
+    """``gradsel select`` formats its JSONL from columns: the same bytes as one json.dumps per row, NaN too."""
+    from gradsel_core.commands.select import _score_lines, _score_rows
+
+    c = _cols()
+    c["norms"][2] = np.nan
+    store = gs.ScoreStore.from_arrays(tmp_path / "s", ids=ids, **c)
+    kept = np.array([0, 2, 3, 6])
+    want = [json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in _score_rows(store, kept)]
+    assert list(_score_lines(store, kept, chunk=2)) == want
+    assert list(_score_lines(store, kept[[0, 2, 3]])) == [w for w in want if "null" not in w]
