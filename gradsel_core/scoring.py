@@ -652,6 +652,9 @@ def score_dataset(
         "loss_reduction": loss_reduction,
         "loss": {"kind": "causal_lm_cross_entropy", "shift": 1, "ignore_index": IGNORE_INDEX,
                  "reduction": loss_reduction},
+        # CPU reductions split by thread count: another count changes norms in the last bits (up to ~5e-7),
+        # so it is part of the identity and a resume at another count is refused instead of mixing them
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
     from .integrations.fsdp import FullParams, is_sharded, unsharded_class_name
 

@@ -1007,9 +1007,14 @@ def conflict_message(out_dir: str, old_identity: Mapping[str, Any], identity: Ma
     diffs = describe_difference(dict(old_identity), dict(identity))
     what = sorted({d.split(".")[0] for d in diffs}) or ["model"]
     names = {"model": "model", "config": "scoring config", "data": "dataset"}
+    threads = ""
+    if "config.cpu_threads" in diffs:
+        threads = (f" The store was scored with {old_identity.get('config', {}).get('cpu_threads')} CPU thread(s), this "
+                   f"run has {identity.get('config', {}).get('cpu_threads')}: resume with the same count "
+                   "(torch.set_num_threads, or OMP_NUM_THREADS for the CLI), since it changes the last bits of the norms.")
     return (
         f"{out_dir} already holds scores of a different {' and '.join(names.get(w, w) for w in what)}{where} "
-        f"(differs in: {', '.join(diffs[:8])}{', ...' if len(diffs) > 8 else ''}). Pass overwrite=True "
+        f"(differs in: {', '.join(diffs[:8])}{', ...' if len(diffs) > 8 else ''}).{threads} Pass overwrite=True "
         "(CLI: --overwrite) to replace them, or choose another directory."
     )
 

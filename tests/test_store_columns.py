@@ -120,3 +120,29 @@ def test_select_lines_are_the_json_of_each_row(tmp_path, ids):
     want = [json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in _score_rows(store, kept)]
     assert list(_score_lines(store, kept, chunk=2)) == want
     assert list(_score_lines(store, kept[[0, 2, 3]])) == [w for w in want if "null" not in w]
+
+
+def test_cpu_thread_count_is_part_of_the_identity(tmp_path):
+    """Another torch thread count changes the last bits of CPU norms: a resume at another count is refused
+    (naming it), the same count resumes."""
+    import torch
+
+    from gradsel_core.models import TinyGPT, TinyGPTConfig
+
+    torch.manual_seed(0)
+    model = TinyGPT(TinyGPTConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, max_seq_len=32))
+    g = torch.Generator().manual_seed(0)
+    recs = [{"input_ids": torch.randint(0, 50, (5 + i,), generator=g).tolist()} for i in range(6)]
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        store = gs.score_dataset(model, recs, tmp_path / "s", batch_size=4, progress=False)
+        assert store.meta["config"]["cpu_threads"] == 1
+        torch.set_num_threads(2)
+        with pytest.raises(gs.StoreConflictError, match=r"config\.cpu_threads.*1 CPU thread\(s\), this run has 2"):
+            gs.score_dataset(model, recs, tmp_path / "s", batch_size=4, progress=False)
+        torch.set_num_threads(1)
+        again = gs.score_dataset(model, recs, tmp_path / "s", batch_size=4, progress=False)
+        assert again.run["records_scored"] == 0
+    finally:
+        torch.set_num_threads(n)
