@@ -78,3 +78,19 @@ def test_select_on_a_store_reads_the_reduction(tmp_path):
         store = gs.ScoreStore.from_arrays(tmp_path / reduction, norms, np.ones(4), tokens, loss_reduction=reduction)
         sel = gs.select(store, policy="keep_bottom", ratio=0.25, score="norm_per_token")
         assert sel.kept_ids.tolist() == want and sel.summary["score"] == "norm_per_token"
+
+
+def test_select_on_a_score_result_reads_its_reduction():
+    model = tiny_gpt().eval()
+    batch = lm_batch(B=8, T=10, padding=True, seed=5)
+    want, _ = reference_key(model, batch)
+    lowest = sorted(np.argsort(want.numpy(), kind="stable")[:4].tolist())
+    for reduction in ("mean", "sum"):
+        res = gs.GradNormEngine(model, loss_reduction=reduction).score(batch)
+        assert res.loss_reduction == reduction
+        sel = gs.select(res, policy="keep_bottom", ratio=0.5, score="norm_per_token")
+        assert sel.kept_ids.tolist() == lowest
+    custom = gs.GradNormEngine(model, loss_fn=lambda out, b: out.float().mean(dim=(1, 2))).score(batch)
+    assert custom.loss_reduction is None
+    with pytest.raises(ValueError, match="pass loss_reduction"):
+        gs.select(custom, score="norm_per_token")
