@@ -87,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=100_000)
     ap.add_argument("--data-records", type=int, default=10_000_000, help="records of the --data run (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data-repeats", type=int, default=1, help="runs of the --data join (the slowest measure)")
     ap.add_argument("--quick", action="store_true", help="100k records, 1k clusters, 1 repeat")
     ap.add_argument("--work-dir", default=None, help="where the stores are built (default: a temp dir)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -154,13 +155,13 @@ def main(argv=None):
             gs.ScoreStore.from_arrays(dd, **c2, fields=f2)
             del c2, f2
             runs = [run_cli(["select", "--scores", str(dd), "--out", str(work / "kept.jsonl"), "--data", str(data)], env)
-                    for _ in range(R)]
+                    for _ in range(args.data_repeats)]
             row("cli select --data", ([w for w, _, _ in runs], [c for _, c, _ in runs]), records=M,
                 peak_rss_mb=round(max(m for _, _, m in runs)), data_mb=round(data.stat().st_size / 2 ** 20))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    meta = {**env_info(), "records": N, "clusters": args.clusters, "repeats": R, "sort_s": sort_s,
+    meta = {**env_info(), "snapshot_of": os.environ.get("BENCH_SNAPSHOT_COMMIT"), "records": N, "clusters": args.clusters, "repeats": R, "sort_s": sort_s,
             "note": "shared CPU: wall-clock medians are noisy; x_sort divides by one np.sort of N float64 in the same run"}
     md = markdown_table(
         ["measure", "records", "median wall s", "CPU s", "x np.sort(N)", "target s", "meets", "peak RSS MB"],

@@ -427,7 +427,30 @@ def _columns(obj: Any, group_by: Any) -> Dict[str, Optional[np.ndarray]]:
     if groups is not None and groups.ndim != 1:
         raise ValueError(f"group labels must be 1-D, got shape {tuple(groups.shape)}")
     cols["groups"] = groups
+    cols["group_codes"] = _stored_codes(obj, group_by, n) if groups is not None else None
     return cols
+
+
+def _stored_codes(obj: Any, group_by: Any, n: int) -> Optional[Tuple[List[Any], np.ndarray]]:
+    """A store's dictionary codes of a string field, when they number its values by first appearance
+    (checked, O(n)): the groups without hashing 10M strings again. ``None`` otherwise."""
+    fn = getattr(obj, "field_codes", None)
+    if not isinstance(group_by, str) or not callable(fn):
+        return None
+    got = fn(group_by)
+    if got is None:
+        return None
+    codes, distinct = got
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.shape != (n,) or (n and codes[0] != 0):
+        return None
+    if n:
+        run_max = np.maximum.accumulate(codes)
+        if codes.min() < 0 or run_max[-1] + 1 != len(distinct) or np.any(codes[1:] > run_max[:-1] + 1):
+            return None
+    if not all(type(v) is str for v in distinct):
+        return None
+    return list(distinct), codes
 
 
 def _as_cosines(x: Any) -> np.ndarray:
@@ -457,7 +480,7 @@ def _reference_key(policy: str, cols: Mapping[str, Optional[np.ndarray]], refere
 
 def _check_lengths(cols: Mapping[str, Optional[np.ndarray]]) -> int:
     n = cols["norms"].shape[0]
-    bad = {k: v.shape[0] for k, v in cols.items() if v is not None and v.shape[0] != n}
+    bad = {k: v.shape[0] for k, v in cols.items() if isinstance(v, np.ndarray) and v.shape[0] != n}
     if bad:
         raise ValueError(f"per-sample arrays must all have length {n} (that of norms); got " + ", ".join(f"{k}: {m}" for k, m in bad.items()))
     return n
@@ -799,10 +822,11 @@ _SEGMENTED = {name: POLICIES[name] for name in _SEGMENTED_NAMES}
 def _select_groups_segmented(
     norms: np.ndarray, losses: np.ndarray, key: np.ndarray, codes: np.ndarray, n_groups: int, policy: str,
     ratio: float, loss_filter_std: Optional[float],
-) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+) -> Tuple[np.ndarray, List[Dict[str, Any]], Dict[str, int]]:
     """What ``_select_group`` gives for every group (mask over all records, one stats dict per group), for
     the count-based built-in policies, as a handful of sorts and segment reductions instead of a Python
-    loop over the groups (100k groups of 100 records in seconds)."""
+    loop over the groups (100k groups of 100 records in seconds). Also returns the totals of the summed
+    counts."""
     n = norms.shape[0]
     G = n_groups
     n_g = np.bincount(codes, minlength=G)
@@ -890,13 +914,14 @@ def _select_groups_segmented(
     cols["kept_key_min"], cols["kept_key_max"] = kmin.tolist(), kmax.tolist()
     cols["kept"] = kept_g.tolist()
     cols["dropped"] = (n_g - kept_g).tolist()
+    sums = {k: int(sum(cols[k])) for k in _SUMMED if k in cols}
     names = list(cols)
     rows = [dict(zip(names, vals)) for vals in zip(*(cols[k] for k in names))]
     if policy in ("median_band", "project_band"):  # a group with no survivor: no band (as _median_band)
         for g in np.flatnonzero(surv_g == 0).tolist():
             for k in ("kept_key_min", "kept_key_max"):
                 rows[g].pop(k, None)
-    return mask, rows
+    return mask, rows, sums
 
 
 _SUMMED = ("n", "kept", "dropped", "nonfinite", "loss_filtered", "survivors", "target", "target_dropped")
@@ -963,12 +988,17 @@ def _select_core(
         per_group: Dict[str, Dict[str, Any]] = {}
         totals = {k: 0 for k in _SUMMED}
         present = set()
-        firsts, codes = _group_codes(groups)
+        firsts, codes = cols["group_codes"] if cols.get("group_codes") is not None else _group_codes(groups)
         keys = _group_keys(firsts)
         if len(firsts) >= _VECTOR_MIN_GROUPS and _SEGMENTED.get(policy) is fn and not per_batch:
-            mask, rows = _select_groups_segmented(norms, losses, key, codes, len(firsts), policy, ratio,
-                                                  loss_filter_std)
-            results: Any = ((label, None, gstats) for label, gstats in zip(firsts, rows))
+            mask, rows, sums = _select_groups_segmented(norms, losses, key, codes, len(firsts), policy, ratio,
+                                                        loss_filter_std)
+            for label, gkey, gstats in zip(firsts, keys, rows):
+                gstats["label"] = label
+                per_group[gkey] = gstats
+            totals.update(sums)
+            present.update(sums)
+            results: Any = ()
         else:
             results = ((label, idx, None) for label, idx in _split_groups(firsts, codes))
         for g, ((label, idx, gstats), gkey) in enumerate(zip(results, keys)):

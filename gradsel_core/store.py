@@ -553,9 +553,10 @@ def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any]) -> Tuple[O
     return encode_shard(tensors, meta), ids_doc, rest
 
 
-def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True) -> Tuple[Optional[np.ndarray], Dict[str, np.ndarray], List[Tuple[str, str]]]:
-    """``(ids or None when in ids.json, fields from the file, [(name, encoding)] in order)`` of a columns
-    file; ``StoreError`` naming ``path`` when it is malformed."""
+def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True):
+    """``(ids or None when in ids.json, fields from the file, [(name, encoding)] in order, {name: (codes,
+    distinct values)} of the string fields)`` of a columns file; ``StoreError`` naming ``path`` when it is
+    malformed."""
     tensors, meta = decode_shard(data, path, check_payload=check_payload)
     bad = f"{path}: malformed columns file"
     if meta.get("kind") != "gradsel-columns" or meta.get("n") != n or not isinstance(meta.get("fields"), list):
@@ -573,6 +574,7 @@ def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True) -
         elif meta.get("ids") != "json":
             raise ValueError("ids")
         fields: Dict[str, np.ndarray] = {}
+        dict_codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         order: List[Tuple[str, str]] = []
         for i, entry in enumerate(meta["fields"]):
             name, enc = str(entry[0]), entry[1]
@@ -585,6 +587,8 @@ def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True) -
                 if codes.size and (codes.min() < 0 or codes.max() >= distinct.shape[0]):
                     raise ValueError(name)
                 col = distinct[codes]
+                col.setflags(write=False)  # field_codes stays true to it: replaced is detected, edited refused
+                dict_codes[name] = (codes, distinct, col)
             elif enc == "json":
                 continue
             else:
@@ -594,7 +598,7 @@ def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True) -
             fields[name] = col
     except (KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
         raise StoreError(f"{bad} ({type(e).__name__}: {e}); rerun the same `gradsel score` command to rewrite it") from None
-    return ids, fields, order
+    return ids, fields, order, dict_codes
 
 
 def side_file_docs(id_kind: str, ids: Any, fields: Mapping[str, Any]) -> List[Tuple[str, bytes]]:
@@ -728,6 +732,8 @@ class ScoreStore:
     run: Dict[str, Any] = field(default_factory=dict)  # what the score_dataset call that returned it did
     dots: Optional[np.ndarray] = None  # (N,) or (N, R) float32: ⟨∇θ L_i, r⟩ (scored with reference=)
     cosines: Optional[np.ndarray] = None  # (N,) or (N, R) float32
+    # string fields as read from the columns file: {name: (codes (N,), distinct values)}
+    _codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.norms.shape[0])
@@ -770,8 +776,9 @@ class ScoreStore:
         ids: Any = None
         fields: Dict[str, Any] = {}
         order: List[Tuple[str, str]] = []
+        codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if COLUMNS_FILE in files:  # format 3
-            ids, fields, order = decode_columns(
+            ids, fields, order, codes = decode_columns(
                 load_checked(COLUMNS_FILE, files[COLUMNS_FILE], sizes.get(COLUMNS_FILE)),
                 os.path.join(out_dir, COLUMNS_FILE), n, check_payload=not verify)
         if ids is None:
@@ -796,7 +803,9 @@ class ScoreStore:
                 parts.setdefault(k, []).append(v)
         if expect != n:
             raise StoreError(f"{out_dir}: shards hold {expect} records, the manifest says {n}")
-        return cls.from_parts(out_dir, manifest, parts, ids, fields)
+        store = cls.from_parts(out_dir, manifest, parts, ids, fields)
+        store._codes = codes
+        return store
 
     @classmethod
     def from_parts(cls, out_dir, manifest, parts, ids, fields) -> "ScoreStore":
@@ -940,6 +949,14 @@ class ScoreStore:
                                       run={"from_arrays": now()})
             atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
         return cls.open(out_dir, verify=False)
+
+    def field_codes(self, name: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """``(codes (N,), distinct values)`` of a string field as the columns file stores it (codes number
+        the values by first appearance), while ``fields[name]`` is still the column read; else ``None``."""
+        got = self._codes.get(name)
+        if got is None or self.fields.get(name) is not got[2]:
+            return None  # not a string field of the columns file, or the column was replaced after reading
+        return got[0], got[1]
 
     # -- summaries --------------------------------------------------------------------------------
     def summary(self) -> Dict[str, Any]:

@@ -146,3 +146,21 @@ def test_cpu_thread_count_is_part_of_the_identity(tmp_path):
         assert again.run["records_scored"] == 0
     finally:
         torch.set_num_threads(n)
+
+
+def test_grouping_by_stored_codes_equals_grouping_by_values(tmp_path):
+    rng = np.random.default_rng(3)
+    labels = np.array([f"g{k}" for k in range(120)], dtype=object)[rng.integers(0, 120, 2000)]
+    c = {"norms": rng.random(2000).astype(np.float32), "losses": rng.random(2000), "tokens": rng.integers(1, 9, 2000)}
+    store = gs.ScoreStore.open(gs.ScoreStore.from_arrays(tmp_path / "s", fields={"g": labels}, **c).path)
+    codes, distinct = store.field_codes("g")
+    assert distinct[codes].tolist() == labels.tolist()
+    for policy in ("median_band", "random"):
+        a = gs.select(store, policy=policy, ratio=0.3, group_by="g")
+        b = gs.select({**c, "g": labels.copy()}, policy=policy, ratio=0.3, group_by="g")
+        assert np.array_equal(a.kept_mask, b.kept_mask) and list(a.summary["groups"]) == list(b.summary["groups"])
+    with pytest.raises(ValueError):
+        store.fields["g"][0] = "other"  # read-only: the codes stay true to the column
+    store.fields["g"] = labels[::-1].copy()  # replaced: the codes are not used
+    assert store.field_codes("g") is None
+    assert gs.select(store, ratio=0.3, group_by="g").summary["n_groups"] == 120
