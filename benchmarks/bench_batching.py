@@ -60,8 +60,8 @@ def main(argv=None):
     torch.set_num_threads(1)
     model = tiny_model()
     pad = model.config.pad_token_id
-    sizes = {"short": (256, 30, 50), "long": (32, 450, 510)} if args.quick else {"short": (4096, 30, 50),
-                                                                               "long": (384, 450, 510)}
+    sizes = {"short": (256, 30, 50), "long": (32, 450, 510)} if args.quick else {"short": (2048, 30, 50),
+                                                                               "long": (192, 450, 510)}
     repeats = 1 if args.quick else args.repeats
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """Score whole datasets into a resumable score store: ``score_dataset``.
 
     import gradsel_core as gs
-    store = gs.score_dataset(model, records, "scores/run1", batch_size=16)
+    store = gs.score_dataset(model, records, "scores/run1")  # batches sized by a token budget
     store.ids, store.norms, store.losses, store.tokens       # numpy, in the dataset's order
     store = gs.ScoreStore.open("scores/run1")                 # later, anywhere
 
@@ -62,7 +62,8 @@ import torch
 from torch import nn
 
 from .batching import IGNORE_INDEX, prepare_batch
-from .data import as_int_array, check_record_values, collate, extra_fields, model_pad_id, plan_batches, PlannedShard
+from .data import (DEFAULT_MAX_TOKENS, as_int_array, check_record_values, collate, extra_fields, model_pad_id,
+                   plan_batches, PlannedShard)
 from .engine import GradNormEngine
 from .errors import UsageError
 from .params import ParamSpec
@@ -558,7 +559,7 @@ def score_dataset(
     dataset: Any,
     out_dir: str,
     *,
-    batch_size: Optional[int] = 16,
+    batch_size: Optional[int] = None,
     max_tokens: Optional[int] = None,
     params: ParamSpec = "trainable",
     backend: str = "auto",
@@ -583,7 +584,9 @@ def score_dataset(
             or any indexable with ``len()`` (an HF ``datasets.Dataset``). Ids (int or str) are kept, else
             the position is the id; duplicates are an error. Other scalar fields become ``store.fields``.
         batch_size: records per batch at most (``None``: only ``max_tokens`` limits).
-        max_tokens: padded tokens per batch at most (``B * T_max``).
+        max_tokens: padded tokens per batch at most (``B * T_max``). With neither given, batches are sized
+            by the token budget ``gradsel_core.data.DEFAULT_MAX_TOKENS`` alone (chosen by
+            ``benchmarks/bench_batching.py``: short records get large batches, long ones small).
         params, backend, per_param, chunk_size, loss_reduction: as in :class:`GradNormEngine`.
         reference: a :class:`gradsel_core.ReferenceGradient` (or a list of them): the store also holds
             ``dots`` and ``cosines`` per record; the manifest records each reference's digest, so a store made
@@ -591,7 +594,8 @@ def score_dataset(
         resume: reuse valid shards of an interrupted identical run (``False``: score everything again).
         progress: tqdm bar (rank 0) with samples/s and tokens/s.
         overwrite: replace a store of another model/config/dataset in ``out_dir``.
-        shard_size: records per shard, which is also the length-bucketing window (``64 * batch_size``).
+        shard_size: records per shard, which is also the length-bucketing window (``64 * batch_size``,
+            4096 without ``batch_size``).
         pad_id: padding id (default: the model config's ``pad_token_id``, else 0).
         source: how the records were made, e.g. ``{"tokenizer": tokenizer_fingerprint(tok), "max_length":
             512}`` (JSON values): part of the store's identity, so a store made another way is refused.
@@ -630,8 +634,12 @@ def score_dataset(
     )
     vocab_in, vocab_out = _model_vocab(model)
     scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out)
+    explicit_budget = max_tokens is not None
+    if batch_size is None and max_tokens is None:  # the default: a token budget, no record cap
+        max_tokens = DEFAULT_MAX_TOKENS
     window = shard_size if shard_size is not None else (64 * batch_size if batch_size is not None else 4096)
-    plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0)
+    # a record longer than the budget gets a batch of its own; said only when the budget was asked for
+    plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0 and explicit_budget)
     device = _model_device(model)
     pad = model_pad_id(model) if pad_id is None else int(pad_id)
     if len(scan):

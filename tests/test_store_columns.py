@@ -164,3 +164,29 @@ def test_grouping_by_stored_codes_equals_grouping_by_values(tmp_path):
     store.fields["g"] = labels[::-1].copy()  # replaced: the codes are not used
     assert store.field_codes("g") is None
     assert gs.select(store, ratio=0.3, group_by="g").summary["n_groups"] == 120
+
+
+def test_default_batching_is_a_token_budget(tmp_path, monkeypatch):
+    """Neither batch_size nor max_tokens: batches of at most DEFAULT_MAX_TOKENS padded tokens, no record cap
+    (short records share big batches, long ones small); an explicit batch_size alone caps records only."""
+    import torch
+
+    import gradsel_core.scoring as scoring
+    from gradsel_core.models import TinyGPT, TinyGPTConfig
+
+    monkeypatch.setattr(scoring, "DEFAULT_MAX_TOKENS", 64)
+    torch.manual_seed(0)
+    model = TinyGPT(TinyGPTConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, max_seq_len=40))
+    g = torch.Generator().manual_seed(0)
+    lengths = [4] * 40 + [30] * 4
+    recs = [{"input_ids": torch.randint(0, 50, (n,), generator=g).tolist()} for n in lengths]
+    store = gs.score_dataset(model, recs, tmp_path / "s", progress=False)
+    cfg = store.meta["config"]
+    assert cfg["batch_size"] is None and cfg["max_tokens"] == 64
+    planned = gs.data.plan_batches(lengths, None, 64, cfg["shard_size"])
+    batches = [b for sh in planned for b in sh.batches]
+    assert max(len(b) * max(lengths[i] for i in b) for b in batches) <= 64
+    assert max(len(b) for b in batches) == 16 and min(len(b) for b in batches) == 2  # 16 x 4 tokens, 2 x 30
+    assert store.meta["counts"]["batches"] == len(batches)
+    capped = gs.score_dataset(model, recs, tmp_path / "c", batch_size=8, progress=False)
+    assert capped.meta["config"]["batch_size"] == 8 and capped.meta["config"]["max_tokens"] is None
