@@ -18,7 +18,6 @@ here: nothing in these paths runs a model.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -100,6 +99,24 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.work_dir))
     N, R = args.records, args.repeats
     rows = []
+    stem = f"scale-{utc_stamp()}"
+    meta = {**env_info(), "snapshot_of": os.environ.get("BENCH_SNAPSHOT_COMMIT"), "records": N,
+            "clusters": args.clusters, "repeats": R,
+            "note": "shared CPU: wall-clock medians are noisy; x_sort divides by one np.sort of N float64 in the "
+                    "same run; cpu_s is the process's CPU time"}
+
+    def report():
+        md = markdown_table(
+            ["measure", "records", "median wall s", "CPU s", "x np.sort(N)", "target s", "meets", "peak RSS MB"],
+            [[r["measure"], f"{r['records']:,}", f"{r['median_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['x_sort']:.1f}",
+              "" if r["target_s"] is None else f"{r['target_s']:g}",
+              "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO"), r.get("peak_rss_mb", "")]
+             for r in rows])
+        md += (f"\n\n{meta['timestamp']}, {meta['cpu']} ({meta['cpu_count']} cores, shared: timings are noisy), "
+               f"torch {meta['torch_version']}, numpy {meta['numpy_version']}, code {str(meta['git_commit'] or meta['snapshot_of'])[:10]}. "
+               f"One np.sort of N float64 took {meta.get('sort_s', float('nan')):.2f} s in this run.\n")
+        write_results(rows, args.out_dir, stem, meta, markdown=md)  # after every measure: a partial run keeps its rows
+        return md
 
     def row(measure, timing, records=N, target_key=None, **extra):
         times, cpu = timing
@@ -109,6 +126,7 @@ def main(argv=None):
         r = {"measure": measure, "records": records, "median_s": med, "all_s": times, "x_sort": med / sort_s,
              "target_s": target, "meets_target": None if target is None else med <= target, **extra}
         rows.append(r)
+        report()
         print(f"{measure:34s} {med:8.2f} s  ({med / sort_s:5.1f}x sort)" + (f"  target {target:g} s" if target else "")
               + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
 
@@ -116,7 +134,8 @@ def main(argv=None):
         cols, fields = make_arrays(N, args.clusters)
         x = np.random.default_rng(1).random(N)
         sort_s = time_fn(lambda: np.sort(x), repeats=R)["median_s"]
-        del x
+        x = None
+        meta["sort_s"] = sort_s
         print(f"calibration: np.sort of {N:,} float64: {sort_s:.2f} s", flush=True)
         d = work / "store"
         t0 = time.perf_counter()
@@ -134,7 +153,7 @@ def main(argv=None):
             timed(lambda: gs.select(store, group_by="task", score="norm_per_token"), R))
         row("select 2 groups, diagnostics=True",
             timed(lambda: gs.select(store, group_by="task", diagnostics=True), R))
-        del store
+        store = None  # free it before the CLI runs
         for measure, cli in (
             ("cli select", ["select", "--scores", str(d), "--out", str(work / "sel.jsonl")]),
             ("cli select --group-by task", ["select", "--scores", str(d), "--out", str(work / "selg.jsonl"),
@@ -161,21 +180,9 @@ def main(argv=None):
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    meta = {**env_info(), "snapshot_of": os.environ.get("BENCH_SNAPSHOT_COMMIT"), "records": N, "clusters": args.clusters, "repeats": R, "sort_s": sort_s,
-            "note": "shared CPU: wall-clock medians are noisy; x_sort divides by one np.sort of N float64 in the same run"}
-    md = markdown_table(
-        ["measure", "records", "median wall s", "CPU s", "x np.sort(N)", "target s", "meets", "peak RSS MB"],
-        [[r["measure"], f"{r['records']:,}", f"{r['median_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['x_sort']:.1f}",
-          "" if r["target_s"] is None else f"{r['target_s']:g}",
-          "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO"), r.get("peak_rss_mb", "")]
-         for r in rows])
-    md += (f"\n\n{meta['timestamp']}, {meta['cpu']} ({meta['cpu_count']} cores, shared: timings are noisy), torch "
-           f"{meta['torch_version']}, numpy {meta['numpy_version']}, git {str(meta['git_commit'])[:10]}. One np.sort of "
-           f"N float64 took {sort_s:.2f} s in this run.\n")
-    paths = write_results(rows, args.out_dir, f"scale-{utc_stamp()}", meta, markdown=md)
+    md = report()
     print(md)
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    print(json.dumps({"ok": True}))
+    print(f"wrote {args.out_dir}/{stem}.json, .csv, .md")
 
 
 if __name__ == "__main__":
