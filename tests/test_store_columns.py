@@ -190,3 +190,21 @@ def test_default_batching_is_a_token_budget(tmp_path, monkeypatch):
     assert store.meta["counts"]["batches"] == len(batches)
     capped = gs.score_dataset(model, recs, tmp_path / "c", batch_size=8, progress=False)
     assert capped.meta["config"]["batch_size"] == 8 and capped.meta["config"]["max_tokens"] is None
+
+
+def test_cli_select_score_and_diagnostics(tmp_path, capsys):
+    from gradsel_core.cli import main
+
+    tokens = np.array([1, 4, 9, 16])
+    gs.ScoreStore.from_arrays(tmp_path / "s", np.array([4.0, 2.0, 1.0, 1.0]), np.ones(4), tokens)
+    out, summ = tmp_path / "kept.jsonl", tmp_path / "kept.summary.json"
+    base = ["select", "--scores", str(tmp_path / "s"), "--out", str(out), "--policy", "keep_bottom", "--ratio", "0.25"]
+    assert main(base) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [2]  # lowest norm, first of a tie
+    assert "norm_tokens_spearman" not in json.loads(summ.read_text())
+    assert main(base + ["--score", "norm_per_token", "--diagnostics"]) == 0  # keys sqrt(n) * norm: 4, 4, 3, 4
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [2]
+    s = json.loads(summ.read_text())
+    assert s["score"] == "norm_per_token" and "norm_tokens_spearman" in s
+    assert main(base[:-1] + ["0.5", "--score", "norm_per_token"]) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 2]
