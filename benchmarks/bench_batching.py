@@ -55,15 +55,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--short", type=int, default=2048, help="short records (30-50 tokens)")
+    ap.add_argument("--long", type=int, default=192, help="long records (450-510 tokens)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = tiny_model()
     pad = model.config.pad_token_id
-    sizes = {"short": (256, 30, 50), "long": (32, 450, 510)} if args.quick else {"short": (2048, 30, 50),
-                                                                               "long": (192, 450, 510)}
+    sizes = {"short": (256, 30, 50), "long": (32, 450, 510)} if args.quick else {"short": (args.short, 30, 50),
+                                                                               "long": (args.long, 450, 510)}
     repeats = 1 if args.quick else args.repeats
     rows = []
+    stem = f"batching-{utc_stamp()}"
+    meta = {**env_info(), "repeats": repeats, "threads": 1, "model": "tiny (TinyGPT d64 L2, byte vocab)",
+            "sizes": sizes}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, (n, lo, hi) in sizes.items():
             records = make_records(n, lo, hi, seed=len(kind))
@@ -91,6 +96,7 @@ def main(argv=None):
                              "score_cpu_s": med["score_cpu"], "plain_cpu_s": med["plain_cpu"],
                              "samples_per_s": n / med["score"], "samples_per_cpu_s": n / med["score_cpu"],
                              "x_plain": med["score"] / med["plain"], "all": times})
+                write_results(rows, args.out_dir, stem, {**meta, "partial": True})  # a cut-short run keeps its rows
                 print(f"{kind:5s} {name:16s} B~{n / n_batches:6.1f}  {n / med['score']:8.1f} samples/s "
                       f"({n / med['score_cpu']:8.1f} per CPU s)  {med['score'] / med['plain']:.2f}x plain", flush=True)
     for r in rows:
@@ -102,10 +108,9 @@ def main(argv=None):
         [[r["records"], r["config"], f"{r['mean_batch']:.1f}", f"{r['samples_per_s']:.0f}",
           f"{r['samples_per_cpu_s']:.0f}", f"{r['speedup_vs_b16']:.2f}x", f"{r['speedup_vs_b16_cpu']:.2f}x",
           f"{r['x_plain']:.2f}x"] for r in rows])
-    meta = {**env_info(), "repeats": repeats, "threads": 1, "model": "tiny (TinyGPT d64 L2, byte vocab)"}
     md += (f"\n\n{meta['timestamp']}, {meta['cpu']} ({meta['cpu_count']} cores, shared with other jobs: noisy), "
            f"torch {meta['torch_version']}, 1 thread, median of {repeats} alternating rounds.\n")
-    paths = write_results(rows, args.out_dir, f"batching-{utc_stamp()}", meta, markdown=md)
+    paths = write_results(rows, args.out_dir, stem, meta, markdown=md)
     print(md)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 

@@ -208,3 +208,24 @@ def test_cli_select_score_and_diagnostics(tmp_path, capsys):
     assert s["score"] == "norm_per_token" and "norm_tokens_spearman" in s
     assert main(base[:-1] + ["0.5", "--score", "norm_per_token"]) == 0
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [0, 2]
+
+
+def test_inspect_groups_by_codes_as_by_values(tmp_path):
+    """gradsel inspect --by: the vectorized grouping gives the groups a value-at-a-time pass gives."""
+    from gradsel_core.commands.inspect import split_groups
+
+    rng = np.random.default_rng(4)
+    n = 500
+    cols = {"s": np.array(["b", "a", None, "c"], dtype=object)[rng.integers(0, 4, n)],
+            "f": np.array([2.5, np.nan, 1.0])[rng.integers(0, 3, n)], "i": rng.integers(0, 30, n),
+            "m": np.array(["1", 1, None, "x"], dtype=object)[rng.integers(0, 4, n)]}
+    store = gs.ScoreStore.open(gs.ScoreStore.from_arrays(tmp_path / "s", rng.random(n), rng.random(n),
+                                                         fields=cols).path)
+    for name in cols:
+        col = store.fields[name].tolist()
+        keys = ["(missing)" if v is None or (isinstance(v, float) and v != v) else str(v) for v in col]
+        groups, total = split_groups(store, name, max_groups=5)
+        assert total == len(set(keys))
+        for label, mask in groups:
+            assert np.array_equal(mask, np.array([k == label for k in keys]))
+        assert [lab for lab, _ in groups] == sorted(lab for lab, _ in groups)
