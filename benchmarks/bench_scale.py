@@ -90,7 +90,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="100k records, 1k clusters, 1 repeat")
     ap.add_argument("--work-dir", default=None, help="where the stores are built (default: a temp dir)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--only", default=None, help="comma-separated measure names (prefixes) to run, e.g. 'cli inspect'")
     args = ap.parse_args(argv)
+    only = [w.strip() for w in args.only.split(",")] if args.only else None
+
+    def want(measure: str) -> bool:
+        return only is None or any(measure.startswith(w) for w in only)
     if args.quick:
         args.records, args.clusters, args.data_records, args.repeats = 100_000, 1_000, 100_000, 1
     torch.set_num_threads(1)
@@ -143,16 +148,22 @@ def main(argv=None):
         build_s = time.perf_counter() - t0
         row("from_arrays (build, not a target)", ([build_s], [float("nan")]))
         store = gs.ScoreStore.open(d)
-        row("open", timed(lambda: gs.ScoreStore.open(d), R))
-        row("select (one group)", timed(lambda: gs.select(store), R))
-        row("select 2 groups", timed(lambda: gs.select(store, group_by="task"), R))
-        row("select 100k groups" if args.clusters == 100_000 else f"select {args.clusters} groups",
-            timed(lambda: gs.select(store, group_by="cluster"), R),
-            target_key="select 100k groups" if args.clusters == 100_000 else None, groups=args.clusters)
-        row("select 2 groups, norm_per_token",
-            timed(lambda: gs.select(store, group_by="task", score="norm_per_token"), R))
-        row("select 2 groups, diagnostics=True",
-            timed(lambda: gs.select(store, group_by="task", diagnostics=True), R))
+        if want("open"):
+            row("open", timed(lambda: gs.ScoreStore.open(d), R))
+        if want("select (one group)"):
+            row("select (one group)", timed(lambda: gs.select(store), R))
+        if want("select 2 groups"):
+            row("select 2 groups", timed(lambda: gs.select(store, group_by="task"), R))
+        if want(f"select {'100k' if args.clusters == 100_000 else args.clusters} groups"):
+            row("select 100k groups" if args.clusters == 100_000 else f"select {args.clusters} groups",
+                timed(lambda: gs.select(store, group_by="cluster"), R),
+                target_key="select 100k groups" if args.clusters == 100_000 else None, groups=args.clusters)
+        if want("select 2 groups, norm_per_token"):
+            row("select 2 groups, norm_per_token",
+                timed(lambda: gs.select(store, group_by="task", score="norm_per_token"), R))
+        if want("select 2 groups, diagnostics=True"):
+            row("select 2 groups, diagnostics=True",
+                timed(lambda: gs.select(store, group_by="task", diagnostics=True), R))
         store = None  # free it before the CLI runs
         for measure, cli in (
             ("cli select", ["select", "--scores", str(d), "--out", str(work / "sel.jsonl")]),
@@ -160,11 +171,13 @@ def main(argv=None):
                                             "--group-by", "task"]),
             ("cli inspect --by --policy", ["inspect", str(d), "--by", "task", "--policy", "median_band"]),
         ):
+            if not want(measure):
+                continue
             runs = [run_cli(cli, env) for _ in range(R)]
             row(measure, ([w for w, _, _ in runs], [c for _, c, _ in runs]),
                 target_key="cli select" if measure.startswith("cli select") else measure,
                 peak_rss_mb=round(max(m for _, _, m in runs)))
-        if args.data_records:
+        if args.data_records and want("cli select --data"):
             M = args.data_records
             dd, data = work / "store-data", work / "data.jsonl"
             with open(data, "w") as f:  # the scored file: ids in order and a short text
