@@ -632,6 +632,11 @@ class PlannedShard:
         return self.stop - self.start
 
 
+# The default token budget of scoring (padded tokens B * T_max per batch, no record cap), measured by
+# benchmarks/bench_batching.py on the tiny model: see the README's batching row for the figures.
+DEFAULT_MAX_TOKENS = 4096
+
+
 def plan_batches(
     lengths: Sequence[int],
     batch_size: Optional[int] = 16,

@@ -123,7 +123,8 @@ class GradNormEngine:
         if prepared.batch_size == 0:
             empty = torch.zeros(0, dtype=torch.float32, device=device)
             per = {n: empty.clone() for n in self.params} if self.per_param else None
-            res = ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend)
+            res = ScoreResult(empty, empty.clone(), torch.zeros(0, dtype=torch.int64, device=device), per, backend,
+                              loss_reduction=self.loss_reduction if self.loss_fn is None else None)
             if refs is not None:
                 R = next(iter(refs.values())).shape[0]
                 shape = (0,) if isinstance(reference, Mapping) else (0, R)
@@ -326,6 +327,7 @@ class GradNormEngine:
             tokens=raw.tokens.long(),
             per_param=per,
             backend=backend,
+            loss_reduction=self.loss_reduction if self.loss_fn is None else None,
         )
 
 

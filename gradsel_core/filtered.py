@@ -122,6 +122,12 @@ class FilteredBackward:
         self.policy, self.ratio = policy, ratio
         self.loss_filter_std = resolve_loss_filter_std(policy, loss_filter_std)
         self.policy_kwargs = policy_kwargs
+        if policy_kwargs.get("score", "norm") == "norm_per_token":  # ||grad sum_t l_t|| / sqrt(n), same backward
+            if loss_fn is not None:
+                raise UsageError("score='norm_per_token' rescales the norm by the target-token count of the built-in "
+                                 "causal-LM loss; with a custom loss_fn the token count is not the loss's: use "
+                                 "score='norm'")
+            self.policy_kwargs = dict(policy_kwargs, loss_reduction=loss_reduction)
         # reference=: the per-sample cosines with it come from the same backward (policies drop_opposed,
         # project_band rank by them)
         self.refs = None

@@ -1,7 +1,7 @@
 """Score whole datasets into a resumable score store: ``score_dataset``.
 
     import gradsel_core as gs
-    store = gs.score_dataset(model, records, "scores/run1", batch_size=16)
+    store = gs.score_dataset(model, records, "scores/run1")  # batches sized by a token budget
     store.ids, store.norms, store.losses, store.tokens       # numpy, in the dataset's order
     store = gs.ScoreStore.open("scores/run1")                 # later, anywhere
 
@@ -62,11 +62,13 @@ import torch
 from torch import nn
 
 from .batching import IGNORE_INDEX, prepare_batch
-from .data import as_int_array, check_record_values, collate, extra_fields, model_pad_id, plan_batches, PlannedShard
+from .data import (DEFAULT_MAX_TOKENS, as_int_array, check_record_values, collate, extra_fields, model_pad_id,
+                   plan_batches, PlannedShard)
 from .engine import GradNormEngine
 from .errors import UsageError
 from .params import ParamSpec
 from .store import (
+    COLUMNS_FILE,
     FIELDS_FILE,
     IDENTITY_KEYS,
     IDS_FILE,
@@ -94,6 +96,7 @@ from .store import (
     scan_shard_files,
     sha256_bytes,
     shard_name,
+    side_file_docs,
     store_files,
     SHARD_RE,
     TMP_PREFIX,
@@ -320,7 +323,7 @@ def _open_out_dir(out_dir: str, overwrite: bool) -> None:
                 "empty directory, or pass overwrite=True (CLI: --overwrite) to put the store's files next to them "
                 "(gradsel never touches files it did not create)"
             )
-        clash = [n for n in others if n in (MANIFEST, IDS_FILE, FIELDS_FILE) or SHARD_RE.match(n) or n.startswith(TMP_PREFIX)]
+        clash = [n for n in others if n in (MANIFEST, IDS_FILE, FIELDS_FILE, COLUMNS_FILE) or SHARD_RE.match(n) or n.startswith(TMP_PREFIX)]
         if clash:
             raise StoreConflictError(
                 f"{out_dir}: {', '.join(clash[:5])} would be overwritten, but gradsel did not create "
@@ -458,17 +461,13 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
             log.warning("%s; repairing the store", e)
     valid = _validate_existing(out_dir, plan, run_key, found)
     side: Dict[str, Tuple[str, int]] = {}
-    ids_doc: Dict[str, Any] = {"kind": scan.id_kind, "ids": scan.ids}
-    if scan.record_sha256 is not None:
-        ids_doc["record_sha256"] = scan.record_sha256
-    docs = [(IDS_FILE, json_bytes(ids_doc))]
-    if scan.fields:
-        docs.append((FIELDS_FILE, json_bytes(scan.fields)))
+    docs = side_file_docs(scan.id_kind, scan.ids, scan.fields, scan.record_sha256)
     for name, doc in docs:
         side[name] = (sha256_bytes(doc), len(doc))
         atomic_write(os.path.join(out_dir, name), doc)
-    if not scan.fields and os.path.exists(os.path.join(out_dir, FIELDS_FILE)):
-        os.unlink(os.path.join(out_dir, FIELDS_FILE))  # ours (the directory is a store): stale from a replaced run
+    for name in {IDS_FILE, FIELDS_FILE, COLUMNS_FILE} - set(side):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))  # ours (the directory is a store): stale from a replaced run
     created = (old or {}).get("created") or now()
     manifest = build_manifest(identity, run_key, len(scan), len(plan), side, versions, created)
     atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
@@ -498,7 +497,7 @@ def _merge(out_dir, plan, run_key, identity, scan, prep, versions, info) -> Scor
         log.warning("%s: NaN/inf: %d records have a non-finite loss or norm (stored as such, counted in "
                     "store.meta['counts'])", out_dir, manifest["counts"]["nonfinite"])
     ids_doc = {"kind": scan.id_kind, "ids": scan.ids}
-    return ScoreStore.from_parts(out_dir, manifest, parts, ids_doc, scan.fields)
+    return ScoreStore.from_parts(out_dir, manifest, parts, ids_doc, scan.fields, record_sha256=scan.record_sha256)
 
 
 # -- scoring ----------------------------------------------------------------------------------------
@@ -653,7 +652,7 @@ def score_dataset(
     dataset: Any,
     out_dir: str,
     *,
-    batch_size: Optional[int] = 16,
+    batch_size: Optional[int] = None,
     max_tokens: Optional[int] = None,
     params: ParamSpec = "trainable",
     backend: str = "auto",
@@ -680,7 +679,9 @@ def score_dataset(
             or any indexable with ``len()`` (an HF ``datasets.Dataset``). Ids (int or str) are kept, else
             the position is the id; duplicates are an error. Other scalar fields become ``store.fields``.
         batch_size: records per batch at most (``None``: only ``max_tokens`` limits).
-        max_tokens: padded tokens per batch at most (``B * T_max``).
+        max_tokens: padded tokens per batch at most (``B * T_max``). With neither given, batches are sized
+            by the token budget ``gradsel_core.data.DEFAULT_MAX_TOKENS`` alone (chosen by
+            ``benchmarks/bench_batching.py``: short records get large batches, long ones small).
         params, backend, per_param, chunk_size, loss_reduction, fused_head: as in :class:`GradNormEngine`.
         reference: a :class:`gradsel_core.ReferenceGradient` (or a list of them): the store also holds
             ``dots`` and ``cosines`` per record; the manifest records each reference's digest, so a store made
@@ -688,7 +689,8 @@ def score_dataset(
         resume: reuse valid shards of an interrupted identical run (``False``: score everything again).
         progress: tqdm bar (rank 0) with samples/s and tokens/s.
         overwrite: replace a store of another model/config/dataset in ``out_dir``.
-        shard_size: records per shard, which is also the length-bucketing window (``64 * batch_size``).
+        shard_size: records per shard, which is also the length-bucketing window (``64 * batch_size``,
+            4096 without ``batch_size``).
         pad_id: padding id (default: the model config's ``pad_token_id``, else 0).
         source: how the records were made, e.g. ``{"tokenizer": tokenizer_fingerprint(tok), "max_length":
             512}`` (JSON values): part of the store's identity, so a store made another way is refused.
@@ -744,8 +746,12 @@ def score_dataset(
     scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)
     if record_sha256 is not None and None not in record_sha256:
         scan.record_sha256 = record_sha256
+    explicit_budget = max_tokens is not None
+    if batch_size is None and max_tokens is None:  # the default: a token budget, no record cap
+        max_tokens = DEFAULT_MAX_TOKENS
     window = shard_size if shard_size is not None else (64 * batch_size if batch_size is not None else 4096)
-    plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0)
+    # a record longer than the budget gets a batch of its own; said only when the budget was asked for
+    plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0 and explicit_budget)
     device = _model_device(model)
     pad = model_pad_id(model) if pad_id is None else int(pad_id)
     if len(scan):
@@ -769,6 +775,9 @@ def score_dataset(
                   "reduction": loss_reduction} if seq2seq else
                  {"kind": "causal_lm_cross_entropy", "shift": 1, "ignore_index": IGNORE_INDEX,
                   "reduction": loss_reduction}),
+        # CPU reductions split by thread count: another count changes norms in the last bits (up to ~5e-7),
+        # so it is part of the identity and a resume at another count is refused instead of mixing them
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
     from .integrations.fsdp import FullParams, is_sharded, unsharded_class_name
 

@@ -67,6 +67,7 @@ import logging
 import math
 from collections.abc import Mapping
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -83,6 +84,8 @@ __all__ = [
     "register_policy",
     "policy_names",
     "target_count",
+    "norm_per_token",
+    "SCORES",
     "resolve_loss_filter_std",
     "LOSS_FILTER_AUTO",
 ]
@@ -117,6 +120,12 @@ def policy_names() -> List[str]:
 _COUNT_RTOL = 1e-9  # products this close (relative) below an integer count as that integer
 
 
+@functools.lru_cache(maxsize=256)
+def _ratio_fraction(ratio: float) -> Fraction:
+    """The decimal a ratio prints as, exactly (parsed once per ratio, not once per group)."""
+    return Fraction(repr(ratio))
+
+
 def target_count(ratio: float, n: int, per_batch: bool = False) -> int:
     """⌊ratio·n⌋ as a user means it: exact for the decimal the ratio prints as (0.29·100 -> 29), with a
     1e-9 relative tolerance for floating-point representation ((1/3)·3 -> 1, (1/3)·300 -> 100).
@@ -125,7 +134,7 @@ def target_count(ratio: float, n: int, per_batch: bool = False) -> int:
     ``ratio > 0`` and ``n >= 1``.
     """
     n = int(n)
-    exact = Fraction(repr(float(ratio))) * n
+    exact = _ratio_fraction(float(ratio)) * n
     k = math.floor(exact)
     if exact - k > 0 and (k + 1 - exact) <= _COUNT_RTOL * max(1.0, float(exact)):
         k += 1
@@ -170,8 +179,24 @@ class Selection:
 # policies (the only place policy logic lives; shared by select and keep_mask)
 
 
-def _stable_order(values: np.ndarray) -> np.ndarray:
-    return np.argsort(values, kind="stable")
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask of the ``k`` smallest ``values`` (finite), earlier positions first among equal values:
+    the first ``k`` of a stable argsort, found in O(n) (a partition, then the ties at the edge by position)."""
+    n = values.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    k = min(max(int(k), 0), n)
+    if k == 0:
+        return mask
+    if k == n:
+        mask[:] = True
+        return mask
+    edge = np.partition(values, k - 1)[k - 1]  # the k-th smallest value
+    below = values < edge
+    mask |= below
+    need = k - int(np.count_nonzero(below))
+    ties = np.flatnonzero(values == edge)
+    mask[ties[:need]] = True  # ascending positions: earlier samples win the tie
+    return mask
 
 
 def _edges(key: np.ndarray, mask: np.ndarray) -> Dict[str, float]:
@@ -189,7 +214,7 @@ def _median_band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Genera
         return mask, {"target": target, "median": math.nan, "max_kept_distance": math.nan}
     median = float(np.median(key))
     dist = np.abs(key - median)
-    mask[_stable_order(dist)[: min(target, key.size)]] = True
+    mask = _smallest(dist, target)
     stats = {"target": target, "median": median}
     stats["max_kept_distance"] = float(dist[mask].max()) if mask.any() else math.nan
     stats.update(_edges(key, mask))  # the band actually kept: [kept_key_min, kept_key_max]
@@ -199,24 +224,21 @@ def _median_band(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Genera
 @register_policy("keep_bottom")
 def _keep_bottom(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, per_batch: bool = False):
     target = target_count(ratio, n, per_batch)
-    mask = np.zeros(key.shape[0], dtype=bool)
-    mask[_stable_order(key)[: min(target, key.size)]] = True
+    mask = _smallest(key, target)
     return mask, {"target": target, **_edges(key, mask)}
 
 
 @register_policy("keep_top")
 def _keep_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, per_batch: bool = False):
     target = target_count(ratio, n, per_batch)
-    mask = np.zeros(key.shape[0], dtype=bool)
-    mask[_stable_order(-key)[: min(target, key.size)]] = True  # highest first, earlier position on ties
+    mask = _smallest(-key, target)  # highest first, earlier position on ties
     return mask, {"target": target, **_edges(key, mask)}
 
 
 @register_policy("drop_top")
 def _drop_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator):
     n_drop = target_count(ratio, n)
-    mask = np.zeros(key.shape[0], dtype=bool)
-    mask[_stable_order(key)[: max(key.size - n_drop, 0)]] = True  # later positions dropped first on ties
+    mask = _smallest(key, key.size - n_drop)  # later positions dropped first on ties
     return mask, {"target_dropped": n_drop, **_edges(key, mask)}
 
 
@@ -224,8 +246,7 @@ def _drop_top(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator
 def _drop_opposed(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, reference: int = 0):
     """Drop the ⌊ratio·n⌋ samples whose gradient most opposes the reference (lowest cosines)."""
     n_drop = target_count(ratio, n)
-    mask = np.zeros(key.shape[0], dtype=bool)
-    mask[_stable_order(-key)[: max(key.size - n_drop, 0)]] = True  # highest cosines kept
+    mask = _smallest(-key, key.size - n_drop)  # highest cosines kept (earlier positions on ties)
     return mask, {"target_dropped": n_drop, **_edges(key, mask)}
 
 
@@ -267,6 +288,9 @@ def _random(key: np.ndarray, *, n: int, ratio: float, rng: np.random.Generator, 
     if k:
         mask[rng.choice(key.size, size=k, replace=False)] = True
     return mask, {"target": target}
+
+
+_SEGMENTED_NAMES = ("median_band", "keep_bottom", "keep_top", "drop_top", "drop_opposed", "project_band")
 
 
 def _resolve_policy(policy: str, policy_kwargs: Mapping) -> Tuple[PolicyFn, Dict[str, Any], bool]:
@@ -403,7 +427,30 @@ def _columns(obj: Any, group_by: Any) -> Dict[str, Optional[np.ndarray]]:
     if groups is not None and groups.ndim != 1:
         raise ValueError(f"group labels must be 1-D, got shape {tuple(groups.shape)}")
     cols["groups"] = groups
+    cols["group_codes"] = _stored_codes(obj, group_by, n) if groups is not None else None
     return cols
+
+
+def _stored_codes(obj: Any, group_by: Any, n: int) -> Optional[Tuple[List[Any], np.ndarray]]:
+    """A store's dictionary codes of a string field, when they number its values by first appearance
+    (checked, O(n)): the groups without hashing 10M strings again. ``None`` otherwise."""
+    fn = getattr(obj, "field_codes", None)
+    if not isinstance(group_by, str) or not callable(fn):
+        return None
+    got = fn(group_by)
+    if got is None:
+        return None
+    codes, distinct = got
+    codes = np.asarray(codes, dtype=np.int64)
+    if codes.shape != (n,) or (n and codes[0] != 0):
+        return None
+    if n:
+        run_max = np.maximum.accumulate(codes)
+        if codes.min() < 0 or run_max[-1] + 1 != len(distinct) or np.any(codes[1:] > run_max[:-1] + 1):
+            return None
+    if not all(type(v) is str for v in distinct):
+        return None
+    return list(distinct), codes
 
 
 def _as_cosines(x: Any) -> np.ndarray:
@@ -433,7 +480,7 @@ def _reference_key(policy: str, cols: Mapping[str, Optional[np.ndarray]], refere
 
 def _check_lengths(cols: Mapping[str, Optional[np.ndarray]]) -> int:
     n = cols["norms"].shape[0]
-    bad = {k: v.shape[0] for k, v in cols.items() if v is not None and v.shape[0] != n}
+    bad = {k: v.shape[0] for k, v in cols.items() if isinstance(v, np.ndarray) and v.shape[0] != n}
     if bad:
         raise ValueError(f"per-sample arrays must all have length {n} (that of norms); got " + ", ".join(f"{k}: {m}" for k, m in bad.items()))
     return n
@@ -442,6 +489,21 @@ def _check_lengths(cols: Mapping[str, Optional[np.ndarray]]) -> int:
 def _check_ids(ids: np.ndarray) -> None:
     if ids.ndim != 1:
         raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+    if ids.dtype.kind in "iu" and bool(np.all(ids[1:] > ids[:-1])):
+        return  # strictly increasing (the usual case: positions or dataset order): unique in O(n)
+    if ids.dtype.kind == "O" and ids.shape[0]:
+        if len({type(v) for v in ids.tolist()}) > 1:
+            raise ValueError("ids must be mutually comparable (all integers or all strings)")
+        try:
+            import pandas as pd
+        except ImportError:
+            pass
+        else:  # hashing: a sort of 10M Python strings takes seconds
+            dup_mask = pd.Index(ids).duplicated(keep="first")
+            if not dup_mask.any():
+                return
+            dup = sorted(set(ids[dup_mask].tolist()))
+            raise ValueError(f"ids must be unique; duplicated: {dup[:5]}{' ...' if len(dup) > 5 else ''}")
     try:
         uniq, counts = np.unique(ids, return_counts=True)
     except TypeError:
@@ -453,6 +515,49 @@ def _check_ids(ids: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # the shared pipeline
+
+
+SCORES = ("norm", "norm_per_token")
+
+
+def _check_score(score: str) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)} (norm: ||grad L_i|| as scored; norm_per_token: "
+                         f"||grad sum_t l_t|| / sqrt(n_tokens), the length-debiased norm), got {score!r}")
+    return score
+
+
+def norm_per_token(norms: Any, tokens: Any, loss_reduction: str) -> np.ndarray:
+    """The length-debiased score ``||∇ Σ_t ℓ_t|| / √n`` (float64, (n,)) from the norms of the same backward.
+
+    ``loss_reduction`` is how the per-sample loss the norms belong to was reduced over the sample's ``n``
+    target tokens: ``"sum"`` (the norm is ``||∇ Σ_t ℓ_t||``: divided by √n) or ``"mean"`` (the loss is
+    ``Σ_t ℓ_t / n``, so ``||∇ Σ_t ℓ_t|| = n·norm``: multiplied by √n). Exact in both cases; a sample with
+    no target token (n = 0) has a zero gradient and scores its norm (0). Only for the built-in causal-LM
+    loss, whose token count is the count of target tokens the loss sums over."""
+    norms = _as_float_1d(norms, "norms")
+    t = np.maximum(_as_float_1d(tokens, "tokens"), 1.0)  # (n,); NaN stays NaN (the sample becomes invalid)
+    if loss_reduction == "sum":
+        return norms / np.sqrt(t)
+    if loss_reduction == "mean":
+        return norms * np.sqrt(t)
+    raise ValueError(f"loss_reduction must be 'mean' or 'sum' (how the scored losses were reduced over tokens), "
+                     f"got {loss_reduction!r}")
+
+
+def _loss_reduction_of(obj: Any) -> Optional[str]:
+    """The per-token reduction the norms of ``obj`` were scored with: a ``ScoreStore``'s manifest config,
+    a ``ScoreResult``'s ``loss_reduction``, a mapping's ``"loss_reduction"``; ``None`` when unknown."""
+    red = _get(obj, "loss_reduction")
+    if red is None:
+        meta = getattr(obj, "meta", None)
+        cfg = meta.get("config") if isinstance(meta, Mapping) else None
+        if isinstance(cfg, Mapping):
+            if isinstance(cfg.get("loss"), Mapping) and cfg["loss"].get("kind") not in (None, "causal_lm_cross_entropy"):
+                raise ValueError(f"score='norm_per_token' needs the built-in causal-LM loss; the store at "
+                                 f"{getattr(obj, 'path', '?')} was scored with loss {cfg['loss'].get('kind')!r}")
+            red = cfg.get("loss_reduction")
+    return red if isinstance(red, str) else None
 
 
 def _ranking_key(norms: np.ndarray, tokens: Optional[np.ndarray], mode: Optional[str]) -> np.ndarray:
@@ -557,18 +662,98 @@ def _label_kind(lab: Any) -> str:
     return type(lab).__name__
 
 
-def _group_index(labels: np.ndarray) -> List[Tuple[Any, np.ndarray]]:
-    """Groups in order of first appearance: [(label, positions)]. Missing labels (None, NaN) form one
-    group labelled None. Labels of different kinds are different groups even when they compare or
-    print equal: ``"1"`` and ``1`` (and ``True`` and ``1``) are two groups."""
-    buckets: Dict[Tuple[str, Any], List[int]] = {}
-    first: Dict[Tuple[str, Any], Any] = {}
+def _first_appearance(uniq_first: np.ndarray, inverse: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Renumber ``np.unique`` groups by first appearance: ``(order, codes)`` where ``order[g]`` is the
+    ``np.unique`` index of group ``g`` and ``codes`` (n,) the group of each record."""
+    order = np.argsort(uniq_first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    return order, rank[inverse.reshape(-1)]
+
+
+def _factorize_objects(labels: np.ndarray) -> Optional[Tuple[List[Any], np.ndarray]]:
+    """Group codes of an object array whose labels are all strings (missing labels, None or NaN, form one
+    group labelled None), hash-based (pandas when installed, else one dict pass); ``None`` for any other
+    object array."""
+    values = labels.tolist()
+    kinds = set(map(type, values))
+    if not kinds <= {str, type(None), float}:
+        return None
+    if float in kinds and any(v == v for v in values if type(v) is float):
+        return None  # a real number among strings: the general path keeps "1" and 1.0 apart
+    try:
+        import pandas as pd
+    except ImportError:
+        table: Dict[Any, int] = {}
+        codes = np.fromiter((table.setdefault(None if v is None or v != v else v, len(table)) for v in values),
+                            dtype=np.int64, count=len(values))
+        return list(table), codes
+    c, u = pd.factorize(labels)  # first-appearance order; None and NaN -> -1
+    codes = np.asarray(c, dtype=np.int64)
+    firsts: List[Any] = list(u)
+    na = codes < 0
+    if na.any():  # the missing group goes where it first appears among the groups
+        first_na = int(np.argmax(na))
+        rank = int(codes[:first_na].max()) + 1 if first_na else 0  # groups seen before it: codes 0..rank-1
+        codes = np.where(codes >= rank, codes + 1, codes)
+        codes[na] = rank
+        firsts.insert(rank, None)
+    return firsts, codes
+
+
+def _group_codes(labels: np.ndarray) -> Tuple[List[Any], np.ndarray]:
+    """``(labels of the groups in order of first appearance, group code (n,) of each record)``, vectorized
+    (``np.unique`` for numeric and string arrays, hashing for string object arrays). Missing labels
+    (None, NaN) form one group labelled None. Labels of different kinds are different groups even when
+    they compare or print equal: ``"1"`` and ``1`` (and ``True`` and ``1``) are two groups."""
+    n = labels.shape[0]
+    if n == 0:
+        return [], np.zeros(0, dtype=np.int64)
+    if labels.dtype.kind in "biuUSf":
+        real = ~np.isnan(labels) if labels.dtype.kind == "f" else np.ones(n, dtype=bool)
+        pos = np.flatnonzero(real)
+        uniq, first, inv_real = np.unique(labels[real], return_index=True, return_inverse=True)
+        firsts = [_label_value(v) for v in uniq.tolist()]
+        first = pos[first]
+        inv = np.full(n, len(firsts), dtype=np.int64)
+        inv[real] = inv_real.reshape(-1)
+        if pos.shape[0] < n:  # NaN labels: the missing group
+            firsts.append(None)
+            first = np.append(first, int(np.flatnonzero(~real)[0]))
+        order, codes = _first_appearance(first, inv)
+        return [firsts[int(k)] for k in order], codes
+    if labels.dtype.kind == "O":
+        fact = _factorize_objects(labels)
+        if fact is not None:
+            return fact
+    # mixed kinds: one pass keyed by (kind, value)
+    table: Dict[Tuple[str, Any], int] = {}
+    firsts = []
+    codes = np.empty(n, dtype=np.int64)
     for i, lab in enumerate(labels.tolist()):
         lab = _label_value(lab)
         k = (_label_kind(lab), lab)
-        first.setdefault(k, lab)
-        buckets.setdefault(k, []).append(i)
-    return [(first[k], np.asarray(idx, dtype=np.int64)) for k, idx in buckets.items()]
+        c = table.get(k)
+        if c is None:
+            c = table[k] = len(firsts)
+            firsts.append(lab)
+        codes[i] = c
+    return firsts, codes
+
+
+def _group_index(labels: np.ndarray) -> List[Tuple[Any, np.ndarray]]:
+    """Groups in order of first appearance: [(label, positions ascending)] (see :func:`_group_codes`)."""
+    return _split_groups(*_group_codes(labels))
+
+
+def _split_groups(firsts: List[Any], codes: np.ndarray) -> List[Tuple[Any, np.ndarray]]:
+    if not firsts:
+        return []
+    if len(firsts) <= 8:  # a few groups: one scan each beats a sort
+        return [(label, np.flatnonzero(codes == g)) for g, label in enumerate(firsts)]
+    perm = _group_order(codes, len(firsts))  # positions grouped, ascending within each group
+    bounds = np.cumsum(np.bincount(codes, minlength=len(firsts)))[:-1]
+    return list(zip(firsts, np.split(perm.astype(np.int64, copy=False), bounds)))
 
 
 def _group_keys(labels: Sequence[Any]) -> List[str]:
@@ -584,6 +769,161 @@ def _group_keys(labels: Sequence[Any]) -> List[str]:
     return keys
 
 
+# --------------------------------------------------------------------------------------------------
+# many groups at once: the count-based policies as segmented numpy (same numbers as the per-group loop)
+
+_VECTOR_MIN_GROUPS = 64  # from this many groups on, the built-in count policies run segmented
+
+
+def _group_order(codes: np.ndarray, n_groups: int, values: Optional[np.ndarray] = None) -> np.ndarray:
+    """Positions ordered by group, then by ``values`` (if given), then by position (stable sorts; the group
+    codes by 16-bit radix passes, O(n))."""
+    order = None if values is None else np.argsort(values, kind="stable")
+    c = codes if order is None else codes[order]
+    if n_groups <= 1 << 16:
+        perm = np.argsort(c.astype(np.uint16), kind="stable")
+    else:  # two stable 16-bit passes: low half, then high half (LSD radix); codes < 2**32
+        perm = np.argsort((c & 0xFFFF).astype(np.uint16), kind="stable")
+        perm = perm[np.argsort((c[perm] >> 16).astype(np.uint16), kind="stable")]
+    return perm if order is None else order[perm]
+
+
+def _segments(counts: np.ndarray) -> np.ndarray:
+    """Start of each group's segment in a group-ordered array."""
+    return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+
+
+def _reduceat(ufunc: np.ufunc, x: np.ndarray, counts: np.ndarray, empty: float) -> np.ndarray:
+    """``ufunc.reduce`` of each group's (contiguous) segment of ``x``; ``empty`` for empty groups."""
+    out = np.full(counts.shape[0], empty, dtype=np.float64)
+    nz = counts > 0
+    if nz.any():
+        out[nz] = ufunc.reduceat(x, _segments(counts)[nz])
+    return out
+
+
+def _segment_sums(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``np.add.reduce`` of each group's segment (NaN for an empty one). One call per segment, because
+    numpy's pairwise summation is what ``mean``/``std`` use on one group: ``ufunc.reduceat`` sums in
+    another order and differs in the last bits, which can move a record across the loss filter's edge."""
+    out = np.full(counts.shape[0], math.nan)
+    reduce = np.add.reduce
+    ends = np.cumsum(counts).tolist()
+    for g, (e, c) in enumerate(zip(ends, counts.tolist())):
+        if c:
+            out[g] = reduce(x[e - c:e])
+    return out
+
+
+# policy name -> its built-in function: the policies the segmented path reproduces (not a re-registered name)
+_SEGMENTED = {name: POLICIES[name] for name in _SEGMENTED_NAMES}
+
+
+def _select_groups_segmented(
+    norms: np.ndarray, losses: np.ndarray, key: np.ndarray, codes: np.ndarray, n_groups: int, policy: str,
+    ratio: float, loss_filter_std: Optional[float],
+) -> Tuple[np.ndarray, List[Dict[str, Any]], Dict[str, int]]:
+    """What ``_select_group`` gives for every group (mask over all records, one stats dict per group), for
+    the count-based built-in policies, as a handful of sorts and segment reductions instead of a Python
+    loop over the groups (100k groups of 100 records in seconds). Also returns the totals of the summed
+    counts."""
+    n = norms.shape[0]
+    G = n_groups
+    n_g = np.bincount(codes, minlength=G)
+    valid = np.isfinite(norms) & np.isfinite(losses) & np.isfinite(key)
+    valid_g = np.bincount(codes[valid], minlength=G)
+    if loss_filter_std is None:
+        survivors = valid
+        mu = sd = np.full(G, math.nan)
+        low, high = np.full(G, -math.inf), np.full(G, math.inf)
+    else:
+        pv = _group_order(codes, G)
+        pv = pv[valid[pv]]  # valid positions, by group, ascending: each group's lv of _select_group
+        lv = losses[pv]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mu = _segment_sums(lv, valid_g) / valid_g  # np.mean: sum / count
+            dev = lv - mu[codes[pv]]
+            sd = np.sqrt(_segment_sums(dev * dev, valid_g) / valid_g)  # np.std (ddof 0): the same operations
+            half = loss_filter_std * sd
+            tol = np.where(valid_g > 0, 1e-9 * (np.abs(mu) + sd), 0.0)
+            survivors = valid & (np.abs(losses - mu[codes]) <= (half + tol)[codes])
+            low, high = mu - half, mu + half
+    surv_g = np.bincount(codes[survivors], minlength=G)
+    sizes, inv = np.unique(n_g, return_inverse=True)
+    counted = np.array([target_count(ratio, int(m)) for m in sizes.tolist()], dtype=np.int64)[inv.reshape(-1)]
+    spos = np.flatnonzero(survivors)
+    scodes = codes[spos]
+    skey = key[spos]
+    starts = _segments(surv_g)
+
+    def ranked(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(order of survivors by group, then value, then position; rank of each within its group)."""
+        order = _group_order(scodes, G, values)
+        rank = np.empty(order.shape[0], dtype=np.int64)
+        rank[order] = np.arange(order.shape[0]) - starts[scodes[order]]
+        return order, rank
+
+    extra: Dict[str, np.ndarray] = {}
+    if policy in ("median_band", "project_band"):
+        order, _ = ranked(skey)
+        sorted_key = skey[order]
+        with np.errstate(invalid="ignore"):
+            lo_i = starts + np.maximum(surv_g - 1, 0) // 2
+            hi_i = starts + surv_g // 2
+            last = max(sorted_key.shape[0] - 1, 0)
+            a = sorted_key[np.minimum(lo_i, last)] if sorted_key.size else np.zeros(G)
+            b = sorted_key[np.minimum(hi_i, last)] if sorted_key.size else np.zeros(G)
+            median = np.where(surv_g > 0, np.where(surv_g % 2 == 1, b, (a + b) / 2), math.nan)
+        dist = np.abs(skey - median[scodes])
+        _, rank = ranked(dist)
+        k_g = np.minimum(counted, surv_g)
+        keep = rank < k_g[scodes]
+        kept_dist = np.where(keep, dist, -math.inf)
+        extra["median"] = median
+        order_k = _group_order(scodes[keep], G)
+        kept_g = np.bincount(scodes[keep], minlength=G)
+        extra["max_kept_distance"] = _reduceat(np.maximum, kept_dist[keep][order_k], kept_g, math.nan)
+    else:
+        if policy == "keep_bottom":
+            values, k_g = skey, np.minimum(counted, surv_g)
+        elif policy == "keep_top":
+            values, k_g = -skey, np.minimum(counted, surv_g)
+        elif policy == "drop_top":
+            values, k_g = skey, np.maximum(surv_g - counted, 0)
+        else:  # drop_opposed
+            values, k_g = -skey, np.maximum(surv_g - counted, 0)
+        _, rank = ranked(values)
+        keep = rank < k_g[scodes]
+    kept_g = np.bincount(scodes[keep], minlength=G)
+    order_k = _group_order(scodes[keep], G)
+    kept_keys = skey[keep][order_k]
+    kmin = _reduceat(np.minimum, kept_keys, kept_g, math.nan)
+    kmax = _reduceat(np.maximum, kept_keys, kept_g, math.nan)
+    mask = np.zeros(n, dtype=bool)
+    mask[spos[keep]] = True
+
+    cols = {
+        "n": n_g.tolist(), "nonfinite": (n_g - valid_g).tolist(),
+        "loss_mean": mu.tolist(), "loss_std": sd.tolist(), "loss_low": low.tolist(), "loss_high": high.tolist(),
+        "loss_filtered": (valid_g - surv_g).tolist(), "survivors": surv_g.tolist(),
+    }
+    count_key = "target_dropped" if policy in ("drop_top", "drop_opposed") else "target"
+    cols[count_key] = counted.tolist()
+    for k, v in extra.items():
+        cols[k] = v.tolist()
+    cols["kept_key_min"], cols["kept_key_max"] = kmin.tolist(), kmax.tolist()
+    cols["kept"] = kept_g.tolist()
+    cols["dropped"] = (n_g - kept_g).tolist()
+    sums = {k: int(sum(cols[k])) for k in _SUMMED if k in cols}
+    names = list(cols)
+    rows = [dict(zip(names, vals)) for vals in zip(*(cols[k] for k in names))]
+    if policy in ("median_band", "project_band"):  # a group with no survivor: no band (as _median_band)
+        for g in np.flatnonzero(surv_g == 0).tolist():
+            for k in ("kept_key_min", "kept_key_max"):
+                rows[g].pop(k, None)
+    return mask, rows, sums
+
+
 _SUMMED = ("n", "kept", "dropped", "nonfinite", "loss_filtered", "survivors", "target", "target_dropped")
 
 
@@ -596,8 +936,12 @@ def _select_core(
     length_normalize: Union[bool, str, None],
     policy_kwargs: Mapping,
     per_batch: bool = False,
+    diagnostics: bool = False,
+    score: str = "norm",
+    loss_reduction: Optional[str] = None,
 ) -> Tuple[np.ndarray, Dict[str, Any]]:
     fn, kwargs, takes_per_batch = _resolve_policy(policy, policy_kwargs)
+    score = _check_score(score)
     call_kwargs = dict(kwargs, per_batch=per_batch) if takes_per_batch else kwargs
     ratio = _check_ratio(ratio)
     loss_filter_std = resolve_loss_filter_std(policy, loss_filter_std)
@@ -609,7 +953,18 @@ def _select_core(
     if getattr(fn, "ranks_by", "norm") == "cosine":  # drop_opposed, project_band
         if mode is not None:
             raise ValueError(f"length_normalize applies to norms; policy {policy!r} ranks by a cosine")
+        if score != "norm":
+            raise ValueError(f"score={score!r} applies to norms; policy {policy!r} ranks by a cosine")
         key = _reference_key(policy, cols, int(kwargs.get("reference", 0)))
+    elif score == "norm_per_token":
+        if mode is not None:
+            raise ValueError("score='norm_per_token' is already length-debiased; do not combine it with length_normalize")
+        if tokens is None:
+            raise ValueError("score='norm_per_token' needs per-sample token counts ('tokens'), but none were given")
+        if loss_reduction is None:
+            raise ValueError("score='norm_per_token' needs to know how the losses were reduced over tokens: pass "
+                             "loss_reduction='mean' or 'sum' (a ScoreStore and ScoreResult record it)")
+        key = norm_per_token(norms, tokens, loss_reduction)
     else:
         key = _ranking_key(norms, tokens, mode)
 
@@ -618,6 +973,7 @@ def _select_core(
         "ratio": ratio,
         "loss_filter_std": loss_filter_std,
         "length_normalize": mode or False,
+        "score": score,
         "seed": "<Generator>" if isinstance(seed, np.random.Generator) else seed,
         "policy_kwargs": dict(kwargs),
         "group_by": None,
@@ -632,15 +988,28 @@ def _select_core(
         per_group: Dict[str, Dict[str, Any]] = {}
         totals = {k: 0 for k in _SUMMED}
         present = set()
-        index = _group_index(groups)
-        keys = _group_keys([label for label, _ in index])
-        for g, ((label, idx), gkey) in enumerate(zip(index, keys)):
-            if isinstance(seed, np.random.Generator):
-                rng = seed  # shared generator: groups draw from it in turn
-            else:
-                rng = np.random.default_rng(None if seed is None else [seed, g])
-            gmask, gstats = _select_group(norms[idx], losses[idx], key[idx], fn, call_kwargs, ratio, loss_filter_std, rng)
-            mask[idx] = gmask
+        firsts, codes = cols["group_codes"] if cols.get("group_codes") is not None else _group_codes(groups)
+        keys = _group_keys(firsts)
+        if len(firsts) >= _VECTOR_MIN_GROUPS and _SEGMENTED.get(policy) is fn and not per_batch:
+            mask, rows, sums = _select_groups_segmented(norms, losses, key, codes, len(firsts), policy, ratio,
+                                                        loss_filter_std)
+            for label, gkey, gstats in zip(firsts, keys, rows):
+                gstats["label"] = label
+                per_group[gkey] = gstats
+            totals.update(sums)
+            present.update(sums)
+            results: Any = ()
+        else:
+            results = ((label, idx, None) for label, idx in _split_groups(firsts, codes))
+        for g, ((label, idx, gstats), gkey) in enumerate(zip(results, keys)):
+            if gstats is None:
+                if isinstance(seed, np.random.Generator):
+                    rng = seed  # shared generator: groups draw from it in turn
+                else:
+                    rng = np.random.default_rng(None if seed is None else [seed, g])
+                gmask, gstats = _select_group(norms[idx], losses[idx], key[idx], fn, call_kwargs, ratio,
+                                              loss_filter_std, rng)
+                mask[idx] = gmask
             gstats["label"] = label
             per_group[gkey] = gstats
             for k in _SUMMED:
@@ -651,7 +1020,8 @@ def _select_core(
         summary["n"], summary["kept"], summary["dropped"] = n, int(mask.sum()), int(n - mask.sum())
         summary["n_groups"] = len(per_group)
         summary["groups"] = per_group
-    summary.update(_length_diagnostics(norms, key, tokens, mask, mode))
+    if diagnostics:  # rank correlations sort every column: only on request
+        summary.update(_length_diagnostics(norms, key, tokens, mask, mode))
     log.debug(
         "select %s ratio=%s: kept %d of %d (%d non-finite, %d loss-filtered)",
         policy, ratio, summary["kept"], n, summary.get("nonfinite", 0), summary.get("loss_filtered", 0),
@@ -671,6 +1041,10 @@ def select(
     group_by: Any = None,
     seed: Union[int, None, np.random.Generator] = 0,
     length_normalize: Union[bool, str, None] = False,
+    *,
+    score: str = "norm",
+    loss_reduction: Optional[str] = None,
+    diagnostics: bool = False,
     **policy_kwargs: Any,
 ) -> Selection:
     """Select samples from scored data with a policy (see the module docstring for the exact rules).
@@ -686,13 +1060,23 @@ def select(
     filter otherwise), ``None`` (no filter) or a number (applied to any policy); the value used is
     ``summary["loss_filter_std"]``.
 
+    ``score``: what the norm policies rank by: ``"norm"`` (the stored norm) or ``"norm_per_token"``
+    (``||∇ Σ_t ℓ_t|| / √n_tokens``, the length-debiased norm, :func:`norm_per_token`), computed from the
+    same norms with the reduction the scores record (a ``ScoreStore``'s config, a ``ScoreResult``'s
+    ``loss_reduction``; else pass ``loss_reduction``). ``diagnostics=True`` adds the length
+    correlations (Spearman/Pearson of norm and tokens, mean tokens kept/dropped) to the summary; they
+    sort every column, so they are off by default.
+
     Returns a :class:`Selection` whose ``kept_ids``/``dropped_ids`` are sorted ascending and whose
     ``kept_mask`` is in input order.
     """
     cols = _columns(store_or_scores, group_by)
     ids = cols["ids"]
     _check_ids(ids)
-    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs)
+    if score == "norm_per_token" and loss_reduction is None:
+        loss_reduction = _loss_reduction_of(store_or_scores)
+    mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs,
+                                 diagnostics=diagnostics, score=score, loss_reduction=loss_reduction)
     if isinstance(group_by, str):
         summary["group_by"] = group_by
     elif group_by is not None:
@@ -711,6 +1095,10 @@ def keep_mask(
     length_normalize: Union[bool, str, None] = False,
     return_summary: bool = False,
     cosines: Any = None,
+    *,
+    score: str = "norm",
+    loss_reduction: Optional[str] = None,
+    diagnostics: bool = False,
     **policy_kwargs: Any,
 ):
     """Per-batch selection for in-step filtering: the same policy logic as :func:`select` on one batch
@@ -721,6 +1109,8 @@ def keep_mask(
 
     ``seed`` only matters for ``policy="random"``: an int re-seeds on every call, so a training loop
     should pass a per-step seed (e.g. ``seed=step``) or one shared ``numpy.random.Generator``.
+    ``score``, ``loss_reduction`` and ``diagnostics`` as in :func:`select` (``score="norm_per_token"``
+    needs ``tokens`` and ``loss_reduction``).
     """
     import torch
 
@@ -732,7 +1122,7 @@ def keep_mask(
         "cosines": None if cosines is None else _as_cosines(cosines),
     }
     mask, summary = _select_core(cols, policy, ratio, loss_filter_std, seed, length_normalize, policy_kwargs,
-                                 per_batch=True)
+                                 per_batch=True, diagnostics=diagnostics, score=score, loss_reduction=loss_reduction)
     out = torch.from_numpy(mask).to(device)
     return (out, summary) if return_summary else out
 
@@ -747,8 +1137,8 @@ class SelectionConfig:
     the other policies), ``None`` (off) or a number (for any policy; see :attr:`resolved_loss_filter_std`);
     ``params``: the parameters scored and updated (``"trainable"``,
     ``"lora"``, names or a callable); ``policy_kwargs``: the policy's own parameters (``low_q``,
-    ``high_q`` for ``band``, ``max_norm`` for ``threshold``); ``group_by`` and ``length_normalize`` as
-    in :func:`select`. Used by ``ContinualTrainer``, ``GradSelTrainer`` and the CLI.
+    ``high_q`` for ``band``, ``max_norm`` for ``threshold``); ``group_by``, ``length_normalize`` and
+    ``score`` as in :func:`select`. Used by ``ContinualTrainer``, ``GradSelTrainer`` and the CLI.
     """
 
     policy: str = "median_band"
@@ -758,6 +1148,7 @@ class SelectionConfig:
     group_by: Any = None  # offline selection only: select within each group
     length_normalize: Union[bool, str, None] = False
     policy_kwargs: Dict[str, Any] = field(default_factory=dict)
+    score: str = "norm"  # "norm_per_token": rank by ||grad sum_t l_t|| / sqrt(n_tokens) (see select)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -769,6 +1160,7 @@ class SelectionConfig:
         if not (0.0 <= r <= 1.0):
             raise ValueError(f"ratio must be in [0, 1] (the fraction of each batch to keep), got {self.ratio!r}")
         resolve_loss_filter_std(self.policy, self.loss_filter_std)  # validates
+        _check_score(self.score)
         if isinstance(self.loss_filter_std, str):
             self.loss_filter_std = LOSS_FILTER_AUTO
         if self.policy_kwargs is None:

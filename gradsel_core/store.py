@@ -1,16 +1,20 @@
 """The score store: a directory of safetensors shards, JSON side files and a ``manifest.json``.
 
-Layout of ``out_dir`` (format 2)::
+Layout of ``out_dir`` (format 3)::
 
     .gradsel-store                    marker: this directory is a score store (gradsel touches only its own
                                       files, and only in a directory holding this marker)
     manifest.json                     format, identity (model fingerprint, scoring config, data and
                                       tokenizer), counts, package versions, and the sha256 and size of
                                       every file below
-    ids.json                          {"kind": "int"|"str", "ids": [...]} in dataset order, and for records
-                                      read from JSON "record_sha256": [...], each record's content hash
-                                      (``gradsel select --data`` refuses an edited record by it)
-    fields.json                       metadata columns {name: [value per record]} (only when any)
+    columns.safetensors               the ids (int64, or UTF-8 strings) and metadata columns (bool, int64,
+                                      float64, or strings as dictionary codes) as arrays, in dataset order:
+                                      read without parsing a value at a time (10M records in ~1 s); for
+                                      records read from JSON, each record's content hash (128 bits of
+                                      sha256: ``gradsel select --data`` refuses an edited record by it)
+    ids.json, fields.json             only for what the columns file cannot hold (a string containing
+                                      NUL, a column of mixed kinds): {"kind", "ids"}, {name: [values]}.
+                                      Stores of format 2 hold all ids and fields here, and stay readable.
     shard-000000-r0.safetensors       one shard per plan window (dataset positions [start, stop)),
     shard-000001-r1.safetensors       tagged with the rank that scored it; tensors: positions (int64),
     ...                               norms, losses (float32), tokens (int64), pp.<param> (float32,
@@ -53,11 +57,12 @@ if TYPE_CHECKING:  # torch is imported where a model is hashed: reading a store 
 log = logging.getLogger(__name__)
 
 FORMAT = "gradsel-score-store"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
-IDS_FILE = "ids.json"
-FIELDS_FILE = "fields.json"
+IDS_FILE = "ids.json"  # formats 1-2 (format 3: only ids the columns file cannot hold)
+FIELDS_FILE = "fields.json"  # formats 1-2 (format 3: only columns the columns file cannot hold)
+COLUMNS_FILE = "columns.safetensors"  # format 3: ids and metadata columns as arrays
 MARKER = ".gradsel-store"
 LOCK_FILE = ".gradsel-lock"
 SHARD_RE = re.compile(r"^shard-(\d{6,})-r(\d+)\.safetensors$")
@@ -168,7 +173,7 @@ def store_files(out_dir: str, v1: bool = False) -> List[str]:
     last."""
     names = []
     for name in sorted(os.listdir(out_dir)):
-        if SHARD_RE.match(name) or name in (IDS_FILE, FIELDS_FILE) or name.startswith(TMP_PREFIX):
+        if SHARD_RE.match(name) or name in (IDS_FILE, FIELDS_FILE, COLUMNS_FILE) or name.startswith(TMP_PREFIX):
             names.append(name)
         elif v1 and V1_TMP_RE.match(name):
             names.append(name)
@@ -307,9 +312,10 @@ def read_header_metadata(data: bytes) -> Dict[str, str]:
     return meta
 
 
-def decode_shard(data: bytes, name: str = "<shard>") -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+def decode_shard(data: bytes, name: str = "<shard>", check_payload: bool = True) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """``(tensors, meta)`` of a shard's bytes; ``StoreError`` naming ``name`` when it is truncated or
-    its payload does not match the checksum in its header."""
+    its payload does not match the checksum in its header (``check_payload=False``: the caller has just
+    checked the whole file's sha256 against the manifest, which covers the payload)."""
     from safetensors.numpy import load
 
     try:
@@ -320,7 +326,7 @@ def decode_shard(data: bytes, name: str = "<shard>") -> Tuple[Dict[str, np.ndarr
     want = hdr.get("payload_sha256")
     if want is None or "gradsel" not in hdr:
         raise StoreError(f"{name}: not a gradsel shard (no checksum in its header)")
-    if payload_hash(tensors) != want:
+    if check_payload and payload_hash(tensors) != want:
         raise StoreError(f"{name}: checksum mismatch: the shard is corrupted")
     meta_sha = hdr.get("gradsel_sha256")
     if meta_sha is not None and sha256_bytes(hdr["gradsel"].encode("utf-8")) != meta_sha:
@@ -475,6 +481,175 @@ def ids_array(kind: str, ids: List[Any]) -> np.ndarray:
     return arr
 
 
+# -- the columns file (format 3) --------------------------------------------------------------------
+
+_SEP = "\x00"  # joins the strings of a column in one UTF-8 blob (a string holding it goes to JSON instead)
+_NUMERIC = (np.dtype(np.bool_), np.dtype(np.int64), np.dtype(np.float64))
+
+
+def _str_blob(values: Sequence[str]) -> Optional[np.ndarray]:
+    """The strings as one NUL-joined UTF-8 byte array; ``None`` when one holds a NUL or cannot be encoded."""
+    joined = _SEP.join(values)
+    if joined.count(_SEP) != max(len(values) - 1, 0):
+        return None
+    try:
+        return np.frombuffer(joined.encode("utf-8"), dtype=np.uint8)
+    except UnicodeEncodeError:  # a lone surrogate (possible in JSON text)
+        return None
+
+
+def _str_unblob(blob: np.ndarray, count: int) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    if count:
+        out[:] = blob.tobytes().decode("utf-8").split(_SEP)
+    return out
+
+
+def _factorize_strings(values: Sequence[Any]) -> Optional[Tuple[np.ndarray, List[str]]]:
+    """``(codes, distinct values in first-appearance order)`` of an all-string column, else ``None``."""
+    if not all(type(v) is str for v in values):
+        return None
+    table: Dict[str, int] = {}
+    codes = np.fromiter((table.setdefault(v, len(table)) for v in values), dtype=np.int64, count=len(values))
+    return codes, list(table)
+
+
+def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha256: Optional[Sequence[str]] = None
+                   ) -> Tuple[Optional[bytes], Optional[Dict[str, Any]], Dict[str, List[Any]]]:
+    """``(columns file bytes, ids doc for ids.json or None, fields for fields.json)``: everything that fits
+    goes into the columns file as arrays (ids: int64 or a UTF-8 blob; fields: bool/int64/float64 arrays,
+    string columns as int codes plus their distinct values; ``record_sha256``, hex digests one per record,
+    as (N, digest bytes)); the rest falls back to the JSON side files."""
+    n = len(ids)
+    tensors: Dict[str, np.ndarray] = {}
+    meta: Dict[str, Any] = {"kind": "gradsel-columns", "n": n, "id_kind": id_kind, "fields": []}
+    if record_sha256 is not None:
+        raw = [bytes.fromhex(d) for d in record_sha256]
+        width = len(raw[0]) if raw else 16
+        if any(len(r) != width for r in raw):
+            raise ValueError("record_sha256: digests of different lengths")
+        tensors["record_sha256"] = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(n, width)  # (N, width)
+        meta["record_sha256"] = width
+    ids_doc = None
+    if id_kind == "int":
+        tensors["ids"] = np.asarray(ids, dtype=np.int64).reshape(n)
+        meta["ids"] = "int64"
+    else:
+        blob = _str_blob(ids.tolist() if isinstance(ids, np.ndarray) else list(ids))
+        if blob is None:
+            ids_doc = {"kind": "str", "ids": ids.tolist() if isinstance(ids, np.ndarray) else list(ids)}
+            meta["ids"] = "json"
+        else:
+            tensors["ids.utf8"] = blob
+            meta["ids"] = "utf8"
+    rest: Dict[str, List[Any]] = {}
+    for i, (name, col) in enumerate(fields.items()):
+        arr = col if isinstance(col, np.ndarray) and col.dtype != object else None
+        if arr is None:
+            values = col.tolist() if isinstance(col, np.ndarray) else list(col)
+            arr = column_array(values)
+        if arr.dtype.kind in "biuf" and arr.dtype not in _NUMERIC:
+            arr = arr.astype(np.float64 if arr.dtype.kind == "f" else np.int64 if arr.dtype.kind in "iu" else bool)
+        if arr.dtype in _NUMERIC:
+            tensors[f"f{i}"] = np.ascontiguousarray(arr).reshape(n)
+            meta["fields"].append([name, "array"])
+            continue
+        values = arr.tolist()
+        fact = _factorize_strings(values)
+        blob = _str_blob(fact[1]) if fact is not None else None
+        if blob is None:
+            rest[name] = values
+            meta["fields"].append([name, "json"])
+            continue
+        codes, distinct = fact
+        tensors[f"f{i}.codes"] = codes.astype(np.int32 if len(distinct) < 1 << 31 else np.int64)
+        tensors[f"f{i}.values"] = blob
+        meta["fields"].append([name, "dict", len(distinct)])
+    return encode_shard(tensors, meta), ids_doc, rest
+
+
+def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True):
+    """``(ids or None when in ids.json, fields from the file, [(name, encoding)] in order, {name: (codes,
+    distinct values)} of the string fields)`` of a columns file; ``StoreError`` naming ``path`` when it is
+    malformed."""
+    tensors, meta = decode_shard(data, path, check_payload=check_payload)
+    bad = f"{path}: malformed columns file"
+    if meta.get("kind") != "gradsel-columns" or meta.get("n") != n or not isinstance(meta.get("fields"), list):
+        raise StoreError(f"{bad} (not a columns file of {n} records); rerun the same `gradsel score` command to rewrite it")
+    try:
+        ids: Optional[np.ndarray] = None
+        if meta.get("ids") == "int64":
+            ids = tensors["ids"]
+            if ids.dtype != np.int64 or ids.shape != (n,):
+                raise ValueError("ids")
+        elif meta.get("ids") == "utf8":
+            ids = _str_unblob(tensors["ids.utf8"], n)
+            if ids.shape != (n,):
+                raise ValueError("ids")
+        elif meta.get("ids") != "json":
+            raise ValueError("ids")
+        fields: Dict[str, np.ndarray] = {}
+        dict_codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        order: List[Tuple[str, str]] = []
+        for i, entry in enumerate(meta["fields"]):
+            name, enc = str(entry[0]), entry[1]
+            order.append((name, enc))
+            if enc == "array":
+                col = tensors[f"f{i}"]
+            elif enc == "dict":
+                distinct = _str_unblob(tensors[f"f{i}.values"], int(entry[2]))
+                codes = tensors[f"f{i}.codes"]
+                if codes.size and (codes.min() < 0 or codes.max() >= distinct.shape[0]):
+                    raise ValueError(name)
+                col = distinct[codes]
+                col.setflags(write=False)  # field_codes stays true to it: replaced is detected, edited refused
+                dict_codes[name] = (codes, distinct, col)
+            elif enc == "json":
+                continue
+            else:
+                raise ValueError(name)
+            if col.shape != (n,):
+                raise ValueError(name)
+            fields[name] = col
+    except (KeyError, ValueError, IndexError, TypeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{bad} ({type(e).__name__}: {e}); rerun the same `gradsel score` command to rewrite it") from None
+    digests = None
+    width = meta.get("record_sha256")
+    if width:
+        arr = tensors.get("record_sha256")
+        if arr is None or arr.dtype != np.uint8 or arr.shape != (n, width):
+            raise StoreError(f"{bad} (record_sha256 must be ({n}, {width}) bytes); rerun the same `gradsel score` "
+                             "command to rewrite it")
+        digests = HexDigests(arr)
+    return ids, fields, order, dict_codes, digests
+
+
+class HexDigests:
+    """Per-record content digests kept as (N, digest bytes); item i is the hex string (as ``record_digest`` gives)."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr  # (N, digest bytes) uint8
+
+    def __len__(self) -> int:
+        return int(self.arr.shape[0])
+
+    def __getitem__(self, i: int) -> str:
+        return self.arr[i].tobytes().hex()
+
+
+def side_file_docs(id_kind: str, ids: Any, fields: Mapping[str, Any],
+                   record_sha256: Optional[Sequence[str]] = None) -> List[Tuple[str, bytes]]:
+    """The side files of a store of this format: ``[(name, bytes)]`` (the columns file, and ids.json /
+    fields.json only for what it cannot hold)."""
+    columns, ids_doc, rest = encode_columns(id_kind, ids, fields, record_sha256)
+    docs = [(COLUMNS_FILE, columns)]
+    if ids_doc is not None:
+        docs.append((IDS_FILE, json_bytes(ids_doc)))
+    if rest:
+        docs.append((FIELDS_FILE, json_bytes(rest)))
+    return docs
+
+
 # -- manifest and side files: validation ------------------------------------------------------------
 
 
@@ -599,7 +774,9 @@ class ScoreStore:
     run: Dict[str, Any] = field(default_factory=dict)  # what the score_dataset call that returned it did
     dots: Optional[np.ndarray] = None  # (N,) or (N, R) float32: ⟨∇θ L_i, r⟩ (scored with reference=)
     cosines: Optional[np.ndarray] = None  # (N,) or (N, R) float32
-    record_sha256: Optional[List[str]] = None  # each scored record's content hash (records read from JSON)
+    record_sha256: Any = None  # each scored record's content hash, a hex string per record (read from JSON)
+    # string fields as read from the columns file: {name: (codes (N,), distinct values)}
+    _codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.norms.shape[0])
@@ -639,17 +816,29 @@ class ScoreStore:
             return data
 
         n = manifest["counts"]["records"]
-        ids_doc = parse_ids(load_checked(IDS_FILE, files.get(IDS_FILE), sizes.get(IDS_FILE)), os.path.join(out_dir, IDS_FILE), n)
-        fields_doc: Dict[str, List[Any]] = {}
+        ids: Any = None
+        fields: Dict[str, Any] = {}
+        order: List[Tuple[str, str]] = []
+        codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        digests: Any = None
+        if COLUMNS_FILE in files:  # format 3
+            ids, fields, order, codes, digests = decode_columns(
+                load_checked(COLUMNS_FILE, files[COLUMNS_FILE], sizes.get(COLUMNS_FILE)),
+                os.path.join(out_dir, COLUMNS_FILE), n, check_payload=not verify)
+        if ids is None:
+            ids = parse_ids(load_checked(IDS_FILE, files.get(IDS_FILE), sizes.get(IDS_FILE)), os.path.join(out_dir, IDS_FILE), n)
         if FIELDS_FILE in files:
-            fields_doc = parse_fields(load_checked(FIELDS_FILE, files[FIELDS_FILE], sizes.get(FIELDS_FILE)),
-                                      os.path.join(out_dir, FIELDS_FILE), n)
+            fields.update(parse_fields(load_checked(FIELDS_FILE, files[FIELDS_FILE], sizes.get(FIELDS_FILE)),
+                                       os.path.join(out_dir, FIELDS_FILE), n))
+        if order:  # the columns' recorded order, whichever file holds each
+            fields = {name: fields[name] for name, _ in order if name in fields}
         parts: Dict[str, List[np.ndarray]] = {}
         expect = 0
         for sh in manifest["shards"]:
             name = sh["file"]
             data = load_checked(name, sh["sha256"], sh.get("size"), SHARD_RE)
-            tensors, meta = decode_shard(data, os.path.join(out_dir, name))
+            # with verify the file's sha256 (which covers the payload) was just checked: no second hash
+            tensors, meta = decode_shard(data, os.path.join(out_dir, name), check_payload=not verify)
             check_shard_identity(meta, manifest, sh, os.path.join(out_dir, name))
             pos = tensors.get("positions")
             if pos is None or not np.array_equal(pos, np.arange(expect, expect + len(pos))):
@@ -659,18 +848,26 @@ class ScoreStore:
                 parts.setdefault(k, []).append(v)
         if expect != n:
             raise StoreError(f"{out_dir}: shards hold {expect} records, the manifest says {n}")
-        return cls.from_parts(out_dir, manifest, parts, ids_doc, fields_doc)
+        store = cls.from_parts(out_dir, manifest, parts, ids, fields, record_sha256=digests)
+        store._codes = codes
+        return store
 
     @classmethod
-    def from_parts(cls, out_dir, manifest, parts, ids_doc, fields_doc) -> "ScoreStore":
+    def from_parts(cls, out_dir, manifest, parts, ids, fields, record_sha256: Any = None) -> "ScoreStore":
+        """A store from its manifest, shard tensors (``{name: [array per shard]}``), ids (an array, or an
+        ``ids.json`` document, which may carry ``record_sha256``) and fields (``{name: array or list of
+        values}``)."""
         def cat(key: str, dtype) -> np.ndarray:
             return np.concatenate(parts[key]) if parts.get(key) else np.zeros(0, dtype=dtype)
 
         per_param = None
         if manifest["config"].get("per_param"):
             per_param = {p["name"]: cat(PP_PREFIX + p["name"], np.float32) for p in manifest["model"]["params"]}
-        ids = ids_array(ids_doc["kind"], ids_doc["ids"])
-        fields = {k: column_array(v) for k, v in fields_doc.items()}
+        if isinstance(ids, Mapping):
+            if record_sha256 is None:
+                record_sha256 = ids.get("record_sha256")
+            ids = ids_array(ids["kind"], ids["ids"])
+        fields = {k: v if isinstance(v, np.ndarray) else column_array(v) for k, v in fields.items()}
         return cls(
             path=out_dir,
             ids=ids,
@@ -682,8 +879,133 @@ class ScoreStore:
             meta=manifest,
             dots=np.concatenate(parts["dots"]) if parts.get("dots") else None,
             cosines=np.concatenate(parts["cosines"]) if parts.get("cosines") else None,
-            record_sha256=ids_doc.get("record_sha256"),
+            record_sha256=record_sha256,
         )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        out_dir: str,
+        norms: Any,
+        losses: Any,
+        tokens: Any = None,
+        *,
+        ids: Any = None,
+        fields: Optional[Mapping[str, Any]] = None,
+        per_param: Optional[Mapping[str, Any]] = None,
+        dots: Any = None,
+        cosines: Any = None,
+        loss_reduction: str = "mean",
+        shard_size: int = 1 << 20,
+        overwrite: bool = False,
+    ) -> "ScoreStore":
+        """Write a complete score store from per-record arrays, without scoring, and return it (as
+        :meth:`open` reads it): for scores computed elsewhere, tests and benchmarks (a 10M-record store in
+        seconds). ``norms``/``losses`` (n,) (stored float32), ``tokens`` (n,) int (default 0), ``ids`` (n,)
+        unique ints or strings (default positions), ``fields`` ``{name: (n,) values}``, ``per_param``
+        ``{name: (n,) squared norms}``, ``dots``/``cosines`` (n,) or (n, R); ``loss_reduction``: how the
+        losses the norms belong to were reduced over tokens (``select(score="norm_per_token")`` reads it).
+        The identity records ``config.source = "ScoreStore.from_arrays"``; a directory holding a store is
+        refused unless ``overwrite``."""
+        from .errors import UsageError
+        from .scoring import _claim_dir, _open_out_dir, _versions
+        from .selection import _check_ids
+
+        out_dir = os.fspath(out_dir)
+        norms_a = np.asarray(norms, dtype=np.float32)
+        if norms_a.ndim != 1:
+            raise UsageError(f"from_arrays: norms must be 1-D (one per record), got shape {norms_a.shape}")
+        n = norms_a.shape[0]
+
+        def column(x: Any, name: str, dtype) -> np.ndarray:
+            a = np.asarray(x, dtype=dtype)
+            if a.shape[:1] != (n,) or (a.ndim != 1 and name not in ("dots", "cosines")) or a.ndim > 2:
+                raise UsageError(f"from_arrays: {name} must have shape ({n},){' or (n, R)' if name in ('dots', 'cosines') else ''} "
+                                 f"like norms, got {a.shape}")
+            return np.ascontiguousarray(a)
+
+        cols = {"norms": norms_a, "losses": column(losses, "losses", np.float32),
+                "tokens": column(np.zeros(n, dtype=np.int64) if tokens is None else tokens, "tokens", np.int64)}
+        for name, x in (("dots", dots), ("cosines", cosines)):
+            if x is not None:
+                cols[name] = column(x, name, np.float32)
+        for name, x in (per_param or {}).items():
+            cols[PP_PREFIX + name] = column(x, f"per_param[{name!r}]", np.float32)
+        if loss_reduction not in ("mean", "sum"):
+            raise UsageError(f"from_arrays: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise UsageError(f"from_arrays: shard_size must be a positive int, got {shard_size!r}")
+        if ids is None:
+            ids_a, id_kind = np.arange(n, dtype=np.int64), "int"
+        else:
+            ids_a = np.asarray(ids)
+            if ids_a.dtype.kind in "iu":
+                ids_a, id_kind = ids_a.astype(np.int64), "int"
+            elif ids_a.dtype.kind == "U" or (ids_a.dtype.kind == "O" and all(type(v) is str for v in ids_a.tolist())):
+                ids_a, id_kind = ids_a.astype(object), "str"
+            else:
+                raise UsageError(f"from_arrays: ids must be all ints or all strings, got dtype {ids_a.dtype}")
+            if ids_a.shape != (n,):
+                raise UsageError(f"from_arrays: ids must have shape ({n},) like norms, got {ids_a.shape}")
+            try:
+                _check_ids(ids_a)
+            except ValueError as e:
+                raise UsageError(f"from_arrays: {e}") from None
+        field_cols = {}
+        for name, x in (fields or {}).items():
+            a = np.asarray(x) if not isinstance(x, np.ndarray) else x
+            if a.shape != (n,):
+                raise UsageError(f"from_arrays: fields[{name!r}] must have shape ({n},), got {a.shape}")
+            field_cols[str(name)] = a.astype(object) if a.dtype.kind in "US" else a
+        docs = side_file_docs(id_kind, ids_a, field_cols)
+        side = {name: (sha256_bytes(doc), len(doc)) for name, doc in docs}
+        identity = {
+            "model": {"class": "arrays", "params": [{"name": k[len(PP_PREFIX):]} for k in cols if k.startswith(PP_PREFIX)]},
+            "config": {"source": "ScoreStore.from_arrays", "per_param": bool(per_param), "loss_reduction": loss_reduction,
+                       "shard_size": shard_size},
+            "data": {"n_records": n, "id_kind": id_kind, "sha256": canonical_hash(
+                {"side": {k: v[0] for k, v in side.items()}, "scores": payload_hash(cols)})},
+        }
+        run_key = canonical_hash(identity)
+        versions = _versions()
+        starts = list(range(0, n, shard_size)) or [0]
+        _open_out_dir(out_dir, overwrite)
+        with dir_lock(out_dir):
+            _claim_dir(out_dir)
+            existing = [name for name in store_files(out_dir) if not name.startswith(TMP_PREFIX)]
+            if existing and not overwrite:
+                raise StoreConflictError(f"{out_dir} already holds a score store; pass overwrite=True to replace it, or "
+                                         "choose another directory")
+            for name in store_files(out_dir):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(out_dir, name))
+            for name, doc in docs:
+                atomic_write(os.path.join(out_dir, name), doc)
+            header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": n,
+                      "shards_planned": len(starts), "side_files": {k: v[0] for k, v in side.items()},
+                      "versions": versions, "rank": 0}
+            shards = []
+            for index, start in enumerate(starts):
+                stop = min(start + shard_size, n)
+                tensors = {k: v[start:stop] for k, v in cols.items()}
+                tensors["positions"] = np.arange(start, stop, dtype=np.int64)
+                data = encode_shard(tensors, {**header, "index": index, "start": start, "stop": stop, "batches": 0})
+                name = shard_name(index, 0)
+                atomic_write(os.path.join(out_dir, name), data)
+                shards.append(({"file": name, "index": index, "start": start, "count": stop - start, "batches": 0},
+                               data, tensors))
+            manifest = build_manifest(identity, run_key, n, len(starts), side, versions, now(), shards=shards,
+                                      run={"from_arrays": now()})
+            atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
+        return cls.open(out_dir, verify=False)
+
+    def field_codes(self, name: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """``(codes (N,), distinct values)`` of a string field as the columns file stores it (codes number
+        the values by first appearance), while ``fields[name]`` is still the column read; else ``None``."""
+        got = self._codes.get(name)
+        if got is None or self.fields.get(name) is not got[2]:
+            return None  # not a string field of the columns file, or the column was replaced after reading
+        return got[0], got[1]
 
     # -- summaries --------------------------------------------------------------------------------
     def summary(self) -> Dict[str, Any]:
@@ -799,7 +1121,12 @@ def conflict_message(out_dir: str, old_identity: Mapping[str, Any], identity: Ma
                 "cosines need every per-sample gradient again, so they cannot be added to it. Score into a new "
                 "directory with the reference (the norms come with it, same cost), or replace this store with "
                 "overwrite=True (CLI: --overwrite).")
-    return head + " Pass overwrite=True (CLI: --overwrite) to replace them, or choose another directory."
+    threads = ""
+    if "config.cpu_threads" in diffs:
+        threads = (f" The store was scored with {old_identity.get('config', {}).get('cpu_threads')} CPU thread(s), this "
+                   f"run has {identity.get('config', {}).get('cpu_threads')}: resume with the same count "
+                   "(torch.set_num_threads, or OMP_NUM_THREADS for the CLI), since it changes the last bits of the norms.")
+    return head + threads + " Pass overwrite=True (CLI: --overwrite) to replace them, or choose another directory."
 
 
 # -- building a manifest ----------------------------------------------------------------------------

@@ -469,7 +469,7 @@ class ContinualTrainer:
                                   progress=False, overwrite=True, pad_id=self.pad_id, reference=ref)
             sel = select(store, policy=cfg.policy, ratio=cfg.ratio, loss_filter_std=cfg.loss_filter_std,
                          group_by=cfg.group_by, seed=self.seed + i, length_normalize=cfg.length_normalize,
-                         **cfg.policy_kwargs)
+                         score=cfg.score, **cfg.policy_kwargs)
         kept = set(int(k) for k in sel.kept_ids)
         summary = {k: v for k, v in sel.summary.items() if not isinstance(v, (list, dict))}
         summary["norms"] = np.asarray(store.norms, dtype=float).tolist()
@@ -496,7 +496,7 @@ class ContinualTrainer:
             cfg = self.selection
             fb = FilteredBackward(model, policy=cfg.policy, ratio=cfg.ratio, params=self.params_spec,
                                   loss_filter_std=cfg.loss_filter_std, length_normalize=cfg.length_normalize,
-                                  reference=ref, **cfg.policy_kwargs)
+                                  score=cfg.score, reference=ref, **cfg.policy_kwargs)
         gen = torch.Generator().manual_seed(self.seed * 1000 + i)
         bar = None
         if self.progress:

@@ -35,6 +35,9 @@ class ScoreResult:
     backend: str = ""
     dots: Optional[torch.Tensor] = None  # (B,) or (B, R) float32: ⟨∇θ L_i, r⟩ (score(..., reference=))
     cosines: Optional[torch.Tensor] = None  # (B,) or (B, R): dots / (||∇θ L_i|| ||r||), 0 where either is 0
+    # "mean" | "sum": how each L_i reduces its target tokens' losses (built-in causal-LM loss; None with a
+    # custom loss_fn), which select(score="norm_per_token") reads
+    loss_reduction: Optional[str] = None
 
     def __len__(self) -> int:
         return self.norms.shape[0]

@@ -168,3 +168,30 @@ def test_bench_regression_quick(tmp_path):
         if r["method"] != "plain":
             assert r["max_rel_err"] < 1e-5 and r["mem_pass_max_rel_err"] < 1e-5
     assert out["meta"]["versions"]["pre-trust"]["commit"] == rev.stdout.strip()
+
+
+def test_bench_scale_small(tmp_path, monkeypatch):
+    """bench_scale.py's in-process measures on a small store: rows with wall and CPU seconds, written files."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO))
+    mod = importlib.import_module("benchmarks.bench_scale")
+    mod.main(["--records", "3000", "--clusters", "100", "--repeats", "1", "--only", "open,select",
+              "--out-dir", str(tmp_path), "--work-dir", str(tmp_path)])
+    (js,) = tmp_path.glob("scale-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["measure"] for r in rows} >= {"open", "select 2 groups", "select 100 groups",
+                                             "select 2 groups, norm_per_token"}
+    assert all(r["median_s"] > 0 and r["records"] == 3000 for r in rows)
+
+
+def test_bench_batching_small(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO))
+    mod = importlib.import_module("benchmarks.bench_batching")
+    mod.main(["--short", "24", "--long", "2", "--repeats", "1", "--out-dir", str(tmp_path)])
+    (js,) = tmp_path.glob("batching-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert len(rows) == 2 * len(mod.CONFIGS) and all(r["samples_per_s"] > 0 and r["x_plain"] > 0 for r in rows)
+    assert {r["speedup_vs_b16"] for r in rows if r["config"] == "batch_size=16"} == {1.0}

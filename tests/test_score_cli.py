@@ -380,9 +380,9 @@ def test_store_read_errors_exit_2_naming_the_key_or_file(tmp_path, capsys):
     assert main(["inspect", str(out)]) == 2
     assert "key 'counts.records' must be int, got str" in _err(capsys)
     mpath.write_text(good)
-    (out / "ids.json").write_text("[1, 2")
+    (out / "columns.safetensors").write_text("[1, 2")
     assert main(["inspect", str(out)]) == 2
-    assert "ids.json" in _err(capsys)
+    assert "columns.safetensors" in _err(capsys)
 
 
 def test_repair_cli_and_tokenizer_or_max_length_change_is_refused(tmp_path, capsys):

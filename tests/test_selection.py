@@ -425,8 +425,9 @@ class TestInputsAndLength:
 
         res = ScoreResult(norms=torch.tensor(PAPER["norms"]), losses=torch.tensor(PAPER["losses"]),
                           tokens=torch.arange(1, 11))
-        sel = select(res, ratio=0.2)
+        sel = select(res, ratio=0.2, diagnostics=True)
         assert ids_of(sel) == [6, 7] and sel.kept_ids.dtype.kind == "i"
+        assert "mean_tokens_kept" not in select(res, ratio=0.2).summary  # diagnostics only on request
         assert sel.summary["mean_tokens_kept"] == 7.5 and sel.summary["mean_tokens_dropped"] == 5.0
 
     def test_bfloat16_and_string_ids(self):
@@ -438,23 +439,23 @@ class TestInputsAndLength:
     def test_length_correlations(self):
         tokens = np.array([50, 40, 30, 20, 10])
         d = {"norms": [1.0, 2.0, 3.0, 5.0, 9.0], "losses": [1.0] * 5, "tokens": tokens}
-        s = select(d, policy="keep_top", ratio=0.4).summary
+        s = select(d, policy="keep_top", ratio=0.4, diagnostics=True).summary
         assert s["norm_tokens_spearman"] == pytest.approx(-1.0)
         assert s["norm_tokens_pearson"] == pytest.approx(np.corrcoef(d["norms"], tokens)[0, 1])
         assert s["mean_tokens_kept"] == 15.0 and s["mean_tokens_dropped"] == 40.0
-        assert "norm_tokens_pearson" not in select(NORMS5).summary
+        assert "norm_tokens_pearson" not in select(NORMS5, diagnostics=True).summary
 
     def test_spearman_with_ties(self):
         d = {"norms": [1.0, 1.0, 2.0, 3.0], "losses": [1.0] * 4, "tokens": [1, 2, 2, 3]}
         # average ranks: norms 1.5 1.5 3 4, tokens 1 2.5 2.5 4
         r = np.corrcoef([1.5, 1.5, 3, 4], [1, 2.5, 2.5, 4])[0, 1]
-        assert select(d).summary["norm_tokens_spearman"] == pytest.approx(r)
+        assert select(d, diagnostics=True).summary["norm_tokens_spearman"] == pytest.approx(r)
 
     def test_length_normalize(self):
         # norm / tokens: 1.0, 1.0, 0.5, 2.0 -> keep_bottom 1 keeps id 2; raw norms would keep id 0
         d = {"norms": [2.0, 4.0, 4.0, 2.0], "losses": [1.0] * 4, "tokens": [2, 4, 8, 1]}
         assert ids_of(select(d, policy="keep_bottom", ratio=0.25)) == [0]
-        s = select(d, policy="keep_bottom", ratio=0.25, length_normalize=True)
+        s = select(d, policy="keep_bottom", ratio=0.25, length_normalize=True, diagnostics=True)
         assert ids_of(s) == [2] and s.summary["length_normalize"] == "tokens" and "key_tokens_spearman" in s.summary
         # norm / sqrt(tokens): 1.414, 2, 1.414, 2 -> ids 0 then 2 (tie, position)
         assert ids_of(select(d, policy="keep_bottom", ratio=0.25, length_normalize="sqrt")) == [0]
@@ -665,3 +666,71 @@ class TestCommand:
         monkeypatch.setattr(cmd, "_open_store", lambda path: FakeStore())
         with pytest.raises(ValueError, match="known policies"):
             cmd.run(_parse(["--scores", "D", "--policy", "bogus", "--out", str(tmp_path / "k.jsonl")]))
+
+
+class TestManyGroups:
+    """The segmented path (many groups at once) gives the per-group loop's mask and figures exactly."""
+
+    @staticmethod
+    def _data(seed: int, n: int = 3000, n_groups: int = 200):
+        rng = np.random.default_rng(seed)
+        norms = np.round(rng.gamma(2.0, 1.0, n), 1)  # rounded: many ties
+        losses = np.round(rng.normal(2.0, 0.5, n), 2)
+        norms[rng.random(n) < 0.02] = np.nan
+        losses[rng.random(n) < 0.02] = np.inf
+        groups = rng.zipf(1.5, n) % n_groups  # sizes from 1 to hundreds
+        groups[:5] = n_groups + 1  # a group of 5 whose records are all invalid
+        norms[:5] = np.nan
+        return {"norms": norms, "losses": losses, "tokens": rng.integers(0, 60, n),
+                "cosines": np.round(rng.uniform(-1, 1, n), 2), "g": groups}
+
+    @staticmethod
+    def _same(a, b) -> bool:
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(TestManyGroups._same(a[k], b[k]) for k in a)
+        if isinstance(a, float) and isinstance(b, float) and np.isnan(a):
+            return bool(np.isnan(b))
+        return a == b and type(a) is type(b)
+
+    @pytest.mark.parametrize("policy", ["median_band", "keep_bottom", "keep_top", "drop_top", "drop_opposed",
+                                        "project_band"])
+    @pytest.mark.parametrize("lfs", ["auto", None, 0.5])
+    @pytest.mark.parametrize("ratio", [0.0, 0.2, 1 / 3, 1.0])
+    def test_segmented_equals_loop(self, monkeypatch, policy, lfs, ratio):
+        import gradsel_core.selection as S
+
+        d = self._data(int(ratio * 100) + len(policy))
+        kw = dict(policy=policy, ratio=ratio, loss_filter_std=lfs, group_by="g")
+        if policy not in ("drop_opposed", "project_band"):
+            kw["score"] = "norm_per_token" if policy == "keep_top" else "norm"
+            kw["loss_reduction"] = "mean"
+        monkeypatch.setattr(S, "_VECTOR_MIN_GROUPS", 10 ** 9)
+        loop = select(d, **kw)
+        monkeypatch.setattr(S, "_VECTOR_MIN_GROUPS", 1)
+        fast = select(d, **kw)
+        assert loop.summary["n_groups"] > 100
+        assert np.array_equal(loop.kept_mask, fast.kept_mask)
+        assert self._same(loop.summary, fast.summary)
+
+    def test_labels_in_first_appearance_order(self):
+        d = {"norms": np.arange(9.0), "losses": np.ones(9)}
+        for labels, want in [
+            (np.array([3, 1, 3, 2, 1, 2, 7, 7, 3]), ["3", "1", "2", "7"]),
+            (np.array([2.5, np.nan, 2.5, 1.0, np.nan, 1.0, 4.0, 4.0, 2.5]), ["2.5", "None", "1.0", "4.0"]),
+            (np.array(["b", None, "a", "b", np.nan, "c", "a", "c", "b"], dtype=object), ["b", "None", "a", "c"]),
+            (np.array(["b", "a", "a", "c", "b", "b", "c", "c", "a"]), ["b", "a", "c"]),
+            (np.array([True, False, True, True, False, False, True, True, True]), ["True", "False"]),
+        ]:
+            s = select(d, policy="keep_bottom", ratio=1.0, group_by=labels).summary
+            assert list(s["groups"]) == want
+            for key, g in s["groups"].items():
+                assert g["n"] == sum(1 for v in labels.tolist() if str(None if v != v else v) == key)
+
+    def test_group_order_radix_beyond_16_bits(self):
+        from gradsel_core.selection import _group_order
+
+        rng = np.random.default_rng(0)
+        codes = rng.integers(0, 100_000, 150_000)
+        values = np.round(rng.random(150_000), 2)
+        assert np.array_equal(_group_order(codes, 100_000), np.argsort(codes, kind="stable"))
+        assert np.array_equal(_group_order(codes, 100_000, values), np.lexsort((np.arange(150_000), values, codes)))

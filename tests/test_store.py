@@ -333,9 +333,11 @@ def test_corrupted_or_truncated_shard_is_detected_and_repaired(tmp_path, caplog)
     assert flip in text and trunc in text and "scored again" in text
     assert_same_store(repaired, ref)
     assert_same_store(ScoreStore.open(str(out)), ref)
-    ids_path = out / "ids.json"
-    ids_path.write_text(ids_path.read_text().replace("3", "4", 1))
-    with pytest.raises(StoreError, match="ids.json"):
+    cols_path = out / "columns.safetensors"
+    b = bytearray(cols_path.read_bytes())
+    b[-1] ^= 0x01  # an id changed
+    cols_path.write_bytes(bytes(b))
+    with pytest.raises(StoreError, match="columns.safetensors"):
         ScoreStore.open(str(out))
 
 
@@ -752,6 +754,9 @@ def test_manifest_and_ids_file_errors_name_the_key_or_file(tmp_path):
                       ("not json", "malformed ids file")):
         (out / "ids.json").write_text(doc)
         m = json.loads(json.dumps(good))  # a consistent manifest: the checks behind the checksum are reached
+        m["format_version"] = 2  # ids in ids.json, as format 2 stores them
+        m["files"].pop("columns.safetensors")
+        m["file_sizes"].pop("columns.safetensors")
         m["files"]["ids.json"] = sha256_bytes(doc.encode())
         m["file_sizes"]["ids.json"] = len(doc.encode())
         mpath.write_text(json.dumps(m))
@@ -817,7 +822,7 @@ def test_format_1_stores_are_readable_and_refused_for_resume(tmp_path):
         score_dataset(model, recs, str(out), **KW)
     (out / ".shard-000000-r0.safetensors.tmp-12-0123abcd").write_bytes(b"x")  # a format-1 writer's temp file
     assert_same_store(score_dataset(model, recs, str(out), overwrite=True, **KW), ref)
-    assert json.loads((out / MANIFEST).read_text())["format_version"] == 2
+    assert json.loads((out / MANIFEST).read_text())["format_version"] == 3
     assert not [n for n in os.listdir(out) if "tmp" in n]
 
 
@@ -922,8 +927,8 @@ def test_property_kills_corruptions_and_resumes_end_in_the_uninterrupted_store(p
             if (out / MANIFEST).exists():
                 os.unlink(out / MANIFEST)
         elif kind == "delete_ids":
-            if (out / "ids.json").exists():
-                os.unlink(out / "ids.json")
+            if (out / "columns.safetensors").exists():
+                os.unlink(out / "columns.safetensors")
         elif kind == "resume":
             run()
         elif kind == "repair":

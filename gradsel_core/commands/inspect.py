@@ -126,9 +126,24 @@ def split_groups(store: Any, field: Optional[str], max_groups: int) -> Tuple[Lis
         return [(None, np.ones(n, dtype=bool))], 1
     if max_groups < 1:
         raise UsageError(f"--max-groups must be at least 1, got {max_groups}")
-    col = store_field(store, field, "--by").tolist()
-    keys = ["(missing)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in col]
-    labels, inverse, counts = np.unique(np.asarray(keys, dtype=object), return_inverse=True, return_counts=True)
+    from ..selection import _factorize_objects, _group_codes, _stored_codes
+
+    col = store_field(store, field, "--by")
+    # the distinct values first (the store's string codes, or vectorized grouping), then one key per value
+    got = _stored_codes(store, field, n)
+    if got is None and col.dtype.kind == "O":
+        got = _factorize_objects(col)  # strings and missing values only; None for mixed kinds
+    if got is None and col.dtype.kind in "biufUS":
+        got = _group_codes(col)
+    if got is not None:
+        firsts, codes = got
+        keys = ["(missing)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in firsts]
+        labels, key_inv = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+        inverse = key_inv.reshape(-1)[codes]
+        counts = np.bincount(inverse, minlength=labels.size)
+    else:  # mixed kinds ("1" and 1 print alike: one key), a value at a time
+        keys = ["(missing)" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in col.tolist()]
+        labels, inverse, counts = np.unique(np.asarray(keys, dtype=object), return_inverse=True, return_counts=True)
     order = np.argsort(-counts, kind="stable")[:max_groups]
     shown = sorted(order.tolist(), key=lambda g: str(labels[g]))
     return [(str(labels[g]), inverse.reshape(-1) == g) for g in shown], int(labels.size)

@@ -1,11 +1,11 @@
 """``gradsel score``: score a JSONL dataset into a resumable score store.
 
     gradsel score --model DIR|ORG/NAME|tiny --data data.jsonl|- --out scores/ [--params trainable|lora|all]
-                  [--backend auto|loop|vmap|ghost|triton] [--batch-size 16] [--max-tokens N] [--max-length N]
+                  [--backend auto|loop|vmap|ghost|triton] [--max-tokens 4096] [--batch-size N] [--max-length N]
                   [--shard-size N] [--per-param] [--reference REF.safetensors ...]
                   [--dtype auto|float32|bfloat16|float16|float64] [--device DEV] [--revision REV]
                   [--trust-remote-code] [--max-line-bytes N] [--allow-special-files] [--no-resume]
-                  [--overwrite] [--no-progress] [--json] [--dry-run] [--fsdp] [--dist-timeout MIN]
+                  [--overwrite] [--no-progress] [--json] [--dry-run] [--no-fused-head] [--fsdp] [--dist-timeout MIN]
 
 ``--model DIR`` is a local HF causal-LM directory or a PEFT adapter directory; ``--model org/name`` a Hugging
 Face Hub id (the local HF cache, offline with ``HF_HUB_OFFLINE=1``, downloaded otherwise; an adapter's base
@@ -129,6 +129,8 @@ def cli_words(e: BaseException) -> BaseException:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..data import DEFAULT_MAX_TOKENS
+
     add_model_arguments(p)
     p.add_argument("--data", required=True,
                    help="JSONL: {text}, {prompt, response} or chat {messages}, optional id and metadata; "
@@ -138,12 +140,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="trainable", choices=("trainable", "lora", "all"),
                    help="parameters the norm is taken over (default: trainable)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="engine backend (default: auto)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="records per batch at most")
-    p.add_argument("--max-tokens", type=positive_int, default=None, help="padded tokens per batch at most (B * T_max)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="records per batch at most (default: no record cap, the token budget sizes batches)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help=f"padded tokens per batch at most, B * T_max (default {DEFAULT_MAX_TOKENS} when --batch-size "
+                        "is not given either). Records are sorted by length within each window and packed up to "
+                        "this budget, so short records get large batches and long ones small: chosen by "
+                        "benchmarks/bench_batching.py on the tiny model (see the README)")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="truncate records to this many tokens, >= 1 (default: the model's max positions, else 1024)")
     p.add_argument("--shard-size", type=positive_int, default=None,
-                   help="records per shard and length-bucketing window (default 64 * batch size)")
+                   help="records per shard and length-bucketing window (default 64 * batch size, else 4096)")
     p.add_argument("--per-param", action="store_true", help="also store each parameter's squared norm")
     p.add_argument("--no-fused-head", action="store_true",
                    help="score the LM head through full logits instead of the fused chunked head (on by default at "

@@ -95,6 +95,8 @@ def config_keys() -> List[ConfigKey]:
         K("selection.length_normalize", "str | bool | null", sel["length_normalize"],
           "rank norm / tokens ('tokens') or norm / sqrt(tokens) ('sqrt') instead of the norm",
           allowed=(False, None, "none", "tokens", "sqrt", True)),
+        K("selection.score", "str", sel["score"], "what the norm policies rank by: norm, or norm_per_token "
+          "(||grad sum_t l_t|| / sqrt(target tokens), the length-debiased norm)", allowed=("norm", "norm_per_token")),
         K("selection.policy_kwargs", "object", sel["policy_kwargs"],
           "the policy's own parameters (band: low_q, high_q; threshold: max_norm)"),
         K("mode", "str", tr["mode"], "offline: score each task first, then train on what the policy keeps; "

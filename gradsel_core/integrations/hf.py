@@ -215,7 +215,7 @@ class GradSelMixin:
         if self._gradsel_fb is None or self._gradsel_module is not target:
             cfg = self.selection
             kw: Dict[str, Any] = dict(policy=cfg.policy, ratio=cfg.ratio, params=cfg.params,
-                                      loss_filter_std=cfg.loss_filter_std, **cfg.policy_kwargs)
+                                      loss_filter_std=cfg.loss_filter_std, score=cfg.score, **cfg.policy_kwargs)
             if self.gradsel_mode == "two_pass":
                 self._gradsel_fb = TwoPassFilteredBackward(target, backward_fn=self._gradsel_backward, **kw)
             else:
@@ -499,7 +499,7 @@ def select_dataset(
         out_dir: keep the score store there (resumable; reused on a rerun); default: a temporary one.
         **kw: ``gradsel_core.score_dataset`` options (``max_tokens``, ``backend``, ``progress`` (default
             off), ``pad_id``, ``resume``, ``overwrite``, ...) and :func:`gradsel_core.select` options
-            (``seed``, ``length_normalize``, a policy's own parameters such as ``low_q``/``high_q``).
+            (``seed``, ``length_normalize``, ``score``, a policy's own parameters such as ``low_q``/``high_q``).
 
     Returns:
         ``(selected, selection)``: ``hf_dataset.select(kept positions)`` when the dataset has

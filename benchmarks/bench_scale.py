@@ -1,0 +1,202 @@
+"""Selection and store reading at 10M records (issue #24 item 3): ``ScoreStore.open``, ``gs.select`` (one
+group, 2 groups, 100k groups, ``score="norm_per_token"``), and the CLI (``gradsel select``, ``gradsel select
+--data``, ``gradsel inspect --by --policy``) as whole processes, with their peak RSS.
+
+    python benchmarks/bench_scale.py                       # 10M records (store built with from_arrays)
+    python benchmarks/bench_scale.py --quick --out-dir /tmp/x
+
+The store is made with ``ScoreStore.from_arrays`` (no scoring): random norms, losses and token counts, a
+``task`` field with 2 values and a ``cluster`` field with 100k values (strings). ``--data`` needs the
+scored JSONL: a file of ``--data-records`` records (ids and a short text) and a store of the same ids.
+
+Timings are wall-clock medians on whatever machine runs this; on a shared CPU they are noisy, so the CPU
+seconds of the process (``time.process_time``; for the CLI the child's user+sys time) are reported too. Each run
+also times one ``np.sort`` of N float64 values (``sort_s``) and reports every figure as a multiple of it
+as well, so runs under different load can be compared. A plain forward+backward is not the baseline
+here: nothing in these paths runs a model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import gradsel_core as gs  # noqa: E402
+from benchmarks.harness import RESULTS_DIR, env_info, markdown_table, time_fn, utc_stamp, write_results  # noqa: E402
+
+# issue #24's targets at 10M records, seconds
+TARGETS = {"open": 2.0, "select 2 groups": 3.0, "select 100k groups": 5.0, "cli select": 8.0,
+           "cli select --data": 30.0, "cli inspect --by --policy": 8.0}
+
+
+def make_arrays(n: int, n_clusters: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 512, n)  # (n,)
+    norms = (rng.gamma(2.0, 1.0, n) / np.sqrt(tokens)).astype(np.float32)
+    losses = rng.normal(2.0, 0.5, n).astype(np.float32)
+    task = np.array(["instruct", "knowledge"], dtype=object)[rng.integers(0, 2, n)]
+    names = np.array([f"c{k}" for k in range(n_clusters)], dtype=object)
+    cluster = names[np.concatenate([np.arange(min(n, n_clusters)), rng.integers(0, n_clusters, max(n - n_clusters, 0))])]
+    return dict(norms=norms, losses=losses, tokens=tokens), {"task": task, "cluster": cluster}
+
+
+def timed(fn, repeats):
+    """([wall s], [CPU s of this process]) of ``repeats`` calls (``gc.collect()`` untimed before each)."""
+    import gc
+
+    wall, cpu = [], []
+    for _ in range(repeats):
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
+def run_cli(argv, env):
+    """(wall seconds, CPU seconds, peak RSS in MB) of ``python -m gradsel_core.cli ARGV`` in a fresh process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "gradsel_core.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode() if p.stderr else ""
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"gradsel {' '.join(argv)} failed ({p.returncode}): {err[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0  # ru_maxrss: KiB on Linux
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=10_000_000)
+    ap.add_argument("--clusters", type=int, default=100_000)
+    ap.add_argument("--data-records", type=int, default=10_000_000, help="records of the --data run (0: skip)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--data-repeats", type=int, default=1, help="runs of the --data join (the slowest measure)")
+    ap.add_argument("--quick", action="store_true", help="100k records, 1k clusters, 1 repeat")
+    ap.add_argument("--work-dir", default=None, help="where the stores are built (default: a temp dir)")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR))
+    ap.add_argument("--only", default=None, help="comma-separated measure names (prefixes) to run, e.g. 'cli inspect'")
+    args = ap.parse_args(argv)
+    only = [w.strip() for w in args.only.split(",")] if args.only else None
+
+    def want(measure: str) -> bool:
+        return only is None or any(measure.startswith(w) for w in only)
+    if args.quick:
+        args.records, args.clusters, args.data_records, args.repeats = 100_000, 1_000, 100_000, 1
+    torch.set_num_threads(1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")]))
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.work_dir))
+    N, R = args.records, args.repeats
+    rows = []
+    stem = f"scale-{utc_stamp()}"
+    meta = {**env_info(), "snapshot_of": os.environ.get("BENCH_SNAPSHOT_COMMIT"), "records": N,
+            "clusters": args.clusters, "repeats": R,
+            "note": "shared CPU: wall-clock medians are noisy; x_sort divides by one np.sort of N float64 in the "
+                    "same run; cpu_s is the process's CPU time"}
+
+    def report():
+        md = markdown_table(
+            ["measure", "records", "median wall s", "CPU s", "x np.sort(N)", "target s", "meets", "peak RSS MB"],
+            [[r["measure"], f"{r['records']:,}", f"{r['median_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['x_sort']:.1f}",
+              "" if r["target_s"] is None else f"{r['target_s']:g}",
+              "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO"), r.get("peak_rss_mb", "")]
+             for r in rows])
+        md += (f"\n\n{meta['timestamp']}, {meta['cpu']} ({meta['cpu_count']} cores, shared: timings are noisy), "
+               f"torch {meta['torch_version']}, numpy {meta['numpy_version']}, code {str(meta['git_commit'] or meta['snapshot_of'])[:10]}. "
+               f"One np.sort of N float64 took {meta.get('sort_s', float('nan')):.2f} s in this run.\n")
+        write_results(rows, args.out_dir, stem, meta, markdown=md)  # after every measure: a partial run keeps its rows
+        return md
+
+    def row(measure, timing, records=N, target_key=None, **extra):
+        times, cpu = timing
+        med = statistics.median(times)
+        extra = {"cpu_s": round(statistics.median(cpu), 3), **extra}
+        target = TARGETS.get(target_key or measure) if records >= 10_000_000 else None
+        r = {"measure": measure, "records": records, "median_s": med, "all_s": times, "x_sort": med / sort_s,
+             "target_s": target, "meets_target": None if target is None else med <= target, **extra}
+        rows.append(r)
+        report()
+        print(f"{measure:34s} {med:8.2f} s  ({med / sort_s:5.1f}x sort)" + (f"  target {target:g} s" if target else "")
+              + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
+
+    try:
+        cols, fields = make_arrays(N, args.clusters)
+        x = np.random.default_rng(1).random(N)
+        sort_s = time_fn(lambda: np.sort(x), repeats=R)["median_s"]
+        x = None
+        meta["sort_s"] = sort_s
+        print(f"calibration: np.sort of {N:,} float64: {sort_s:.2f} s", flush=True)
+        d = work / "store"
+        t0 = time.perf_counter()
+        gs.ScoreStore.from_arrays(d, **cols, fields=fields)
+        build_s = time.perf_counter() - t0
+        row("from_arrays (build, not a target)", ([build_s], [float("nan")]))
+        store = gs.ScoreStore.open(d)
+        if want("open"):
+            row("open", timed(lambda: gs.ScoreStore.open(d), R))
+        if want("select (one group)"):
+            row("select (one group)", timed(lambda: gs.select(store), R))
+        if want("select 2 groups"):
+            row("select 2 groups", timed(lambda: gs.select(store, group_by="task"), R))
+        if want(f"select {'100k' if args.clusters == 100_000 else args.clusters} groups"):
+            row("select 100k groups" if args.clusters == 100_000 else f"select {args.clusters} groups",
+                timed(lambda: gs.select(store, group_by="cluster"), R),
+                target_key="select 100k groups" if args.clusters == 100_000 else None, groups=args.clusters)
+        if want("select 2 groups, norm_per_token"):
+            row("select 2 groups, norm_per_token",
+                timed(lambda: gs.select(store, group_by="task", score="norm_per_token"), R))
+        if want("select 2 groups, diagnostics=True"):
+            row("select 2 groups, diagnostics=True",
+                timed(lambda: gs.select(store, group_by="task", diagnostics=True), R))
+        store = None  # free it before the CLI runs
+        for measure, cli in (
+            ("cli select", ["select", "--scores", str(d), "--out", str(work / "sel.jsonl")]),
+            ("cli select --group-by task", ["select", "--scores", str(d), "--out", str(work / "selg.jsonl"),
+                                            "--group-by", "task"]),
+            ("cli inspect --by --policy", ["inspect", str(d), "--by", "task", "--policy", "median_band"]),
+        ):
+            if not want(measure):
+                continue
+            runs = [run_cli(cli, env) for _ in range(R)]
+            row(measure, ([w for w, _, _ in runs], [c for _, c, _ in runs]),
+                target_key="cli select" if measure.startswith("cli select") else measure,
+                peak_rss_mb=round(max(m for _, _, m in runs)))
+        if args.data_records and want("cli select --data"):
+            M = args.data_records
+            dd, data = work / "store-data", work / "data.jsonl"
+            with open(data, "w") as f:  # the scored file: ids in order and a short text
+                for lo in range(0, M, 1_000_000):
+                    f.write("".join(f'{{"id": {i}, "text": "record number {i}"}}\n' for i in range(lo, min(M, lo + 1_000_000))))
+            c2, f2 = make_arrays(M, min(args.clusters, M), seed=2)
+            gs.ScoreStore.from_arrays(dd, **c2, fields=f2)
+            del c2, f2
+            runs = [run_cli(["select", "--scores", str(dd), "--out", str(work / "kept.jsonl"), "--data", str(data)], env)
+                    for _ in range(args.data_repeats)]
+            row("cli select --data", ([w for w, _, _ in runs], [c for _, c, _ in runs]), records=M,
+                peak_rss_mb=round(max(m for _, _, m in runs)), data_mb=round(data.stat().st_size / 2 ** 20))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    md = report()
+    print(md)
+    print(f"wrote {args.out_dir}/{stem}.json, .csv, .md")
+
+
+if __name__ == "__main__":
+    main()
