@@ -151,20 +151,30 @@ WORDS = (
 ).split()
 
 
-def make_llama_dir(d) -> str:
-    """Save a tiny random LlamaForCausalLM and a word-level tokenizer over WORDS into directory ``d``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def save_word_tokenizer(d, specials, wrap: bool = False) -> dict:
+    """Save a word-level fast tokenizer over ``specials`` (names in id order) + WORDS into ``d``; ``wrap``: add
+    ``<s>`` ... ``</s>`` around every text (a seq2seq encoder's convention). Returns the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab = {name: i for i, name in enumerate(specials)}
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.save_pretrained(str(d))
+    if wrap:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(str(d))
+    return vocab
+
+
+def make_llama_dir(d) -> str:
+    """Save a tiny random LlamaForCausalLM and a word-level tokenizer over WORDS into directory ``d``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = save_word_tokenizer(d, ["<unk>", "<s>", "</s>", "<pad>"])
     cfg = LlamaConfig(
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=3, bos_token_id=1, eos_token_id=2,

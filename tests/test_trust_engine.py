@@ -633,19 +633,10 @@ def test_seq2seq_filtered_backward(name, mode):
 
 def make_bart_dir(d) -> str:
     """A tiny random BART and a word-level tokenizer (BOS/EOS added around each text) saved into ``d``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
-    from conftest import WORDS
+    from transformers import BartConfig, BartForConditionalGeneration
+    from conftest import save_word_tokenizer
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(str(d))
+    vocab = save_word_tokenizer(d, ["<pad>", "<s>", "</s>", "<unk>"], wrap=True)
     torch.manual_seed(0)
     BartForConditionalGeneration(BartConfig(
         vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
