@@ -130,3 +130,55 @@ def test_empty_and_errors():
 def test_head_kernels_run_interpreted():
     assert type(_head._head_lse_kernel).__name__ == "InterpretedFunction"
     assert type(_head._head_grad_kernel).__name__ == "InterpretedFunction"
+
+
+# -- the wiring: head_pass and the engine use the kernels only where they are exact ------------------------
+
+
+def test_head_pass_uses_the_kernels_only_for_a_frozen_head():
+    h, W, b, labels = _case(2, 9, 24, 70, torch.float32, True, seed=4)
+    ref_core, ref = H.head_pass(h, W, b, labels, chunk=7)
+    core, out = H.head_pass(h, W, b, labels, chunk=7, use_triton=True)
+    assert core.kernel and not ref_core.kernel
+    _close(out.losses, ref.losses, torch.float32, "losses")
+    _close(out.grad_h, ref.grad_h, torch.float32, "grad_h")
+    _close(core.lse, ref_core.lse, torch.float32, "lse")
+    # a scored head parameter, fp64 and soft-capping keep the torch chunk loop
+    assert not H.head_pass(h, W, b, labels, want=("weight",), chunk=7, use_triton=True)[0].kernel
+    assert not H.head_pass(h.double(), W.double(), b.double(), labels, chunk=7, use_triton=True)[0].kernel
+    assert not H.head_pass(h, W, b, labels, post="softcap", value=3.0, chunk=7, use_triton=True)[0].kernel
+
+
+@pytest.mark.skipif(_DEVICE != "cpu", reason="the engine test runs its models on CPU")
+def test_engine_triton_backend_with_a_frozen_head_matches_the_loop():
+    import transformers as tf
+
+    import gradsel_core as gs
+    from gradsel_core.backends.loop import score_loop
+    from gradsel_core.batching import prepare_batch
+    from gradsel_core.ghost import score_ghost
+    from gradsel_core.types import scoring_mode
+
+    torch.manual_seed(0)
+    V = 97
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2))
+    model.lm_head.requires_grad_(False)  # a frozen head: only the gradient at its input is needed
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 0
+    labels = gs.batching.default_labels(ids, mask)
+    labels[0, 2:4] = IGNORE_INDEX
+    batch = prepare_batch({"input_ids": ids, "attention_mask": mask, "labels": labels}, lm_loss=True)
+    eng = gs.GradNormEngine(model, params="trainable", backend="ghost", fused_head=True)
+    with scoring_mode(model, eng.params):
+        fast = score_ghost(eng.ghost, batch, use_triton=True, strict=True)
+        assert eng.ghost.head_status.startswith("on") and "Triton kernels" in eng.ghost.head_status, \
+            eng.ghost.head_status
+        ref = score_loop(eng.spec, batch, None)
+    for name, sq in ref.per_param_sq.items():
+        _close(fast.per_param_sq[name], sq, torch.float32, name)

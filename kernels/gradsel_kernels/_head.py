@@ -43,6 +43,7 @@ from ._utils import block_for, check_device, check_float, device_guard, dot_acc,
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the token cross-entropy's ignored label (gradsel_core.batching.IGNORE_INDEX)
+_IGNORE = tl.constexpr(IGNORE_INDEX)  # the same, readable inside @triton.jit
 
 
 @triton.jit
@@ -106,7 +107,7 @@ def _head_lse_kernel(
     b = offs_r // Tp
     t = offs_r % Tp
     a_rows = A_ptr + (b * stride_ab + t * stride_at)[:, None]  # (BR, 1)
-    tgt = tl.load(tgt_ptr + offs_r, mask=mask_r, other=IGNORE_INDEX)  # (BR,) int64
+    tgt = tl.load(tgt_ptr + offs_r, mask=mask_r, other=_IGNORE)  # (BR,) int64
     coef = tl.load(coef_ptr + offs_r, mask=mask_r, other=0.0)  # (BR,)
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -122,7 +123,7 @@ def _head_lse_kernel(
         hit = offs_v[None, :] == tgt[:, None]  # (BR, BV)
         zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
     lse = m + tl.log(s)  # (BR,)
-    tok = tl.where(tgt != IGNORE_INDEX, lse - zt, 0.0) * coef
+    tok = tl.where(tgt != _IGNORE, lse - zt, 0.0) * coef
     tl.store(lse_ptr + offs_r, lse, mask=mask_r)
     tl.store(tok_ptr + offs_r, tok, mask=mask_r)
 
@@ -157,7 +158,7 @@ def _head_grad_kernel(
     b = offs_r // Tp
     t = offs_r % Tp
     a_rows = A_ptr + (b * stride_ab + t * stride_at)[:, None]  # (BR, 1)
-    tgt = tl.load(tgt_ptr + offs_r, mask=mask_r, other=IGNORE_INDEX)  # (BR,)
+    tgt = tl.load(tgt_ptr + offs_r, mask=mask_r, other=_IGNORE)  # (BR,)
     coef = tl.load(coef_ptr + offs_r, mask=mask_r, other=0.0)  # (BR,)
     lse = tl.load(lse_ptr + offs_r, mask=mask_r, other=0.0)  # (BR,)
     if POST_SCALE:
