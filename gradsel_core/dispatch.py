@@ -182,16 +182,22 @@ def weighted_rowsum_sq(X: torch.Tensor, G: torch.Tensor, use_triton: bool = Fals
 
 # -- the fused LM head ----------------------------------------------------------------------------
 
+# The head kernels are exact (tests/test_kernels_head.py) but not yet timed on a GPU: head_grad recomputes the
+# logits once per 64 columns of d ((1 + ⌈d/64⌉)·N·V·d multiply-adds against the torch loop's 2·N·V·d on
+# cuBLAS), so they are used only when this is switched on, until benchmarks show where they pay.
+HEAD_KERNELS = False
+
 
 def head_loss_grad(A: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
                    coef: torch.Tensor, post: str, value: float, use_triton: bool = False):
     """The fused head's token losses and input gradient by the Triton kernels (``gradsel_kernels.head_lse`` /
     ``head_grad``), or None where they do not apply, and the caller keeps its torch chunk loop: not asked
-    (``use_triton`` False), not a CUDA device (nor the interpreter), fp64, mixed dtypes, or soft-capping.
+    (``use_triton`` False), ``HEAD_KERNELS`` off (the default), not a CUDA device (nor the interpreter), fp64,
+    mixed dtypes, or soft-capping.
 
     A (B, T', d) head input; W (V, d); bias (V,) or None; target (B, T') (-100 ignored); coef (B, T').
     Returns (lse (B, T'), tok (B, T'), grad (B, T', d)), fp32."""
-    if post not in ("none", "scale") or not _use_kernels(use_triton, A, W):
+    if not HEAD_KERNELS or post not in ("none", "scale") or not _use_kernels(use_triton, A, W):
         return None
     if W.dtype != A.dtype or (bias is not None and bias.dtype != A.dtype):
         return None

@@ -135,7 +135,19 @@ def test_head_kernels_run_interpreted():
 # -- the wiring: head_pass and the engine use the kernels only where they are exact ------------------------
 
 
-def test_head_pass_uses_the_kernels_only_for_a_frozen_head():
+@pytest.fixture
+def head_kernels_on(monkeypatch):
+    from gradsel_core import dispatch
+
+    monkeypatch.setattr(dispatch, "HEAD_KERNELS", True)
+
+
+def test_head_kernels_are_off_by_default():
+    h, W, b, labels = _case(2, 9, 24, 70, torch.float32, True, seed=4)
+    assert not H.head_pass(h, W, b, labels, chunk=7, use_triton=True)[0].kernel
+
+
+def test_head_pass_uses_the_kernels_only_for_a_frozen_head(head_kernels_on):
     h, W, b, labels = _case(2, 9, 24, 70, torch.float32, True, seed=4)
     ref_core, ref = H.head_pass(h, W, b, labels, chunk=7)
     core, out = H.head_pass(h, W, b, labels, chunk=7, use_triton=True)
@@ -150,7 +162,7 @@ def test_head_pass_uses_the_kernels_only_for_a_frozen_head():
 
 
 @pytest.mark.skipif(_DEVICE != "cpu", reason="the engine test runs its models on CPU")
-def test_engine_triton_backend_with_a_frozen_head_matches_the_loop():
+def test_engine_triton_backend_with_a_frozen_head_matches_the_loop(head_kernels_on):
     import transformers as tf
 
     import gradsel_core as gs
