@@ -183,8 +183,9 @@ def weighted_rowsum_sq(X: torch.Tensor, G: torch.Tensor, use_triton: bool = Fals
 # -- the fused LM head ----------------------------------------------------------------------------
 
 # The head kernels are exact (tests/test_kernels_head.py) but not yet timed on a GPU: head_grad recomputes the
-# logits once per 64 columns of d ((1 + ⌈d/64⌉)·N·V·d multiply-adds against the torch loop's 2·N·V·d on
-# cuBLAS), so they are used only when this is switched on, until benchmarks show where they pay.
+# logits once per block of 64 or 128 columns of d ((1 + ⌈d/BLOCK_D⌉)·N·V·d multiply-adds against the torch
+# loop's 2·N·V·d on cuBLAS), so they are used only when this is switched on, until benchmarks show where
+# they pay.
 HEAD_KERNELS = False
 
 

@@ -63,7 +63,9 @@ def _close(x, ref, dtype, what):
 @pytest.mark.parametrize("B,T,d,V,bias", [
     (2, 9, 24, 70, True),  # V not a multiple of the 64-column block, odd T and d
     (1, 2, 16, 16, False),  # B = 1, one predicting position
-    (3, 20, 40, 131, False),  # rows over one 16-row block; d over one d block of 16..64
+    (3, 20, 40, 131, False),  # rows over one 16-row block
+    (2, 5, 130, 33, True),  # d over several d blocks of head_grad (64) and BLOCK_K steps
+    (2, 4, 144, 40, False),  # bf16: 128-column d blocks (d a multiple of 16)
 ])
 def test_head_kernels_match_the_torch_chunk_loop(B, T, d, V, bias, dtype):
     h, W, b, labels = _case(B, T, d, V, dtype, bias)

@@ -175,12 +175,11 @@ def record_launch(case: Case) -> Tuple[object, tuple, dict, Dict[str, object]]:
         bias = _meta(V, dtype=case.dtypes[1]) if case.bias else None
         tgt = torch.empty(B * Tp, dtype=torch.int64, device="meta")
         coef = _meta(B * Tp, dtype=torch.float32)
-        cfg = _head.head_config(B * Tp, d, V, A.dtype)
+        cfg = _head.head_config(B * Tp, d, V, A.dtype, grad=case.op == "head_grad")
         if case.op == "head_lse":
             with _recording(_head, "_head_lse_kernel", sink):
                 _head.head_lse_launch(A, W, bias, tgt, coef, case.post, 0.5, **cfg)
         else:
-            cfg["block_d"] = _head.block_for(d, 16, 64)
             with _recording(_head, "_head_grad_kernel", sink):
                 _head.head_grad_launch(A, W, bias, tgt, coef, _meta(B * Tp, dtype=torch.float32), case.post, 0.5,
                                        **cfg)

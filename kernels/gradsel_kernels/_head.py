@@ -22,8 +22,8 @@ Two kernels, one per pass of the torch chunk loop:
 * ``_head_grad_kernel``: one program = one block of rows and one block of BLOCK_D columns of d; it
   recomputes the logit tile of every vocabulary block (the whole d loop), forms G's tile from the stored
   lse, and accumulates G_tile @ W[v block, d block] in fp32 registers. The logits are recomputed once per
-  d block (cost: (1 + d/BLOCK_D)·N·V·d multiply-adds for the logits, N·V·d for grad), the price of never
-  writing G.
+  d block (cost: ⌈d/BLOCK_D⌉·N·V·d multiply-adds for the logits, N·V·d for grad; BLOCK_D: see
+  ``head_config``), the price of never writing G.
 
 Layers: the two kernels, ``head_lse_launch`` / ``head_grad_launch`` (grid, strides, blocks), and
 ``head_lse`` / ``head_grad`` (checks, the entry points behind ``gradsel_kernels``). Accumulation in fp32,
@@ -231,14 +231,19 @@ def head_grad_launch(A: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tens
     return out.view(B, Tp, d)
 
 
-def head_config(N: int, d: int, V: int, dtype: torch.dtype) -> dict:
+def head_config(N: int, d: int, V: int, dtype: torch.dtype, grad: bool = False) -> dict:
     """Fixed launch configuration (no autotuning, so it also runs interpreted): BLOCK_R = 64 rows (down to
     16 for few rows), BLOCK_V = 64, BLOCK_K = 32 for fp32 and 64 for 2-byte dtypes (16 minimum, for small
-    d), BLOCK_D = 64; 8 warps for 64-row blocks, else 4."""
+    d); 8 warps for 64-row blocks, else 4. ``grad`` (head_grad): BLOCK_D = 128 for 2-byte dtypes when d is a
+    multiple of 16, else 64 (the (BLOCK_R, BLOCK_D) fp32 accumulator lives in registers: on sm_90, 256
+    columns spill, and 128 spills in fp32 and on odd d); fewer d blocks = fewer recomputations of the logits."""
     block_r = block_for(N, 16, 64)
-    return {"block_r": block_r, "block_v": block_for(V, 16, 64),
-            "block_k": block_for(d, 16, 32 if dtype == torch.float32 else 64),
-            "num_warps": 8 if block_r >= 64 else 4, "num_stages": 2}
+    cfg = {"block_r": block_r, "block_v": block_for(V, 16, 64),
+           "block_k": block_for(d, 16, 32 if dtype == torch.float32 else 64),
+           "num_warps": 8 if block_r >= 64 else 4, "num_stages": 2}
+    if grad:
+        cfg["block_d"] = block_for(d, 16, 128 if dtype != torch.float32 and d % 16 == 0 else 64)
+    return cfg
 
 
 def _check(A, W, bias, target, coef, post):
@@ -290,14 +295,15 @@ def head_lse(A: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], tar
 def head_grad(A: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
               coef: torch.Tensor, lse: torch.Tensor, post: str = "none", value: float = 1.0) -> torch.Tensor:
     """Pass 2 of the head's chunk loop: Σ_v G_{bt,v} w_v, fp32 (B, T', d), from ``head_lse``'s ``lse`` (B, T').
-    Same arguments as ``head_lse``. Cost: (1 + ⌈d/64⌉)·N·V·d multiply-adds; memory O(N·d)."""
+    Same arguments as ``head_lse``. Cost: (1 + ⌈d/BLOCK_D⌉)·N·V·d multiply-adds (BLOCK_D: see ``head_config``);
+    memory O(N·d)."""
     _, tgt, cf = _check(A, W, bias, target, coef, post)
     B, Tp, d = A.shape
     if lse.shape != (B, Tp):
         raise ValueError(f"lse must be (B, T') = {(B, Tp)}, got {tuple(lse.shape)}")
     if B * Tp == 0 or d == 0:
         return torch.zeros(B, Tp, d, dtype=torch.float32, device=A.device)
-    cfg = head_config(B * Tp, d, W.shape[0], A.dtype)
-    cfg["block_d"] = block_for(d, 16, 64)
+    cfg = head_config(B * Tp, d, W.shape[0], A.dtype, grad=True)
+    log.debug("head_grad B=%d T'=%d d=%d V=%d %s", B, Tp, d, W.shape[0], cfg)
     return head_grad_launch(A, W, bias, tgt, cf, lse.reshape(-1).to(torch.float32).contiguous(), post, value,
                             **cfg)
