@@ -3,8 +3,8 @@
 #   0. make gradsel importable: `pip install --no-deps --no-build-isolation -e .`, else (no pip, no
 #      setuptools) lay out the import path by hand (the repo root and kernels/ on PYTHONPATH); checked by
 #      importing gradsel_core and gradsel_kernels from outside the repo before anything runs,
-#   1. the kernel tests compiled on CUDA (tests/test_kernels.py with GRADSEL_KERNEL_DEVICE=cuda), on 4
-#      workers when pytest-xdist is installed,
+#   1. the kernel tests compiled on CUDA (tests/test_kernels.py and tests/test_kernels_head.py with
+#      GRADSEL_KERNEL_DEVICE=cuda), on 4 workers when pytest-xdist is installed,
 #   2. bench_kernels.py --check (every kernel vs torch at benchmark sizes),
 #   3. bench_kernels.py --quick (kernels + end-to-end), writing benchmarks/results/gpu-*.json.
 # Step limits add up to 300 s. Logs and results are copied to $OUT when it is set.
@@ -56,7 +56,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 if [ "$rc" -eq 0 ]; then
   XDIST=()
   if python -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4); fi
-  GRADSEL_KERNEL_DEVICE=cuda run 110 python -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_kernels.py
+  GRADSEL_KERNEL_DEVICE=cuda run 110 python -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/test_kernels.py tests/test_kernels_head.py
   run 50 python benchmarks/bench_kernels.py --check
   run 140 python benchmarks/bench_kernels.py --quick
 fi

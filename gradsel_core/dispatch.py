@@ -178,3 +178,32 @@ def weighted_rowsum_sq(X: torch.Tensor, G: torch.Tensor, use_triton: bool = Fals
         return _kernels().weighted_rowsum_sq(X, G)
     acc = _acc(X, G)
     return (X.to(acc) * G.to(acc)).sum(dim=1).pow(2).sum(dim=1)
+
+
+# -- the fused LM head ----------------------------------------------------------------------------
+
+# The head kernels are exact (tests/test_kernels_head.py) but not yet timed on a GPU: head_grad recomputes the
+# logits once per block of 64 or 128 columns of d ((1 + ⌈d/BLOCK_D⌉)·N·V·d multiply-adds against the torch
+# loop's 2·N·V·d on cuBLAS), so they are used only when this is switched on, until benchmarks show where
+# they pay.
+HEAD_KERNELS = False
+
+
+def head_loss_grad(A: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+                   coef: torch.Tensor, post: str, value: float, use_triton: bool = False):
+    """The fused head's token losses and input gradient by the Triton kernels (``gradsel_kernels.head_lse`` /
+    ``head_grad``), or None where they do not apply, and the caller keeps its torch chunk loop: not asked
+    (``use_triton`` False), ``HEAD_KERNELS`` off (the default), not a CUDA device (nor the interpreter), fp64,
+    mixed dtypes, or soft-capping.
+
+    A (B, T', d) head input; W (V, d); bias (V,) or None; target (B, T') (-100 ignored); coef (B, T').
+    Returns (lse (B, T'), tok (B, T'), grad (B, T', d)), fp32."""
+    if not HEAD_KERNELS or post not in ("none", "scale") or not _use_kernels(use_triton, A, W):
+        return None
+    if W.dtype != A.dtype or (bias is not None and bias.dtype != A.dtype):
+        return None
+    if not triton_usable(A.device):
+        return None
+    K = _kernels()
+    lse, tok = K.head_lse(A, W, bias, target, coef, post, value)
+    return lse, tok, K.head_grad(A, W, bias, target, coef, lse, post, value)

@@ -634,7 +634,9 @@ def test_bench_kernels_case_tables():
         sys.path.remove(str(REPO))
     for quick in (True, False):
         kc = bk.kernel_cases(quick)
-        assert {c["op"] for c in kc} == set(K.__all__) - {"load"}
+        # every Gram/row kernel is benchmarked; the LM head's two passes (head_lse, head_grad) are not in
+        # bench_kernels.py yet (its torch reference is the chunk loop of gradsel_core.ghost.head, not dispatch)
+        assert {c["op"] for c in kc} == set(K.__all__) - {"load", "head_lse", "head_grad"}
         assert all(c["bytes"] > 0 for c in kc)
         ec = bk.e2e_cases(quick)
         assert any(c["kind"] == "llama" and c["lora"] for c in ec) and any(c["kind"] == "tiny" for c in ec)

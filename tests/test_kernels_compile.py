@@ -10,7 +10,7 @@ subprocess (TRITON_INTERPRET unset: this process's kernels are interpreted) and 
 - aligned configurations spill no registers;
 - every 2-D tile address is formed in int64 (no int32 stride × index overflow);
 - the cases cover every kernel, dtypes, aligned and odd shapes, LoRA ranks, lengths and padding on/off,
-  split and unsplit launches.
+  split and unsplit launches, and the LM head's two passes (bias on/off, logit scale) at LLM vocabularies.
 
 Skipped cleanly when triton, its NVIDIA backend, or ptxas is absent. The committed report
 (benchmarks/results/kernel-compile-sm90.{json,md}) comes from the same module.
@@ -95,8 +95,9 @@ def test_tile_offsets_are_int64(report):
 def test_cases_cover_what_gradsel_launches(report):
     rows = report["kernels"]
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"_ghost_sq_kernel", "_direct_sq_kernel", "_embedding_sq_kernel", "_row_sq_kernel"}, kernels
-    for k in kernels:
+    assert kernels == {"_ghost_sq_kernel", "_direct_sq_kernel", "_embedding_sq_kernel", "_row_sq_kernel",
+                       "_head_lse_kernel", "_head_grad_kernel"}, kernels
+    for k in kernels - {"_head_lse_kernel", "_head_grad_kernel"}:  # the head kernels have no split
         mine = [r for r in rows if r["kernel"] == k]
         assert {r["aligned"] for r in mine} == {True, False}, f"{k}: aligned and odd shapes"
         assert {r["config"]["n_split"] > 1 for r in mine} == {True, False}, f"{k}: split and unsplit launches"
@@ -109,6 +110,13 @@ def test_cases_cover_what_gradsel_launches(report):
     assert {r["constexprs"]["WEIGHTED"] for r in row} == {True, False}
     lora = {r["case"] for r in rows if r["case"].startswith("lora-")}
     assert {"lora-A-r4-bf16", "lora-B-r64-bf16", "lora-A-r16-fp32"} <= lora
+    # the LM head's passes: aligned and odd shapes, bias on and off, the logit scale, fp32 and bf16
+    for k in ("_head_lse_kernel", "_head_grad_kernel"):
+        mine = [r for r in rows if r["kernel"] == k]
+        assert {r["aligned"] for r in mine} == {True, False}, k
+        assert {r["constexprs"]["HAS_BIAS"] for r in mine} == {True, False}, k
+        assert {r["constexprs"]["POST_SCALE"] for r in mine} == {True, False}, k
+        assert {r["constexprs"]["ROUND"] for r in mine} == {True, False}, k  # bf16 rounds its logits, fp32 not
     # 64-row Gram blocks run with 8 warps (4 spill on unaligned shapes)
     for r in ghost + emb:
         if r["config"]["block_t"] == 64:

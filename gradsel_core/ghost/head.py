@@ -38,6 +38,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import dispatch
 from ..batching import IGNORE_INDEX
 from ..factors import _INNER, EmbRows, Factor, gram_is_cheaper
 
@@ -123,6 +124,7 @@ class HeadCore:
     acc: torch.dtype
     lse: Optional[torch.Tensor] = None  # (B, T') acc, after pass 1
     chunk: int = 0
+    kernel: bool = False  # both passes ran in the Triton kernels (gradsel_kernels._head)
 
     @property
     def V(self) -> int:
@@ -209,12 +211,14 @@ class HeadOut:
 def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
               reduction: str = "mean", post: str = "none", value: float = 1.0, want: Tuple[str, ...] = (),
               refs: Optional[Dict[str, torch.Tensor]] = None, ids: Optional[torch.Tensor] = None,
-              chunk: Optional[int] = None) -> Tuple[HeadCore, HeadOut]:
+              chunk: Optional[int] = None, use_triton: bool = False) -> Tuple[HeadCore, HeadOut]:
     """Everything the engine needs from the head, never building (B, T, V).
 
     h (B, T, d) head input; W (V, d); bias (V,) or None; labels (B, T) (-100 ignored). ``want``: the head
     parameters to score ("weight", "bias"); ``refs``: role -> (R, *shape) references; ``ids`` (B, T): the
-    ids of a tied embedding's use, for the cross term (rows U of the weight gradient at the ids)."""
+    ids of a tied embedding's use, for the cross term (rows U of the weight gradient at the ids).
+    ``use_triton``: when no head parameter is scored (a frozen head: losses and the gradient at h only), the
+    Triton kernels compute both passes on CUDA (``dispatch.head_loss_grad`` decides; else the torch loop)."""
     h = h.detach()
     W = W.detach()
     bias = bias.detach() if bias is not None else None
@@ -236,6 +240,14 @@ def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], la
     if chunk is None:
         chunk = max(MIN_CHUNK, min(V, CHUNK_ELEMENTS // max(1, B * max(Tp, d))))
     core = HeadCore(A, W, bias, target, coef, post, value, acc, chunk=chunk)
+    if not want:
+        fused = dispatch.head_loss_grad(A, W, bias, target, coef, post, value, use_triton)
+        if fused is not None:
+            core.lse, tok, grad = fused  # (B, T') fp32 each; grad (B, T', d) fp32
+            core.kernel = True
+            grad_h = torch.zeros_like(h)
+            grad_h[:, :-1] = grad.to(h.dtype)
+            return core, HeadOut(tok.sum(1), grad_h)
     if not ("weight" in want and gram_is_cheaper(Tp, d, V)):
         return core, _row_pass(core, want, refs, ids, h)
     losses = pass_lse(core)
@@ -552,7 +564,9 @@ def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch
         or ("weight" in roles and roles["weight"] in cap.track)
     ids = batch.full["input_ids"] if tied else None
     core, res = head_pass(h, mod.weight, mod.bias, batch.labels, ghost.spec.loss_reduction, head.post,
-                          head.value, tuple(roles), refs, ids)
+                          head.value, tuple(roles), refs, ids, use_triton=cap.use_triton)
+    if core.kernel:
+        ghost.head_status = ghost.head_status.replace("; torch chunks)", "; Triton kernels)")
     from .capture import Record
 
     mp = cap.plan.modules.get(id(mod))

@@ -11,6 +11,8 @@ Public functions (same names and semantics as the torch references in ``gradsel_
 - ``direct_sq(A, G, lengths=None)``: ||A_bᵀG_b||²_F, (d, p) tiles reduced over T in registers
 - ``embedding_sq(ids, G, padding_idx=None)``: Σ_{t,s}[x_t = x_s ≠ pad](g_t·g_s)
 - ``rowsum_sq(G)``: ||Σ_t g_t||²;  ``weighted_rowsum_sq(X, G)``: ||Σ_t x_t⊙g_t||²
+- ``head_lse(A, W, bias, target, coef)`` / ``head_grad(..., lse)``: the fused LM head's two passes (online
+  log-sum-exp and token losses; the gradient at the head's input), never forming (B, T', V)
 
 Inputs are fp32/fp16/bf16 (any strides) on CUDA (any device: every launch runs under that device's
 context and current stream), or on CPU under ``TRITON_INTERPRET=1``; every kernel accumulates in fp32 and
@@ -18,7 +20,7 @@ returns float32 (B,). float64 inputs raise TypeError: compute them with the torc
 (``gradsel_core.dispatch`` with ``use_triton=False``). No device is queried at import time and there is
 no autotuning: block sizes are fixed functions of the shapes and of the device's SM count (``*_config``).
 
-Implementation modules: ``_ghost``, ``_direct``, ``_embedding``, ``_row`` (kernels, launchers, configs),
+Implementation modules: ``_ghost``, ``_direct``, ``_embedding``, ``_row``, ``_head`` (kernels, launchers, configs),
 ``_utils`` (checks, block and split rules, the device guard) and ``_compile`` (compiles every launch
 configuration for sm_90a without a GPU: ``python -m gradsel_kernels._compile``).
 """
@@ -30,7 +32,8 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["ghost_sq", "direct_sq", "embedding_sq", "rowsum_sq", "weighted_rowsum_sq", "load"]
+__all__ = ["ghost_sq", "direct_sq", "embedding_sq", "rowsum_sq", "weighted_rowsum_sq", "head_lse", "head_grad",
+           "load"]
 
 # kernel module of each public function
 _MODULE_OF = {
@@ -39,6 +42,8 @@ _MODULE_OF = {
     "embedding_sq": "_embedding",
     "rowsum_sq": "_row",
     "weighted_rowsum_sq": "_row",
+    "head_lse": "_head",
+    "head_grad": "_head",
 }
 
 
@@ -83,3 +88,15 @@ def rowsum_sq(G: torch.Tensor) -> torch.Tensor:
 def weighted_rowsum_sq(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """||Σ_t x_t ⊙ g_t||² per sample. See ``gradsel_kernels._row.weighted_rowsum_sq``."""
     return _module("_row").weighted_rowsum_sq(X, G)
+
+
+def head_lse(A: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+             coef: torch.Tensor, post: str = "none", value: float = 1.0):
+    """(lse, tok) (B, T') of the LM head's chunk loop, pass 1. See ``gradsel_kernels._head.head_lse``."""
+    return _module("_head").head_lse(A, W, bias, target, coef, post, value)
+
+
+def head_grad(A: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+              coef: torch.Tensor, lse: torch.Tensor, post: str = "none", value: float = 1.0) -> torch.Tensor:
+    """Σ_v G_v w_v (B, T', d), pass 2 of the LM head's chunk loop. See ``gradsel_kernels._head.head_grad``."""
+    return _module("_head").head_grad(A, W, bias, target, coef, lse, post, value)

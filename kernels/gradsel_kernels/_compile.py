@@ -38,12 +38,14 @@ class Case:
     """One launch gradsel can make: a kernel entry, its input shapes and dtypes, and flags."""
 
     name: str  # short unique label
-    op: str  # ghost_sq | direct_sq | embedding_sq | rowsum_sq | weighted_rowsum_sq
-    shape: Tuple[int, ...]  # (B, T, d, p) for ghost/direct; (B, T, d) for embedding; (B, T, p) for rows
-    dtypes: Tuple[torch.dtype, ...]  # dtype of each float input (A, G) / (G,) / (X, G)
+    op: str  # ghost_sq | direct_sq | embedding_sq | rowsum_sq | weighted_rowsum_sq | head_lse | head_grad
+    shape: Tuple[int, ...]  # (B, T, d, p) ghost/direct; (B, T, d) embedding; (B, T, p) rows; (B, T', d, V) head
+    dtypes: Tuple[torch.dtype, ...]  # dtype of each float input (A, G) / (G,) / (X, G) / (A, W)
     aligned: bool  # every inner dim a multiple of 16 (vectorised loads); False: odd dims and strides
     lengths: bool = False  # ghost/direct: per-sample lengths passed
     pad: bool = True  # embedding: a padding id
+    bias: bool = False  # head: a bias
+    post: str = "none"  # head: "none" | "scale"
 
 
 @dataclasses.dataclass
@@ -106,6 +108,19 @@ def _cases() -> List[Case]:
         cases.append(Case(f"lora-B-r{r}-bf16", "direct_sq", (16, 1024, r, 4096), (bf, bf), r % 16 == 0))
     cases.append(Case("lora-A-r16-fp32", "direct_sq", (16, 1024, 4096, 16), (f32, f32), True))
     cases.append(Case("lora-A-r7-bf16-odd", "direct_sq", (16, 1000, 4095, 7), (bf, bf), False))
+    # the LM head's two passes at LLM vocabularies (Llama 3: 128,256; Qwen 2.5: 151,936)
+    for op in ("head_lse", "head_grad"):
+        k = op.replace("_", "-")
+        for dt in (f32, bf):
+            n = str(dt).replace("torch.", "")
+            cases += [
+                Case(f"{k}-{n}-aligned", op, (8, 1024, 4096, 128256), (dt, dt), True),
+                Case(f"{k}-{n}-odd", op, (3, 1000, 4095, 151935), (dt, dt), False, bias=True),
+            ]
+        cases += [
+            Case(f"{k}-bf16-bias-scale", op, (8, 2048, 2048, 256000), (bf, bf), True, bias=True, post="scale"),
+            Case(f"{k}-bf16-T1", op, (1, 1, 2048, 32000), (bf, bf), True),
+        ]
     return cases
 
 
@@ -133,7 +148,7 @@ def _recording(mod, kernel_name: str, sink: list):
 
 def record_launch(case: Case) -> Tuple[object, tuple, dict, Dict[str, object]]:
     """(jit function, args, kwargs, config) of the launch the public function makes for ``case``."""
-    from . import _direct, _embedding, _ghost, _row
+    from . import _direct, _embedding, _ghost, _head, _row
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
@@ -154,6 +169,20 @@ def record_launch(case: Case) -> Tuple[object, tuple, dict, Dict[str, object]]:
         cfg = _embedding.embedding_config(B, T, d, G.dtype, H200_SMS)
         with _recording(_embedding, "_embedding_sq_kernel", sink):
             _embedding.embedding_sq_launch(ids, G, 0 if case.pad else None, **cfg)
+    elif case.op in ("head_lse", "head_grad"):
+        B, Tp, d, V = case.shape
+        A, W = _meta(B, Tp, d, dtype=case.dtypes[0]), _meta(V, d, dtype=case.dtypes[1])
+        bias = _meta(V, dtype=case.dtypes[1]) if case.bias else None
+        tgt = torch.empty(B * Tp, dtype=torch.int64, device="meta")
+        coef = _meta(B * Tp, dtype=torch.float32)
+        cfg = _head.head_config(B * Tp, d, V, A.dtype, grad=case.op == "head_grad")
+        if case.op == "head_lse":
+            with _recording(_head, "_head_lse_kernel", sink):
+                _head.head_lse_launch(A, W, bias, tgt, coef, case.post, 0.5, **cfg)
+        else:
+            with _recording(_head, "_head_grad_kernel", sink):
+                _head.head_grad_launch(A, W, bias, tgt, coef, _meta(B * Tp, dtype=torch.float32), case.post, 0.5,
+                                       **cfg)
     else:
         B, T, p = case.shape
         G = _meta(B, T, p, dtype=case.dtypes[-1])
@@ -302,10 +331,11 @@ def write_report(results: List[CompileResult], json_path: Optional[str], md_path
         ]
         for r in results:
             c = r.config
-            blocks = "/".join(str(c[k]) for k in ("block_t", "block_d", "block_p", "block_k") if k in c)
+            blocks = "/".join(str(c[k]) for k in ("block_r", "block_v", "block_t", "block_d", "block_p", "block_k")
+                              if k in c)
             if r.ok:
                 lines.append(f"| {r.case} | {r.kernel} | {'yes' if r.aligned else 'no'} | {blocks} | "
-                             f"{c.get('n_split')} | {c.get('num_warps')} | {c.get('num_stages')} | {r.n_regs} | "
+                             f"{c.get('n_split', '-')} | {c.get('num_warps')} | {c.get('num_stages')} | {r.n_regs} | "
                              f"{r.spill_stores}/{r.spill_loads} | {r.shared} | "
                              f"{'yes' if r.int64_tile_offsets else 'NO'} |"
                              + (f" (binary of {r.same_as})" if r.same_as else ""))
