@@ -486,6 +486,22 @@ def _check_lengths(cols: Mapping[str, Optional[np.ndarray]]) -> int:
     return n
 
 
+# below this many values the plain Python paths are as fast as pandas' hashing, and the CLI starts without
+# importing pandas (about 0.5 s)
+_PANDAS_FROM = 100_000
+
+
+def _pandas(n: int) -> Any:
+    """pandas for hashing ``n`` values when it pays and is installed, else None."""
+    if n < _PANDAS_FROM:
+        return None
+    try:
+        import pandas as pd
+    except ImportError:
+        return None
+    return pd
+
+
 def _check_ids(ids: np.ndarray) -> None:
     if ids.ndim != 1:
         raise ValueError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
@@ -494,11 +510,8 @@ def _check_ids(ids: np.ndarray) -> None:
     if ids.dtype.kind == "O" and ids.shape[0]:
         if len({type(v) for v in ids.tolist()}) > 1:
             raise ValueError("ids must be mutually comparable (all integers or all strings)")
-        try:
-            import pandas as pd
-        except ImportError:
-            pass
-        else:  # hashing: a sort of 10M Python strings takes seconds
+        pd = _pandas(ids.shape[0])
+        if pd is not None:  # hashing: a sort of 10M Python strings takes seconds
             dup_mask = pd.Index(ids).duplicated(keep="first")
             if not dup_mask.any():
                 return
@@ -681,9 +694,8 @@ def _factorize_objects(labels: np.ndarray) -> Optional[Tuple[List[Any], np.ndarr
         return None
     if float in kinds and any(v == v for v in values if type(v) is float):
         return None  # a real number among strings: the general path keeps "1" and 1.0 apart
-    try:
-        import pandas as pd
-    except ImportError:
+    pd = _pandas(len(values))
+    if pd is None:
         table: Dict[Any, int] = {}
         codes = np.fromiter((table.setdefault(None if v is None or v != v else v, len(table)) for v in values),
                             dtype=np.int64, count=len(values))

@@ -734,3 +734,20 @@ class TestManyGroups:
         values = np.round(rng.random(150_000), 2)
         assert np.array_equal(_group_order(codes, 100_000), np.argsort(codes, kind="stable"))
         assert np.array_equal(_group_order(codes, 100_000, values), np.lexsort((np.arange(150_000), values, codes)))
+
+
+@pytest.mark.parametrize("pandas_from", [0, 10**9], ids=["pandas", "python"])
+def test_string_grouping_and_id_checks_agree_with_and_without_pandas(pandas_from, monkeypatch):
+    """Large object arrays hash with pandas (when installed), small ones in Python: the same groups, in
+    first-appearance order with the missing group where it first appears, and the same duplicate check."""
+    from gradsel_core import selection as S
+
+    if pandas_from == 0:
+        pytest.importorskip("pandas")
+    monkeypatch.setattr(S, "_PANDAS_FROM", pandas_from)
+    labels = np.array(["b", None, "a", "b", float("nan"), "c", "a"], dtype=object)
+    firsts, codes = S._factorize_objects(labels)
+    assert firsts == ["b", None, "a", "c"] and codes.tolist() == [0, 1, 2, 0, 1, 3, 2]
+    S._check_ids(np.array(["x", "y", "z"], dtype=object))
+    with pytest.raises(ValueError, match="duplicated: \\['y'\\]"):
+        S._check_ids(np.array(["x", "y", "z", "y"], dtype=object))
