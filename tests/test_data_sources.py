@@ -193,3 +193,17 @@ def test_score_dataset_takes_a_streaming_iterable_dataset(three, tmp_path):
     np.testing.assert_array_equal(got.losses, ref.losses)
     assert got.ids.tolist() == ref.ids.tolist()
 
+
+
+def test_score_dataset_takes_a_pretokenized_iterable_dataset(tmp_path):
+    from conftest import tiny_gpt
+
+    from gradsel_core.scoring import score_dataset
+
+    model = tiny_gpt(vocab_size=50)
+    recs = [{"id": i, "input_ids": [1 + (3 * i + j) % 40 for j in range(2 + i % 5)], "task": "ab"[i % 2]} for i in range(7)]
+    ref = score_dataset(model, recs, str(tmp_path / "a"), batch_size=3, progress=False)
+    it = datasets.IterableDataset.from_generator(lambda: iter(recs))
+    got = score_dataset(model, it, str(tmp_path / "b"), batch_size=3, progress=False)
+    np.testing.assert_array_equal(got.norms, ref.norms)
+    assert got.ids.tolist() == list(range(7)) and np.asarray(got.fields["task"]).tolist() == list("abababa")
