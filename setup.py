@@ -17,7 +17,7 @@ EXTRAS = {
     # `pip install --no-deps backpack-for-pytorch einops unfoldNd` (see README).
     "bench": ["opacus>=1.4"],
     "plot": ["matplotlib>=3.5"],
-    "datasets": ["datasets>=2.14"],  # `gradsel select --format hf`
+    "datasets": ["datasets>=2.14", "pyarrow>=12"],  # --data as Parquet or a datasets folder; select --format hf|parquet
 }
 
 setup(

@@ -136,6 +136,14 @@ def _indexable(dataset: Any):
     return source, iter(source), len(source)
 
 
+def _record_iter(dataset: Any):
+    """One pass over the records of ``dataset`` without collecting them (a streaming ``IterableDataset``
+    stays streaming); the same type check as :func:`_indexable`."""
+    if isinstance(dataset, (Mapping, str, bytes)) or (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return _indexable(dataset)[1]  # refuses a mapping or a string; reads an indexable as before
+    return iter(dataset)
+
+
 def _py_scalar(v: Any) -> Any:
     if isinstance(v, np.generic):
         v = v.item()
@@ -676,7 +684,11 @@ def score_dataset(
     Args:
         model: the model (on its device; the batches follow the first parameter's device).
         dataset: records ``{"input_ids", "labels"?, "attention_mask"?, "id"?, ...}``: a list, an iterable
-            or any indexable with ``len()`` (an HF ``datasets.Dataset``). Ids (int or str) are kept, else
+            or any indexable with ``len()`` (an HF ``datasets.Dataset``). A streaming HF ``IterableDataset``
+            (no ``len()``) or any other one-pass iterable works too, read once: with ``tokenizer`` each raw
+            record is tokenized as it streams by and only its compact tokenized form is kept (as for every
+            input today: memory grows with the record count, about 1 KB per short record, issue #24); without
+            ``tokenizer`` the records themselves are collected into a list first. Ids (int or str) are kept, else
             the position is the id; duplicates are an error. Other scalar fields become ``store.fields``.
         batch_size: records per batch at most (``None``: only ``max_tokens`` limits).
         max_tokens: padded tokens per batch at most (``B * T_max``). With neither given, batches are sized
@@ -730,7 +742,7 @@ def score_dataset(
                 record_sha256.append(record_digest(r) if isinstance(r, Mapping) else None)
                 yield r
 
-        dataset = encode_records(tap(_indexable(dataset)[1]), tokenizer, length, compact=True, seq2seq=seq2seq)
+        dataset = encode_records(tap(_record_iter(dataset)), tokenizer, length, compact=True, seq2seq=seq2seq)
         # how the records were made is part of the store's identity (another tokenizer or length is refused)
         source = dict(source or {})
         source.setdefault("tokenizer", tokenizer_fingerprint(tokenizer))

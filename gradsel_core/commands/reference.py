@@ -19,7 +19,8 @@ from .score import add_input_arguments, add_model_arguments, positive_int, read_
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--data", required=True, help="JSONL reference data (e.g. refusals to harmful prompts)")
+    p.add_argument("--data", required=True, help="reference data (e.g. refusals to harmful prompts): JSONL, a .parquet file or a "
+                        "datasets.save_to_disk folder")
     add_input_arguments(p)
     p.add_argument("--out", required=True, help="the reference file to write (.safetensors)")
     p.add_argument("--params", default="trainable", choices=("trainable", "lora", "all"),

@@ -1,6 +1,6 @@
-"""``gradsel score``: score a JSONL dataset into a resumable score store.
+"""``gradsel score``: score a dataset (JSONL, Parquet or a datasets folder) into a resumable score store.
 
-    gradsel score --model DIR|ORG/NAME|tiny --data data.jsonl|- --out scores/ [--params trainable|lora|all]
+    gradsel score --model DIR|ORG/NAME|tiny --data data.jsonl|data.parquet|DATASET_DIR|- --out scores/ [--params trainable|lora|all]
                   [--backend auto|loop|vmap|ghost|triton] [--max-tokens 4096] [--batch-size N] [--max-length N]
                   [--shard-size N] [--per-param] [--reference REF.safetensors ...]
                   [--dtype auto|float32|bfloat16|float16|float64] [--device DEV] [--revision REV]
@@ -72,16 +72,17 @@ def read_progress(path: str, enabled: bool, desc: str = "reading and tokenizing"
 
 
 def read_records(args: argparse.Namespace, progress: bool):
-    """The JSONL records of ``--data`` as an iterator (with a reading bar); refuses an empty file up front."""
+    """The records of ``--data`` (JSONL, Parquet or a datasets folder: :func:`gradsel_core.sources.iter_records`)
+    as an iterator (with a reading bar for JSONL); refuses an empty input up front."""
     import itertools
 
-    from ..jsonl import iter_jsonl
     from ..errors import UsageError
+    from ..sources import data_kind, iter_records
 
     box: list = []
-    it = iter_jsonl(args.data, max_line_bytes=args.max_line_bytes, allow_special=args.allow_special_files,
-                    progress=lambda n: box[0](n) if box and box[0] else None)  # checks the file now
-    update, close = read_progress(args.data, progress)
+    it = iter_records(args.data, max_line_bytes=args.max_line_bytes, allow_special=args.allow_special_files,
+                      progress=lambda n: box[0](n) if box and box[0] else None)  # checks the file now
+    update, close = read_progress(args.data, progress and data_kind(args.data) == "jsonl")
     box.append(update)
     first = next(it, None)
     if first is None:
@@ -133,8 +134,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model_arguments(p)
     p.add_argument("--data", required=True,
-                   help="JSONL: {text}, {prompt, response} or chat {messages}, optional id and metadata; "
-                        "'-' reads standard input")
+                   help="JSONL, a .parquet file or a datasets.save_to_disk folder of records: {text}, "
+                        "{prompt, response}, chat {messages} or {input_ids}, optional id and metadata; "
+                        "'-' reads JSONL from standard input")
     add_input_arguments(p)
     p.add_argument("--out", required=True, help="score store directory (created; resumable)")
     p.add_argument("--params", default="trainable", choices=("trainable", "lora", "all"),
@@ -220,8 +222,10 @@ def check_paths(data: str, out: str) -> None:
     file or not writable."""
     from ..errors import UsageError
 
+    from ..sources import data_kind
+
     if data != "-" and os.path.isdir(data):  # "-": standard input
-        raise UsageError(f"--data {data} is a directory; give a JSONL file (one JSON object per line)")
+        data_kind(data)  # a saved dataset folder passes; any other directory is refused, naming it
     if data != "-" and not os.path.exists(data):
         raise UsageError(f"--data {data}: no such file")
     if os.path.lexists(out) and not os.path.isdir(out):

@@ -2,16 +2,19 @@
 
     gradsel select --scores DIR --policy median_band --ratio 0.2 [--loss-filter-std 1.0]
                    [--group-by FIELD] [--seed 0] [--length-normalize none|tokens|sqrt]
-                   [--param KEY=VALUE ...] --out kept.jsonl [--data data.jsonl]
-                   [--format jsonl|hf] [--summary-json PATH]
+                   [--param KEY=VALUE ...] --out kept.jsonl [--data data.jsonl|data.parquet|DATASET_DIR]
+                   [--format jsonl|parquet|hf] [--summary-json PATH]
 
 Writes the kept samples:
 
 * without ``--data``: one JSON line per kept sample, ``{"id", "norm", "loss"}`` (plus ``"tokens"`` when
   the store has token counts), in ascending id order;
-* with ``--data`` (the JSONL file that was scored): the kept records themselves, every original field
-  kept, in the file's order, ready to train on. The file must be the one the store was scored from: same record count and
+* with ``--data`` (the JSONL file, Parquet file or datasets folder that was scored): the kept records
+  themselves, every original field kept, in the file's order, ready to train on, in the input's format
+  unless ``--format`` says otherwise. The file must be the one the store was scored from: same record count and
   the same ids (a record without ``"id"`` has its position as id);
+* with ``--format parquet``: the same rows as one Parquet file (the input's column types when
+  ``--data`` is Parquet, else inferred from the first rows);
 * with ``--format hf``: the same rows as a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``;
   load it with ``datasets.load_from_disk``). Needs ``pip install 'gradsel[datasets]'``.
 
@@ -41,7 +44,8 @@ log = logging.getLogger(__name__)
 POLICY_HELP = ("median_band (the paper's rule), keep_bottom, keep_top, drop_top, band, threshold, random; with a "
                "reference (gradsel score --reference): drop_opposed (drops the lowest cosines), project_band (the band "
                "around the median cosine)")
-FORMATS = ("jsonl", "hf")
+FORMATS = ("jsonl", "parquet", "hf")
+PARQUET_WRITE_ROWS = 4096  # rows per Parquet row group written
 MAX_TABLE_GROUPS = 20  # table rows shown; the summary file has every group
 
 
@@ -87,10 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_policy_arguments(p)
     p.add_argument("--out", required=True, metavar="PATH",
                    help="output: a JSONL file, or a folder with --format hf (never inside the store)")
-    p.add_argument("--data", default=None, metavar="JSONL",
-                   help="the scored JSONL file: write the kept records with all their original fields")
-    p.add_argument("--format", default="jsonl", choices=FORMATS,
-                   help="jsonl (default) or hf: a Hugging Face datasets folder (pip install 'gradsel[datasets]')")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="the scored data (JSONL, Parquet or a datasets folder): write the kept records with all "
+                        "their original fields")
+    p.add_argument("--format", default=None, choices=FORMATS,
+                   help="jsonl, parquet, or hf: a Hugging Face datasets folder (pip install 'gradsel[datasets]'); "
+                        "default: the --data input's format, else jsonl")
     p.add_argument("--summary-json", default=None, metavar="PATH",
                    help="full selection summary as JSON (default: next to --out, <name>.summary.json)")
     p.add_argument("--json", action="store_true",
@@ -278,12 +284,13 @@ def _score_lines(store: Any, kept: np.ndarray, chunk: int = 1 << 16) -> Iterator
 
 
 def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
-    """The kept records of the scored JSONL ``path``, checked against the store record by record: the id,
-    and the content hash the store keeps for each record (an edited record with its old id is refused)."""
-    from ..jsonl import iter_jsonl, record_digest
+    """The kept records of the scored data ``path`` (JSONL, Parquet or a datasets folder), checked against
+    the store record by record: the id, and the content hash the store keeps for each record (an edited
+    record with its old id is refused)."""
+    from ..jsonl import record_digest
+    from ..sources import data_kind, iter_records
 
-    if os.path.isdir(path):
-        raise UsageError(f"--data {path} is a directory; give the JSONL file that was scored")
+    data_kind(path)  # a directory that is not a saved dataset is refused, naming it
     if not os.path.exists(path):
         raise UsageError(f"--data {path}: no such file")
     where = getattr(store, "path", "?")
@@ -294,7 +301,7 @@ def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, An
         log.warning("the store at %s keeps no per-record content hash (scored from pre-tokenized records or by an "
                     "older gradsel): --data is checked by id only", where)
     n = -1
-    for n, rec in enumerate(iter_jsonl(path, max_line_bytes=None)):
+    for n, rec in enumerate(iter_records(path, max_line_bytes=None)):
         if n >= len(store.norms):
             raise UsageError(f"--data {path} has more records than the store at {where} ({len(store.norms)}); "
                              "give the file that was scored")
@@ -328,6 +335,48 @@ def write_jsonl(path: str, rows: Iterator[Any]) -> int:
     return n
 
 
+def write_parquet(path: str, rows: Iterator[Dict[str, Any]], schema: Any = None) -> int:
+    """The rows as one Parquet file, written in row groups of ``PARQUET_WRITE_ROWS`` (never the whole
+    selection in memory), atomically. ``schema``: the Arrow schema (the input's, for a Parquet ``--data``);
+    ``None``: inferred from the first row group (a later row with another field or type is refused)."""
+    import itertools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _make_parent("--out", path)
+    n = 0
+    with fileio.atomic_path(path, error=lambda e: _cannot_write("--out", path, e)) as tmp:
+        writer = None
+        try:
+            while True:
+                chunk = list(itertools.islice(rows, PARQUET_WRITE_ROWS))
+                if not chunk and writer is not None:
+                    break
+                if schema is None:
+                    keys = list(dict.fromkeys(k for r in chunk for k in r))
+                    schema = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in keys}).schema
+                try:
+                    table = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in schema.names}, schema=schema)
+                except (pa.ArrowException, TypeError, ValueError) as e:
+                    raise UsageError(f"--out {path}: rows {n}..{n + len(chunk) - 1} do not fit the Parquet columns "
+                                     f"{schema.names} ({str(e).splitlines()[0]}); write JSONL with --format jsonl") from None
+                extra = {k for r in chunk for k in r} - set(schema.names)
+                if extra:
+                    raise UsageError(f"--out {path}: a row has fields {sorted(extra)} that the first rows lack; "
+                                     "write JSONL with --format jsonl")
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table)
+                n += len(chunk)
+                if not chunk:
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+    return n
+
+
 def _is_dataset_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
 
@@ -344,16 +393,20 @@ def check_hf_target(path: str) -> None:
                          "(gradsel replaces only an earlier dataset folder)")
 
 
-def write_hf(path: str, rows: Iterator[Dict[str, Any]]) -> int:
+def write_hf(path: str, rows: Iterator[Dict[str, Any]], features: Any = None) -> int:
     """The rows as a ``datasets`` folder (``save_to_disk``), written beside ``path`` and then moved in;
-    an earlier dataset folder at ``path`` is replaced. Returns the number of rows."""
+    an earlier dataset folder at ``path`` is replaced. ``features``: the input dataset's (a datasets
+    ``--data``), so the columns keep their types. Returns the number of rows."""
     from datasets import Dataset
 
     check_hf_target(path)
     from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     data = list(rows)
-    ds = Dataset.from_list(data)
+    if features is not None:  # every column, nulls included (iter_records drops top-level nulls)
+        ds = Dataset.from_dict({k: [r.get(k) for r in data] for k in features}, features=features)
+    else:
+        ds = Dataset.from_list(data)
     _make_parent("--out", path)
     bars_were_off = are_progress_bars_disabled()
     disable_progress_bars()
@@ -370,7 +423,7 @@ def default_summary_path(out: str) -> str:
     """``kept.jsonl`` -> ``kept.summary.json``; a folder ``kept/`` -> ``kept.summary.json`` beside it."""
     out = os.path.abspath(out)
     root, ext = os.path.splitext(out)
-    return (root if ext.lower() in (".jsonl", ".json", ".ndjson") else out) + ".summary.json"
+    return (root if ext.lower() in (".jsonl", ".json", ".ndjson", ".parquet", ".pq") else out) + ".summary.json"
 
 
 # -- the table ------------------------------------------------------------------------------------------
@@ -438,10 +491,27 @@ def _open_store(path: str):
     return ScoreStore.open(path)
 
 
+def _write(out: str, fmt: str, rows: Iterator[Any], data: Optional[str]) -> int:
+    """Write ``rows`` to ``out`` in ``fmt``, keeping the input's column types when ``data`` has the same format."""
+    from ..sources import data_kind, load_dataset_folder, parquet_schema
+
+    same = data is not None and data != "-" and data_kind(data) == fmt
+    if fmt == "hf":
+        return write_hf(out, rows, load_dataset_folder(data).features if same else None)
+    if fmt == "parquet":
+        return write_parquet(out, rows, parquet_schema(data) if same else None)
+    return write_jsonl(out, rows)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..store import atomic_write
 
     # every output path is checked before any work
+    from ..sources import data_kind
+
+    if args.data is not None and args.data != "-":
+        data_kind(args.data)  # a directory that is not a saved dataset is refused, naming it
+    args.format = args.format or (data_kind(args.data) if args.data else "jsonl")
     kind = "dir" if args.format == "hf" else "file"
     out = check_output_path(args.out, "--out", kind=kind, store_dir=args.scores)
     summary_path = check_output_path(args.summary_json or default_summary_path(out), "--summary-json",
@@ -450,8 +520,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--summary-json {summary_path} is the --out path; give another file")
     if args.format == "hf":
         check_hf_target(out)
-    if args.data is not None and os.path.isdir(args.data):
-        raise UsageError(f"--data {args.data} is a directory; give the JSONL file that was scored")
     if args.data is not None and os.path.exists(args.data):
         for arg, p in (("--out", out), ("--summary-json", summary_path)):
             if os.path.exists(p) and os.path.samefile(p, args.data):
@@ -464,8 +532,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         rows: Iterator[Any] = _data_rows(args.data, store, kept)
     else:  # JSONL: lines formatted from the columns (the same bytes as a json.dumps per row)
-        rows = _score_rows(store, kept) if args.format == "hf" else _score_lines(store, kept)
-    written = write_hf(out, rows) if args.format == "hf" else write_jsonl(out, rows)
+        rows = _score_lines(store, kept) if args.format == "jsonl" else _score_rows(store, kept)
+    written = _write(out, args.format, rows, args.data)
 
     summary = dict(sel.summary)
     summary["output"] = {"path": out, "format": args.format, "records": written,

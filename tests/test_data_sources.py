@@ -1,0 +1,209 @@
+"""``--data`` as Parquet and as a ``datasets.save_to_disk`` folder (issue #24 item 4): the same scores and
+per-record content hashes as the same records given as JSONL, ``select --data`` writing the kept records
+back in the input's format, one-line errors naming the file for bad input, and ``score_dataset`` on a
+streaming ``IterableDataset``. Tiny model, tiny files: seconds."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gradsel_core.cli import main
+from gradsel_core.store import ScoreStore
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.needs_datasets]
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+datasets = pytest.importorskip("datasets")
+
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+
+
+def _records(n: int = 12):
+    """Every record kind (text, prompt + response, messages, input_ids), with ids and metadata."""
+    out = []
+    for i in range(n):
+        r = {"id": f"r{i:02d}", "task": ("a", "b", "c")[i % 3], "w": 0.1 * i}
+        kind = i % 4
+        if kind == 0:
+            r["text"] = "alpha beta " * (1 + i % 5) + "é"
+        elif kind == 1:
+            r.update(prompt=f"Q{i}: what?", response=" ok" * (1 + i % 3))
+        elif kind == 2:
+            r["messages"] = CHAT
+        else:
+            r["input_ids"] = [1 + (7 * i + j) % 200 for j in range(3 + i % 4)]
+        out.append(r)
+    return out
+
+
+def _columns(rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def _write_all(d, rows):
+    """The same records as JSONL, Parquet (small row groups: several batches) and a datasets folder."""
+    jl = d / "data.jsonl"
+    jl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pqf = d / "data.parquet"
+    pq.write_table(pa.Table.from_pydict(_columns(rows)), pqf, row_group_size=5)
+    hf = d / "data_ds"
+    datasets.Dataset.from_dict(_columns(rows)).save_to_disk(str(hf))
+    return str(jl), str(pqf), str(hf)
+
+
+def _run(capsys, argv):
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _score(capsys, data, out):
+    rc, _, err = _run(capsys, ["score", "--model", "tiny", "--data", data, "--out", str(out), "--batch-size", "4",
+                              "--no-progress"])
+    assert rc == 0, err
+    return ScoreStore.open(str(out))
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sources")
+    rows = _records()
+    paths = _write_all(d, rows)
+    return d, rows, paths
+
+
+def test_iter_records_gives_the_jsonl_records_and_digests(three):
+    from gradsel_core.jsonl import iter_jsonl, record_digest
+    from gradsel_core.sources import data_kind, iter_records
+
+    _, rows, (jl, pqf, hf) = three
+    assert [data_kind(p) for p in (jl, pqf, hf, "-")] == ["jsonl", "parquet", "hf", "jsonl"]
+    want = list(iter_jsonl(jl))
+    for p in (pqf, hf):
+        got = list(iter_records(p))
+        assert got == want
+        assert [record_digest(r) for r in got] == [record_digest(r) for r in want]
+
+
+def test_parquet_and_dataset_folder_score_like_jsonl(three, tmp_path, capsys):
+    _, rows, (jl, pqf, hf) = three
+    ref = _score(capsys, jl, tmp_path / "s_jl")
+    assert len(ref.norms) == len(rows) and ref.record_sha256 is not None
+    for name, p in (("pq", pqf), ("hf", hf)):
+        st = _score(capsys, p, tmp_path / f"s_{name}")
+        np.testing.assert_array_equal(st.norms, ref.norms)  # same records, same batches: bitwise equal
+        np.testing.assert_array_equal(st.losses, ref.losses)
+        np.testing.assert_array_equal(st.tokens, ref.tokens)
+        assert st.ids.tolist() == ref.ids.tolist()
+        assert list(st.record_sha256) == list(ref.record_sha256)
+        assert sorted(st.fields) == sorted(ref.fields) == ["task", "w"]
+        for k in ref.fields:
+            assert np.asarray(st.fields[k]).tolist() == np.asarray(ref.fields[k]).tolist()
+
+
+def _kept_ids_jsonl(path):
+    return [json.loads(x)["id"] for x in open(path, encoding="utf-8").read().splitlines()]
+
+
+def test_select_data_writes_the_input_format(three, tmp_path, capsys):
+    _, rows, (jl, pqf, hf) = three
+    _score(capsys, jl, tmp_path / "s")
+    store = str(tmp_path / "s")
+    base = ["select", "--scores", store, "--ratio", "0.5", "--loss-filter-std", "none"]
+    assert _run(capsys, base + ["--data", jl, "--out", str(tmp_path / "k.jsonl")])[0] == 0
+    want = [json.loads(x) for x in (tmp_path / "k.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(want) == 6 and all(w == rows[int(w["id"][1:])] for w in want)
+    # a Parquet input gives a Parquet file with the input's columns and types (the scores are the JSONL's)
+    rc, _, err = _run(capsys, base + ["--data", pqf, "--out", str(tmp_path / "k.parquet")])
+    assert rc == 0, err
+    got = pq.read_table(tmp_path / "k.parquet")
+    assert got.schema == pq.read_schema(pqf)
+    assert [{k: v for k, v in r.items() if v is not None} for r in got.to_pylist()] == want
+    summary = json.loads((tmp_path / "k.summary.json").read_text())
+    assert summary["output"]["format"] == "parquet" and summary["output"]["records"] == 6
+    # a datasets folder gives a datasets folder, with the input's features
+    rc, _, err = _run(capsys, base + ["--data", hf, "--out", str(tmp_path / "k_ds")])
+    assert rc == 0, err
+    ds = datasets.load_from_disk(str(tmp_path / "k_ds"))
+    assert ds.features == datasets.load_from_disk(hf).features
+    assert [{k: v for k, v in r.items() if v is not None} for r in ds.to_list()] == want
+    # --format overrides: JSONL in, Parquet out (schema inferred); the score rows alone as Parquet
+    assert _run(capsys, base + ["--data", jl, "--format", "parquet", "--out", str(tmp_path / "j.parquet")])[0] == 0
+    assert [r["id"] for r in pq.read_table(tmp_path / "j.parquet").to_pylist()] == [w["id"] for w in want]
+    assert _run(capsys, base + ["--format", "parquet", "--out", str(tmp_path / "s.parquet")])[0] == 0
+    t = pq.read_table(tmp_path / "s.parquet")
+    assert t.column_names[:3] == ["id", "norm", "loss"] and t.num_rows == 6
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".gradsel-tmp-")]
+
+
+def test_select_refuses_an_edited_parquet_record(three, tmp_path, capsys):
+    _, rows, (jl, _, _) = three
+    _score(capsys, jl, tmp_path / "s")
+    store = str(tmp_path / "s")
+    edited = [dict(r) for r in rows]
+    edited[4]["task"] = "z"
+    p = tmp_path / "edited.parquet"
+    pq.write_table(pa.Table.from_pydict(_columns(edited)), p)
+    rc, _, err = _run(capsys, ["select", "--scores", store, "--data", str(p), "--out", str(tmp_path / "k.parquet")])
+    assert rc == 2 and "record 4" in err and "content changed" in err and err.count("\n") == 1
+    assert not (tmp_path / "k.parquet").exists()
+
+
+def test_bad_inputs_give_one_line_errors_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), bad)
+    ids = tmp_path / "bad_ids.parquet"
+    pq.write_table(pa.table({"input_ids": ["1 2", "3"]}), ids)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all\n")
+    notds = tmp_path / "folder"
+    notds.mkdir()
+    (notds / "x.txt").write_text("hi")
+    cases = [(bad, "column 'text' is int64, it must be a string"),
+             (ids, "column 'input_ids' is string, it must be a list of integers"),
+             (junk, "not a readable Parquet file"),
+             (notds, "is a directory; give a JSONL file, a .parquet file or a datasets.save_to_disk folder (it is not a saved dataset")]
+    for path, want in cases:
+        for argv in (["score", "--model", "tiny", "--data", str(path), "--out", str(tmp_path / "s"), "--no-progress"],
+                     ["reference", "--model", "tiny", "--data", str(path), "--out", str(tmp_path / "r.safetensors"),
+                      "--no-progress"]):
+            rc, _, err = _run(capsys, argv)
+            assert rc == 2 and want in err and str(path) in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "s").exists() or not os.listdir(tmp_path / "s")
+
+
+def test_score_dataset_takes_a_streaming_iterable_dataset(three, tmp_path):
+    from gradsel_core.data import load_model_and_tokenizer
+    from gradsel_core.scoring import score_dataset
+
+    _, rows, _ = three
+    model, tok = load_model_and_tokenizer("tiny")
+    recs = [r for r in rows if "prompt" in r or "text" in r]
+    recs = [{**r, "text": r.get("text", "x")} for r in recs]  # one schema: a generator's rows share the columns
+    recs = [{k: v for k, v in r.items() if k not in ("prompt", "response")} for r in recs]
+    ref = score_dataset(model, recs, str(tmp_path / "a"), tokenizer=tok, batch_size=4, progress=False)
+    it = datasets.IterableDataset.from_generator(lambda: iter(recs))
+    assert not hasattr(it, "__len__")
+    got = score_dataset(model, it, str(tmp_path / "b"), tokenizer=tok, batch_size=4, progress=False)
+    np.testing.assert_array_equal(got.norms, ref.norms)
+    np.testing.assert_array_equal(got.losses, ref.losses)
+    assert got.ids.tolist() == ref.ids.tolist()
+
+
+
+def test_score_dataset_takes_a_pretokenized_iterable_dataset(tmp_path):
+    from conftest import tiny_gpt
+
+    from gradsel_core.scoring import score_dataset
+
+    model = tiny_gpt(vocab_size=50)
+    recs = [{"id": i, "input_ids": [1 + (3 * i + j) % 40 for j in range(2 + i % 5)], "task": "ab"[i % 2]} for i in range(7)]
+    ref = score_dataset(model, recs, str(tmp_path / "a"), batch_size=3, progress=False)
+    it = datasets.IterableDataset.from_generator(lambda: iter(recs))
+    got = score_dataset(model, it, str(tmp_path / "b"), batch_size=3, progress=False)
+    np.testing.assert_array_equal(got.norms, ref.norms)
+    assert got.ids.tolist() == list(range(7)) and np.asarray(got.fields["task"]).tolist() == list("abababa")
