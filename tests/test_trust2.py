@@ -466,6 +466,125 @@ def test_the_probe_runs_once_per_model():
         capture.probe_weights = real
 
 
+# -- a module fallback's inputs: batch dims proven by the sum identity -------------------------------------------
+
+
+class TableMixer(nn.Module):
+    """No rule and no op use (``sinh`` of the weight): scored by the module fallback. ``table`` is (T, d), shared
+    by every sample: with T == B its dim 0 has the batch's size and is not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D) * 0.3)
+
+    def forward(self, h, table):
+        return torch.tanh((h * table) @ torch.sinh(self.w))  # (B, T, d) * (T, d) -> (B, T, d)
+
+
+class TableNet(nn.Module):
+    """``table`` from constants (a rotary-style table, no gradient) or from a learned position table (with
+    gradient: only the per-sample loop or vmap can tell it is shared)."""
+
+    def __init__(self, learned: bool):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(16, D)
+        self.mix = TableMixer()
+        self.out = nn.Linear(D, VOCAB)
+        self.learned = learned
+
+    def forward(self, input_ids, attention_mask=None):
+        T = input_ids.shape[1]
+        if self.learned:
+            table = self.pos.weight[:T]  # (T, d), requires grad
+        else:
+            t = torch.arange(T, dtype=self.emb.weight.dtype, device=input_ids.device)
+            table = torch.cos(0.3 * t[:, None] * torch.arange(1, D + 1, dtype=t.dtype, device=t.device))  # (T, d)
+        return self.out(self.mix(self.emb(input_ids), table))
+
+
+class TimeMajorInput(nn.Module):
+    """A fallback module whose input is time-major (T, B, d) and whose output is batch-major."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.mix = TimeMajorMixer()
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(self.mix(self.emb(input_ids).transpose(0, 1)))
+
+
+class TimeMajorMixer(TableMixer):
+    def forward(self, h):
+        return torch.tanh(h @ torch.sinh(self.w)).transpose(0, 1)  # (T, B, d) -> (B, T, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_fallback_does_not_slice_a_shared_table_whose_length_is_b(dtype):
+    """First batch T != B (the table is clearly shared), then T == B on the same engine: still exact, for
+    ghost and for auto without its first-batch check (the module fallback proves its inputs' layout)."""
+    torch.manual_seed(0)
+    model = TableNet(learned=False).to(dtype)
+    for backend in ("ghost", "auto"):
+        eng = gs.GradNormEngine(model, backend=backend, verify=False, per_param=True)
+        for B, T in [(3, 5), (6, 6), (4, 4), (6, 6)]:
+            batch = lm_batch(B=B, T=T)
+            ref = gs.GradNormEngine(model, backend="loop", per_param=True).score(batch)
+            got = eng.score(batch)
+            for n in ref.per_param:
+                assert_close_rel(got.per_param[n], ref.per_param[n], TOL[dtype], f"{backend} {B}x{T} {n}")
+        assert how(eng)["mix.w"] == "module fallback", how(eng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("build", [lambda: TableNet(learned=True), TimeMajorInput], ids=["learned_table", "time_major"])
+def test_a_fallback_input_layout_that_cannot_be_proven_is_refused(build, dtype):
+    """A shared table with gradient, or a time-major input, with T == B: no slicing of dim 0 is right. Ghost
+    refuses naming the module; auto moves on and is exact. (The learned table's own weight is left out of the
+    selection, so only the fallback's layout is at stake.)"""
+    torch.manual_seed(0)
+    model = build().to(dtype)
+    batch = lm_batch(B=6, T=6)
+    chosen = lambda n, p: not n.startswith("pos.")  # noqa: E731
+    with pytest.raises(gs.UnsupportedModule, match="mix"):
+        gs.GradNormEngine(model, chosen, backend="ghost", verify=False).score(batch)
+    exact(model, "auto", batch=batch, verify=False, params=chosen)
+    exact(model, "auto", batch=lm_batch(B=3, T=5), verify=False, params=chosen)
+
+
+def test_a_fallback_layout_is_proven_once_per_input_signature():
+    from gradsel_core.ghost import fallback
+
+    torch.manual_seed(0)
+    model = TableNet(learned=False)
+    proofs = []
+    real = fallback._proven
+    fallback._proven = lambda *a: proofs.append(a[1]) or real(*a)
+    try:
+        eng = gs.GradNormEngine(model, backend="ghost", verify=False)
+        for seed in range(3):
+            eng.score(lm_batch(B=6, T=6, seed=seed))
+        assert len(proofs) == 1
+        eng.score(lm_batch(B=3, T=5))  # new shapes: proven again
+        assert len(proofs) == 2
+        eng.score(lm_batch(B=1, T=5))  # one sample: nothing to prove
+        assert len(proofs) == 2
+    finally:
+        fallback._proven = real
+
+
+def test_the_sum_identity_is_no_evidence_on_non_finite_gradients():
+    from gradsel_core.ghost.fallback import sums_to
+
+    g = torch.randn(4, 3, 3)
+    assert sums_to(g, g.sum(0)) is True
+    assert sums_to(g, g.sum(0) + 0.1 * g[0]) is False
+    g[1, 0, 0] = float("nan")
+    assert sums_to(g, g.sum(0)) is None
+
+
 # -- item 4: every use seen, or refused ------------------------------------------------------------------------
 
 

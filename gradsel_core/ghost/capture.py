@@ -57,6 +57,9 @@ class Record:
     # a fallback module's buffers before its call: its recomputation starts from them (spectral_norm's power
     # iteration in train mode), so it computes what the forward did and leaves them as the forward did
     buffers_before: Optional[BufferSnapshot] = None
+    # a fallback call: which flattened inputs (args, kwargs) carried gradient before they were detached (the
+    # fallback's second layout candidate batches only those)
+    grad_in: Tuple[bool, ...] = ()
 
     @property
     def names(self) -> Dict[str, str]:
@@ -269,6 +272,9 @@ class GhostCapture:
             rec = Record(plan, call)
             if plan.rule is None and self.buffers_before:
                 rec.buffers_before = self.buffers_before.pop()
+            if plan.rule is None:
+                rec.grad_in = tuple(isinstance(v, torch.Tensor) and v.requires_grad
+                                    for v in tree_flatten((args, kwargs))[0])
             self.records.append(rec)
             if plan.rule is not None:
                 leaves, spec = tree_flatten(output)

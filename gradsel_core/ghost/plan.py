@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from torch import nn
 
@@ -18,6 +18,9 @@ class ModulePlan:
     rule: Optional[NormRule]  # None: torch.func fallback
     names: Dict[str, str] = field(default_factory=dict)  # local parameter name -> global name
     why: str = ""  # why the module is scored by the fallback (empty: no rule registered)
+    # fallback only: input signature (shapes, dtypes, B) -> the batch dims its inputs were proven to have
+    # (``gradsel_core.ghost.fallback``: a layout is read from a shape only once the sum identity proves it)
+    in_dims: Dict[Tuple[Any, ...], Tuple[Optional[int], ...]] = field(default_factory=dict)
 
 
 @dataclass
