@@ -338,3 +338,28 @@ def test_testbed_marks_a_minority_as_eroding_and_the_reference_is_disjoint():
     scored = {p["preferred"] for p in tb.safety_pairs()} | {t for t, _ in REFUSALS}
     assert all(r["response"] in REFERENCE_REFUSALS and r["response"] not in scored for r in ref)
     assert not ({r["prompt"] for r in ref} & set(tb.heldout_harmful))
+
+
+def test_the_committed_study_summary_recomputes_and_the_readme_quotes_it():
+    """docs/demo-full/results.json's summary is what the code computes from its own runs, and the README's
+    headline figures (positive control, matched utility, the proxy) are those numbers."""
+    from pathlib import Path
+
+    from gradsel_core.study.experiment import summarize
+
+    root = Path(__file__).resolve().parents[1]
+    result = json.loads((root / "docs" / "demo-full" / "results.json").read_text())
+    again = json.loads(json.dumps(summarize(result)))
+    assert json.dumps(again, sort_keys=True) == json.dumps(result["summary"], sort_keys=True)
+    readme = " ".join((root / "README.md").read_text().split())  # line breaks as spaces
+    summ = result["summary"]
+    for st in summ["positive_control"]["cells"].values():
+        assert f"{100 * st['mean']:+.1f} pp [{100 * st['ci'][0]:+.1f}, {100 * st['ci'][1]:+.1f}]" in readme
+    quoted = 0
+    for cell, st in summ["matched_utility"]["cells"].items():
+        if st.get("n", 0) >= 2 and st.get("survives") is not None:
+            text = f"{100 * st['mean']:+.1f} [{100 * st['ci'][0]:+.1f}, {100 * st['ci'][1]:+.1f}]".replace("-", "−")
+            quoted += text in readme or text.replace("−", "-") in readme
+    assert quoted >= 8, quoted  # every tested cell the README names (oracle, offline ρ = 0.5, online)
+    pv = summ["proxy_validation"]
+    assert f"+{pv['spearman_checkpoints']:.2f} over {pv['n_checkpoints']} checkpoints" in readme

@@ -149,9 +149,15 @@ eroding records fell to 36% / 1% / 0% after the three tasks, while the same task
 after the last one on these seeds at either fraction: the knowledge task's terse colour words take over
 replies to harmful prompts in every arm (the oracle's too). 5% was kept because at 3% the few eroding records
 a random ρ = 0.2 subset keeps (about 6 per task) leave little for the positive control to detect.
-Plasticity (EM right after each task, full data) stays 0.83-1.0. The model was not grown: on the shared
-2-core machine (load 10-15 from other jobs during this work) the ``medium`` size (about 4x the step cost,
-not re-measured here) would not have let the study's runs start in time.
+Plasticity (EM right after each task, full data) stays 0.83-1.0.
+
+Sizing, measured (``benchmarks/study_sizing.py``, seeds 0-4; README "Testbed sizing"): full data graded
+after every task on 0/5 seeds at lr 5e-4 (the study), 1/5 at 2.5e-4, 3/5 at 3.5e-4, 1/5 at 4e-4; the
+``medium`` model (d 128, 3 layers, about 3-5x the time per seed) separates harmful from benign as well and
+gives the clearest positive control (+37 pp on 5 seeds) but erodes to 0-1.5% after the second task on 3 of 5
+seeds (0/5 graded). No lr helps every seed: seed 2 stays above 85% after the first task at every lr up to
+5e-4 while seed 3 ends below 15% from 4e-4 up. The study stays on the small model at 5e-4 (control on 10
+seeds: +35.4 and +41.7 pp); the graded-range requirement is not met.
 """
 from __future__ import annotations
 
