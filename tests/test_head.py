@@ -1,6 +1,7 @@
 """The fused LM head (gradsel_core/ghost/head.py): exact against the per-sample loop and against autograd.
 
-Vocabulary chunks are forced small (a few rows) so that every quantity crosses chunk boundaries."""
+Vocabulary blocks are forced small (13 columns) and token blocks too (``tiles``: whole samples in groups, or 3
+rows that split a sample), so that every quantity crosses tile boundaries."""
 from __future__ import annotations
 
 import pytest
@@ -20,9 +21,19 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(H, "CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(H, "MIN_CHUNK", 13)  # 97 = 7 chunks of 13 + 6 (two-pass vocabulary loop)
+    monkeypatch.setattr(H, "TILE_ELEMENTS", 13 * 3)  # tiles of 3 token rows (they split samples) ...
+    monkeypatch.setattr(H, "MIN_CHUNK", 13)  # ... × 13 vocabulary columns: 97 = 7 blocks of 13 + 6
     monkeypatch.setattr(H, "ROW_CHUNK_ELEMENTS", 2 * V)  # 2 tokens per chunk (one-pass token loop)
+
+
+@pytest.fixture(params=["split", "groups"])
+def tiles(request, monkeypatch):
+    """The vocabulary loop's token blocks: 3 rows (every sample split over blocks: its head gradient by
+    vocabulary blocks), or whole samples, two per group (the Gram over tokens, group by group)."""
+    if request.param == "groups":
+        monkeypatch.setattr(H, "TILE_ELEMENTS", 13 * 15)  # 15 rows: one or two whole samples per block
+        monkeypatch.setattr(H, "GRAM_ELEMENTS", 60)  # (K, T', T') Gram buffers: K = 1 or 2
+    return request.param
 
 
 @pytest.fixture(params=["direct", "gram"])
@@ -116,7 +127,7 @@ def test_every_listed_family_is_tested():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family,tie", CASES)
-def test_full_params_match_the_loop(family, tie, dtype, form):
+def test_full_params_match_the_loop(family, tie, dtype, form, tiles):
     model = _hf(family, tie).to(dtype)
     batch = _batch()
     for reduction in ("mean", "sum"):
@@ -153,7 +164,7 @@ def test_lora_frozen_head_matches_the_loop(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_head_pass_against_autograd_with_bias_softcap_and_scale(dtype, form):
+def test_head_pass_against_autograd_with_bias_softcap_and_scale(dtype, form, tiles):
     """The chunk loop alone: losses, gradient at h, weight and bias norms, dots, tied rows and the masked
     gradient, against explicit logits and per-sample autograd."""
     torch.manual_seed(3)
@@ -226,7 +237,7 @@ def test_gram_and_direct_forms_agree():
 # (a ~1e-7 difference of the norm weights' gradient in fp64, with or without the fused head)
 @pytest.mark.parametrize("family,tie,dtype", [("gpt2", True, torch.float64), ("llama", False, torch.float32),
                                               ("qwen2", True, torch.float32)])
-def test_filtered_backward_grad_equals_plain_backward_of_kept(family, tie, dtype, form):
+def test_filtered_backward_grad_equals_plain_backward_of_kept(family, tie, dtype, form, tiles):
     model = _hf(family, tie).to(dtype).eval()  # (GPT-2 has dropout: the two runs must see the same model)
     batch = _batch(B=5, T=8)
     fb = gs.filtered.FilteredBackward(model, policy="keep_bottom", ratio=0.4, loss_filter_std=None, fused_head=True)
@@ -274,7 +285,7 @@ def test_two_pass_filtered_with_lora_frozen_head():
             _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")
 
 
-def test_reference_dots_match_the_loop(form):
+def test_reference_dots_match_the_loop(form, tiles):
     model = _hf("gpt2", True).double()
     batch = _batch(B=3, T=8)
     torch.manual_seed(5)
