@@ -378,18 +378,47 @@ def test_bf16_within_the_dtype_tolerance(family, tie):
     assert err <= tolerance(torch.bfloat16), err
 
 
-def test_two_pass_with_a_trainable_head_steps_aside():
-    """Two-pass filtering takes the head's weight gradient from autograd: the fused head steps aside, and says so."""
-    model = _hf("gpt2", True).double().eval()
+@pytest.mark.parametrize("family,tie,dtype", [("gpt2", True, torch.float64), ("llama", False, torch.float32)])
+def test_two_pass_with_a_trainable_head_is_fused(family, tie, dtype, form, tiles, monkeypatch):
+    """Two-pass filtering with a trainable head: the ordinary second backward reaches the head through the fused
+    path's weight node (Σ_b w_b ∇_b, tile by tile), only there (not in the activation backward), and p.grad
+    equals a plain backward of the kept samples' mean loss."""
+    model = _hf(family, tie).to(dtype).eval()
     batch = _batch(B=4, T=8)
+    calls = []
+    real = H.masked_weight_grad
+    monkeypatch.setattr(H, "masked_weight_grad", lambda core, w, index, role: calls.append(role) or
+                        real(core, w, index, role))
     fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
                                              fused_head=True)
     res = fb.step(batch)
-    assert fb.engine.ghost.head_status.startswith("off: two-pass"), fb.engine.ghost.head_status
+    assert fb.engine.ghost.head_status.startswith("on"), fb.engine.ghost.head_status
+    assert calls == ["weight"], calls  # once, in the second backward (no bias in these heads)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     causal_lm_losses(out.logits, batch["labels"])[0][res.kept].mean().backward()
+    head = model.get_output_embeddings().weight
+    assert head.grad is not None
     for n, p in model.named_parameters():
         if p.grad is not None:
-            _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")
+            _assert_close(got[n], p.grad, dtype, f"p.grad {n}")
+    assert set(got) == {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_pass_head_weight_node_with_bias_and_weights():
+    """The weight node alone: its backward is Σ_b go_b ∇_b of the head weight and bias (autograd reference)."""
+    torch.manual_seed(6)
+    B, T, d = 3, 7, 4
+    h = torch.randn(B, T, d, dtype=torch.float64)
+    W = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    labels[1, :3] = -100
+    core, _ = H.head_pass(h, W, b, labels, "mean", "softcap", 0.8, ("weight", "bias"))
+    w = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64)
+    gw, gb = torch.autograd.grad((H._HeadParamGrad.apply(core, W, b) * w).sum(), (W, b))
+    z = torch.tanh((h[:, :-1] @ W.t() + b) / 0.8) * 0.8
+    rw, rb = torch.autograd.grad((causal_lm_losses(torch.cat([z, z[:, :1]], 1), labels)[0] * w).sum(), (W, b))
+    _assert_close(gw, rw, torch.float64, "weight")
+    _assert_close(gb, rb, torch.float64, "bias")

@@ -12,14 +12,17 @@ scaling. Two loops compute what the engine needs without ever holding G whole:
   sample at a time (the memory of one weight gradient, which a plain backward holds too): ||D_b||², ⟨D_b, V_r⟩
   and, for a head tied to the input embedding, its rows at the input ids U_{b,t} = D_b[x_t]. Three
   head-sized matmuls, like a plain forward + backward.
-* **vocabulary loop** (two passes over chunks c of the vocabulary), used for the Gram form (T' (d + V) < d V):
-  pass 1 is the online log-sum-exp; pass 2 forms G_c and accumulates Σ_c G_c W_c, the Gram Σ_c G_c G_cᵀ
-  (norm ⟨AAᵀ, GGᵀ⟩), a bias's Σ_t g_t, the reference dots Σ_t g_t·(V_c a_t), and the tied rows through
-  P[b, s, t] = G_b[s, x_t] (U = Pᵀ A). Four head-sized matmuls.
+* **vocabulary loop** (``_vocab_pass``: two passes over tiles of r token rows × c vocabulary columns, sized by
+  ``tile_sizes`` from TILE_ELEMENTS), used for the Gram form (T' (d + V) < d V): pass 1 is the online
+  log-sum-exp per token block; pass 2 forms G of each tile and accumulates Σ_c G_c W_c, the Gram Σ_c G_c G_cᵀ
+  (norm ⟨AAᵀ, GGᵀ⟩) over groups of whole samples, a bias's Σ_t g_t, the reference dots Σ_t g_t·(V_c a_t), and
+  the tied rows through P[b, s, t] = G_b[s, x_t] (U = Pᵀ A); a sample longer than a token block gets its
+  gradient by vocabulary blocks D_c = Σ_k G_{k,c}ᵀ A_k instead. Four head-sized matmuls.
 
 The cross term of a tied embedding (ids x_t, output gradients δ_t) with the head is Σ_t δ_t · U_t
 (``docs/norm-math.md``). In filtered training the masked head gradient Σ_b m_b G_bᵀ A_b is recomputed chunk by
-chunk for the kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp).
+chunk for the kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp); in two-pass filtering
+the ordinary second backward gets Σ_b w_b ∇_b of a trainable head from ``_HeadParamGrad``, computed the same way.
 
 c_{b,t} is 1/n_b (``loss_reduction="mean"``, n_b the sample's target tokens) or 1 (``"sum"``), 0 where the
 label is -100 and at the last position. The head's forward never runs: a pre-hook on it takes its input h and
@@ -583,6 +586,25 @@ class _HeadLoss(torch.autograd.Function):
         return gh, None, None, None, None
 
 
+class _HeadParamGrad(torch.autograd.Function):
+    """Zeros (B,) added to the losses, as a function of the head's weight and bias: its backward hands them
+    Σ_b go_b ∇_b (``masked_weight_grad``, recomputed tile by tile). For two-pass filtering, whose ordinary
+    backward of Σ_b w_b L_b must reach the head. The activation backward (``autograd.grad`` to the taps) and the
+    layout probe never run it: no path from this node leads to a tap."""
+
+    @staticmethod
+    def forward(ctx, core, weight, bias):  # noqa: D401
+        ctx.core = core
+        return torch.zeros(core.A.shape[0], dtype=core.acc, device=core.A.device)
+
+    @staticmethod
+    def backward(ctx, go):
+        core = ctx.core
+        gw = masked_weight_grad(core, go, None, "weight").to(core.W.dtype) if ctx.needs_input_grad[1] else None
+        gb = masked_weight_grad(core, go, None, "bias").to(core.bias.dtype) if ctx.needs_input_grad[2] else None
+        return None, gw, gb
+
+
 class _HeadReached(Exception):
     def __init__(self, h: torch.Tensor):
         super().__init__("LM head reached")
@@ -626,8 +648,6 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
         # head's own use is the Linear rule's)
         if g in ghost.moved or mp is None or mp.rule is None or g not in mp.names.values():
             return None, f"off: the head parameter {g} is not scored by the Linear rule"
-    if weights_in_graph and names:
-        return None, "off: two-pass filtering with a trainable head (its weight gradient comes from autograd)"
     if setting is None:
         B, T = batch.batch_size, batch.seq_len
         if head.vocab < MIN_VOCAB or B * max(T - 1, 0) * head.vocab < MIN_LOGITS:
@@ -705,6 +725,10 @@ def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch
 
     anchor = cap._anchor_for(h)
     losses = _HeadLoss.apply(h, anchor, res.losses, res.grad_h, on_backward)
+    if getattr(cap, "weights_in_graph", False) and any(p is not None and p.requires_grad for p in (mod.weight,
+                                                                                                  mod.bias)):
+        # two-pass filtering: the ordinary backward that follows reaches the head's weight through this node
+        losses = losses + _HeadParamGrad.apply(core, mod.weight, mod.bias)
     tokens = (batch.labels[:, 1:] != IGNORE_INDEX).sum(1) if T >= 2 else \
         torch.zeros(B, dtype=torch.int64, device=h.device)
     return losses, tokens
