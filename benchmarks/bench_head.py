@@ -22,7 +22,10 @@ against B·T at two batch sizes (vocab 128,256, T = 512, full parameters): an es
 Times are medians of ``--repeats`` calls after ``--warmup`` untimed ones (default ONE call, no warm-up: a
 full run is ~49 processes of 20-60 s each on this machine; ``--warmup 1`` leaves out the first call's one-time
 costs: the rules' self-checks and, at B ≥ 2, the layout probe) on a shared 2-core CPU with other jobs running:
-noisy, compare the ratios within a case only. Both wall time and the process's CPU time are reported (CPU time
+noisy, compare the ratios within a case only. Workers run with glibc's mmap threshold fixed (``--mmap-threshold``,
+default 64 KiB: every allocation of 64 KiB or more is its own mapping, returned on free), so that resident
+memory follows the live tensors; with the dynamic default, freed buffers of tens of MiB stay in the heap
+or not depending on the order of allocations, and a second call's peak measures that. Both wall time and the process's CPU time are reported (CPU time
 counts this process's work, not the time it waited for a core: the steadier of the two on a busy machine). The norms of ``fused`` are checked against ``ghost`` (same batch, same model).
 """
 from __future__ import annotations
@@ -112,6 +115,8 @@ def run(payload: dict, timeout: float) -> dict:
         p, o = Path(tmp) / "in.json", Path(tmp) / "out.json"
         p.write_text(json.dumps({**payload, "out": str(o)}))
         env = dict(os.environ, OMP_NUM_THREADS=str(payload["threads"]), MKL_NUM_THREADS=str(payload["threads"]))
+        if payload.get("mmap_threshold"):
+            env["MALLOC_MMAP_THRESHOLD_"] = str(payload["mmap_threshold"])
         try:
             proc = subprocess.run([sys.executable, __file__, "--_worker", str(p)], capture_output=True, text=True,
                                   timeout=timeout, env=env)
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--mmap-threshold", type=int, default=65536,
+                    help="MALLOC_MMAP_THRESHOLD_ of the workers (bytes; 0: glibc's dynamic default)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
     if args.quick:
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     else:
         vocabs, shapes, filt_vocab, fit = (32000, 128256, 151936), ((512, 4), (2048, 1)), 128256, ((512, 2), (512, 4))
     rows = []
-    common = dict(repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    common = dict(repeats=args.repeats, warmup=args.warmup, threads=args.threads, mmap_threshold=args.mmap_threshold)
 
     def one(vocab, T, B, lora, method):
         r = run(dict(common, vocab=vocab, T=T, B=B, lora=lora, method=method), args.timeout)
@@ -205,7 +212,8 @@ def main(argv=None) -> int:
          for m, f in fits.items()])
     md = table + "\n\n" + fit_table + "\n"
     paths = write_results(rows, args.out_dir, f"head-{utc_stamp()}",
-                          meta={"script": "bench_head.py", "fits": fits, "budget_bytes": BUDGET, "env": env},
+                          meta={"script": "bench_head.py", "fits": fits, "budget_bytes": BUDGET, "env": env,
+                                "args": vars(args)},
                           markdown=md)
     print(md)
     print(f"results: {paths['json']}")

@@ -390,9 +390,12 @@ def test_two_pass_with_a_trainable_head_is_fused(family, tie, dtype, form, tiles
     monkeypatch.setattr(H, "masked_weight_grad", lambda core, w, index, role: calls.append(role) or
                         real(core, w, index, role))
     fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
-                                             fused_head=True)
+                                             fused_head=True, verify=False)  # (the check's per-sample backwards
+    forwards = _head_calls(model)  # run the head on one sample at a time)
     res = fb.step(batch)
     assert fb.engine.ghost.head_status.startswith("on"), fb.engine.ghost.head_status
+    assert not forwards, "neither the step nor its hidden-use check may run the head's forward (B×T×V logits)"
+    model.get_output_embeddings()._forward_hooks.clear()
     assert calls == ["weight"], calls  # once, in the second backward (no bias in these heads)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -422,3 +425,16 @@ def test_two_pass_head_weight_node_with_bias_and_weights():
     rw, rb = torch.autograd.grad((causal_lm_losses(torch.cat([z, z[:, :1]], 1), labels)[0] * w).sum(), (W, b))
     _assert_close(gw, rw, torch.float64, "weight")
     _assert_close(gb, rb, torch.float64, "bias")
+
+
+def test_two_pass_hidden_use_check_stops_at_the_head_and_still_finds_a_hidden_use():
+    """Two-pass mode checks for parameters used outside their module's slot with one forward, stopped at the
+    fused head's input: a backbone parameter held in a Python list (used by a hook) is still refused."""
+    model = _hf("llama", False).eval()
+    mlp = model.model.layers[0].mlp
+    held = [mlp.down_proj.weight]  # a selected parameter, also used outside its module's call
+    mlp.register_forward_hook(lambda m, a, o: o + 0.01 * (a[0] @ held[0]) @ held[0].t())
+    fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
+                                             fused_head=True, backend="ghost")
+    with pytest.raises(gs.UnsupportedModule, match="Python list, dict or closure"):
+        fb.step(_batch(B=4, T=8))

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -656,14 +656,9 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
     return head, ""
 
 
-def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: Any = None) -> Any:
-    """The scored forward (inside the capture). With the fused head: the backbone only, stopped by a pre-hook
-    at the head's input, returned as :class:`HeadInput`; otherwise the model's own outputs."""
-    model = ghost.spec.model
-    head, why = decide(ghost, batch, weights_in_graph, cap)
-    if head is None:
-        ghost.head_status = why
-        return model(**batch.model_inputs)
+def _run_to_head(model: nn.Module, batch: Any, head: HeadSpec) -> Any:
+    """The model's forward stopped by a pre-hook at the head's input: :class:`HeadInput`, or the model's own
+    outputs when the head was not called on the (B, T, d) hidden states."""
     B, T = batch.batch_size, batch.seq_len
 
     def stop(mod, args):
@@ -674,13 +669,42 @@ def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: An
 
     handle = head.module.register_forward_pre_hook(stop, prepend=True)
     try:
-        out = model(**batch.model_inputs)
-        ghost.head_status = "off: the head was not called on the (B, T, d) hidden states"
-        return out
+        return model(**batch.model_inputs)
     except _HeadReached as r:
         return HeadInput(r.h, head)
     finally:
         handle.remove()
+
+
+def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: Any = None) -> Any:
+    """The scored forward (inside the capture). With the fused head: the backbone only, stopped by a pre-hook
+    at the head's input, returned as :class:`HeadInput`; otherwise the model's own outputs."""
+    model = ghost.spec.model
+    head, why = decide(ghost, batch, weights_in_graph, cap)
+    if head is None:
+        ghost.head_status = why
+        return model(**batch.model_inputs)
+    out = _run_to_head(model, batch, head)
+    if not isinstance(out, HeadInput):
+        ghost.head_status = "off: the head was not called on the (B, T, d) hidden states"
+    return out
+
+
+def hidden_use_forward(ghost: Any, batch: Any, total_of: Callable[[Any], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The forward of two-pass mode's hidden-use check (``standins.assert_no_hidden_uses``, once per model). With
+    the fused head: the backbone only, stopped at the head's input, and Σ h, so that the check never builds the
+    (B, T, V) logits (nothing after the head uses a parameter in the models of ``HEADS``, and the head's own use
+    is through its slot); otherwise ``total_of`` the model's outputs."""
+    model = ghost.spec.model
+    head, _ = decide(ghost, batch, True)
+    if head is None:
+        return lambda: total_of(model(**batch.model_inputs))
+
+    def forward() -> torch.Tensor:
+        out = _run_to_head(model, batch, head)
+        return out.h.sum() if isinstance(out, HeadInput) else total_of(out)
+
+    return forward
 
 
 def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch.Tensor, torch.Tensor]:
