@@ -13,13 +13,20 @@ batch and the engine are built; ``benchmarks/harness.py``):
 * ``ghost``: ``GradNormEngine(backend="ghost", fused_head=False).score`` (today's path: full logits);
 * ``fused``: ``GradNormEngine(backend="ghost", fused_head=True).score``;
 * ``filt_ghost`` / ``filt_fused`` (vocab 128,256 only): one in-step filtering step ``FilteredBackward.step``
-  (median_band, ρ = 0.2), against ``plain``, which is the plain training step's forward+backward.
+  (median_band, ρ = 0.2), against ``plain``, which is the plain training step's forward+backward;
+  ``filt2_ghost`` / ``filt2_fused`` (full parameters): the same step in two-pass mode
+  (``TwoPassFilteredBackward``: the activation backward, then an ordinary backward of the kept samples' loss).
 
 The largest B·T that fits a memory budget (8 GiB) is extrapolated from a linear fit of the measured peak
 against B·T at two batch sizes (vocab 128,256, T = 512, full parameters): an estimate, not a measurement.
-Times are medians of ``--repeats`` calls (default ONE call, no warm-up: a full run is ~45 processes of
-20-60 s each on this machine) on a shared 2-core CPU with other jobs running: noisy, compare the ratios within
-a case only. The norms of ``fused`` are checked against ``ghost`` (same batch, same model).
+Times are medians of ``--repeats`` calls after ``--warmup`` untimed ones (default ONE call, no warm-up: a
+full run is ~49 processes of 20-60 s each on this machine; ``--warmup 1`` leaves out the first call's one-time
+costs: the rules' self-checks and, at B ≥ 2, the layout probe) on a shared 2-core CPU with other jobs running:
+noisy, compare the ratios within a case only. Workers run with glibc's mmap threshold fixed (``--mmap-threshold``,
+default 64 KiB: every allocation of 64 KiB or more is its own mapping, returned on free), so that resident
+memory follows the live tensors; with the dynamic default, freed buffers of tens of MiB stay in the heap
+or not depending on the order of allocations, and a second call's peak measures that. Both wall time and the process's CPU time are reported (CPU time
+counts this process's work, not the time it waited for a core: the steadier of the two on a busy machine). The norms of ``fused`` are checked against ``ghost`` (same batch, same model).
 """
 from __future__ import annotations
 
@@ -87,8 +94,9 @@ def worker(payload: dict) -> dict:
         def step():
             out["norms"] = eng.score(batch).norms.tolist()
             out["coverage"] = eng.coverage().head
-    else:  # filt_ghost / filt_fused
-        fb = gs.FilteredBackward(model, policy="median_band", ratio=0.2, fused_head=method == "filt_fused")
+    else:  # filt_ghost / filt_fused (one backward), filt2_ghost / filt2_fused (two-pass)
+        cls = gs.filtered.TwoPassFilteredBackward if method.startswith("filt2") else gs.FilteredBackward
+        fb = cls(model, policy="median_band", ratio=0.2, fused_head=method.endswith("fused"))
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -97,7 +105,8 @@ def worker(payload: dict) -> dict:
     mem = PeakMemory("cpu", isolated=True)
     mem.start()
     t = time_fn(step, repeats=payload["repeats"], warmup=payload["warmup"])
-    out.update(median_s=t["median_s"], times_s=t.get("times_s"), peak_bytes=mem.peak_bytes(), mem_kind=mem.kind)
+    out.update(median_s=t["median_s"], times_s=t.get("all_s"), cpu_median_s=t["cpu_median_s"],
+               cpu_s=t.get("cpu_all_s"), peak_bytes=mem.peak_bytes(), mem_kind=mem.kind)
     return out
 
 
@@ -106,6 +115,8 @@ def run(payload: dict, timeout: float) -> dict:
         p, o = Path(tmp) / "in.json", Path(tmp) / "out.json"
         p.write_text(json.dumps({**payload, "out": str(o)}))
         env = dict(os.environ, OMP_NUM_THREADS=str(payload["threads"]), MKL_NUM_THREADS=str(payload["threads"]))
+        if payload.get("mmap_threshold"):
+            env["MALLOC_MMAP_THRESHOLD_"] = str(payload["mmap_threshold"])
         try:
             proc = subprocess.run([sys.executable, __file__, "--_worker", str(p)], capture_output=True, text=True,
                                   timeout=timeout, env=env)
@@ -130,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--mmap-threshold", type=int, default=65536,
+                    help="MALLOC_MMAP_THRESHOLD_ of the workers (bytes; 0: glibc's dynamic default)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
     if args.quick:
@@ -137,7 +150,7 @@ def main(argv=None) -> int:
     else:
         vocabs, shapes, filt_vocab, fit = (32000, 128256, 151936), ((512, 4), (2048, 1)), 128256, ((512, 2), (512, 4))
     rows = []
-    common = dict(repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    common = dict(repeats=args.repeats, warmup=args.warmup, threads=args.threads, mmap_threshold=args.mmap_threshold)
 
     def one(vocab, T, B, lora, method):
         r = run(dict(common, vocab=vocab, T=T, B=B, lora=lora, method=method), args.timeout)
@@ -156,12 +169,13 @@ def main(argv=None) -> int:
             for lora in (False, True):
                 res = {m: one(vocab, T, B, lora, m) for m in METHODS}
                 if vocab == filt_vocab and T == shapes[0][0]:
-                    for m in ("filt_ghost", "filt_fused"):
+                    for m in ("filt_ghost", "filt_fused") + (() if lora else ("filt2_ghost", "filt2_fused")):
                         res[m] = one(vocab, T, B, lora, m)
                 plain = res["plain"]
                 for m, r in res.items():
                     if r["status"] == "ok" and plain["status"] == "ok":
                         r["time_ratio"] = r["median_s"] / plain["median_s"]
+                        r["cpu_ratio"] = r["cpu_median_s"] / plain["cpu_median_s"]
                         r["mem_ratio"] = r["peak_bytes"] / plain["peak_bytes"] if plain["peak_bytes"] else None
                 res["fused"]["norms_rel_diff_vs_ghost"] = rel_diff(res["fused"].get("norms"), res["ghost"].get("norms"))
     # the largest B·T within the budget: linear fit of the peak against B·T (two batch sizes)
@@ -183,10 +197,13 @@ def main(argv=None) -> int:
         r["env"] = env
         r.pop("norms", None)
     table = markdown_table(
-        ["vocab", "T", "B", "params", "method", "median s", "time / plain", "peak", "peak / plain", "head"],
+        ["vocab", "T", "B", "params", "method", "median s", "time / plain", "CPU s", "CPU / plain", "peak",
+         "peak / plain", "head"],
         [[r["vocab"], r["T"], r["B"], r["params"], r["method"],
           "" if r.get("median_s") is None else f"{r['median_s']:.2f}",
-          "" if r.get("time_ratio") is None else f"{r['time_ratio']:.2f}×", fmt_bytes(r.get("peak_bytes")),
+          "" if r.get("time_ratio") is None else f"{r['time_ratio']:.2f}×",
+          "" if r.get("cpu_median_s") is None else f"{r['cpu_median_s']:.2f}",
+          "" if r.get("cpu_ratio") is None else f"{r['cpu_ratio']:.2f}×", fmt_bytes(r.get("peak_bytes")),
           "" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.2f}×",
           (r.get("coverage") or r.get("reason") or "")[:40]] for r in rows])
     fit_table = markdown_table(
@@ -195,7 +212,8 @@ def main(argv=None) -> int:
          for m, f in fits.items()])
     md = table + "\n\n" + fit_table + "\n"
     paths = write_results(rows, args.out_dir, f"head-{utc_stamp()}",
-                          meta={"script": "bench_head.py", "fits": fits, "budget_bytes": BUDGET, "env": env},
+                          meta={"script": "bench_head.py", "fits": fits, "budget_bytes": BUDGET, "env": env,
+                                "args": vars(args)},
                           markdown=md)
     print(md)
     print(f"results: {paths['json']}")

@@ -1,6 +1,7 @@
 """The fused LM head (gradsel_core/ghost/head.py): exact against the per-sample loop and against autograd.
 
-Vocabulary chunks are forced small (a few rows) so that every quantity crosses chunk boundaries."""
+Vocabulary blocks are forced small (13 columns) and token blocks too (``tiles``: whole samples in groups, or 3
+rows that split a sample), so that every quantity crosses tile boundaries."""
 from __future__ import annotations
 
 import pytest
@@ -20,9 +21,19 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(H, "CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(H, "MIN_CHUNK", 13)  # 97 = 7 chunks of 13 + 6 (two-pass vocabulary loop)
+    monkeypatch.setattr(H, "TILE_ELEMENTS", 13 * 3)  # tiles of 3 token rows (they split samples) ...
+    monkeypatch.setattr(H, "MIN_CHUNK", 13)  # ... × 13 vocabulary columns: 97 = 7 blocks of 13 + 6
     monkeypatch.setattr(H, "ROW_CHUNK_ELEMENTS", 2 * V)  # 2 tokens per chunk (one-pass token loop)
+
+
+@pytest.fixture(params=["split", "groups"])
+def tiles(request, monkeypatch):
+    """The vocabulary loop's token blocks: 3 rows (every sample split over blocks: its head gradient by
+    vocabulary blocks), or whole samples, two per group (the Gram over tokens, group by group)."""
+    if request.param == "groups":
+        monkeypatch.setattr(H, "TILE_ELEMENTS", 13 * 15)  # 15 rows: one or two whole samples per block
+        monkeypatch.setattr(H, "GRAM_ELEMENTS", 60)  # (K, T', T') Gram buffers: K = 1 or 2
+    return request.param
 
 
 @pytest.fixture(params=["direct", "gram"])
@@ -116,7 +127,7 @@ def test_every_listed_family_is_tested():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family,tie", CASES)
-def test_full_params_match_the_loop(family, tie, dtype, form):
+def test_full_params_match_the_loop(family, tie, dtype, form, tiles):
     model = _hf(family, tie).to(dtype)
     batch = _batch()
     for reduction in ("mean", "sum"):
@@ -153,7 +164,7 @@ def test_lora_frozen_head_matches_the_loop(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_head_pass_against_autograd_with_bias_softcap_and_scale(dtype, form):
+def test_head_pass_against_autograd_with_bias_softcap_and_scale(dtype, form, tiles):
     """The chunk loop alone: losses, gradient at h, weight and bias norms, dots, tied rows and the masked
     gradient, against explicit logits and per-sample autograd."""
     torch.manual_seed(3)
@@ -226,7 +237,7 @@ def test_gram_and_direct_forms_agree():
 # (a ~1e-7 difference of the norm weights' gradient in fp64, with or without the fused head)
 @pytest.mark.parametrize("family,tie,dtype", [("gpt2", True, torch.float64), ("llama", False, torch.float32),
                                               ("qwen2", True, torch.float32)])
-def test_filtered_backward_grad_equals_plain_backward_of_kept(family, tie, dtype, form):
+def test_filtered_backward_grad_equals_plain_backward_of_kept(family, tie, dtype, form, tiles):
     model = _hf(family, tie).to(dtype).eval()  # (GPT-2 has dropout: the two runs must see the same model)
     batch = _batch(B=5, T=8)
     fb = gs.filtered.FilteredBackward(model, policy="keep_bottom", ratio=0.4, loss_filter_std=None, fused_head=True)
@@ -274,7 +285,7 @@ def test_two_pass_filtered_with_lora_frozen_head():
             _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")
 
 
-def test_reference_dots_match_the_loop(form):
+def test_reference_dots_match_the_loop(form, tiles):
     model = _hf("gpt2", True).double()
     batch = _batch(B=3, T=8)
     torch.manual_seed(5)
@@ -367,18 +378,63 @@ def test_bf16_within_the_dtype_tolerance(family, tie):
     assert err <= tolerance(torch.bfloat16), err
 
 
-def test_two_pass_with_a_trainable_head_steps_aside():
-    """Two-pass filtering takes the head's weight gradient from autograd: the fused head steps aside, and says so."""
-    model = _hf("gpt2", True).double().eval()
+@pytest.mark.parametrize("family,tie,dtype", [("gpt2", True, torch.float64), ("llama", False, torch.float32)])
+def test_two_pass_with_a_trainable_head_is_fused(family, tie, dtype, form, tiles, monkeypatch):
+    """Two-pass filtering with a trainable head: the ordinary second backward reaches the head through the fused
+    path's weight node (Σ_b w_b ∇_b, tile by tile), only there (not in the activation backward), and p.grad
+    equals a plain backward of the kept samples' mean loss."""
+    model = _hf(family, tie).to(dtype).eval()
     batch = _batch(B=4, T=8)
+    calls = []
+    real = H.masked_weight_grad
+    monkeypatch.setattr(H, "masked_weight_grad", lambda core, w, index, role: calls.append(role) or
+                        real(core, w, index, role))
     fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
-                                             fused_head=True)
+                                             fused_head=True, verify=False)  # (the check's per-sample backwards
+    forwards = _head_calls(model)  # run the head on one sample at a time)
     res = fb.step(batch)
-    assert fb.engine.ghost.head_status.startswith("off: two-pass"), fb.engine.ghost.head_status
+    assert fb.engine.ghost.head_status.startswith("on"), fb.engine.ghost.head_status
+    assert not forwards, "neither the step nor its hidden-use check may run the head's forward (B×T×V logits)"
+    model.get_output_embeddings()._forward_hooks.clear()
+    assert calls == ["weight"], calls  # once, in the second backward (no bias in these heads)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     causal_lm_losses(out.logits, batch["labels"])[0][res.kept].mean().backward()
+    head = model.get_output_embeddings().weight
+    assert head.grad is not None
     for n, p in model.named_parameters():
         if p.grad is not None:
-            _assert_close(got[n], p.grad, torch.float64, f"p.grad {n}")
+            _assert_close(got[n], p.grad, dtype, f"p.grad {n}")
+    assert set(got) == {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_two_pass_head_weight_node_with_bias_and_weights():
+    """The weight node alone: its backward is Σ_b go_b ∇_b of the head weight and bias (autograd reference)."""
+    torch.manual_seed(6)
+    B, T, d = 3, 7, 4
+    h = torch.randn(B, T, d, dtype=torch.float64)
+    W = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, T))
+    labels[1, :3] = -100
+    core, _ = H.head_pass(h, W, b, labels, "mean", "softcap", 0.8, ("weight", "bias"))
+    w = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64)
+    gw, gb = torch.autograd.grad((H._HeadParamGrad.apply(core, W, b) * w).sum(), (W, b))
+    z = torch.tanh((h[:, :-1] @ W.t() + b) / 0.8) * 0.8
+    rw, rb = torch.autograd.grad((causal_lm_losses(torch.cat([z, z[:, :1]], 1), labels)[0] * w).sum(), (W, b))
+    _assert_close(gw, rw, torch.float64, "weight")
+    _assert_close(gb, rb, torch.float64, "bias")
+
+
+def test_two_pass_hidden_use_check_stops_at_the_head_and_still_finds_a_hidden_use():
+    """Two-pass mode checks for parameters used outside their module's slot with one forward, stopped at the
+    fused head's input: a backbone parameter held in a Python list (used by a hook) is still refused."""
+    model = _hf("llama", False).eval()
+    mlp = model.model.layers[0].mlp
+    held = [mlp.down_proj.weight]  # a selected parameter, also used outside its module's call
+    mlp.register_forward_hook(lambda m, a, o: o + 0.01 * (a[0] @ held[0]) @ held[0].t())
+    fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
+                                             fused_head=True, backend="ghost")
+    with pytest.raises(gs.UnsupportedModule, match="Python list, dict or closure"):
+        fb.step(_batch(B=4, T=8))

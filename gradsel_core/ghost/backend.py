@@ -12,7 +12,7 @@ from ..errors import UnsupportedModule, UsageError
 from ..types import BufferSnapshot, CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
 from .failures import Retry, RuleFailure, RuleFailures, grad_hooks, ways_out
-from .head import HeadInput, head_forward, head_losses
+from .head import HeadInput, head_forward, head_losses, hidden_use_forward
 from .layout import PROVEN, hooks_signature
 from .selfcheck import VERDICTS
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
@@ -236,8 +236,8 @@ class GhostBackend:
         if weights_in_graph and not hidden_done:
             # the capture cannot look for hidden uses when the real weights must stay in the graph: one plain
             # forward does (once per model)
-            assert_no_hidden_uses(spec.model, spec.params, lambda: per_sample_losses(
-                spec.model(**batch.model_inputs), batch, spec.loss_fn, spec.loss_reduction)[0].sum())
+            assert_no_hidden_uses(spec.model, spec.params, hidden_use_forward(self, batch, lambda out: per_sample_losses(
+                out, batch, spec.loss_fn, spec.loss_reduction)[0].sum()))  # (stopped at the fused head's input)
         cap = GhostCapture(spec.model, self.plan, spec.params, batch.batch_size, use_triton, keep_factors,
                            copy_taps=self.copy_taps, track=self.track, refs=refs, weights_in_graph=weights_in_graph,
                            follow_rows=self.follow_rows, checked=self.checked,

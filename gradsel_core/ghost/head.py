@@ -12,14 +12,17 @@ scaling. Two loops compute what the engine needs without ever holding G whole:
   sample at a time (the memory of one weight gradient, which a plain backward holds too): ||D_b||², ⟨D_b, V_r⟩
   and, for a head tied to the input embedding, its rows at the input ids U_{b,t} = D_b[x_t]. Three
   head-sized matmuls, like a plain forward + backward.
-* **vocabulary loop** (two passes over chunks c of the vocabulary), used for the Gram form (T' (d + V) < d V):
-  pass 1 is the online log-sum-exp; pass 2 forms G_c and accumulates Σ_c G_c W_c, the Gram Σ_c G_c G_cᵀ
-  (norm ⟨AAᵀ, GGᵀ⟩), a bias's Σ_t g_t, the reference dots Σ_t g_t·(V_c a_t), and the tied rows through
-  P[b, s, t] = G_b[s, x_t] (U = Pᵀ A). Four head-sized matmuls.
+* **vocabulary loop** (``_vocab_pass``: two passes over tiles of r token rows × c vocabulary columns, sized by
+  ``tile_sizes`` from TILE_ELEMENTS), used for the Gram form (T' (d + V) < d V): pass 1 is the online
+  log-sum-exp per token block; pass 2 forms G of each tile and accumulates Σ_c G_c W_c, the Gram Σ_c G_c G_cᵀ
+  (norm ⟨AAᵀ, GGᵀ⟩) over groups of whole samples, a bias's Σ_t g_t, the reference dots Σ_t g_t·(V_c a_t), and
+  the tied rows through P[b, s, t] = G_b[s, x_t] (U = Pᵀ A); a sample longer than a token block gets its
+  gradient by vocabulary blocks D_c = Σ_k G_{k,c}ᵀ A_k instead. Four head-sized matmuls.
 
 The cross term of a tied embedding (ids x_t, output gradients δ_t) with the head is Σ_t δ_t · U_t
 (``docs/norm-math.md``). In filtered training the masked head gradient Σ_b m_b G_bᵀ A_b is recomputed chunk by
-chunk for the kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp).
+chunk for the kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp); in two-pass filtering
+the ordinary second backward gets Σ_b w_b ∇_b of a trainable head from ``_HeadParamGrad``, computed the same way.
 
 c_{b,t} is 1/n_b (``loss_reduction="mean"``, n_b the sample's target tokens) or 1 (``"sum"``), 0 where the
 label is -100 and at the last position. The head's forward never runs: a pre-hook on it takes its input h and
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -53,11 +56,25 @@ HEADS: Dict[str, str] = {
 # that the logits are a small part of the memory and the extra head matmul of pass 1 is not paid back)
 MIN_VOCAB = 16384
 MIN_LOGITS = 1 << 24  # B·(T−1)·V elements: 64 MiB of fp32 logits
-# elements of one (rows × chunk) tensor of the chunk loop
-CHUNK_ELEMENTS = 1 << 22
+# the memory budget of the vocabulary loop: elements of one (token block × vocabulary block) tile (a few such
+# tensors are alive at once: the logits, their gradient, a reference's products), at least MIN_CHUNK vocabulary
+# columns per tile; and elements of the Gram buffers (K, T', T') of a group of K samples (at least one sample)
+TILE_ELEMENTS = 1 << 22
 MIN_CHUNK = 256
+GRAM_ELEMENTS = 1 << 24
 # elements of one (tokens × V) logits chunk of the one-pass token loop (``_row_pass``)
 ROW_CHUNK_ELEMENTS = 1 << 23
+
+
+def tile_sizes(rows: int, V: int, d: int, chunk: Optional[int] = None, block: Optional[int] = None) -> Tuple[int, int]:
+    """(vocabulary block c, token block r) of the vocabulary loop for ``rows`` token rows: r · c ≤ TILE_ELEMENTS
+    where the budget allows c ≥ MIN_CHUNK (all rows in one block while they fit, then blocks of rows)."""
+    if chunk is None:
+        chunk = max(MIN_CHUNK, min(V, TILE_ELEMENTS // max(1, rows, d)))
+    chunk = max(1, min(V, chunk))
+    if block is None:
+        block = TILE_ELEMENTS // chunk
+    return chunk, max(1, min(max(rows, 1), block))
 
 
 @dataclass
@@ -112,7 +129,8 @@ def find_head(model: nn.Module) -> Tuple[Optional[HeadSpec], str]:
 
 @dataclass
 class HeadCore:
-    """What the chunk loop needs to (re)compute the logit gradient of any chunk for any samples."""
+    """What the chunk loop needs to (re)compute the logit gradient of any tile (a block of token rows × a block of
+    the vocabulary) for any samples."""
 
     A: torch.Tensor  # (B, T', d) head input at the predicting positions (T' = T − 1), detached
     W: torch.Tensor  # (V, d) head weight, detached
@@ -123,17 +141,21 @@ class HeadCore:
     value: float
     acc: torch.dtype
     lse: Optional[torch.Tensor] = None  # (B, T') acc, after pass 1
-    chunk: int = 0
+    chunk: int = 0  # vocabulary block c
     kernel: bool = False  # both passes ran in the Triton kernels (gradsel_kernels._head)
+    block: int = 0  # token block r (rows of the flattened (B·T') tokens per tile); 0: TILE_ELEMENTS // chunk
 
     @property
     def V(self) -> int:
         return self.W.shape[0]
 
+    def rows_per_tile(self, rows: int) -> int:
+        return tile_sizes(rows, self.V, self.W.shape[1], self.chunk, self.block or None)[1]
+
     def logits(self, A: torch.Tensor, c0: int, c1: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(raw y, final z) of the chunk [c0, c1) in the accumulation dtype: (K, T', c) each. y is computed in
+        """(raw y, final z) of the chunk [c0, c1) in the accumulation dtype: (..., c) each. y is computed in
         the model's dtype, as the model's own head would."""
-        y = A @ self.W[c0:c1].t()  # (K, T', c) model dtype
+        y = A @ self.W[c0:c1].t()  # (..., c) model dtype
         if self.bias is not None:
             y = y + self.bias[c0:c1]
         y = y.to(self.acc)
@@ -145,26 +167,41 @@ class HeadCore:
             z = y
         return y, z
 
-    def grads(self, index: Optional[torch.Tensor] = None) -> Iterator[Tuple[int, int, torch.Tensor]]:
-        """Pass 2: (c0, c1, G_c (K, T', c)) the gradient of Σ_b L_b w.r.t. the raw logits of chunk c, for the
-        samples ``index`` (all when None)."""
-        A = self.A if index is None else self.A[index]
-        tgt = self.target if index is None else self.target[index]
-        coef = self.coef if index is None else self.coef[index]
-        lse = self.lse if index is None else self.lse[index]
+    def tile_grad(self, a: torch.Tensor, tgt: torch.Tensor, coef: torch.Tensor, lse: torch.Tensor, c0: int,
+                  c1: int) -> torch.Tensor:
+        """G of one tile: the gradient of Σ_b L_b w.r.t. the raw logits [c0, c1) of the token rows ``a`` (..., d)
+        with their targets, coefficients and log-sum-exp (...,). Returns (..., c) in acc."""
+        _, z = self.logits(a, c0, c1)  # a fresh tensor: overwritten in place by G
+        deriv = 1 - (z / self.value) ** 2 if self.post == "softcap" else None
+        g = z.sub_(lse.unsqueeze(-1)).exp_()  # (..., c) softmax
+        local = tgt - c0
+        inside = (local >= 0) & (local < c1 - c0)  # (...)
+        g.scatter_add_(-1, local.clamp(0, c1 - c0 - 1).unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
+        g.mul_(coef.unsqueeze(-1))
+        if deriv is not None:
+            g.mul_(deriv)
+        elif self.post == "scale":
+            g.mul_(self.value)
+        return g
+
+    def flat(self, index: Optional[torch.Tensor] = None):
+        """(A (N, d), target (N,), coef (N,), lse (N,)) over the token rows of the samples ``index`` (all when
+        None), N = K·T' rows, sample-major."""
+        sel = (lambda x: x) if index is None else (lambda x: x[index])
+        A, tgt, coef, lse = sel(self.A), sel(self.target), sel(self.coef), sel(self.lse)
+        return A.reshape(-1, A.shape[-1]), tgt.reshape(-1), coef.reshape(-1), lse.reshape(-1)
+
+    def tiles(self, index: Optional[torch.Tensor] = None) -> Iterator[Tuple[int, int, int, int, torch.Tensor]]:
+        """Pass 2 over the tiles: (c0, c1, r0, r1, G (r, c)) for the flattened token rows [r0, r1) of the samples
+        ``index`` (all when None; row n is sample n // T') and the vocabulary block [c0, c1); vocabulary outer."""
+        A, tgt, coef, lse = self.flat(index)
+        N = A.shape[0]
+        r = self.rows_per_tile(N)
         for c0 in range(0, self.V, self.chunk):
             c1 = min(c0 + self.chunk, self.V)
-            _, z = self.logits(A, c0, c1)
-            g = torch.exp(z - lse.unsqueeze(-1))  # (K, T', c) softmax
-            local = tgt - c0
-            inside = (local >= 0) & (local < c1 - c0)  # (K, T')
-            g.scatter_add_(2, local.clamp(0, c1 - c0 - 1).unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
-            g = g * coef.unsqueeze(-1)
-            if self.post == "softcap":
-                g = g * (1 - (z / self.value) ** 2)
-            elif self.post == "scale":
-                g = g * self.value
-            yield c0, c1, g
+            for r0 in range(0, N, r):
+                r1 = min(r0 + r, N)
+                yield c0, c1, r0, r1, self.tile_grad(A[r0:r1], tgt[r0:r1], coef[r0:r1], lse[r0:r1], c0, c1)
 
 
 def _targets(labels: torch.Tensor, reduction: str, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,23 +216,34 @@ def _targets(labels: torch.Tensor, reduction: str, acc: torch.dtype) -> Tuple[to
 
 
 def pass_lse(core: HeadCore) -> torch.Tensor:
-    """Pass 1: per-token losses' parts, online over the vocabulary chunks. Returns the per-sample losses (B,)
-    (weighted by ``coef``, i.e. the library's per-sample loss) and stores the log-sum-exp in ``core``."""
-    B, Tp, _ = core.A.shape
-    m = torch.full((B, Tp), -torch.inf, dtype=core.acc, device=core.A.device)
-    s = torch.zeros((B, Tp), dtype=core.acc, device=core.A.device)
-    zt = torch.zeros((B, Tp), dtype=core.acc, device=core.A.device)  # the target's logit
-    for c0 in range(0, core.V, core.chunk):
-        c1 = min(c0 + core.chunk, core.V)
-        _, z = core.logits(core.A, c0, c1)  # (B, T', c)
-        m_new = torch.maximum(m, z.amax(-1))
-        s = s * torch.exp(m - m_new) + torch.exp(z - m_new.unsqueeze(-1)).sum(-1)
-        m = m_new
-        local = core.target - c0
-        inside = (local >= 0) & (local < c1 - c0)
-        zt = zt + torch.where(inside, z.gather(2, local.clamp(0, c1 - c0 - 1).unsqueeze(-1)).squeeze(-1), 0.0)
-    core.lse = m + torch.log(s)  # (B, T')
-    tok = torch.where(core.target != IGNORE_INDEX, core.lse - zt, 0.0)  # (B, T') as F.cross_entropy(ignore)
+    """Pass 1: per-token losses' parts, online over the vocabulary blocks, one token block at a time. Returns
+    the per-sample losses (B,) (weighted by ``coef``, i.e. the library's per-sample loss) and stores the
+    log-sum-exp in ``core``."""
+    B, Tp, d = core.A.shape
+    A = core.A.reshape(-1, d)  # (N, d)
+    target = core.target.reshape(-1)
+    N = A.shape[0]
+    dev = A.device
+    lse = torch.empty(N, dtype=core.acc, device=dev)
+    zt = torch.zeros(N, dtype=core.acc, device=dev)  # the target's logit
+    r = core.rows_per_tile(N)
+    for r0 in range(0, N, r):
+        r1 = min(r0 + r, N)
+        m = torch.full((r1 - r0,), -torch.inf, dtype=core.acc, device=dev)
+        s = torch.zeros(r1 - r0, dtype=core.acc, device=dev)
+        tgt = target[r0:r1]
+        for c0 in range(0, core.V, core.chunk):
+            c1 = min(c0 + core.chunk, core.V)
+            _, z = core.logits(A[r0:r1], c0, c1)  # (r, c)
+            local = tgt - c0
+            inside = (local >= 0) & (local < c1 - c0)
+            zt[r0:r1] += torch.where(inside, z.gather(1, local.clamp(0, c1 - c0 - 1).unsqueeze(1)).squeeze(1), 0.0)
+            m_new = torch.maximum(m, z.amax(-1))
+            s = s * torch.exp(m - m_new) + torch.exp(z - m_new.unsqueeze(-1)).sum(-1)
+            m = m_new
+        lse[r0:r1] = m + torch.log(s)
+    core.lse = lse.view(B, Tp)
+    tok = torch.where(core.target != IGNORE_INDEX, core.lse - zt.view(B, Tp), 0.0)  # (B, T') as F.cross_entropy
     return (tok * core.coef).sum(1)  # (B,)
 
 
@@ -211,14 +259,17 @@ class HeadOut:
 def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
               reduction: str = "mean", post: str = "none", value: float = 1.0, want: Tuple[str, ...] = (),
               refs: Optional[Dict[str, torch.Tensor]] = None, ids: Optional[torch.Tensor] = None,
-              chunk: Optional[int] = None, use_triton: bool = False) -> Tuple[HeadCore, HeadOut]:
+              chunk: Optional[int] = None, use_triton: bool = False, block: Optional[int] = None
+              ) -> Tuple[HeadCore, HeadOut]:
     """Everything the engine needs from the head, never building (B, T, V).
 
     h (B, T, d) head input; W (V, d); bias (V,) or None; labels (B, T) (-100 ignored). ``want``: the head
     parameters to score ("weight", "bias"); ``refs``: role -> (R, *shape) references; ``ids`` (B, T): the
     ids of a tied embedding's use, for the cross term (rows U of the weight gradient at the ids).
     ``use_triton``: when no head parameter is scored (a frozen head: losses and the gradient at h only), the
-    Triton kernels compute both passes on CUDA (``dispatch.head_loss_grad`` decides; else the torch loop)."""
+    Triton kernels compute both passes on CUDA (``dispatch.head_loss_grad`` decides; else the torch loop).
+    ``chunk`` / ``block``: the vocabulary loop's tile (c vocabulary columns × r token rows); by default from the
+    memory budget (``tile_sizes``)."""
     h = h.detach()
     W = W.detach()
     bias = bias.detach() if bias is not None else None
@@ -237,9 +288,8 @@ def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], la
     target, coef, _ = _targets(labels, reduction, acc)
     A = h[:, :-1]  # (B, T', d)
     Tp = T - 1
-    if chunk is None:
-        chunk = max(MIN_CHUNK, min(V, CHUNK_ELEMENTS // max(1, B * max(Tp, d))))
-    core = HeadCore(A, W, bias, target, coef, post, value, acc, chunk=chunk)
+    chunk, _ = tile_sizes(B * Tp, V, d, chunk, block)
+    core = HeadCore(A, W, bias, target, coef, post, value, acc, chunk=chunk, block=block or 0)
     if not want:
         fused = dispatch.head_loss_grad(A, W, bias, target, coef, post, value, use_triton)
         if fused is not None:
@@ -250,47 +300,124 @@ def head_pass(h: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor], la
             return core, HeadOut(tok.sum(1), grad_h)
     if not ("weight" in want and gram_is_cheaper(Tp, d, V)):
         return core, _row_pass(core, want, refs, ids, h)
+    return core, _vocab_pass(core, want, refs, ids, h)
+
+
+def _vocab_pass(core: HeadCore, want: Tuple[str, ...], refs: Dict[str, torch.Tensor], ids: Optional[torch.Tensor],
+                h: torch.Tensor) -> HeadOut:
+    """The vocabulary loop, tiled (token block × vocabulary block), for the Gram form of the head weight's norm
+    (T' (d + V) < d V). Pass 1 (``pass_lse``) is the online log-sum-exp per token block. Pass 2 runs per group:
+
+    * K whole samples whose K·T' rows fit one token block and whose Gram buffers fit GRAM_ELEMENTS: per
+      vocabulary block c, G_c (K, T', c) gives Σ_c G_c W_c, the Gram Σ_c G_c G_cᵀ (norm ⟨AAᵀ, GGᵀ⟩ once the
+      group is done), a bias's Σ_t g_t, the reference dots Σ_t g_t·(V_c a_t) and the tied rows through
+      P[b, s, t] = G_b[s, x_t] (U = Pᵀ A);
+    * a sample longer than a token block (split over blocks k): per vocabulary block c its head gradient's
+      block D_c = Σ_k G_{k,c}ᵀ A_k (c, d), so ||D||² = Σ_c ||D_c||², ⟨D, V⟩ = Σ_c ⟨D_c, V_c⟩ and the tied rows
+      D[x_t] are read from the block holding x_t. Exact, in c·d memory (the direct form by vocabulary blocks).
+
+    All sums run in the accumulation dtype; nothing of size B·T'·V or V·d is held."""
+    A, W, acc = core.A, core.W, core.acc
+    B, Tp, d = A.shape
+    V, dev = core.V, A.device
     losses = pass_lse(core)
+    lse = core.lse
     A_acc = A.to(acc)
-    grad = torch.zeros(B, Tp, d, dtype=acc, device=h.device)
-    gram = "weight" in want and gram_is_cheaper(Tp, d, V)
-    GG = torch.zeros(B, Tp, Tp, dtype=acc, device=h.device) if gram else None
-    sq = {r: torch.zeros(B, dtype=acc, device=h.device) for r in want}
-    dots = {r: torch.zeros(B, refs[r].shape[0], dtype=acc, device=h.device) for r in want if r in refs}
-    P = None
-    if ids is not None and "weight" in want:
-        P = torch.zeros(B, Tp, ids.shape[1], dtype=acc, device=h.device)  # P[b, s, t] = G_b[s, x_t]
-    for c0, c1, g in core.grads():  # g (B, T', c)
-        Wc = W[c0:c1].to(acc)
-        grad.baddbmm_(g, Wc.unsqueeze(0).expand(B, -1, -1))  # Σ_c G_c W_c  (B, T', d)
-        if "weight" in want:
-            if gram:
-                GG.baddbmm_(g, g.transpose(1, 2))  # Σ_c G_c G_cᵀ  (B, T', T')
+    grad = torch.zeros(B, Tp, d, dtype=acc, device=dev)
+    sq = {r: torch.zeros(B, dtype=acc, device=dev) for r in want}
+    dots = {r: torch.zeros(B, refs[r].shape[0], dtype=acc, device=dev) for r in want if r in refs}
+    tied = ids is not None and "weight" in want
+    Tt = ids.shape[1] if tied else 0
+    U = torch.zeros(B, Tt, d, dtype=acc, device=dev) if tied else None
+    r = core.rows_per_tile(B * Tp)
+    blocks = [(c0, min(c0 + core.chunk, V)) for c0 in range(0, V, core.chunk)]
+    if Tp <= r:  # whole samples per token block: the Gram over each sample's tokens
+        per = max(1, min(r // Tp, GRAM_ELEMENTS // max(1, Tp * max(Tp, Tt))))
+        for b0 in range(0, B, per):
+            b1 = min(b0 + per, B)
+            K = b1 - b0
+            a = A_acc[b0:b1]  # (K, T', d)
+            GG = torch.zeros(K, Tp, Tp, dtype=acc, device=dev)
+            P = torch.zeros(K, Tp, Tt, dtype=acc, device=dev) if tied else None  # P[b, s, t] = G_b[s, x_t]
+            for c0, c1 in blocks:
+                g = core.tile_grad(A[b0:b1], core.target[b0:b1], core.coef[b0:b1], lse[b0:b1], c0, c1)  # (K, T', c)
+                Wc = W[c0:c1].to(acc)  # (c, d)
+                grad[b0:b1].view(-1, d).addmm_(g.view(-1, c1 - c0), Wc)  # Σ_c G_c W_c
+                GG.baddbmm_(g, g.transpose(1, 2))  # Σ_c G_c G_cᵀ  (K, T', T')
                 if "weight" in refs:
-                    for r, v in enumerate(refs["weight"]):
-                        av = A_acc @ v[c0:c1].to(acc).t()  # (B, T', c)
-                        dots["weight"][:, r] += (av * g).sum(dim=(1, 2))
-            else:
-                D = torch.bmm(g.transpose(1, 2), A_acc)  # (B, c, d): the chunk's per-sample gradient
-                sq["weight"] += D.pow(2).sum(dim=(1, 2))
-                if "weight" in refs:
-                    dots["weight"] += torch.einsum("bcd,rcd->br", D, refs["weight"][:, c0:c1].to(acc))
+                    for i, v in enumerate(refs["weight"]):
+                        av = a @ v[c0:c1].to(acc).t()  # (K, T', c)
+                        dots["weight"][b0:b1, i] += (av * g).sum(dim=(1, 2))
+                if P is not None:
+                    local = ids[b0:b1] - c0
+                    inside = ((local >= 0) & (local < c1 - c0)).to(acc)  # (K, Tt)
+                    cols = g.gather(2, local.clamp(0, c1 - c0 - 1).unsqueeze(1).expand(K, Tp, -1))  # (K, T', Tt)
+                    P += cols * inside.unsqueeze(1)
+                if "bias" in want:
+                    _bias_block(g.sum(1), sq, dots, refs, slice(b0, b1), c0, c1)  # Σ_t g_t (K, c)
+            sq["weight"][b0:b1] = (torch.bmm(a, a.transpose(1, 2)) * GG).sum(dim=(1, 2))  # ⟨AAᵀ, GGᵀ⟩
             if P is not None:
-                local = ids - c0
-                inside = ((local >= 0) & (local < c1 - c0)).to(acc)  # (B, Tt)
-                cols = g.gather(2, local.clamp(0, c1 - c0 - 1).unsqueeze(1).expand(B, Tp, -1))  # (B, T', Tt)
-                P += cols * inside.unsqueeze(1)
-        if "bias" in want:
-            rs = g.sum(1)  # (B, c)
-            sq["bias"] += rs.pow(2).sum(1)
-            if "bias" in refs:
-                dots["bias"] += rs @ refs["bias"][:, c0:c1].to(acc).t()
-    if gram:
-        sq["weight"] = (torch.bmm(A_acc, A_acc.transpose(1, 2)) * GG).sum(dim=(1, 2))  # ⟨AAᵀ, GGᵀ⟩
+                U[b0:b1] = torch.bmm(P.transpose(1, 2), a)  # (K, Tt, d)
+            del GG, P
+    else:  # a sample spans several token blocks: its gradient by vocabulary blocks
+        for b in range(B):
+            for c0, c1 in blocks:
+                Wc = W[c0:c1].to(acc)
+                D = torch.zeros(c1 - c0, d, dtype=acc, device=dev)  # (c, d)
+                rs = torch.zeros(1, c1 - c0, dtype=acc, device=dev) if "bias" in want else None
+                for t0 in range(0, Tp, r):
+                    t1 = min(t0 + r, Tp)
+                    g = core.tile_grad(A[b, t0:t1], core.target[b, t0:t1], core.coef[b, t0:t1], lse[b, t0:t1],
+                                       c0, c1)  # (r, c)
+                    grad[b, t0:t1].addmm_(g, Wc)
+                    D.addmm_(g.t(), A_acc[b, t0:t1])
+                    if rs is not None:
+                        rs += g.sum(0)
+                sq["weight"][b] += D.pow(2).sum()
+                if "weight" in refs:
+                    dots["weight"][b] += torch.einsum("cd,rcd->r", D, refs["weight"][:, c0:c1].to(acc))
+                if U is not None:
+                    local = ids[b].long() - c0
+                    inside = (local >= 0) & (local < c1 - c0)  # (Tt,)
+                    U[b][inside] = D[local[inside]]
+                if rs is not None:
+                    _bias_block(rs, sq, dots, refs, slice(b, b + 1), c0, c1)
     grad_h = torch.zeros_like(h)
     grad_h[:, :-1] = grad.to(h.dtype)
-    rows = torch.bmm(P.transpose(1, 2), A_acc) if P is not None else None  # (B, Tt, d)
-    return core, HeadOut(losses, grad_h, sq, dots, rows)
+    return HeadOut(losses, grad_h, sq, dots, U)
+
+
+def _bias_block(rs: torch.Tensor, sq: Dict[str, torch.Tensor], dots: Dict[str, torch.Tensor],
+                refs: Dict[str, torch.Tensor], rows: slice, c0: int, c1: int) -> None:
+    """A bias's per-sample gradient block Σ_t g_t (K, c) of the vocabulary block [c0, c1): its squared norm and
+    reference dots add up over the blocks."""
+    sq["bias"][rows] += rs.pow(2).sum(1)
+    if "bias" in refs:
+        dots["bias"][rows] += rs @ refs["bias"][:, c0:c1].to(rs.dtype).t()
+
+
+def _softmax_grad_(core: HeadCore, z: torch.Tensor, tgt: torch.Tensor, cf: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whole rows of final logits z (r, V), overwritten in place by their gradient G = cf · (softmax − onehot)
+    (times the post-processing's derivative): five passes over z, no (r, V) temporaries beyond a soft-capping's
+    derivative. Returns (G, log-sum-exp (r,), the rows' weighted token losses (r,))."""
+    V = z.shape[1]
+    valid = tgt != IGNORE_INDEX
+    safe = tgt.clamp(0, V - 1).unsqueeze(1)  # (r, 1)
+    zt = z.gather(1, safe).squeeze(1)  # the target's logit
+    deriv = 1 - (z / core.value) ** 2 if core.post == "softcap" else None
+    m = z.amax(-1)  # (r,)
+    z.sub_(m.unsqueeze(1)).exp_()  # e^{z − m}
+    s = z.sum(-1)
+    lse = m + torch.log(s)
+    tok = torch.where(valid, lse - zt, 0.0) * cf  # (r,) as F.cross_entropy(ignore_index)
+    z.mul_((cf / s).unsqueeze(1))  # cf · softmax
+    z.scatter_add_(1, safe, -(valid.to(z.dtype) * cf).unsqueeze(1))
+    if deriv is not None:
+        z.mul_(deriv)
+    elif core.post == "scale":
+        z.mul_(core.value)
+    return z, lse, tok
 
 
 def _row_pass(core: HeadCore, want: Tuple[str, ...], refs: Dict[str, torch.Tensor], ids: Optional[torch.Tensor],
@@ -330,17 +457,7 @@ def _row_pass(core: HeadCore, want: Tuple[str, ...], refs: Dict[str, torch.Tenso
             a = A_flat[r0:r1]
             tgt, cf = core.target.reshape(-1)[r0:r1], core.coef.reshape(-1)[r0:r1]
         _, z = core.logits(a, 0, V)  # (r, V)
-        m = torch.logsumexp(z, -1)  # (r,)
-        valid = tgt != IGNORE_INDEX
-        zt = z.gather(1, tgt.clamp(0, V - 1).unsqueeze(1)).squeeze(1)
-        tok = torch.where(valid, m - zt, 0.0) * cf  # (r,)
-        g = torch.exp(z - m.unsqueeze(1))  # (r, V) softmax
-        g.scatter_add_(1, tgt.clamp(0, V - 1).unsqueeze(1), -valid.to(acc).unsqueeze(1))
-        g = g * cf.unsqueeze(1)
-        if core.post == "softcap":
-            g = g * (1 - (z / core.value) ** 2)
-        elif core.post == "scale":
-            g = g * core.value
+        g, m, tok = _softmax_grad_(core, z, tgt, cf)  # g: z's storage, (r, V)
         del z
         if per_sample:
             lse[b, r0:r1] = m
@@ -373,20 +490,22 @@ def _row_pass(core: HeadCore, want: Tuple[str, ...], refs: Dict[str, torch.Tenso
 
 
 def masked_weight_grad(core: HeadCore, w: torch.Tensor, index: Optional[torch.Tensor], role: str) -> torch.Tensor:
-    """Σ_k w_k ∇_{index_k} of the head weight (V, d) or bias (V,), recomputed chunk by chunk (pass 2 over the
+    """Σ_k w_k ∇_{index_k} of the head weight (V, d) or bias (V,), recomputed tile by tile (pass 2 over the
     selected samples only)."""
     acc = core.acc
-    A = (core.A if index is None else core.A[index]).to(acc)  # (K, T', d)
-    wk = w.to(acc)
-    out = torch.zeros((core.V, core.A.shape[-1]) if role == "weight" else (core.V,), dtype=acc, device=A.device)
-    if A.shape[1] == 0:
+    d = core.A.shape[-1]
+    out = torch.zeros((core.V, d) if role == "weight" else (core.V,), dtype=acc, device=core.A.device)
+    Tp = core.A.shape[1]
+    if Tp == 0:
         return out
-    for c0, c1, g in core.grads(index):
-        g = g * wk[:, None, None]  # (K, T', c)
+    A = (core.A if index is None else core.A[index]).reshape(-1, d).to(acc)  # (N, d)
+    wrow = w.to(acc).repeat_interleave(Tp)  # (N,): sample k's weight on each of its rows
+    for c0, c1, r0, r1, g in core.tiles(index):  # g (r, c)
+        g.mul_(wrow[r0:r1, None])
         if role == "weight":
-            out[c0:c1] = g.reshape(-1, c1 - c0).t() @ A.reshape(-1, A.shape[-1])  # (c, d)
+            out[c0:c1].addmm_(g.t(), A[r0:r1])  # (c, d)
         else:
-            out[c0:c1] = g.sum(dim=(0, 1))
+            out[c0:c1] += g.sum(0)
     return out
 
 
@@ -413,15 +532,17 @@ class HeadFactor(Factor):
     def dot(self, V: torch.Tensor) -> torch.Tensor:
         if self.dots is not None and V is self.ref:
             return self.dots
-        # another reference: one more chunked pass (Σ_c ⟨G_cᵀA, V_c⟩)
+        # another reference: one more tiled pass (Σ_c ⟨G_cᵀA, V_c⟩), rows summed into their samples
         acc = self.core.acc
-        A = self.core.A.to(acc)
-        out = torch.zeros(A.shape[0], V.shape[0], dtype=acc, device=A.device)
-        for c0, c1, g in self.core.grads():
+        B, Tp, d = self.core.A.shape
+        A = self.core.A.reshape(-1, d).to(acc)  # (N, d)
+        out = torch.zeros(B, V.shape[0], dtype=acc, device=A.device)
+        for c0, c1, r0, r1, g in self.core.tiles():
             if self.role == "weight":
-                out += torch.einsum("btc,rcd,btd->br", g, V[:, c0:c1].to(acc), A)
+                per_row = torch.einsum("nc,rcd,nd->nr", g, V[:, c0:c1].to(acc), A[r0:r1])  # (r, R)
             else:
-                out += g.sum(1) @ V[:, c0:c1].to(acc).t()
+                per_row = g @ V[:, c0:c1].to(acc).t()
+            out.index_add_(0, torch.arange(r0, r1, device=A.device) // Tp, per_row)
         return out
 
     def dense(self) -> torch.Tensor:
@@ -463,6 +584,25 @@ class _HeadLoss(torch.autograd.Function):
         ctx.on_backward()
         gh = ctx.grad_h * go.to(ctx.grad_h.dtype).view(-1, *([1] * (ctx.grad_h.dim() - 1)))
         return gh, None, None, None, None
+
+
+class _HeadParamGrad(torch.autograd.Function):
+    """Zeros (B,) added to the losses, as a function of the head's weight and bias: its backward hands them
+    Σ_b go_b ∇_b (``masked_weight_grad``, recomputed tile by tile). For two-pass filtering, whose ordinary
+    backward of Σ_b w_b L_b must reach the head. The activation backward (``autograd.grad`` to the taps) and the
+    layout probe never run it: no path from this node leads to a tap."""
+
+    @staticmethod
+    def forward(ctx, core, weight, bias):  # noqa: D401
+        ctx.core = core
+        return torch.zeros(core.A.shape[0], dtype=core.acc, device=core.A.device)
+
+    @staticmethod
+    def backward(ctx, go):
+        core = ctx.core
+        gw = masked_weight_grad(core, go, None, "weight").to(core.W.dtype) if ctx.needs_input_grad[1] else None
+        gb = masked_weight_grad(core, go, None, "bias").to(core.bias.dtype) if ctx.needs_input_grad[2] else None
+        return None, gw, gb
 
 
 class _HeadReached(Exception):
@@ -508,8 +648,6 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
         # head's own use is the Linear rule's)
         if g in ghost.moved or mp is None or mp.rule is None or g not in mp.names.values():
             return None, f"off: the head parameter {g} is not scored by the Linear rule"
-    if weights_in_graph and names:
-        return None, "off: two-pass filtering with a trainable head (its weight gradient comes from autograd)"
     if setting is None:
         B, T = batch.batch_size, batch.seq_len
         if head.vocab < MIN_VOCAB or B * max(T - 1, 0) * head.vocab < MIN_LOGITS:
@@ -518,14 +656,9 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
     return head, ""
 
 
-def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: Any = None) -> Any:
-    """The scored forward (inside the capture). With the fused head: the backbone only, stopped by a pre-hook
-    at the head's input, returned as :class:`HeadInput`; otherwise the model's own outputs."""
-    model = ghost.spec.model
-    head, why = decide(ghost, batch, weights_in_graph, cap)
-    if head is None:
-        ghost.head_status = why
-        return model(**batch.model_inputs)
+def _run_to_head(model: nn.Module, batch: Any, head: HeadSpec) -> Any:
+    """The model's forward stopped by a pre-hook at the head's input: :class:`HeadInput`, or the model's own
+    outputs when the head was not called on the (B, T, d) hidden states."""
     B, T = batch.batch_size, batch.seq_len
 
     def stop(mod, args):
@@ -536,13 +669,42 @@ def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: An
 
     handle = head.module.register_forward_pre_hook(stop, prepend=True)
     try:
-        out = model(**batch.model_inputs)
-        ghost.head_status = "off: the head was not called on the (B, T, d) hidden states"
-        return out
+        return model(**batch.model_inputs)
     except _HeadReached as r:
         return HeadInput(r.h, head)
     finally:
         handle.remove()
+
+
+def head_forward(ghost: Any, batch: Any, weights_in_graph: bool = False, cap: Any = None) -> Any:
+    """The scored forward (inside the capture). With the fused head: the backbone only, stopped by a pre-hook
+    at the head's input, returned as :class:`HeadInput`; otherwise the model's own outputs."""
+    model = ghost.spec.model
+    head, why = decide(ghost, batch, weights_in_graph, cap)
+    if head is None:
+        ghost.head_status = why
+        return model(**batch.model_inputs)
+    out = _run_to_head(model, batch, head)
+    if not isinstance(out, HeadInput):
+        ghost.head_status = "off: the head was not called on the (B, T, d) hidden states"
+    return out
+
+
+def hidden_use_forward(ghost: Any, batch: Any, total_of: Callable[[Any], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """The forward of two-pass mode's hidden-use check (``standins.assert_no_hidden_uses``, once per model). With
+    the fused head: the backbone only, stopped at the head's input, and Σ h, so that the check never builds the
+    (B, T, V) logits (nothing after the head uses a parameter in the models of ``HEADS``, and the head's own use
+    is through its slot); otherwise ``total_of`` the model's outputs."""
+    model = ghost.spec.model
+    head, _ = decide(ghost, batch, True)
+    if head is None:
+        return lambda: total_of(model(**batch.model_inputs))
+
+    def forward() -> torch.Tensor:
+        out = _run_to_head(model, batch, head)
+        return out.h.sum() if isinstance(out, HeadInput) else total_of(out)
+
+    return forward
 
 
 def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -587,6 +749,10 @@ def head_losses(ghost: Any, cap: Any, batch: Any, inp: HeadInput) -> Tuple[torch
 
     anchor = cap._anchor_for(h)
     losses = _HeadLoss.apply(h, anchor, res.losses, res.grad_h, on_backward)
+    if getattr(cap, "weights_in_graph", False) and any(p is not None and p.requires_grad for p in (mod.weight,
+                                                                                                  mod.bias)):
+        # two-pass filtering: the ordinary backward that follows reaches the head's weight through this node
+        losses = losses + _HeadParamGrad.apply(core, mod.weight, mod.bias)
     tokens = (batch.labels[:, 1:] != IGNORE_INDEX).sum(1) if T >= 2 else \
         torch.zeros(B, dtype=torch.int64, device=h.device)
     return losses, tokens
