@@ -80,18 +80,19 @@ def check_schema(schema: Any, path: str, arg: str = "--data") -> None:
                              "(the same record schema as JSONL); fix the column or convert the file")
 
 
-def _rows(batches: Iterator[Any], path: str) -> Iterator[Dict[str, Any]]:
+def _rows(batches: Iterator[Any], path: str, check_values: bool = True) -> Iterator[Dict[str, Any]]:
     """Records from Arrow record batches or tables, top-level nulls dropped, checked as JSONL records are."""
     n = 0
     for batch in batches:
         for row in batch.to_pylist():
             rec = {k: v for k, v in row.items() if v is not None}
-            check_record_values(rec, f"{path}: row {n}")
+            if check_values:
+                check_record_values(rec, f"{path}: row {n}")
             n += 1
             yield rec
 
 
-def _parquet_records(path: str, arg: str) -> Iterator[Dict[str, Any]]:
+def _parquet_records(path: str, arg: str, check_values: bool = True) -> Iterator[Dict[str, Any]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -105,7 +106,7 @@ def _parquet_records(path: str, arg: str) -> Iterator[Dict[str, Any]]:
     except (pa.ArrowException, OSError) as e:
         raise UsageError(f"{arg} {path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     check_schema(pf.schema_arrow, path, arg)
-    return _rows(pf.iter_batches(batch_size=BATCH_ROWS), path)
+    return _rows(pf.iter_batches(batch_size=BATCH_ROWS), path, check_values)
 
 
 def load_dataset_folder(path: str, arg: str = "--data") -> Any:
@@ -123,22 +124,25 @@ def load_dataset_folder(path: str, arg: str = "--data") -> Any:
     return ds
 
 
-def _hf_records(path: str, arg: str) -> Iterator[Dict[str, Any]]:
+def _hf_records(path: str, arg: str, check_values: bool = True) -> Iterator[Dict[str, Any]]:
     ds = load_dataset_folder(path, arg)
     check_schema(ds.features.arrow_schema, path, arg)
-    return _rows(ds.with_format("arrow").iter(batch_size=BATCH_ROWS), path)
+    return _rows(ds.with_format("arrow").iter(batch_size=BATCH_ROWS), path, check_values)
 
 
-def iter_records(path: str, arg: str = "--data", progress: Any = None, **jsonl_options: Any) -> Iterator[Dict[str, Any]]:
+def iter_records(path: str, arg: str = "--data", progress: Any = None, check_values: bool = True,
+                 **jsonl_options: Any) -> Iterator[Dict[str, Any]]:
     """The records of ``path`` whatever its kind (:func:`data_kind`). The file is checked now (missing,
     unreadable, a wrong column type: a ``UsageError`` naming it), the rows are read lazily in batches.
-    ``progress`` and ``jsonl_options`` (``max_line_bytes``, ``allow_special``) apply to JSONL only."""
+    ``progress`` and ``jsonl_options`` (``max_line_bytes``, ``allow_special``) apply to JSONL only;
+    ``check_values=False`` skips the per-record id/int checks (a reader that matches each record's digest
+    against a record already checked)."""
     kind = data_kind(path, arg)
     if kind == "parquet":
-        return _parquet_records(os.fspath(path), arg)
+        return _parquet_records(os.fspath(path), arg, check_values)
     if kind == "hf":
-        return _hf_records(os.fspath(path), arg)
-    return iter_jsonl(path, progress=progress, arg=arg, **jsonl_options)
+        return _hf_records(os.fspath(path), arg, check_values)
+    return iter_jsonl(path, progress=progress, arg=arg, check_values=check_values, **jsonl_options)
 
 
 def parquet_schema(path: str) -> Any:

@@ -898,6 +898,7 @@ class ScoreStore:
         loss_reduction: str = "mean",
         shard_size: int = 1 << 20,
         overwrite: bool = False,
+        record_sha256: Optional[Sequence[str]] = None,
     ) -> "ScoreStore":
         """Write a complete score store from per-record arrays, without scoring, and return it (as
         :meth:`open` reads it): for scores computed elsewhere, tests and benchmarks (a 10M-record store in
@@ -905,8 +906,9 @@ class ScoreStore:
         unique ints or strings (default positions), ``fields`` ``{name: (n,) values}``, ``per_param``
         ``{name: (n,) squared norms}``, ``dots``/``cosines`` (n,) or (n, R); ``loss_reduction``: how the
         losses the norms belong to were reduced over tokens (``select(score="norm_per_token")`` reads it).
-        The identity records ``config.source = "ScoreStore.from_arrays"``; a directory holding a store is
-        refused unless ``overwrite``."""
+        ``record_sha256``: each record's content hash (``gradsel_core.jsonl.record_digest``, hex), for
+        ``gradsel select --data`` to check the data file by. The identity records
+        ``config.source = "ScoreStore.from_arrays"``; a directory holding a store is refused unless ``overwrite``."""
         from .errors import UsageError
         from .scoring import _claim_dir, _open_out_dir, _versions
         from .selection import _check_ids
@@ -957,7 +959,9 @@ class ScoreStore:
             if a.shape != (n,):
                 raise UsageError(f"from_arrays: fields[{name!r}] must have shape ({n},), got {a.shape}")
             field_cols[str(name)] = a.astype(object) if a.dtype.kind in "US" else a
-        docs = side_file_docs(id_kind, ids_a, field_cols)
+        if record_sha256 is not None and len(record_sha256) != n:
+            raise UsageError(f"from_arrays: record_sha256 must hold one digest per record ({n}), got {len(record_sha256)}")
+        docs = side_file_docs(id_kind, ids_a, field_cols, record_sha256)
         side = {name: (sha256_bytes(doc), len(doc)) for name, doc in docs}
         identity = {
             "model": {"class": "arrays", "params": [{"name": k[len(PP_PREFIX):]} for k in cols if k.startswith(PP_PREFIX)]},

@@ -111,6 +111,46 @@ def test_select_data_must_be_the_scored_file(scored, tmp_path, capsys):
 
 
 @pytest.mark.needs_datasets
+@pytest.mark.parametrize("id_kind", ["int", "str"])
+def test_select_data_checks_every_batch_record_by_record_where_it_differs(tmp_path, capsys, monkeypatch, id_kind):
+    """`select --data` checks ids and content digests a batch at a time (one array compare each); a batch that
+    differs anywhere is checked record by record, so the error names the first record that differs, in any
+    batch, and the kept records are written in file order whatever the batch size."""
+    from gradsel_core.commands import select as S
+    from gradsel_core.jsonl import record_digest
+
+    monkeypatch.setattr(S, "DATA_BATCH", 4)
+    rows = [{"id": i if id_kind == "int" else f"k{i}", "text": f"record {i}", "n": i} for i in range(23)]
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s"
+    ScoreStore.from_arrays(store, rng.random(23), rng.random(23), ids=[r["id"] for r in rows],
+                           record_sha256=[record_digest(r) for r in rows])
+    data = tmp_path / "d.jsonl"
+
+    def run(recs):
+        data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return _run(capsys, ["select", "--scores", str(store), "--out", str(tmp_path / "k.jsonl"),
+                             "--data", str(data), "--policy", "keep_bottom", "--ratio", "0.5"])
+
+    rc, _, err = run(rows)
+    assert rc == 0, err
+    sel = ScoreStore.open(store)
+    kept = np.sort(np.argsort(sel.norms, kind="stable")[:11])
+    assert [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()] == [rows[i] for i in kept]
+    edited = [dict(r) for r in rows]
+    edited[13]["text"] = "changed"
+    rc, _, err = run(edited)
+    assert rc == 2 and "record 13 " in err and "content changed" in err
+    swapped = [dict(r) for r in rows]
+    swapped[9]["id"] = 99 if id_kind == "int" else "k99"
+    rc, _, err = run(swapped)
+    assert rc == 2 and "record 9 has id" in err
+    rc, _, err = run(rows[:22])
+    assert rc == 2 and "has 22 records" in err
+    rc, _, err = run(rows + [{"id": 23, "text": "extra"}])
+    assert rc == 2 and "more records than the store" in err
+
+
 def test_select_hf_datasets_folder(scored, tmp_path, capsys):
     datasets = pytest.importorskip("datasets")
     data, rows, store = scored

@@ -295,28 +295,39 @@ class LineBlock(str):
         return block
 
 
+DATA_BATCH = 1 << 14  # records of --data checked against the store at a time
+
+
 def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
-    """The kept records of the scored data ``path`` (JSONL, Parquet or a datasets folder), checked against
-    the store record by record: the id, and the content hash the store keeps for each record (an edited
-    record with its old id is refused)."""
-    from ..jsonl import record_digest
+    """The kept records of the scored data ``path`` (JSONL, Parquet or a datasets folder), read once and in
+    order, checked against the store a batch of records at a time: the ids, and the content hash the store
+    keeps for each record (an edited record with its old id is refused). Memory holds one batch, not the file."""
+    import itertools
+
+    from ..jsonl import record_digest, record_digest_bytes
     from ..sources import data_kind, iter_records
 
     data_kind(path)  # a directory that is not a saved dataset is refused, naming it
     if not os.path.exists(path):
         raise UsageError(f"--data {path}: no such file")
     where = getattr(store, "path", "?")
-    keep = np.zeros(len(store.norms), dtype=bool)
+    total = len(store.norms)
+    keep = np.zeros(total, dtype=bool)
     keep[kept] = True
     digests = getattr(store, "record_sha256", None)
     if digests is None:
         log.warning("the store at %s keeps no per-record content hash (scored from pre-tokenized records or by an "
                     "older gradsel): --data is checked by id only", where)
-    n = -1
-    for n, rec in enumerate(iter_records(path, max_line_bytes=None)):
-        if n >= len(store.norms):
-            raise UsageError(f"--data {path} has more records than the store at {where} ({len(store.norms)}); "
-                             "give the file that was scored")
+    raw = getattr(digests, "arr", None)  # (N, 16) bytes of a columns file: compared a batch at a time
+    if raw is not None and raw.shape[1:] != (16,):
+        raw = None
+    ids = np.asarray(store.ids)
+    int_ids = ids.dtype.kind in "iu"
+    # a record whose digest matches was checked when it was scored: its values need no second check
+    records = iter_records(path, max_line_bytes=None, check_values=digests is None)
+
+    def mismatch(n: int, rec: Dict[str, Any]) -> None:
+        """The error for record ``n``, if it is not the one scored there (else nothing)."""
         rid = rec.get("id", n)
         sid = store.ids[n]
         sid = sid.item() if isinstance(sid, np.generic) else sid
@@ -327,10 +338,35 @@ def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, An
             raise UsageError(f"--data {path}: record {n} (id {sid!r}) is not the record that was scored into the "
                              f"store at {where} (its content changed); its scores belong to the old content: score "
                              "the edited file again, or give the file that was scored")
-        if keep[n]:
-            yield rec
-    if n + 1 != len(store.norms):
-        raise UsageError(f"--data {path} has {n + 1} records, the store at {where} has {len(store.norms)}; "
+
+    lo = 0
+    while True:
+        batch = list(itertools.islice(records, DATA_BATCH))
+        if not batch:
+            break
+        hi = lo + len(batch)
+        if hi > total:
+            raise UsageError(f"--data {path} has more records than the store at {where} ({total}); "
+                             "give the file that was scored")
+        got = [r.get("id", n) for n, r in enumerate(batch, lo)]
+        if int_ids:  # every id an int equal to the store's (the usual case), checked as one array
+            try:
+                ok = all(type(v) is int for v in got) and np.array_equal(
+                    np.fromiter(got, dtype=np.int64, count=len(got)), ids[lo:hi])
+            except OverflowError:
+                ok = False
+        else:
+            ok = got == ids[lo:hi].tolist()
+        if ok and digests is not None:
+            ok = raw is not None and b"".join(map(record_digest_bytes, batch)) == raw[lo:hi].tobytes()
+        if not ok:  # the record-by-record checks name the first record that differs
+            for n, rec in enumerate(batch, lo):
+                mismatch(n, rec)
+        for j in np.flatnonzero(keep[lo:hi]).tolist():
+            yield batch[j]
+        lo = hi
+    if lo != total:
+        raise UsageError(f"--data {path} has {lo} records, the store at {where} has {total}; "
                          "give the file that was scored")
 
 
@@ -341,9 +377,10 @@ def write_jsonl(path: str, rows: Iterator[Any]) -> int:
     """One JSON line per row (a dict, a line already formatted, or a :class:`LineBlock` of lines), atomically;
     returns the number of rows written."""
     n = 0
+    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode  # json.dumps's bytes, one encoder
     with atomic_text(path, "--out") as f:
         for row in rows:
-            f.write(row if isinstance(row, str) else json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+            f.write(row if isinstance(row, str) else encode(row) + "\n")
             n += row.rows if isinstance(row, LineBlock) else 1
     return n
 
