@@ -260,6 +260,23 @@ def _figure(store_dir, argv=()):
     return fig, store, sel
 
 
+def test_inspect_field_counts_equal_a_str_per_value(tmp_path):
+    """The `field:` lines count values by the store's codes or vectorized groups: the same values and counts
+    as ``np.unique`` of ``str`` of every value (ints, bools, floats with NaN and -0.0, strings, mixed)."""
+    from gradsel_core.commands.inspect import field_counts
+
+    rng = np.random.default_rng(0)
+    n = 200
+    fields = {"s": rng.choice(["b", "a", "é", "a b"], n), "i": rng.integers(-3, 3, n), "b": rng.random(n) < 0.3,
+              "f": rng.choice([0.5, 1.0, 1e20], n), "fn": rng.choice([0.5, np.nan, -0.0, 0.0], n),
+              "mixed": np.array([["x", 1, None, 2.5][k] for k in rng.integers(0, 4, n)], dtype=object)}
+    store = ScoreStore.from_arrays(tmp_path / "s", rng.random(n), rng.random(n), fields=fields)
+    for name, col in store.fields.items():
+        want = np.unique(np.asarray([str(x) for x in col]), return_counts=True)
+        got = field_counts(store, name, col)
+        assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist(), name
+
+
 def test_inspect_plot_names_store_and_model_and_keeps_labels_off_the_bars(scored, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
