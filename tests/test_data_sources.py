@@ -207,3 +207,79 @@ def test_score_dataset_takes_a_pretokenized_iterable_dataset(tmp_path):
     got = score_dataset(model, it, str(tmp_path / "b"), batch_size=3, progress=False)
     np.testing.assert_array_equal(got.norms, ref.norms)
     assert got.ids.tolist() == list(range(7)) and np.asarray(got.fields["task"]).tolist() == list("abababa")
+
+
+# -- Hub dataset ids (item 4): resolved from a hub-layout cache built here, offline ------------------------
+
+
+def _hub_dataset_cache(root, repo: str, files: dict, rev: str = "89abcdef0123456789abcdef0123456789abcdef"):
+    """``files`` ({relative path: records}) in the HF hub cache layout of a dataset repo:
+    datasets--org--name/{refs/main, snapshots/<rev>/...} (Parquet for .parquet names, else JSONL)."""
+    d = root / ("datasets--" + repo.replace("/", "--"))
+    snap = d / "snapshots" / rev
+    for rel, recs in files.items():
+        p = snap / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(recs), p)
+        else:
+            p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(rev)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline HF cache holding two datasets: Parquet train/test shards, and one unnamed JSONL split."""
+    import huggingface_hub
+
+    from gradsel_core import sources
+
+    recs = [{"id": i, "text": f"record {i}", "task": "ab"[i % 2]} for i in range(9)]
+    cache = tmp_path / "hub"
+    _hub_dataset_cache(cache, "gradsel-test/pq", {"data/train-00000-of-00002.parquet": recs[:5],
+                                                  "data/train-00001-of-00002.parquet": recs[5:],
+                                                  "data/test-00000-of-00001.parquet": recs[:3]})
+    _hub_dataset_cache(cache, "gradsel-test/js", {"all.jsonl": recs})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    sources.hub_files.cache_clear()
+    yield recs
+    sources.hub_files.cache_clear()
+
+
+def test_hub_dataset_ids_resolve_from_the_local_cache_offline(hub_cache, tmp_path, capsys):
+    """`--data org/name[:split]` reads a Hub dataset's files from the HF cache offline (its split's files
+    in order), and `select --data` checks them against the store and writes the kept records in their format."""
+    from gradsel_core.jsonl import record_digest
+    from gradsel_core.sources import data_kind, hub_dataset, iter_records
+
+    recs = hub_cache
+    assert hub_dataset("gradsel-test/pq") == ("gradsel-test/pq", "train")
+    assert hub_dataset("hf://datasets/gradsel-test/pq:test") == ("gradsel-test/pq", "test")
+    assert hub_dataset("sub/missing.jsonl") is None and hub_dataset(str(tmp_path)) is None
+    assert data_kind("gradsel-test/pq") == "parquet" and data_kind("gradsel-test/js") == "jsonl"
+    assert list(iter_records("gradsel-test/pq")) == recs
+    assert list(iter_records("gradsel-test/pq:test")) == recs[:3]
+    assert list(iter_records("gradsel-test/js")) == recs
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s"
+    ScoreStore.from_arrays(store, rng.random(9), rng.random(9), ids=[r["id"] for r in recs],
+                           record_sha256=[record_digest(r) for r in recs])
+    kept_pos = np.sort(np.argsort(ScoreStore.open(store).norms, kind="stable")[:4])
+    for spec, out in (("gradsel-test/pq", "k.parquet"), ("gradsel-test/js", "k.jsonl")):
+        rc = main(["select", "--scores", str(store), "--data", spec, "--out", str(tmp_path / out),
+                   "--policy", "keep_bottom", "--ratio", "0.5"])
+        assert rc == 0, capsys.readouterr().err
+        got = pq.read_table(tmp_path / out).to_pylist() if out.endswith(".parquet") else \
+            [json.loads(x) for x in (tmp_path / out).read_text().splitlines()]
+        assert got == [recs[i] for i in kept_pos]
+    capsys.readouterr()
+    assert main(["select", "--scores", str(store), "--data", "gradsel-test/pq:test", "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "has 3 records" in capsys.readouterr().err
+    assert main(["select", "--scores", str(store), "--data", "gradsel-test/pq:dev", "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "no Parquet or JSONL files of split 'dev'" in err and "data/train-00000-of-00002.parquet" in err
+    assert main(["select", "--scores", str(store), "--data", "gradsel-test/not-cached", "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "could not be resolved" in err and "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" in err and err.count("\n") == 1

@@ -2,7 +2,7 @@
 
     gradsel select --scores DIR --policy median_band --ratio 0.2 [--loss-filter-std 1.0]
                    [--group-by FIELD] [--seed 0] [--length-normalize none|tokens|sqrt]
-                   [--param KEY=VALUE ...] --out kept.jsonl [--data data.jsonl|data.parquet|DATASET_DIR]
+                   [--param KEY=VALUE ...] --out kept.jsonl [--data data.jsonl|data.parquet|DATASET_DIR|org/name]
                    [--format jsonl|parquet|hf] [--summary-json PATH]
 
 Writes the kept samples:
@@ -92,8 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="PATH",
                    help="output: a JSONL file, or a folder with --format hf (never inside the store)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="the scored data (JSONL, Parquet or a datasets folder): write the kept records with all "
-                        "their original fields")
+                   help="the scored data (JSONL, Parquet, a datasets folder, or a Hub dataset id org/name[:split], "
+                        "from the HF cache offline with HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1, else downloaded): "
+                        "write the kept records with all their original fields")
     p.add_argument("--format", default=None, choices=FORMATS,
                    help="jsonl, parquet, or hf: a Hugging Face datasets folder (pip install 'gradsel[datasets]'); "
                         "default: the --data input's format, else jsonl")
@@ -305,10 +306,10 @@ def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, An
     import itertools
 
     from ..jsonl import record_digest, record_digest_bytes
-    from ..sources import data_kind, iter_records
+    from ..sources import data_kind, hub_dataset, iter_records
 
-    data_kind(path)  # a directory that is not a saved dataset is refused, naming it
-    if not os.path.exists(path):
+    data_kind(path)  # a directory that is not a saved dataset is refused, naming it; a Hub id is resolved
+    if hub_dataset(path) is None and not os.path.exists(path):
         raise UsageError(f"--data {path}: no such file")
     where = getattr(store, "path", "?")
     total = len(store.norms)
@@ -553,6 +554,13 @@ def _write(out: str, fmt: str, rows: Iterator[Any], data: Optional[str]) -> int:
     return write_jsonl(out, rows)
 
 
+def _data_name(data: str) -> str:
+    """``--data`` as the summary names it: a local path made absolute, a Hub dataset id as given."""
+    from ..sources import hub_dataset
+
+    return data if data == "-" or hub_dataset(data) is not None else os.path.abspath(data)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..store import atomic_write
 
@@ -587,7 +595,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = dict(sel.summary)
     summary["output"] = {"path": out, "format": args.format, "records": written,
-                         "content": "records from " + os.path.abspath(args.data) if args.data else "scores"}
+                         "content": "records from " + _data_name(args.data) if args.data else "scores"}
     summary["store"] = os.path.abspath(args.scores)
     _make_parent("--summary-json", summary_path)
     try:
