@@ -7,7 +7,8 @@ group, 2 groups, 100k groups, ``score="norm_per_token"``), and the CLI (``gradse
 
 The store is made with ``ScoreStore.from_arrays`` (no scoring): random norms, losses and token counts, a
 ``task`` field with 2 values and a ``cluster`` field with 100k values (strings). ``--data`` needs the
-scored JSONL: a file of ``--data-records`` records (ids and a short text) and a store of the same ids.
+scored JSONL: a file of ``--data-records`` records (ids and a short text) and a store of the same ids with
+each record's content digest (as ``gradsel score`` keeps it), so the join checks every record's content.
 
 Timings are wall-clock medians on whatever machine runs this; on a shared CPU they are noisy, so the CPU
 seconds of the process (``time.process_time``; for the CLI the child's user+sys time) are reported too. Each run
@@ -18,6 +19,7 @@ here: nothing in these paths runs a model.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -86,7 +88,7 @@ def main(argv=None):
     ap.add_argument("--clusters", type=int, default=100_000)
     ap.add_argument("--data-records", type=int, default=10_000_000, help="records of the --data run (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--data-repeats", type=int, default=1, help="runs of the --data join (the slowest measure)")
+    ap.add_argument("--data-repeats", type=int, default=3, help="runs of the --data join (the slowest measure)")
     ap.add_argument("--quick", action="store_true", help="100k records, 1k clusters, 1 repeat")
     ap.add_argument("--work-dir", default=None, help="where the stores are built (default: a temp dir)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
@@ -97,7 +99,7 @@ def main(argv=None):
     def want(measure: str) -> bool:
         return only is None or any(measure.startswith(w) for w in only)
     if args.quick:
-        args.records, args.clusters, args.data_records, args.repeats = 100_000, 1_000, 100_000, 1
+        args.records, args.clusters, args.data_records, args.repeats, args.data_repeats = 100_000, 1_000, 100_000, 1, 1
     torch.set_num_threads(1)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")]))
@@ -180,12 +182,17 @@ def main(argv=None):
         if args.data_records and want("cli select --data"):
             M = args.data_records
             dd, data = work / "store-data", work / "data.jsonl"
+            from gradsel_core.jsonl import record_digest
+
+            digests = []  # each record's content hash, as gradsel score keeps it: select --data checks every one
             with open(data, "w") as f:  # the scored file: ids in order and a short text
                 for lo in range(0, M, 1_000_000):
-                    f.write("".join(f'{{"id": {i}, "text": "record number {i}"}}\n' for i in range(lo, min(M, lo + 1_000_000))))
+                    recs = [{"id": i, "text": f"record number {i}"} for i in range(lo, min(M, lo + 1_000_000))]
+                    f.write("".join(json.dumps(r) + "\n" for r in recs))
+                    digests += map(record_digest, recs)
             c2, f2 = make_arrays(M, min(args.clusters, M), seed=2)
-            gs.ScoreStore.from_arrays(dd, **c2, fields=f2)
-            del c2, f2
+            gs.ScoreStore.from_arrays(dd, **c2, fields=f2, record_sha256=digests)
+            del c2, f2, digests
             runs = [run_cli(["select", "--scores", str(dd), "--out", str(work / "kept.jsonl"), "--data", str(data)], env)
                     for _ in range(args.data_repeats)]
             row("cli select --data", ([w for w, _, _ in runs], [c for _, c, _ in runs]), records=M,
