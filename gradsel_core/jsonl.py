@@ -4,9 +4,10 @@ and its content hash. ``gradsel_core.data`` re-exports all of it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
@@ -63,6 +64,21 @@ def iter_jsonl(path: str, max_line_bytes: Optional[int] = DEFAULT_MAX_LINE_BYTES
     return _jsonl_records(path, max_line_bytes, progress, check_values)  # the checks above run now, the reading lazily
 
 
+_SCAN = json.JSONDecoder().scan_once  # what json.loads runs, without its per-call whitespace regexes
+
+
+def _loads(line: str) -> Any:
+    """``json.loads`` of a stripped line: the scanner directly; anything it does not read whole (an error,
+    trailing data) goes through ``json.loads`` for its exact error."""
+    try:
+        obj, end = _SCAN(line, 0)
+    except RecursionError:
+        raise
+    except Exception:  # noqa: BLE001 - json.loads below raises the precise error
+        return json.loads(line)
+    return obj if end == len(line) else json.loads(line)
+
+
 def _jsonl_records(path: str, limit: Optional[int], progress: Any, check_values: bool = True) -> Iterator[Dict[str, Any]]:
     import sys
 
@@ -88,7 +104,7 @@ def _jsonl_records(path: str, limit: Optional[int], progress: Any, check_values:
             if not line:
                 continue
             try:
-                obj = json.loads(line)
+                obj = _loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             except RecursionError:
@@ -110,14 +126,35 @@ def _plain(x: Any) -> Any:
     raise TypeError(f"{type(x).__name__} cannot be hashed as JSON")
 
 
-# one encoder for every digest (json.dumps with options builds a new one per call)
-_DIGEST_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain).encode
+def json_encoder(**options: Any) -> Callable[[Any], str]:
+    """``json.JSONEncoder(**options).encode``, the same text, with the C encoder made once instead of once per
+    call (``json.dumps`` with options builds both each time: half the cost of a small record). Circular or
+    too deeply nested input is handed to the standard encoder, which raises its own error."""
+    enc = json.JSONEncoder(**options)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None or enc.indent is not None:
+        return enc.encode
+    quote = json.encoder.encode_basestring_ascii if enc.ensure_ascii else json.encoder.encode_basestring
+    fast = make(None, enc.default, quote, None, enc.key_separator, enc.item_separator, enc.sort_keys, enc.skipkeys,
+                enc.allow_nan)  # no circular check (markers None): a cycle recurses, then goes to enc.encode
+
+    def encode(o: Any) -> str:
+        if isinstance(o, str):
+            return enc.encode(o)
+        try:
+            return "".join(fast(o, 0))
+        except RecursionError:
+            return enc.encode(o)
+
+    return encode
+
+
+# one encoder for every digest
+_DIGEST_JSON = json_encoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
 
 
 def record_digest_bytes(record: Mapping[str, Any]) -> bytes:
     """The 16 bytes :func:`record_digest` spells in hex."""
-    import hashlib
-
     return hashlib.sha256(_DIGEST_JSON(record).encode("utf-8")).digest()[:16]
 
 

@@ -312,15 +312,56 @@ def read_header_metadata(data: bytes) -> Dict[str, str]:
     return meta
 
 
+_ST_NUMPY = {name: dt for dt, name in ST_DTYPES.items()}
+
+
+def load_views(data: bytes) -> Dict[str, np.ndarray]:
+    """The tensors of safetensors bytes as read-only numpy views into ``data`` (``safetensors.numpy.load``
+    copies every tensor out first: at 10M records that copy is a tenth of ``ScoreStore.open``), with its
+    checks: known dtypes, offsets inside the payload matching each shape, the tensors back to back covering
+    it. ``ValueError`` otherwise; a dtype gradsel does not write goes to ``safetensors`` itself."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > MAX_HEADER:
+        raise ValueError("header length beyond the end of the file")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    base, size = 8 + n, len(data) - 8 - n
+    out: Dict[str, np.ndarray] = {}
+    spans = []
+    for k, info in header.items():
+        if k == "__metadata__":
+            continue
+        dt = _ST_NUMPY.get(info["dtype"]) if isinstance(info, dict) else None
+        if dt is None:
+            from safetensors.numpy import load
+
+            return load(data)
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != count * dt.itemsize:
+            raise ValueError(f"tensor {k!r}: offsets {begin}..{end} do not hold shape {shape} of {dt} in a payload "
+                             f"of {size} bytes")
+        spans.append((begin, end))
+        out[k] = np.frombuffer(data, dtype=dt.newbyteorder("<"), count=count, offset=base + begin).reshape(shape)
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise ValueError("the tensors do not cover the payload back to back")
+        covered = end
+    if covered != size:
+        raise ValueError("the tensors do not cover the payload back to back")
+    return out
+
+
 def decode_shard(data: bytes, name: str = "<shard>", check_payload: bool = True) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """``(tensors, meta)`` of a shard's bytes; ``StoreError`` naming ``name`` when it is truncated or
     its payload does not match the checksum in its header (``check_payload=False``: the caller has just
     checked the whole file's sha256 against the manifest, which covers the payload)."""
-    from safetensors.numpy import load
-
     try:
         hdr = read_header_metadata(data)
-        tensors = load(data)
+        tensors = load_views(data)
     except Exception as e:  # truncated/garbled header or data: safetensors raises its own error type
         raise StoreError(f"{name}: unreadable or truncated shard ({type(e).__name__}: {e})") from None
     want = hdr.get("payload_sha256")

@@ -283,3 +283,48 @@ def test_hub_dataset_ids_resolve_from_the_local_cache_offline(hub_cache, tmp_pat
     assert main(["select", "--scores", str(store), "--data", "gradsel-test/not-cached", "--out", str(tmp_path / "t.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "could not be resolved" in err and "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" in err and err.count("\n") == 1
+
+
+def test_json_encoder_gives_json_dumps_text_and_errors():
+    """The once-built C encoder behind record digests and `select --data` output: the text of ``json.dumps``
+    with the same options, and its errors (NaN refused, a cycle, an unknown type)."""
+    from gradsel_core.jsonl import _plain, json_encoder, record_digest
+
+    values = [{"b": [1.5, 1e-7, 10 ** 30, -0.0, {"z": "é\u2028\"\\", "a": None, "c": True}], "a": 2},
+              {"id": "x", "t": "\u00e9" * 3, "n": [[], {}, [1, [2, [3]]]]}, [], "plain \u2028", 3.0, None,
+              {"f": float("inf")}, {"nan": float("nan")}, {"np": np.int64(3), "arr": np.arange(3)}]
+    for opts in (dict(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain),
+                 dict(ensure_ascii=False, allow_nan=False), dict()):
+        enc = json_encoder(**opts)
+        for v in values:
+            try:
+                want = json.dumps(v, **opts)
+            except (TypeError, ValueError) as e:
+                with pytest.raises(type(e)):
+                    enc(v)
+                continue
+            assert enc(v) == want
+    cyc: list = []
+    cyc.append(cyc)
+    with pytest.raises(ValueError, match="Circular"):
+        json_encoder(ensure_ascii=False)(cyc)
+    rec = {"text": "b", "id": 1, "meta": {"k": [1, 2]}}
+    assert record_digest(rec) == __import__("hashlib").sha256(
+        json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def test_jsonl_line_scan_equals_json_loads():
+    """The JSONL reader scans each stripped line directly: the same object as ``json.loads``, and for a line
+    it cannot read whole the same error."""
+    from gradsel_core.jsonl import _loads
+
+    for line in ['{"a": 1, "b": [1.5, NaN, "\\u00e9"]}', "5", '"s"', "[]", '{"a": 1} x', '{"a": 1}{"b": 2}', "{",
+                 '{"a": "\\x"}', "\ufeff{}", "{'a': 1}", '{"a": tru}', "nul", '{"a" 1}']:
+        try:
+            want = json.loads(line)
+        except json.JSONDecodeError as e:
+            with pytest.raises(json.JSONDecodeError) as got:
+                _loads(line)
+            assert (got.value.msg, got.value.pos) == (e.msg, e.pos), line
+            continue
+        assert json.dumps(_loads(line)) == json.dumps(want), line  # as text: NaN equals NaN

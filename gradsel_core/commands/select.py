@@ -378,7 +378,9 @@ def write_jsonl(path: str, rows: Iterator[Any]) -> int:
     """One JSON line per row (a dict, a line already formatted, or a :class:`LineBlock` of lines), atomically;
     returns the number of rows written."""
     n = 0
-    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode  # json.dumps's bytes, one encoder
+    from ..jsonl import json_encoder
+
+    encode = json_encoder(ensure_ascii=False, allow_nan=False)  # json.dumps's text, one encoder
     with atomic_text(path, "--out") as f:
         for row in rows:
             f.write(row if isinstance(row, str) else encode(row) + "\n")
