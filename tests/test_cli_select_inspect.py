@@ -394,3 +394,27 @@ def test_inspect_plot_errors(scored, tmp_path, capsys, monkeypatch):
     rc, text, err = _run(capsys, ["inspect", store, "--plot", str(tmp_path / "h.png")])
     assert rc == 2 and text == ""  # refused before any work
     assert err == "gradsel inspect: error: --plot needs matplotlib: pip install 'gradsel[plot]' (or leave out --plot)\n"
+
+
+@pytest.mark.parametrize("kind", ["str", "int", "mixed"])
+def test_select_table_rows_by_group_codes_equal_a_scan_per_label(tmp_path, kind):
+    """The per-group table rows take each group's records from the selection's group codes: the same rows
+    as a scan of every value per label, for string (stored codes), integer and mixed-kind fields."""
+    import gradsel_core as gs
+    from gradsel_core.commands.select import MAX_TABLE_GROUPS, _row, _same_label, table_rows
+
+    rng = np.random.default_rng(1)
+    n = 300
+    col = {"str": rng.choice(["b", "a", "c"], n).astype(object), "int": rng.integers(0, 30, n),
+           "mixed": np.array([["1", 1, None, 2.5][k] for k in rng.integers(0, 4, n)], dtype=object)}[kind]
+    store = ScoreStore.from_arrays(tmp_path / "s", rng.random(n), rng.random(n), fields={"g": col})
+    sel = gs.select(store, group_by="g", policy="keep_bottom", ratio=0.5)
+    field = np.asarray(store.fields["g"])
+    norms = np.asarray(store.norms, dtype=np.float64)
+    want = []
+    for key, g in list(sel.summary["groups"].items())[:MAX_TABLE_GROUPS]:
+        m = np.asarray([_same_label(v, g["label"]) for v in field.tolist()], dtype=bool)
+        want.append(_row(str(g["label"]), g, norms[m], sel.kept_mask[m]))
+    for name in ("g", None):
+        got = table_rows(store, sel, field, name)
+        assert [r.__dict__ for r in got[:-1]] == [r.__dict__ for r in want]

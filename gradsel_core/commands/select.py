@@ -507,17 +507,26 @@ def _same_label(value: Any, label: Any) -> bool:
     return type(value) is type(label) and value == label
 
 
-def table_rows(store: Any, sel: Any, group_field: Optional[np.ndarray]) -> List[Row]:
-    """One row per group (in the summary's order; at most ``MAX_TABLE_GROUPS``) and the total."""
+def table_rows(store: Any, sel: Any, group_field: Optional[np.ndarray], field: Optional[str] = None) -> List[Row]:
+    """One row per group (in the summary's order; at most ``MAX_TABLE_GROUPS``) and the total. Each group's
+    records come from the group codes the selection used (the store's codes of ``field``, or the vectorized
+    grouping), which number the groups in the summary's order; else a value at a time."""
+    from ..selection import _group_codes, _stored_codes
+
     norms = np.asarray(store.norms, dtype=np.float64)
     s = sel.summary
     rows: List[Row] = []
     groups = s.get("groups")
     if groups and group_field is not None:
-        values = group_field.tolist()
-        for key, g in list(groups.items())[:MAX_TABLE_GROUPS]:
+        shown = list(groups.items())[:MAX_TABLE_GROUPS]
+        got = (_stored_codes(store, field, len(group_field)) if field else None) or _group_codes(group_field)
+        firsts, codes = got
+        same = len(firsts) == len(groups) and all(
+            type(a) is type(b) and a == b for a, b in zip(firsts, (g.get("label") for g in groups.values())))
+        values = None if same else group_field.tolist()
+        for i, (key, g) in enumerate(shown):
             label = g.get("label", key)
-            m = np.asarray([_same_label(v, label) for v in values], dtype=bool)
+            m = codes == i if values is None else np.asarray([_same_label(v, label) for v in values], dtype=bool)
             rows.append(_row(str(label), g, norms[m], sel.kept_mask[m]))
     rows.append(_row("all", s, norms, sel.kept_mask))
     return rows
@@ -607,7 +616,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = sel.summary
     if args.json:
-        rows = table_rows(store, sel, group_field)
+        rows = table_rows(store, sel, group_field, args.group_by)
         print(json.dumps(jsonable({
             "policy": args.policy, "ratio": s["ratio"], "loss_filter_std": s.get("loss_filter_std"),
             "group_by": args.group_by, "store": os.path.abspath(args.scores), "records": len(store.norms),
@@ -618,7 +627,7 @@ def run(args: argparse.Namespace) -> int:
     lf = "no loss filter" if s.get("loss_filter_std") is None else f"loss filter ±{s['loss_filter_std']:g} std"
     extra = f", by {args.group_by}" if args.group_by else ""
     print(f"{args.policy}, ratio {s['ratio']:g}, {lf}{extra}: store {args.scores} ({len(store.norms)} records)")
-    print("\n".join(format_table(table_rows(store, sel, group_field), int(s.get("n_groups", 0)))))
+    print("\n".join(format_table(table_rows(store, sel, group_field, args.group_by), int(s.get("n_groups", 0)))))
     what = "records" if args.data else "score rows"
     print(f"kept {s['kept']} of {s['n']} -> {args.out} ({written} {what}, {args.format})")
     print(f"summary -> {summary_path}")
