@@ -328,3 +328,24 @@ def test_jsonl_line_scan_equals_json_loads():
             assert (got.value.msg, got.value.pos) == (e.msg, e.pos), line
             continue
         assert json.dumps(_loads(line)) == json.dumps(want), line  # as text: NaN equals NaN
+
+
+def test_write_hf_streams_row_batches(tmp_path, monkeypatch):
+    """`select --format hf` writes the kept rows to an Arrow file a batch at a time (not a list of them all),
+    keeping the input's features or inferring them from the first rows, and refuses a later row that does
+    not fit, naming the rows."""
+    from gradsel_core.commands import select as S
+    from gradsel_core.errors import UsageError
+
+    monkeypatch.setattr(S, "PARQUET_WRITE_ROWS", 3)
+    rows = [{"id": i, "text": f"t{i}", "meta": {"k": [i] * (i % 3)}} for i in range(10)]
+    assert S.write_hf(str(tmp_path / "a"), iter(rows)) == 10
+    assert datasets.load_from_disk(str(tmp_path / "a")).to_list() == rows
+    feats = datasets.Features({"id": datasets.Value("int32"), "text": datasets.Value("string"),
+                               "meta": {"k": datasets.List(datasets.Value("int64"))}, "w": datasets.Value("float32")})
+    assert S.write_hf(str(tmp_path / "b"), iter(rows), feats) == 10
+    back = datasets.load_from_disk(str(tmp_path / "b"))
+    assert back.features == feats and back.to_list() == [dict(r, w=None) for r in rows]
+    with pytest.raises(UsageError, match="rows 3..5 do not fit"):
+        S.write_hf(str(tmp_path / "c"), iter(rows[:3] + [{"id": "x", "text": 1}] + rows[4:]))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".gradsel-tmp-")]

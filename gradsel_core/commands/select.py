@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, TextIO
@@ -388,13 +389,41 @@ def write_jsonl(path: str, rows: Iterator[Any]) -> int:
     return n
 
 
+def _arrow_tables(path: str, rows: Iterator[Dict[str, Any]], schema: Any, what: str) -> Iterator[Any]:
+    """The rows as Arrow tables of ``PARQUET_WRITE_ROWS`` rows (at least one table, maybe empty), of
+    ``schema`` (``None``: inferred from the first rows; a later row with another field or type is refused,
+    naming the rows and ``what`` holds them)."""
+    import itertools
+
+    import pyarrow as pa
+
+    n = 0
+    while True:
+        chunk = list(itertools.islice(rows, PARQUET_WRITE_ROWS))
+        if not chunk and n:
+            return
+        if schema is None:
+            keys = list(dict.fromkeys(k for r in chunk for k in r))
+            schema = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in keys}).schema
+        try:
+            table = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in schema.names}, schema=schema)
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise UsageError(f"--out {path}: rows {n}..{n + len(chunk) - 1} do not fit the {what} columns "
+                             f"{schema.names} ({str(e).splitlines()[0]}); write JSONL with --format jsonl") from None
+        extra = {k for r in chunk for k in r} - set(schema.names)
+        if extra:
+            raise UsageError(f"--out {path}: a row has fields {sorted(extra)} that the first rows lack; "
+                             "write JSONL with --format jsonl")
+        yield table
+        n += len(chunk)
+        if not chunk:
+            return
+
+
 def write_parquet(path: str, rows: Iterator[Dict[str, Any]], schema: Any = None) -> int:
     """The rows as one Parquet file, written in row groups of ``PARQUET_WRITE_ROWS`` (never the whole
     selection in memory), atomically. ``schema``: the Arrow schema (the input's, for a Parquet ``--data``);
     ``None``: inferred from the first row group (a later row with another field or type is refused)."""
-    import itertools
-
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     _make_parent("--out", path)
@@ -402,28 +431,11 @@ def write_parquet(path: str, rows: Iterator[Dict[str, Any]], schema: Any = None)
     with fileio.atomic_path(path, error=lambda e: _cannot_write("--out", path, e)) as tmp:
         writer = None
         try:
-            while True:
-                chunk = list(itertools.islice(rows, PARQUET_WRITE_ROWS))
-                if not chunk and writer is not None:
-                    break
-                if schema is None:
-                    keys = list(dict.fromkeys(k for r in chunk for k in r))
-                    schema = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in keys}).schema
-                try:
-                    table = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in schema.names}, schema=schema)
-                except (pa.ArrowException, TypeError, ValueError) as e:
-                    raise UsageError(f"--out {path}: rows {n}..{n + len(chunk) - 1} do not fit the Parquet columns "
-                                     f"{schema.names} ({str(e).splitlines()[0]}); write JSONL with --format jsonl") from None
-                extra = {k for r in chunk for k in r} - set(schema.names)
-                if extra:
-                    raise UsageError(f"--out {path}: a row has fields {sorted(extra)} that the first rows lack; "
-                                     "write JSONL with --format jsonl")
+            for table in _arrow_tables(path, rows, schema, "Parquet"):
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, schema)
+                    writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
-                n += len(chunk)
-                if not chunk:
-                    break
+                n += table.num_rows
         finally:
             if writer is not None:
                 writer.close()
@@ -448,28 +460,51 @@ def check_hf_target(path: str) -> None:
 
 def write_hf(path: str, rows: Iterator[Dict[str, Any]], features: Any = None) -> int:
     """The rows as a ``datasets`` folder (``save_to_disk``), written beside ``path`` and then moved in;
-    an earlier dataset folder at ``path`` is replaced. ``features``: the input dataset's (a datasets
-    ``--data``), so the columns keep their types. Returns the number of rows."""
-    from datasets import Dataset
+    an earlier dataset folder at ``path`` is replaced. The rows go to an Arrow file in row batches first
+    (never the whole selection in memory), which ``save_to_disk`` then copies. ``features``: the input
+    dataset's (a datasets ``--data``), so the columns keep their types; ``None``: inferred from the first
+    rows. Returns the number of rows."""
+    import tempfile
+
+    import pyarrow as pa
+    from datasets import Dataset, DatasetInfo
 
     check_hf_target(path)
     from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    data = list(rows)
-    if features is not None:  # every column, nulls included (iter_records drops top-level nulls)
-        ds = Dataset.from_dict({k: [r.get(k) for r in data] for k in features}, features=features)
-    else:
-        ds = Dataset.from_list(data)
-    _make_parent("--out", path)
+    parent = _make_parent("--out", path)
+    try:
+        work = tempfile.mkdtemp(prefix=fileio.TMP_PREFIX, dir=parent)
+    except OSError as e:
+        raise _cannot_write("--out", path, e) from None
     bars_were_off = are_progress_bars_disabled()
     disable_progress_bars()
+    n = 0
     try:
+        arrow = os.path.join(work, "rows.arrow")
+        schema = features.arrow_schema if features is not None else None
+        with pa.OSFile(arrow, "wb") as sink:
+            writer = None
+            for table in _arrow_tables(path, rows, schema, "dataset"):  # every column, nulls included
+                if writer is None:
+                    writer = pa.ipc.new_stream(sink, table.schema)
+                writer.write_table(table)
+                n += table.num_rows
+            if writer is not None:
+                writer.close()
+        if n == 0:  # as before: an in-memory empty dataset (from an empty Arrow stream it would not load back)
+            ds = Dataset.from_dict({k: [] for k in features}, features=features) if features is not None \
+                else Dataset.from_list([])
+        else:
+            ds = Dataset.from_file(arrow, info=DatasetInfo(features=features) if features is not None else None)
         with fileio.atomic_path(path, error=lambda e: _cannot_write("--out", path, e)) as tmp:
             ds.save_to_disk(tmp)
+        del ds
     finally:
+        shutil.rmtree(work, ignore_errors=True)
         if not bars_were_off:
             enable_progress_bars()
-    return len(data)
+    return n
 
 
 def default_summary_path(out: str) -> str:
