@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -340,13 +339,7 @@ def tiny_model(seed: int = 0):
         return TinyGPT(cfg)
 
 
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
-
-
-def is_hub_id(spec: str) -> bool:
-    """Whether ``spec`` reads as a Hugging Face Hub id (``name`` or ``org/name``), not a path: at most one
-    ``/``, no ``..``/``--``, not starting with ``.``, ``/`` or ``~``."""
-    return bool(HUB_ID_RE.match(spec)) and ".." not in spec and "--" not in spec and not spec.endswith(".")
+from .sources import HUB_ID_RE, is_hub_id  # noqa: E402,F401  (torch-free, shared with --data Hub dataset ids)
 
 
 def check_device(device: Any, arg: str = "--device") -> Any:

@@ -312,15 +312,56 @@ def read_header_metadata(data: bytes) -> Dict[str, str]:
     return meta
 
 
+_ST_NUMPY = {name: dt for dt, name in ST_DTYPES.items()}
+
+
+def load_views(data: bytes) -> Dict[str, np.ndarray]:
+    """The tensors of safetensors bytes as read-only numpy views into ``data`` (``safetensors.numpy.load``
+    copies every tensor out first: at 10M records that copy is a tenth of ``ScoreStore.open``), with its
+    checks: known dtypes, offsets inside the payload matching each shape, the tensors back to back covering
+    it. ``ValueError`` otherwise; a dtype gradsel does not write goes to ``safetensors`` itself."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > MAX_HEADER:
+        raise ValueError("header length beyond the end of the file")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    base, size = 8 + n, len(data) - 8 - n
+    out: Dict[str, np.ndarray] = {}
+    spans = []
+    for k, info in header.items():
+        if k == "__metadata__":
+            continue
+        dt = _ST_NUMPY.get(info["dtype"]) if isinstance(info, dict) else None
+        if dt is None:
+            from safetensors.numpy import load
+
+            return load(data)
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+        count = int(np.prod(shape, dtype=np.int64))
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != count * dt.itemsize:
+            raise ValueError(f"tensor {k!r}: offsets {begin}..{end} do not hold shape {shape} of {dt} in a payload "
+                             f"of {size} bytes")
+        spans.append((begin, end))
+        out[k] = np.frombuffer(data, dtype=dt.newbyteorder("<"), count=count, offset=base + begin).reshape(shape)
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            raise ValueError("the tensors do not cover the payload back to back")
+        covered = end
+    if covered != size:
+        raise ValueError("the tensors do not cover the payload back to back")
+    return out
+
+
 def decode_shard(data: bytes, name: str = "<shard>", check_payload: bool = True) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """``(tensors, meta)`` of a shard's bytes; ``StoreError`` naming ``name`` when it is truncated or
     its payload does not match the checksum in its header (``check_payload=False``: the caller has just
     checked the whole file's sha256 against the manifest, which covers the payload)."""
-    from safetensors.numpy import load
-
     try:
         hdr = read_header_metadata(data)
-        tensors = load(data)
+        tensors = load_views(data)
     except Exception as e:  # truncated/garbled header or data: safetensors raises its own error type
         raise StoreError(f"{name}: unreadable or truncated shard ({type(e).__name__}: {e})") from None
     want = hdr.get("payload_sha256")
@@ -898,6 +939,7 @@ class ScoreStore:
         loss_reduction: str = "mean",
         shard_size: int = 1 << 20,
         overwrite: bool = False,
+        record_sha256: Optional[Sequence[str]] = None,
     ) -> "ScoreStore":
         """Write a complete score store from per-record arrays, without scoring, and return it (as
         :meth:`open` reads it): for scores computed elsewhere, tests and benchmarks (a 10M-record store in
@@ -905,8 +947,9 @@ class ScoreStore:
         unique ints or strings (default positions), ``fields`` ``{name: (n,) values}``, ``per_param``
         ``{name: (n,) squared norms}``, ``dots``/``cosines`` (n,) or (n, R); ``loss_reduction``: how the
         losses the norms belong to were reduced over tokens (``select(score="norm_per_token")`` reads it).
-        The identity records ``config.source = "ScoreStore.from_arrays"``; a directory holding a store is
-        refused unless ``overwrite``."""
+        ``record_sha256``: each record's content hash (``gradsel_core.jsonl.record_digest``, hex), for
+        ``gradsel select --data`` to check the data file by. The identity records
+        ``config.source = "ScoreStore.from_arrays"``; a directory holding a store is refused unless ``overwrite``."""
         from .errors import UsageError
         from .scoring import _claim_dir, _open_out_dir, _versions
         from .selection import _check_ids
@@ -957,7 +1000,9 @@ class ScoreStore:
             if a.shape != (n,):
                 raise UsageError(f"from_arrays: fields[{name!r}] must have shape ({n},), got {a.shape}")
             field_cols[str(name)] = a.astype(object) if a.dtype.kind in "US" else a
-        docs = side_file_docs(id_kind, ids_a, field_cols)
+        if record_sha256 is not None and len(record_sha256) != n:
+            raise UsageError(f"from_arrays: record_sha256 must hold one digest per record ({n}), got {len(record_sha256)}")
+        docs = side_file_docs(id_kind, ids_a, field_cols, record_sha256)
         side = {name: (sha256_bytes(doc), len(doc)) for name, doc in docs}
         identity = {
             "model": {"class": "arrays", "params": [{"name": k[len(PP_PREFIX):]} for k in cols if k.startswith(PP_PREFIX)]},

@@ -111,6 +111,46 @@ def test_select_data_must_be_the_scored_file(scored, tmp_path, capsys):
 
 
 @pytest.mark.needs_datasets
+@pytest.mark.parametrize("id_kind", ["int", "str"])
+def test_select_data_checks_every_batch_record_by_record_where_it_differs(tmp_path, capsys, monkeypatch, id_kind):
+    """`select --data` checks ids and content digests a batch at a time (one array compare each); a batch that
+    differs anywhere is checked record by record, so the error names the first record that differs, in any
+    batch, and the kept records are written in file order whatever the batch size."""
+    from gradsel_core.commands import select as S
+    from gradsel_core.jsonl import record_digest
+
+    monkeypatch.setattr(S, "DATA_BATCH", 4)
+    rows = [{"id": i if id_kind == "int" else f"k{i}", "text": f"record {i}", "n": i} for i in range(23)]
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s"
+    ScoreStore.from_arrays(store, rng.random(23), rng.random(23), ids=[r["id"] for r in rows],
+                           record_sha256=[record_digest(r) for r in rows])
+    data = tmp_path / "d.jsonl"
+
+    def run(recs):
+        data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return _run(capsys, ["select", "--scores", str(store), "--out", str(tmp_path / "k.jsonl"),
+                             "--data", str(data), "--policy", "keep_bottom", "--ratio", "0.5"])
+
+    rc, _, err = run(rows)
+    assert rc == 0, err
+    sel = ScoreStore.open(store)
+    kept = np.sort(np.argsort(sel.norms, kind="stable")[:11])
+    assert [json.loads(x) for x in (tmp_path / "k.jsonl").read_text().splitlines()] == [rows[i] for i in kept]
+    edited = [dict(r) for r in rows]
+    edited[13]["text"] = "changed"
+    rc, _, err = run(edited)
+    assert rc == 2 and "record 13 " in err and "content changed" in err
+    swapped = [dict(r) for r in rows]
+    swapped[9]["id"] = 99 if id_kind == "int" else "k99"
+    rc, _, err = run(swapped)
+    assert rc == 2 and "record 9 has id" in err
+    rc, _, err = run(rows[:22])
+    assert rc == 2 and "has 22 records" in err
+    rc, _, err = run(rows + [{"id": 23, "text": "extra"}])
+    assert rc == 2 and "more records than the store" in err
+
+
 def test_select_hf_datasets_folder(scored, tmp_path, capsys):
     datasets = pytest.importorskip("datasets")
     data, rows, store = scored
@@ -218,6 +258,23 @@ def _figure(store_dir, argv=()):
     fig = cmd.make_figure(store, args.bins, args.log, groups, args.by, n_groups, sel)
     fig.canvas.draw()
     return fig, store, sel
+
+
+def test_inspect_field_counts_equal_a_str_per_value(tmp_path):
+    """The `field:` lines count values by the store's codes or vectorized groups: the same values and counts
+    as ``np.unique`` of ``str`` of every value (ints, bools, floats with NaN and -0.0, strings, mixed)."""
+    from gradsel_core.commands.inspect import field_counts
+
+    rng = np.random.default_rng(0)
+    n = 200
+    fields = {"s": rng.choice(["b", "a", "é", "a b"], n), "i": rng.integers(-3, 3, n), "b": rng.random(n) < 0.3,
+              "f": rng.choice([0.5, 1.0, 1e20], n), "fn": rng.choice([0.5, np.nan, -0.0, 0.0], n),
+              "mixed": np.array([["x", 1, None, 2.5][k] for k in rng.integers(0, 4, n)], dtype=object)}
+    store = ScoreStore.from_arrays(tmp_path / "s", rng.random(n), rng.random(n), fields=fields)
+    for name, col in store.fields.items():
+        want = np.unique(np.asarray([str(x) for x in col]), return_counts=True)
+        got = field_counts(store, name, col)
+        assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist(), name
 
 
 def test_inspect_plot_names_store_and_model_and_keeps_labels_off_the_bars(scored, tmp_path, capsys):
@@ -337,3 +394,27 @@ def test_inspect_plot_errors(scored, tmp_path, capsys, monkeypatch):
     rc, text, err = _run(capsys, ["inspect", store, "--plot", str(tmp_path / "h.png")])
     assert rc == 2 and text == ""  # refused before any work
     assert err == "gradsel inspect: error: --plot needs matplotlib: pip install 'gradsel[plot]' (or leave out --plot)\n"
+
+
+@pytest.mark.parametrize("kind", ["str", "int", "mixed"])
+def test_select_table_rows_by_group_codes_equal_a_scan_per_label(tmp_path, kind):
+    """The per-group table rows take each group's records from the selection's group codes: the same rows
+    as a scan of every value per label, for string (stored codes), integer and mixed-kind fields."""
+    import gradsel_core as gs
+    from gradsel_core.commands.select import MAX_TABLE_GROUPS, _row, _same_label, table_rows
+
+    rng = np.random.default_rng(1)
+    n = 300
+    col = {"str": rng.choice(["b", "a", "c"], n).astype(object), "int": rng.integers(0, 30, n),
+           "mixed": np.array([["1", 1, None, 2.5][k] for k in rng.integers(0, 4, n)], dtype=object)}[kind]
+    store = ScoreStore.from_arrays(tmp_path / "s", rng.random(n), rng.random(n), fields={"g": col})
+    sel = gs.select(store, group_by="g", policy="keep_bottom", ratio=0.5)
+    field = np.asarray(store.fields["g"])
+    norms = np.asarray(store.norms, dtype=np.float64)
+    want = []
+    for key, g in list(sel.summary["groups"].items())[:MAX_TABLE_GROUPS]:
+        m = np.asarray([_same_label(v, g["label"]) for v in field.tolist()], dtype=bool)
+        want.append(_row(str(g["label"]), g, norms[m], sel.kept_mask[m]))
+    for name in ("g", None):
+        got = table_rows(store, sel, field, name)
+        assert [r.__dict__ for r in got[:-1]] == [r.__dict__ for r in want]

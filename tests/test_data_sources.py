@@ -207,3 +207,145 @@ def test_score_dataset_takes_a_pretokenized_iterable_dataset(tmp_path):
     got = score_dataset(model, it, str(tmp_path / "b"), batch_size=3, progress=False)
     np.testing.assert_array_equal(got.norms, ref.norms)
     assert got.ids.tolist() == list(range(7)) and np.asarray(got.fields["task"]).tolist() == list("abababa")
+
+
+# -- Hub dataset ids (item 4): resolved from a hub-layout cache built here, offline ------------------------
+
+
+def _hub_dataset_cache(root, repo: str, files: dict, rev: str = "89abcdef0123456789abcdef0123456789abcdef"):
+    """``files`` ({relative path: records}) in the HF hub cache layout of a dataset repo:
+    datasets--org--name/{refs/main, snapshots/<rev>/...} (Parquet for .parquet names, else JSONL)."""
+    d = root / ("datasets--" + repo.replace("/", "--"))
+    snap = d / "snapshots" / rev
+    for rel, recs in files.items():
+        p = snap / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(recs), p)
+        else:
+            p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text(rev)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline HF cache holding two datasets: Parquet train/test shards, and one unnamed JSONL split."""
+    import huggingface_hub
+
+    from gradsel_core import sources
+
+    recs = [{"id": i, "text": f"record {i}", "task": "ab"[i % 2]} for i in range(9)]
+    cache = tmp_path / "hub"
+    _hub_dataset_cache(cache, "gradsel-test/pq", {"data/train-00000-of-00002.parquet": recs[:5],
+                                                  "data/train-00001-of-00002.parquet": recs[5:],
+                                                  "data/test-00000-of-00001.parquet": recs[:3]})
+    _hub_dataset_cache(cache, "gradsel-test/js", {"all.jsonl": recs})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    sources.hub_files.cache_clear()
+    yield recs
+    sources.hub_files.cache_clear()
+
+
+def test_hub_dataset_ids_resolve_from_the_local_cache_offline(hub_cache, tmp_path, capsys):
+    """`--data org/name[:split]` reads a Hub dataset's files from the HF cache offline (its split's files
+    in order), and `select --data` checks them against the store and writes the kept records in their format."""
+    from gradsel_core.jsonl import record_digest
+    from gradsel_core.sources import data_kind, hub_dataset, iter_records
+
+    recs = hub_cache
+    assert hub_dataset("gradsel-test/pq") == ("gradsel-test/pq", "train")
+    assert hub_dataset("hf://datasets/gradsel-test/pq:test") == ("gradsel-test/pq", "test")
+    assert hub_dataset("sub/missing.jsonl") is None and hub_dataset(str(tmp_path)) is None
+    assert data_kind("gradsel-test/pq") == "parquet" and data_kind("gradsel-test/js") == "jsonl"
+    assert list(iter_records("gradsel-test/pq")) == recs
+    assert list(iter_records("gradsel-test/pq:test")) == recs[:3]
+    assert list(iter_records("gradsel-test/js")) == recs
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s"
+    ScoreStore.from_arrays(store, rng.random(9), rng.random(9), ids=[r["id"] for r in recs],
+                           record_sha256=[record_digest(r) for r in recs])
+    kept_pos = np.sort(np.argsort(ScoreStore.open(store).norms, kind="stable")[:4])
+    for spec, out in (("gradsel-test/pq", "k.parquet"), ("gradsel-test/js", "k.jsonl")):
+        rc = main(["select", "--scores", str(store), "--data", spec, "--out", str(tmp_path / out),
+                   "--policy", "keep_bottom", "--ratio", "0.5"])
+        assert rc == 0, capsys.readouterr().err
+        got = pq.read_table(tmp_path / out).to_pylist() if out.endswith(".parquet") else \
+            [json.loads(x) for x in (tmp_path / out).read_text().splitlines()]
+        assert got == [recs[i] for i in kept_pos]
+    capsys.readouterr()
+    assert main(["select", "--scores", str(store), "--data", "gradsel-test/pq:test", "--out", str(tmp_path / "t.jsonl")]) == 2
+    assert "has 3 records" in capsys.readouterr().err
+    assert main(["select", "--scores", str(store), "--data", "gradsel-test/pq:dev", "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "no Parquet or JSONL files of split 'dev'" in err and "data/train-00000-of-00002.parquet" in err
+    assert main(["select", "--scores", str(store), "--data", "gradsel-test/not-cached", "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "could not be resolved" in err and "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" in err and err.count("\n") == 1
+
+
+def test_json_encoder_gives_json_dumps_text_and_errors():
+    """The once-built C encoder behind record digests and `select --data` output: the text of ``json.dumps``
+    with the same options, and its errors (NaN refused, a cycle, an unknown type)."""
+    from gradsel_core.jsonl import _plain, json_encoder, record_digest
+
+    values = [{"b": [1.5, 1e-7, 10 ** 30, -0.0, {"z": "é\u2028\"\\", "a": None, "c": True}], "a": 2},
+              {"id": "x", "t": "\u00e9" * 3, "n": [[], {}, [1, [2, [3]]]]}, [], "plain \u2028", 3.0, None,
+              {"f": float("inf")}, {"nan": float("nan")}, {"np": np.int64(3), "arr": np.arange(3)}]
+    for opts in (dict(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain),
+                 dict(ensure_ascii=False, allow_nan=False), dict()):
+        enc = json_encoder(**opts)
+        for v in values:
+            try:
+                want = json.dumps(v, **opts)
+            except (TypeError, ValueError) as e:
+                with pytest.raises(type(e)):
+                    enc(v)
+                continue
+            assert enc(v) == want
+    cyc: list = []
+    cyc.append(cyc)
+    with pytest.raises(ValueError, match="Circular"):
+        json_encoder(ensure_ascii=False)(cyc)
+    rec = {"text": "b", "id": 1, "meta": {"k": [1, 2]}}
+    assert record_digest(rec) == __import__("hashlib").sha256(
+        json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def test_jsonl_line_scan_equals_json_loads():
+    """The JSONL reader scans each stripped line directly: the same object as ``json.loads``, and for a line
+    it cannot read whole the same error."""
+    from gradsel_core.jsonl import _loads
+
+    for line in ['{"a": 1, "b": [1.5, NaN, "\\u00e9"]}', "5", '"s"', "[]", '{"a": 1} x', '{"a": 1}{"b": 2}', "{",
+                 '{"a": "\\x"}', "\ufeff{}", "{'a': 1}", '{"a": tru}', "nul", '{"a" 1}']:
+        try:
+            want = json.loads(line)
+        except json.JSONDecodeError as e:
+            with pytest.raises(json.JSONDecodeError) as got:
+                _loads(line)
+            assert (got.value.msg, got.value.pos) == (e.msg, e.pos), line
+            continue
+        assert json.dumps(_loads(line)) == json.dumps(want), line  # as text: NaN equals NaN
+
+
+def test_write_hf_streams_row_batches(tmp_path, monkeypatch):
+    """`select --format hf` writes the kept rows to an Arrow file a batch at a time (not a list of them all),
+    keeping the input's features or inferring them from the first rows, and refuses a later row that does
+    not fit, naming the rows."""
+    from gradsel_core.commands import select as S
+    from gradsel_core.errors import UsageError
+
+    monkeypatch.setattr(S, "PARQUET_WRITE_ROWS", 3)
+    rows = [{"id": i, "text": f"t{i}", "meta": {"k": [i] * (i % 3)}} for i in range(10)]
+    assert S.write_hf(str(tmp_path / "a"), iter(rows)) == 10
+    assert datasets.load_from_disk(str(tmp_path / "a")).to_list() == rows
+    feats = datasets.Features({"id": datasets.Value("int32"), "text": datasets.Value("string"),
+                               "meta": {"k": datasets.List(datasets.Value("int64"))}, "w": datasets.Value("float32")})
+    assert S.write_hf(str(tmp_path / "b"), iter(rows), feats) == 10
+    back = datasets.load_from_disk(str(tmp_path / "b"))
+    assert back.features == feats and back.to_list() == [dict(r, w=None) for r in rows]
+    with pytest.raises(UsageError, match="rows 3..5 do not fit"):
+        S.write_hf(str(tmp_path / "c"), iter(rows[:3] + [{"id": "x", "text": 1}] + rows[4:]))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".gradsel-tmp-")]

@@ -672,9 +672,13 @@ class TestManyGroups:
     """The segmented path (many groups at once) gives the per-group loop's mask and figures exactly."""
 
     @staticmethod
-    def _data(seed: int, n: int = 3000, n_groups: int = 200):
+    def _data(seed: int, n: int = 3000, n_groups: int = 200, float32: bool = False):
         rng = np.random.default_rng(seed)
         norms = np.round(rng.gamma(2.0, 1.0, n), 1)  # rounded: many ties
+        if float32:  # a store's norms: exact float32 (the packed sort), with -0.0 tying +0.0
+            norms = norms.astype(np.float32).astype(np.float64)
+            norms[rng.random(n) < 0.05] = 0.0
+            norms[rng.random(n) < 0.05] = -0.0
         losses = np.round(rng.normal(2.0, 0.5, n), 2)
         norms[rng.random(n) < 0.02] = np.nan
         losses[rng.random(n) < 0.02] = np.inf
@@ -696,10 +700,11 @@ class TestManyGroups:
                                         "project_band"])
     @pytest.mark.parametrize("lfs", ["auto", None, 0.5])
     @pytest.mark.parametrize("ratio", [0.0, 0.2, 1 / 3, 1.0])
-    def test_segmented_equals_loop(self, monkeypatch, policy, lfs, ratio):
+    @pytest.mark.parametrize("float32", [False, True], ids=["f64", "f32"])
+    def test_segmented_equals_loop(self, monkeypatch, policy, lfs, ratio, float32):
         import gradsel_core.selection as S
 
-        d = self._data(int(ratio * 100) + len(policy))
+        d = self._data(int(ratio * 100) + len(policy), float32=float32)
         kw = dict(policy=policy, ratio=ratio, loss_filter_std=lfs, group_by="g")
         if policy not in ("drop_opposed", "project_band"):
             kw["score"] = "norm_per_token" if policy == "keep_top" else "norm"
@@ -711,6 +716,32 @@ class TestManyGroups:
         assert loop.summary["n_groups"] > 100
         assert np.array_equal(loop.kept_mask, fast.kept_mask)
         assert self._same(loop.summary, fast.summary)
+
+    @pytest.mark.parametrize("seed", range(6))
+    def test_median_band_window_and_full_ranking_agree_with_loop(self, monkeypatch, seed):
+        """The median band's nearest-window search (no sort of the distances) and the full ranking it hands
+        over to when an edge is not proven both give the per-group loop's selection, on many groups with
+        ties (symmetric around the median too), NaNs and groups of every size."""
+        import gradsel_core.selection as S
+
+        rng = np.random.default_rng(seed)
+        n = 4000
+        d = self._data(seed, n=n, n_groups=[50, 300, 1500][seed % 3], float32=bool(seed % 2))
+        d["norms"] = np.where(rng.random(n) < 0.3, np.round(d["norms"]), d["norms"])  # integer ties, both sides
+        kw = dict(policy="median_band", ratio=[0.1, 0.5, 0.9][seed % 3], group_by="g", loss_filter_std=None)
+        monkeypatch.setattr(S, "_VECTOR_MIN_GROUPS", 10 ** 9)
+        loop = select(d, **kw)
+        monkeypatch.setattr(S, "_VECTOR_MIN_GROUPS", 1)
+        calls = []
+        real = S._closest_to_median
+        monkeypatch.setattr(S, "_closest_to_median", lambda *a: calls.append(real(*a)) or calls[-1])
+        fast = select(d, **kw)
+        assert calls and calls[0] is not None  # the window path decided (its edge was proven)
+        monkeypatch.setattr(S, "_closest_to_median", lambda *a: None)
+        ranked = select(d, **kw)
+        for other in (fast, ranked):
+            assert np.array_equal(loop.kept_mask, other.kept_mask)
+            assert self._same(loop.summary, other.summary)
 
     def test_labels_in_first_appearance_order(self):
         d = {"norms": np.arange(9.0), "losses": np.ones(9)}
@@ -734,6 +765,11 @@ class TestManyGroups:
         values = np.round(rng.random(150_000), 2)
         assert np.array_equal(_group_order(codes, 100_000), np.argsort(codes, kind="stable"))
         assert np.array_equal(_group_order(codes, 100_000, values), np.lexsort((np.arange(150_000), values, codes)))
+        v32 = values.astype(np.float32).astype(np.float64)  # exact float32: the packed sort, -0.0 tying +0.0
+        v32[::7] = -0.0
+        v32[::11] = 0.0
+        v32[::13] *= -1
+        assert np.array_equal(_group_order(codes, 100_000, v32), np.lexsort((np.arange(150_000), v32, codes)))
 
 
 @pytest.mark.parametrize("pandas_from", [0, 10**9], ids=["pandas", "python"])

@@ -118,8 +118,16 @@ def test_select_lines_are_the_json_of_each_row(tmp_path, ids):
     store = gs.ScoreStore.from_arrays(tmp_path / "s", ids=ids, **c)
     kept = np.array([0, 2, 3, 6])
     want = [json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in _score_rows(store, kept)]
-    assert list(_score_lines(store, kept, chunk=2)) == want
-    assert list(_score_lines(store, kept[[0, 2, 3]])) == [w for w in want if "null" not in w]
+    def lines(blocks):  # a LineBlock holds several lines: split them back, and its row count must match
+        out = []
+        for b in blocks:
+            got = b.splitlines(keepends=True)
+            assert len(got) == getattr(b, "rows", 1)
+            out += got
+        return out
+
+    assert lines(_score_lines(store, kept, chunk=2)) == want
+    assert lines(_score_lines(store, kept[[0, 2, 3]])) == [w for w in want if "null" not in w]
 
 
 def test_cpu_thread_count_is_part_of_the_identity(tmp_path):

@@ -207,6 +207,24 @@ def describe_dict(store, bins: int = 20, log: bool = False, groups: Optional[Seq
     return jsonable(out)
 
 
+def field_counts(store: Any, name: str, col: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``np.unique`` of ``str(value)`` over a metadata column, with counts: from the store's string codes or
+    the integer/bool/float groups (one ``str`` per distinct value), else a value at a time (object columns,
+    floats holding NaN or -0.0, which group with other values but print apart)."""
+    from ..selection import _group_codes, _stored_codes
+
+    got = _stored_codes(store, name, len(col))
+    if got is None and (col.dtype.kind in "biu" or (col.dtype.kind == "f" and not np.isnan(col).any()
+                                                     and not (np.signbit(col) & (col == 0)).any())):
+        got = _group_codes(col)
+    if got is None:  # object columns of mixed kinds, floats with NaN ("nan", as str gives)
+        return np.unique(np.asarray([str(x) for x in col]), return_counts=True)
+    firsts, codes = got
+    per_value = np.bincount(codes, minlength=len(firsts))  # (distinct,)
+    vals, inv = np.unique(np.asarray([str(v) for v in firsts]), return_inverse=True)
+    return vals, np.bincount(inv.reshape(-1), weights=per_value, minlength=vals.size).astype(np.int64)
+
+
 def describe(store, bins: int = 20, width: int = 50, log: bool = False, groups: Optional[Sequence[Group]] = None,
              by: Optional[str] = None, n_groups: int = 1, sel: Any = None) -> str:
     meta = store.meta
@@ -234,7 +252,7 @@ def describe(store, bins: int = 20, width: int = 50, log: bool = False, groups: 
     if fl.size:
         out.append(f"loss:     mean {_fmt(float(fl.mean()))}  median {_fmt(float(np.median(fl)))}")
     for name, col in store.fields.items():
-        vals, counts = np.unique(np.asarray([str(x) for x in col]), return_counts=True)
+        vals, counts = field_counts(store, name, col)
         shown = ", ".join(f"{v}={c}" for v, c in list(zip(vals, counts))[:8])
         out.append(f"field:    {name} ({len(vals)} values: {shown}{', ...' if len(vals) > 8 else ''})")
     if store.per_param:

@@ -2,7 +2,7 @@
 
     gradsel select --scores DIR --policy median_band --ratio 0.2 [--loss-filter-std 1.0]
                    [--group-by FIELD] [--seed 0] [--length-normalize none|tokens|sqrt]
-                   [--param KEY=VALUE ...] --out kept.jsonl [--data data.jsonl|data.parquet|DATASET_DIR]
+                   [--param KEY=VALUE ...] --out kept.jsonl [--data data.jsonl|data.parquet|DATASET_DIR|org/name]
                    [--format jsonl|parquet|hf] [--summary-json PATH]
 
 Writes the kept samples:
@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, TextIO
@@ -92,8 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="PATH",
                    help="output: a JSONL file, or a folder with --format hf (never inside the store)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="the scored data (JSONL, Parquet or a datasets folder): write the kept records with all "
-                        "their original fields")
+                   help="the scored data (JSONL, Parquet, a datasets folder, or a Hub dataset id org/name[:split], "
+                        "from the HF cache offline with HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1, else downloaded): "
+                        "write the kept records with all their original fields")
     p.add_argument("--format", default=None, choices=FORMATS,
                    help="jsonl, parquet, or hf: a Hugging Face datasets folder (pip install 'gradsel[datasets]'); "
                         "default: the --data input's format, else jsonl")
@@ -253,7 +255,7 @@ def _score_rows(store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
         yield rec
 
 
-def _score_lines(store: Any, kept: np.ndarray, chunk: int = 1 << 16) -> Iterator[str]:
+def _score_lines(store: Any, kept: np.ndarray, chunk: int = 1 << 16) -> Iterator[str]:  # lines or LineBlocks
     """The JSON lines of :func:`_score_rows` (byte-identical), formatted a chunk at a time from columns:
     2M rows in seconds instead of a dict and a ``json.dumps`` per row. Chunks holding a non-finite value
     go through ``_score_rows`` (NaN -> null)."""
@@ -276,35 +278,58 @@ def _score_lines(store: Any, kept: np.ndarray, chunk: int = 1 << 16) -> Iterator
         else:
             id_text = [json.dumps(v, ensure_ascii=False) for v in ids[part].tolist()]
         if with_tokens:
-            for i, n, l, t in zip(id_text, norms.tolist(), losses.tolist(), tokens[part].tolist()):
-                yield f'{{"id": {i}, "norm": {n!r}, "loss": {l!r}, "tokens": {t}}}\n'
+            text = "".join([f'{{"id": {i}, "norm": {n!r}, "loss": {l!r}, "tokens": {t}}}\n'
+                            for i, n, l, t in zip(id_text, norms.tolist(), losses.tolist(), tokens[part].tolist())])
         else:
-            for i, n, l in zip(id_text, norms.tolist(), losses.tolist()):
-                yield f'{{"id": {i}, "norm": {n!r}, "loss": {l!r}}}\n'
+            text = "".join([f'{{"id": {i}, "norm": {n!r}, "loss": {l!r}}}\n'
+                            for i, n, l in zip(id_text, norms.tolist(), losses.tolist())])
+        yield LineBlock(text, part.shape[0])
+
+
+class LineBlock(str):
+    """Several JSON lines formatted at once (``rows`` of them), written with one call."""
+
+    rows: int
+
+    def __new__(cls, text: str, rows: int) -> "LineBlock":
+        block = super().__new__(cls, text)
+        block.rows = rows
+        return block
+
+
+DATA_BATCH = 1 << 14  # records of --data checked against the store at a time
 
 
 def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, Any]]:
-    """The kept records of the scored data ``path`` (JSONL, Parquet or a datasets folder), checked against
-    the store record by record: the id, and the content hash the store keeps for each record (an edited
-    record with its old id is refused)."""
-    from ..jsonl import record_digest
-    from ..sources import data_kind, iter_records
+    """The kept records of the scored data ``path`` (JSONL, Parquet or a datasets folder), read once and in
+    order, checked against the store a batch of records at a time: the ids, and the content hash the store
+    keeps for each record (an edited record with its old id is refused). Memory holds one batch, not the file."""
+    import itertools
 
-    data_kind(path)  # a directory that is not a saved dataset is refused, naming it
-    if not os.path.exists(path):
+    from ..jsonl import record_digest, record_digest_bytes
+    from ..sources import data_kind, hub_dataset, iter_records
+
+    data_kind(path)  # a directory that is not a saved dataset is refused, naming it; a Hub id is resolved
+    if hub_dataset(path) is None and not os.path.exists(path):
         raise UsageError(f"--data {path}: no such file")
     where = getattr(store, "path", "?")
-    keep = np.zeros(len(store.norms), dtype=bool)
+    total = len(store.norms)
+    keep = np.zeros(total, dtype=bool)
     keep[kept] = True
     digests = getattr(store, "record_sha256", None)
     if digests is None:
         log.warning("the store at %s keeps no per-record content hash (scored from pre-tokenized records or by an "
                     "older gradsel): --data is checked by id only", where)
-    n = -1
-    for n, rec in enumerate(iter_records(path, max_line_bytes=None)):
-        if n >= len(store.norms):
-            raise UsageError(f"--data {path} has more records than the store at {where} ({len(store.norms)}); "
-                             "give the file that was scored")
+    raw = getattr(digests, "arr", None)  # (N, 16) bytes of a columns file: compared a batch at a time
+    if raw is not None and raw.shape[1:] != (16,):
+        raw = None
+    ids = np.asarray(store.ids)
+    int_ids = ids.dtype.kind in "iu"
+    # a record whose digest matches was checked when it was scored: its values need no second check
+    records = iter_records(path, max_line_bytes=None, check_values=digests is None)
+
+    def mismatch(n: int, rec: Dict[str, Any]) -> None:
+        """The error for record ``n``, if it is not the one scored there (else nothing)."""
         rid = rec.get("id", n)
         sid = store.ids[n]
         sid = sid.item() if isinstance(sid, np.generic) else sid
@@ -315,10 +340,35 @@ def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, An
             raise UsageError(f"--data {path}: record {n} (id {sid!r}) is not the record that was scored into the "
                              f"store at {where} (its content changed); its scores belong to the old content: score "
                              "the edited file again, or give the file that was scored")
-        if keep[n]:
-            yield rec
-    if n + 1 != len(store.norms):
-        raise UsageError(f"--data {path} has {n + 1} records, the store at {where} has {len(store.norms)}; "
+
+    lo = 0
+    while True:
+        batch = list(itertools.islice(records, DATA_BATCH))
+        if not batch:
+            break
+        hi = lo + len(batch)
+        if hi > total:
+            raise UsageError(f"--data {path} has more records than the store at {where} ({total}); "
+                             "give the file that was scored")
+        got = [r.get("id", n) for n, r in enumerate(batch, lo)]
+        if int_ids:  # every id an int equal to the store's (the usual case), checked as one array
+            try:
+                ok = all(type(v) is int for v in got) and np.array_equal(
+                    np.fromiter(got, dtype=np.int64, count=len(got)), ids[lo:hi])
+            except OverflowError:
+                ok = False
+        else:
+            ok = got == ids[lo:hi].tolist()
+        if ok and digests is not None:
+            ok = raw is not None and b"".join(map(record_digest_bytes, batch)) == raw[lo:hi].tobytes()
+        if not ok:  # the record-by-record checks name the first record that differs
+            for n, rec in enumerate(batch, lo):
+                mismatch(n, rec)
+        for j in np.flatnonzero(keep[lo:hi]).tolist():
+            yield batch[j]
+        lo = hi
+    if lo != total:
+        raise UsageError(f"--data {path} has {lo} records, the store at {where} has {total}; "
                          "give the file that was scored")
 
 
@@ -326,22 +376,54 @@ def _data_rows(path: str, store: Any, kept: np.ndarray) -> Iterator[Dict[str, An
 
 
 def write_jsonl(path: str, rows: Iterator[Any]) -> int:
-    """One JSON line per row (a dict, or a line already formatted), atomically; returns the number written."""
+    """One JSON line per row (a dict, a line already formatted, or a :class:`LineBlock` of lines), atomically;
+    returns the number of rows written."""
     n = 0
+    from ..jsonl import json_encoder
+
+    encode = json_encoder(ensure_ascii=False, allow_nan=False)  # json.dumps's text, one encoder
     with atomic_text(path, "--out") as f:
         for row in rows:
-            f.write(row if isinstance(row, str) else json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            n += 1
+            f.write(row if isinstance(row, str) else encode(row) + "\n")
+            n += row.rows if isinstance(row, LineBlock) else 1
     return n
+
+
+def _arrow_tables(path: str, rows: Iterator[Dict[str, Any]], schema: Any, what: str) -> Iterator[Any]:
+    """The rows as Arrow tables of ``PARQUET_WRITE_ROWS`` rows (at least one table, maybe empty), of
+    ``schema`` (``None``: inferred from the first rows; a later row with another field or type is refused,
+    naming the rows and ``what`` holds them)."""
+    import itertools
+
+    import pyarrow as pa
+
+    n = 0
+    while True:
+        chunk = list(itertools.islice(rows, PARQUET_WRITE_ROWS))
+        if not chunk and n:
+            return
+        if schema is None:
+            keys = list(dict.fromkeys(k for r in chunk for k in r))
+            schema = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in keys}).schema
+        try:
+            table = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in schema.names}, schema=schema)
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise UsageError(f"--out {path}: rows {n}..{n + len(chunk) - 1} do not fit the {what} columns "
+                             f"{schema.names} ({str(e).splitlines()[0]}); write JSONL with --format jsonl") from None
+        extra = {k for r in chunk for k in r} - set(schema.names)
+        if extra:
+            raise UsageError(f"--out {path}: a row has fields {sorted(extra)} that the first rows lack; "
+                             "write JSONL with --format jsonl")
+        yield table
+        n += len(chunk)
+        if not chunk:
+            return
 
 
 def write_parquet(path: str, rows: Iterator[Dict[str, Any]], schema: Any = None) -> int:
     """The rows as one Parquet file, written in row groups of ``PARQUET_WRITE_ROWS`` (never the whole
     selection in memory), atomically. ``schema``: the Arrow schema (the input's, for a Parquet ``--data``);
     ``None``: inferred from the first row group (a later row with another field or type is refused)."""
-    import itertools
-
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     _make_parent("--out", path)
@@ -349,28 +431,11 @@ def write_parquet(path: str, rows: Iterator[Dict[str, Any]], schema: Any = None)
     with fileio.atomic_path(path, error=lambda e: _cannot_write("--out", path, e)) as tmp:
         writer = None
         try:
-            while True:
-                chunk = list(itertools.islice(rows, PARQUET_WRITE_ROWS))
-                if not chunk and writer is not None:
-                    break
-                if schema is None:
-                    keys = list(dict.fromkeys(k for r in chunk for k in r))
-                    schema = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in keys}).schema
-                try:
-                    table = pa.Table.from_pydict({k: [r.get(k) for r in chunk] for k in schema.names}, schema=schema)
-                except (pa.ArrowException, TypeError, ValueError) as e:
-                    raise UsageError(f"--out {path}: rows {n}..{n + len(chunk) - 1} do not fit the Parquet columns "
-                                     f"{schema.names} ({str(e).splitlines()[0]}); write JSONL with --format jsonl") from None
-                extra = {k for r in chunk for k in r} - set(schema.names)
-                if extra:
-                    raise UsageError(f"--out {path}: a row has fields {sorted(extra)} that the first rows lack; "
-                                     "write JSONL with --format jsonl")
+            for table in _arrow_tables(path, rows, schema, "Parquet"):
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, schema)
+                    writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
-                n += len(chunk)
-                if not chunk:
-                    break
+                n += table.num_rows
         finally:
             if writer is not None:
                 writer.close()
@@ -395,28 +460,51 @@ def check_hf_target(path: str) -> None:
 
 def write_hf(path: str, rows: Iterator[Dict[str, Any]], features: Any = None) -> int:
     """The rows as a ``datasets`` folder (``save_to_disk``), written beside ``path`` and then moved in;
-    an earlier dataset folder at ``path`` is replaced. ``features``: the input dataset's (a datasets
-    ``--data``), so the columns keep their types. Returns the number of rows."""
-    from datasets import Dataset
+    an earlier dataset folder at ``path`` is replaced. The rows go to an Arrow file in row batches first
+    (never the whole selection in memory), which ``save_to_disk`` then copies. ``features``: the input
+    dataset's (a datasets ``--data``), so the columns keep their types; ``None``: inferred from the first
+    rows. Returns the number of rows."""
+    import tempfile
+
+    import pyarrow as pa
+    from datasets import Dataset, DatasetInfo
 
     check_hf_target(path)
     from datasets import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    data = list(rows)
-    if features is not None:  # every column, nulls included (iter_records drops top-level nulls)
-        ds = Dataset.from_dict({k: [r.get(k) for r in data] for k in features}, features=features)
-    else:
-        ds = Dataset.from_list(data)
-    _make_parent("--out", path)
+    parent = _make_parent("--out", path)
+    try:
+        work = tempfile.mkdtemp(prefix=fileio.TMP_PREFIX, dir=parent)
+    except OSError as e:
+        raise _cannot_write("--out", path, e) from None
     bars_were_off = are_progress_bars_disabled()
     disable_progress_bars()
+    n = 0
     try:
+        arrow = os.path.join(work, "rows.arrow")
+        schema = features.arrow_schema if features is not None else None
+        with pa.OSFile(arrow, "wb") as sink:
+            writer = None
+            for table in _arrow_tables(path, rows, schema, "dataset"):  # every column, nulls included
+                if writer is None:
+                    writer = pa.ipc.new_stream(sink, table.schema)
+                writer.write_table(table)
+                n += table.num_rows
+            if writer is not None:
+                writer.close()
+        if n == 0:  # as before: an in-memory empty dataset (from an empty Arrow stream it would not load back)
+            ds = Dataset.from_dict({k: [] for k in features}, features=features) if features is not None \
+                else Dataset.from_list([])
+        else:
+            ds = Dataset.from_file(arrow, info=DatasetInfo(features=features) if features is not None else None)
         with fileio.atomic_path(path, error=lambda e: _cannot_write("--out", path, e)) as tmp:
             ds.save_to_disk(tmp)
+        del ds
     finally:
+        shutil.rmtree(work, ignore_errors=True)
         if not bars_were_off:
             enable_progress_bars()
-    return len(data)
+    return n
 
 
 def default_summary_path(out: str) -> str:
@@ -454,17 +542,26 @@ def _same_label(value: Any, label: Any) -> bool:
     return type(value) is type(label) and value == label
 
 
-def table_rows(store: Any, sel: Any, group_field: Optional[np.ndarray]) -> List[Row]:
-    """One row per group (in the summary's order; at most ``MAX_TABLE_GROUPS``) and the total."""
+def table_rows(store: Any, sel: Any, group_field: Optional[np.ndarray], field: Optional[str] = None) -> List[Row]:
+    """One row per group (in the summary's order; at most ``MAX_TABLE_GROUPS``) and the total. Each group's
+    records come from the group codes the selection used (the store's codes of ``field``, or the vectorized
+    grouping), which number the groups in the summary's order; else a value at a time."""
+    from ..selection import _group_codes, _stored_codes
+
     norms = np.asarray(store.norms, dtype=np.float64)
     s = sel.summary
     rows: List[Row] = []
     groups = s.get("groups")
     if groups and group_field is not None:
-        values = group_field.tolist()
-        for key, g in list(groups.items())[:MAX_TABLE_GROUPS]:
+        shown = list(groups.items())[:MAX_TABLE_GROUPS]
+        got = (_stored_codes(store, field, len(group_field)) if field else None) or _group_codes(group_field)
+        firsts, codes = got
+        same = len(firsts) == len(groups) and all(
+            type(a) is type(b) and a == b for a, b in zip(firsts, (g.get("label") for g in groups.values())))
+        values = None if same else group_field.tolist()
+        for i, (key, g) in enumerate(shown):
             label = g.get("label", key)
-            m = np.asarray([_same_label(v, label) for v in values], dtype=bool)
+            m = codes == i if values is None else np.asarray([_same_label(v, label) for v in values], dtype=bool)
             rows.append(_row(str(label), g, norms[m], sel.kept_mask[m]))
     rows.append(_row("all", s, norms, sel.kept_mask))
     return rows
@@ -503,6 +600,13 @@ def _write(out: str, fmt: str, rows: Iterator[Any], data: Optional[str]) -> int:
     return write_jsonl(out, rows)
 
 
+def _data_name(data: str) -> str:
+    """``--data`` as the summary names it: a local path made absolute, a Hub dataset id as given."""
+    from ..sources import hub_dataset
+
+    return data if data == "-" or hub_dataset(data) is not None else os.path.abspath(data)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..store import atomic_write
 
@@ -537,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = dict(sel.summary)
     summary["output"] = {"path": out, "format": args.format, "records": written,
-                         "content": "records from " + os.path.abspath(args.data) if args.data else "scores"}
+                         "content": "records from " + _data_name(args.data) if args.data else "scores"}
     summary["store"] = os.path.abspath(args.scores)
     _make_parent("--summary-json", summary_path)
     try:
@@ -547,7 +651,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = sel.summary
     if args.json:
-        rows = table_rows(store, sel, group_field)
+        rows = table_rows(store, sel, group_field, args.group_by)
         print(json.dumps(jsonable({
             "policy": args.policy, "ratio": s["ratio"], "loss_filter_std": s.get("loss_filter_std"),
             "group_by": args.group_by, "store": os.path.abspath(args.scores), "records": len(store.norms),
@@ -558,7 +662,7 @@ def run(args: argparse.Namespace) -> int:
     lf = "no loss filter" if s.get("loss_filter_std") is None else f"loss filter ±{s['loss_filter_std']:g} std"
     extra = f", by {args.group_by}" if args.group_by else ""
     print(f"{args.policy}, ratio {s['ratio']:g}, {lf}{extra}: store {args.scores} ({len(store.norms)} records)")
-    print("\n".join(format_table(table_rows(store, sel, group_field), int(s.get("n_groups", 0)))))
+    print("\n".join(format_table(table_rows(store, sel, group_field, args.group_by), int(s.get("n_groups", 0)))))
     what = "records" if args.data else "score rows"
     print(f"kept {s['kept']} of {s['n']} -> {args.out} ({written} {what}, {args.format})")
     print(f"summary -> {summary_path}")
