@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -65,6 +66,7 @@ from .batching import IGNORE_INDEX, prepare_batch
 from .data import (DEFAULT_MAX_TOKENS, as_int_array, check_record_values, collate, extra_fields, model_pad_id,
                    plan_batches, PlannedShard)
 from .engine import GradNormEngine
+from .windows import COL, WINDOW_SCHEME
 from .errors import UsageError
 from .params import ParamSpec
 from .store import (
@@ -84,6 +86,7 @@ from .store import (
     build_manifest,
     canonical_hash,
     classify_dir,
+    decode_shard,
     conflict_message,
     dir_lock,
     encode_shard,
@@ -168,18 +171,20 @@ def _check_vocab(a: np.ndarray, vocab: Optional[int], what: str, labels: bool = 
 
 
 def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optional[int] = None,
-                 seq2seq: bool = False) -> DataScan:
+                 seq2seq: bool = False, offset: int = 0) -> DataScan:
     """Validate every record (token ids inside ``[0, vocab)`` when given; labels inside
     ``[0, label_vocab)`` or -100; ids and int fields within 64 bits); collect lengths, ids, metadata fields
-    and a content hash. Errors name the record (its position and id)."""
+    and a content hash. Errors name the record (its position and id). ``offset``: the position of the first
+    record (a window of a stream: positions name records, and are the ids of records without one)."""
     source, it, n = _indexable(dataset)
     h = hashlib.sha256()
     lengths = np.zeros(n, dtype=np.int64)
     ids: List[Any] = []
     cols: Dict[str, Dict[int, Any]] = {}
-    pos = -1
-    for pos, rec in enumerate(it):
-        if pos >= n:
+    k = -1
+    for k, rec in enumerate(it):
+        pos = k + offset
+        if k >= n:
             raise ValueError(f"the dataset yielded more records than its len() = {n}")
         if not isinstance(rec, Mapping):
             raise TypeError(f"record {pos} is a {type(rec).__name__}; records must be dicts with 'input_ids'")
@@ -196,7 +201,7 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
         if L == 0:
             raise UsageError(f"{where} has empty input_ids (T = 0); drop it or give it at least one token")
         _check_vocab(ids_a, vocab, f"{where}: input_ids")
-        lengths[pos] = L
+        lengths[k] = L
         h.update(b"R")
         h.update(ids_a.tobytes())
         for key in ("labels", "attention_mask"):
@@ -218,19 +223,19 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
             raise TypeError(f"record {pos}: id must be an int or a str, got {type(rid).__name__}")
         ids.append(rid)
         h.update(repr(rid).encode("utf-8"))
-        for k, v in extra_fields(rec).items():
+        for key, v in extra_fields(rec).items():
             v = _py_scalar(v)
-            cols.setdefault(k, {})[pos] = v
-            h.update(f"{k}={v!r}".encode("utf-8"))
-    if pos + 1 != n:
-        raise ValueError(f"the dataset yielded {pos + 1} records but its len() is {n}")
+            cols.setdefault(key, {})[k] = v
+            h.update(f"{key}={v!r}".encode("utf-8"))
+    if k + 1 != n:
+        raise ValueError(f"the dataset yielded {k + 1} records but its len() is {n}")
     kinds = {type(i) for i in ids}
     if kinds - {int, str} or len(kinds) > 1:
         first_str = next(i for i, v in enumerate(ids) if isinstance(v, str))
         first_int = next(i for i, v in enumerate(ids) if isinstance(v, int))
         raise TypeError(
-            f"ids must be all ints or all strs (records without an id take their position): record {first_int} "
-            f"has id {ids[first_int]!r}, record {first_str} has id {ids[first_str]!r}"
+            f"ids must be all ints or all strs (records without an id take their position): record {first_int + offset} "
+            f"has id {ids[first_int]!r}, record {first_str + offset} has id {ids[first_str]!r}"
         )
     id_kind = "str" if kinds == {str} else "int"
     if len(set(ids)) != n:
@@ -238,11 +243,11 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
         dups = []
         for i, v in enumerate(ids):
             if v in seen:
-                dups.append(f"{v!r} (records {seen[v]} and {i})")
+                dups.append(f"{v!r} (records {seen[v] + offset} and {i + offset})")
             else:
                 seen[v] = i
         raise ValueError(f"duplicate ids: {', '.join(dups[:5])}{' ...' if len(dups) > 5 else ''}")
-    fields = {k: [c.get(i) for i in range(n)] for k, c in sorted(cols.items())}
+    fields = {key: [c.get(i) for i in range(n)] for key, c in sorted(cols.items())}
     return DataScan(source, lengths, ids, id_kind, fields, h.hexdigest())
 
 
@@ -362,26 +367,29 @@ def _claim_dir(out_dir: str) -> None:
         atomic_write(os.path.join(out_dir, MARKER), marker_bytes())
 
 
-def _validate_existing(out_dir: str, plan: Sequence[PlannedShard], run_key: str, found=None):
-    """``{plan index: (file, bytes, tensors)}`` of the valid shards present; corrupted shards, shards
-    that do not fit the plan, and duplicates are removed (with a warning naming the file)."""
+def _existing_windows(out_dir: str, run_key: str, size: int, found=None, n_records: Optional[int] = None):
+    """``{window index: (file, bytes, tensors, meta)}`` of the valid shards of run ``run_key`` present
+    (window ``s`` holds records ``[s * size, ...)``, at most ``size``, all of them up to ``n_records`` when
+    given); corrupted shards, shards of another run or another layout, and duplicates are removed (with a
+    warning naming the file)."""
     if found is None:
         found = scan_shard_files(out_dir)
-    valid: Dict[int, Tuple[str, bytes, Dict[str, np.ndarray]]] = {}
-    by_index = {sh.index: sh for sh in plan}
+    valid: Dict[int, Tuple[str, bytes, Dict[str, np.ndarray], Dict[str, Any]]] = {}
     for name, idx, data, tensors, meta, err in found:
-        sh = by_index.get(idx)
         path = os.path.join(out_dir, name)
         reason = err
         if reason is None:
+            start, stop = meta.get("start"), meta.get("stop")
+            want_stop = None if n_records is None else min(n_records, (idx + 1) * size)
             if meta.get("run_key") != run_key:
                 reason = f"{path}: written by another run (different model/config/data)"
-            elif sh is None or meta.get("start") != sh.start or meta.get("stop") != sh.stop:
-                reason = f"{path}: does not match the batch plan"
-            elif not np.array_equal(tensors.get("positions"), np.arange(sh.start, sh.stop)):
-                reason = f"{path}: positions do not cover [{sh.start}, {sh.stop})"
+            elif (meta.get("index") != idx or start != idx * size or not isinstance(stop, int) or not 0 < stop - start <= size
+                  or not isinstance(meta.get("window"), dict) or (want_stop is not None and stop != want_stop)):
+                reason = f"{path}: does not match the windows of {size} records"
+            elif not np.array_equal(tensors.get("positions"), np.arange(start, stop)):
+                reason = f"{path}: positions do not cover [{start}, {stop})"
         if reason is None and idx not in valid:
-            valid[idx] = (name, data, tensors)
+            valid[idx] = (name, data, tensors, meta)
             continue
         if reason is not None:
             log.warning("%s; removing it, it will be scored again", reason)
@@ -390,11 +398,24 @@ def _validate_existing(out_dir: str, plan: Sequence[PlannedShard], run_key: str,
     return valid
 
 
-def _identity(fingerprint, config, scan: DataScan, source: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    data: Dict[str, Any] = {"n_records": len(scan), "sha256": scan.sha256, "id_kind": scan.id_kind}
+# data totals the manifest adds to the identity's data when the store is complete (not part of the run key)
+DATA_TOTALS = ("n_records", "id_kind", "sha256")
+
+
+def _identity(fingerprint, config, source: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The run's identity (its hash is the run key in every shard): model, config and how the records are
+    made. The data itself is identified window by window (``gradsel_core.windows``), in each shard."""
+    data: Dict[str, Any] = {"windows": WINDOW_SCHEME}
     if source:
         data["source"] = dict(source)
     return {"model": fingerprint, "config": config, "data": data}
+
+
+def _stored_identity(ident: Mapping[str, Any]) -> Dict[str, Any]:
+    out = {k: ident.get(k) for k in IDENTITY_KEYS}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in DATA_TOTALS or "windows" not in out["data"]}
+    return out
 
 
 def _stored_layout(out_dir: str, identity: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
@@ -407,7 +428,7 @@ def _stored_layout(out_dir: str, identity: Mapping[str, Any]) -> Optional[Dict[s
     old = None
     with contextlib.suppress(StoreError, OSError):
         m = read_manifest(out_dir)
-        old = {k: m.get(k) for k in IDENTITY_KEYS} if m is not None else None
+        old = _stored_identity(m) if m is not None else None
     if old is None:
         with contextlib.suppress(StoreError, OSError):
             for _, _, _, _, meta, err in scan_shard_files(out_dir):
@@ -423,9 +444,9 @@ def _stored_layout(out_dir: str, identity: Mapping[str, Any]) -> Optional[Dict[s
     return stored if strip(old) == strip(dict(identity)) else None
 
 
-def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, versions) -> Dict[str, Any]:
-    """Rank 0, under the lock: conflict checks, cleanup, resume validation, side files. Returns what the
-    ranks need."""
+def _prepare_dir(out_dir, identity, run_key, size, resume, overwrite, versions) -> Dict[str, Any]:
+    """Rank 0, under the lock: conflict checks, cleanup, the finished windows. Returns what the ranks need:
+    ``{"complete", "done": {window index: its stored window info}, "records" (complete only), "created"}``."""
     _claim_dir(out_dir)
     remove_temp_files(out_dir)
     try:
@@ -443,7 +464,7 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
         old = None
     if not overwrite:
         if old is not None and old["run_key"] != run_key:
-            raise StoreConflictError(conflict_message(out_dir, {k: old.get(k) for k in IDENTITY_KEYS}, identity))
+            raise StoreConflictError(conflict_message(out_dir, _stored_identity(old), identity))
         # with our own manifest, a shard of another run (copied in) is removed and rescored below
         for name, _, _, _, meta, err in ([] if old is not None else found):
             if err is None and meta.get("run_key") != run_key:
@@ -461,51 +482,88 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
         old, found = None, []
         if removed:
             log.info("%s: removed the previous store files in %s", "overwrite" if overwrite else "no resume", out_dir)
+    created = (old or {}).get("created") or now()
     if old is not None and old["complete"] and resume:
         try:
             ScoreStore.open(out_dir, verify=True)
-            return {"complete": True, "done": [sh.index for sh in plan]}
-        except StoreError as e:
+            done = {int(sh["index"]): sh["window"] for sh in old["shards"]}
+            return {"complete": True, "done": done, "records": int(old["counts"]["records"]), "created": created}
+        except (StoreError, KeyError, TypeError) as e:
             log.warning("%s; repairing the store", e)
-    valid = _validate_existing(out_dir, plan, run_key, found)
+    valid = _existing_windows(out_dir, run_key, size, found)
+    if old is None or old["run_key"] != run_key or old["complete"]:
+        manifest = build_manifest(identity, run_key, 0, 0, {}, versions, created)
+        manifest["counts"]["shards_scored"] = len(valid)
+        atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
+    if valid:
+        log.info("resuming %s: %d windows already scored", out_dir, len(valid))
+    return {"complete": False, "done": {i: v[3]["window"] for i, v in valid.items()}, "created": created}
+
+
+def _merge(out_dir, n_records, size, run_key, identity, created, versions, info) -> ScoreStore:
+    """Rank 0, after every rank is done: one valid shard per window, the columns file assembled from the
+    windows' columns (ids checked: one kind, no duplicate), the manifest."""
+    from .windows import _read_window_columns, assemble_columns, chain_hash
+
+    n_windows = -(-n_records // size)
+    valid = _existing_windows(out_dir, run_key, size, n_records=n_records)
+    missing = [s for s in range(n_windows) if s not in valid]
+    if missing:
+        raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
+    shards, wins, starts = [], [], []
+    for s in range(n_windows):
+        name, data, tensors, meta = valid[s]
+        scores = {k: v for k, v in tensors.items() if not k.startswith(COL)}
+        shards.append(({"file": name, "index": s, "start": meta["start"], "count": meta["stop"] - meta["start"],
+                        "batches": meta.get("batches", 0), "window": meta["window"]}, data, scores))
+        wins.append(_read_window_columns(tensors, meta, os.path.join(out_dir, name)))
+        starts.append(meta["start"])
+    id_kind, ids, fields, digests = assemble_columns(wins, starts)
     side: Dict[str, Tuple[str, int]] = {}
-    docs = side_file_docs(scan.id_kind, scan.ids, scan.fields, scan.record_sha256)
-    for name, doc in docs:
+    for name, doc in side_file_docs(id_kind, ids, fields, digests):
         side[name] = (sha256_bytes(doc), len(doc))
         atomic_write(os.path.join(out_dir, name), doc)
     for name in {IDS_FILE, FIELDS_FILE, COLUMNS_FILE} - set(side):
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))  # ours (the directory is a store): stale from a replaced run
-    created = (old or {}).get("created") or now()
-    manifest = build_manifest(identity, run_key, len(scan), len(plan), side, versions, created)
-    atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
-    if valid:
-        log.info("resuming %s: %d of %d shards already scored", out_dir, len(valid), len(plan))
-    return {"complete": False, "done": sorted(valid), "side": side, "created": created}
-
-
-def _merge(out_dir, plan, run_key, identity, scan, prep, versions, info) -> ScoreStore:
-    """Rank 0, after every rank is done: pick one valid shard per plan index, write the manifest."""
-    valid = _validate_existing(out_dir, plan, run_key)
-    missing = [sh.index for sh in plan if sh.index not in valid]
-    if missing:
-        raise StoreError(f"{out_dir}: shards {missing[:10]} are missing after the run; rerun to finish them")
-    shards = []
-    parts: Dict[str, List[np.ndarray]] = {}
-    for sh in plan:
-        name, data, tensors = valid[sh.index]
-        shards.append(({"file": name, "index": sh.index, "start": sh.start, "count": sh.size,
-                        "batches": len(sh.batches)}, data, tensors))
-        for k, v in tensors.items():
-            parts.setdefault(k, []).append(v)
-    manifest = build_manifest(identity, run_key, len(scan), len(plan), prep["side"], versions, prep["created"],
-                              shards=shards, run=info)
+    manifest = build_manifest(identity, run_key, n_records, n_windows, side, versions, created, shards=shards, run=info)
+    manifest["data"] = {**manifest["data"], "n_records": n_records, "id_kind": id_kind,
+                        "sha256": chain_hash([sh[0]["window"]["sha256"] for sh in shards])}
     atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
     if manifest["counts"]["nonfinite"]:
         log.warning("%s: NaN/inf: %d records have a non-finite loss or norm (stored as such, counted in "
                     "store.meta['counts'])", out_dir, manifest["counts"]["nonfinite"])
-    ids_doc = {"kind": scan.id_kind, "ids": scan.ids}
-    return ScoreStore.from_parts(out_dir, manifest, parts, ids_doc, scan.fields, record_sha256=scan.record_sha256)
+    return ScoreStore.open(out_dir, verify=False)
+
+
+def repair_stream(out_dir: str, run_key: str, identity: Mapping[str, Any], old: Optional[Mapping[str, Any]],
+                  versions: Mapping[str, Any]) -> Tuple[bool, int, int, List[int]]:
+    """``gradsel repair`` of a streaming run's store (called under the lock): the record count comes from the
+    columns file (or a complete manifest); when every window's shard is there the store is assembled again
+    (:func:`_merge`), else an incomplete manifest is written (the rerun scores what is missing). Returns
+    ``(complete, records, windows, missing windows)``."""
+    size = int(identity["config"]["shard_size"])
+    n = None
+    if old is not None and old.get("complete") and old.get("run_key") == run_key:
+        n = int(old["counts"]["records"])
+    if n is None:
+        with contextlib.suppress(Exception):
+            from .store import decode_shard, read_store_file
+
+            n = int(decode_shard(read_store_file(out_dir, COLUMNS_FILE), COLUMNS_FILE)[1]["n"])
+    valid = _existing_windows(out_dir, run_key, size, n_records=n)
+    created = (old or {}).get("created") if old is not None and old.get("run_key") == run_key else None
+    if n is not None:
+        missing = [s for s in range(-(-n // size)) if s not in valid]
+        if not missing:
+            _merge(out_dir, n, size, run_key, dict(identity), created or now(), versions, {"repaired": now()})
+            return True, n, -(-n // size), []
+    else:
+        missing = [s for s in range(max(valid, default=-1) + 1) if s not in valid]
+    manifest = build_manifest(dict(identity), run_key, 0, 0, {}, versions, created)
+    manifest["counts"]["shards_scored"] = len(valid)
+    atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
+    return False, n or 0, len(valid) + len(missing), missing
 
 
 # -- scoring ----------------------------------------------------------------------------------------
@@ -542,7 +600,8 @@ class _Batches:
 
 
 def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, lengths: np.ndarray, bar, clock,
-                 reference=None):
+                 reference=None, base: int = 0):
+    """Score one planned window; ``lengths`` are the window's (``lengths[p - base]`` is record ``p``'s)."""
     pos, norms, losses, tokens, dots, cosines = [], [], [], [], [], []
     pp: Dict[str, List[torch.Tensor]] = {n: [] for n in engine.params} if engine.per_param else {}
     for positions, batch in batches(sh.batches):
@@ -557,7 +616,7 @@ def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, le
         for n in pp:
             pp[n].append(res.per_param[n])
         if bar is not None:
-            clock["tokens"] += int(lengths[list(positions)].sum())
+            clock["tokens"] += int(lengths[np.asarray(positions, dtype=np.int64) - base].sum())
             bar.update(len(positions))
             dt = max(time.perf_counter() - clock["t0"], 1e-9)
             bar.set_postfix_str(f"{clock['tokens'] / dt:,.0f} tok/s", refresh=False)
@@ -619,15 +678,17 @@ class DryRun:
         return dict(self.__dict__)
 
 
-def _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, reference, n_timed: int = 3) -> DryRun:
-    """Time the first ``n_timed`` batches of the plan (after one untimed warm-up) and describe ``out_dir``."""
-    batches = [b for sh in plan for b in sh.batches]
-    padded = int(sum(len(b) * int(scan.lengths[b[0]]) for b in batches))  # each batch's first record is its longest
+def _dry_run(engine, totals, first, pad, device, out_dir, run_key, config, reference, seq2seq=False,
+             n_timed: int = 3) -> DryRun:
+    """Time the first ``n_timed`` batches of the first window (after one untimed warm-up) and describe
+    ``out_dir``. ``totals``: records, tokens, padded tokens, batches, windows of the whole stream; ``first``:
+    ``(records, lengths, planned shard)`` of window 0, or ``None``."""
     est, timed = None, 0
-    if batches:
-        make = _Batches(scan.source, pad, device)
+    if first is not None:
+        records, lengths, sh = first
+        make = _Batches(records, pad, device, seq2seq)
         try:
-            sample = batches[:n_timed + 1]
+            sample = list(sh.batches[:n_timed + 1])
             t_used = tok_used = 0.0
             for k, (b, batch) in enumerate(make(sample)):
                 t0 = time.perf_counter()
@@ -635,9 +696,9 @@ def _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, referenc
                 if k == 0 and len(sample) > 1:
                     continue  # warm-up
                 t_used += time.perf_counter() - t0
-                tok_used += len(b) * int(scan.lengths[b[0]])
+                tok_used += len(b) * int(lengths[b[0]])
                 timed += 1
-            est = t_used / max(tok_used, 1.0) * padded
+            est = t_used / max(tok_used, 1.0) * totals["padded"]
         finally:
             make.close()
     state = "new"
@@ -650,9 +711,67 @@ def _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, referenc
                 state = "complete: nothing to score"
             else:
                 ours = sum(1 for f in scan_shard_files(out_dir) if f[5] is None and f[4].get("run_key") == run_key)
-                state = f"same run: {ours} of {len(plan)} shards scored"
-    return DryRun(len(scan), int(scan.lengths.sum()), padded, len(batches), len(plan), run_key,
+                state = f"same run: {ours} of {totals['shards']} shards scored"
+    return DryRun(totals["records"], totals["tokens"], totals["padded"], totals["batches"], totals["shards"], run_key,
                   str(config["backend_resolved"]), out_dir, state, timed, None if est is None else round(est, 3))
+
+
+class _Offset:
+    """A window's records indexed by dataset position."""
+
+    def __init__(self, records: Sequence[Any], base: int):
+        self.records, self.base = records, base
+
+    def __getitem__(self, p: int) -> Any:
+        return self.records[p - self.base]
+
+
+def _tokenize_window(win, tokenizer, length, seq2seq, vocab_in, vocab_out):
+    """``(scan, record digests or None, window hash)`` of a window's raw records: tokenized (with
+    ``tokenizer``), validated and scanned; the hash as :mod:`gradsel_core.windows` defines it."""
+    from .windows import digest_window_hash, digests_array
+
+    records, digests = win.records, None
+    if tokenizer is not None:
+        from .data import encode_records, record_digest
+
+        digests = digests_array([record_digest(r) if isinstance(r, Mapping) else "00" * 16 for r in records])
+        records = encode_records(records, tokenizer, length, compact=True, seq2seq=seq2seq, offset=win.start)
+    scan = scan_dataset(records, vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq, offset=win.start)
+    return scan, digests, (digest_window_hash(digests) if digests is not None else scan.sha256)
+
+
+def _check_window(out_dir, win, stored, tokenizer, seq2seq) -> None:
+    """A finished window's records must be the ones its shard scored (see :mod:`gradsel_core.windows`):
+    by its bytes (JSONL), else by its content hash, with no tokenizing; ``StoreConflictError`` naming the
+    window, its record range and the first record that differs."""
+    from .windows import digest_window_hash, digests_array, window_conflict
+
+    if win.bytes_ok:
+        return
+    ids = None
+    digests = None
+    if tokenizer is not None:
+        from .data import record_digest
+
+        digests = digests_array([record_digest(r) if isinstance(r, Mapping) else "00" * 16 for r in win.records])
+        sha = digest_window_hash(digests)
+        ids = [r.get("id", win.start + k) if isinstance(r, Mapping) else None for k, r in enumerate(win.records)]
+    else:
+        sha = scan_dataset(win.records, seq2seq=seq2seq, offset=win.start).sha256
+    if sha == stored.get("sha256") and win.count == stored.get("count"):
+        return
+    stored_digests = None
+    if digests is not None:  # the shard's per-record digests name the first record that differs
+        with contextlib.suppress(Exception):
+            from .store import read_store_file
+
+            for name in sorted(os.listdir(out_dir)):
+                if name.startswith(f"shard-{win.index:06d}-"):
+                    tensors, _ = decode_shard(read_store_file(out_dir, name), name)
+                    stored_digests = tensors.get("col.record_sha256")
+                    break
+    raise window_conflict(out_dir, win, stored, sha, digests, stored_digests, ids)
 
 
 def score_dataset(
@@ -724,50 +843,50 @@ def score_dataset(
     Under ``torch.distributed`` every rank must call this with the same arguments (see module doc).
     """
     t_start = time.perf_counter()
-    record_sha256: Optional[List[Any]] = None
     from .batching import is_encoder_decoder
+    from .windows import CHECK, READ, SKIP, JsonlFile, Want, iter_windows, window_columns
 
     seq2seq = is_encoder_decoder(model)  # prompt -> encoder, response -> the decoder's labels
+    length = None
     if tokenizer is not None:
-        from .data import encode_records, model_max_length, record_digest
+        from .data import encode_record, model_max_length
         from .store import tokenizer_fingerprint
 
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise UsageError(f"max_length must be a positive int (tokens per record), got {max_length!r}")
         length = max_length or model_max_length(model)
-        record_sha256 = []
-
-        def tap(records):  # each raw record's content hash, for `gradsel select --data`'s record-by-record check
-            for r in records:
-                record_sha256.append(record_digest(r) if isinstance(r, Mapping) else None)
-                yield r
-
-        dataset = encode_records(tap(_record_iter(dataset)), tokenizer, length, compact=True, seq2seq=seq2seq)
         # how the records were made is part of the store's identity (another tokenizer or length is refused)
         source = dict(source or {})
         source.setdefault("tokenizer", tokenizer_fingerprint(tokenizer))
         source.setdefault("max_length", length)
     elif max_length is not None:
         raise ValueError("max_length truncates while tokenizing: it needs tokenizer= as well")
+    elif isinstance(dataset, JsonlFile):
+        raise UsageError("a JSONL file is read as raw records: give tokenizer= to score it")
+    if not isinstance(dataset, JsonlFile) and not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        if isinstance(dataset, (Mapping, str, bytes)):
+            _indexable(dataset)  # the type error
+        dataset = _Peekable(iter(dataset))
     rank, world = _dist()
     engine = GradNormEngine(
         model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction,
         fused_head=fused_head,  # exact either way: not part of the store's identity
     )
     vocab_in, vocab_out = _model_vocab(model)
-    scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)
-    if record_sha256 is not None and None not in record_sha256:
-        scan.record_sha256 = record_sha256
     explicit_budget = max_tokens is not None
     if batch_size is None and max_tokens is None:  # the default: a token budget, no record cap
         max_tokens = DEFAULT_MAX_TOKENS
     window = shard_size if shard_size is not None else (64 * batch_size if batch_size is not None else 4096)
-    # a record longer than the budget gets a batch of its own; said only when the budget was asked for
-    plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0 and explicit_budget)
+    plan_batches([1], batch_size, max_tokens, window, warn=False)  # the argument checks, now
     device = _model_device(model)
     pad = model_pad_id(model) if pad_id is None else int(pad_id)
-    if len(scan):
-        probe = collate([scan.source[0]], pad, seq2seq=seq2seq)
+    first = _first_record(dataset)  # the backend is resolved on a real record (one record read and tokenized)
+    if first is not None:
+        rec = first
+        if tokenizer is not None:
+            rec = encode_record(first, tokenizer, length, seq2seq=seq2seq)
+        scan_dataset([rec], vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)  # the record's own errors, first
+        probe = collate([rec], pad, seq2seq=seq2seq)
         resolved = engine.resolve_backend(prepare_batch({k: v.to(device) for k, v in probe.items()}, lm_loss=True,
                                                         seq2seq=seq2seq))
     else:
@@ -804,8 +923,8 @@ def score_dataset(
         fingerprint["class"] = unsharded_class_name(model)
     if reference is not None:
         config["reference"] = _reference_identity(reference, fingerprint, engine)
-    identity = _identity(fingerprint, config, scan, source)
-    if resume and not overwrite:
+    identity = _identity(fingerprint, config, source)
+    if resume and not overwrite and not dry_run:
         stored = _stored_layout(os.fspath(out_dir), identity)
         if stored is not None:  # the batch plan changes no per-sample value: resume with the store's plan
             if rank == 0:
@@ -813,21 +932,39 @@ def score_dataset(
                          "shard size change no per-sample value; new values apply to a new store)", os.fspath(out_dir),
                          ", ".join(f"{k}={stored[k]}" for k in LAYOUT_KEYS))
             config.update(stored)
-            plan = plan_batches(scan.lengths, stored["batch_size"], stored["max_tokens"], stored["shard_size"],
-                                warn=rank == 0)
-            identity = _identity(fingerprint, config, scan, source)
+            batch_size, max_tokens, window = stored["batch_size"], stored["max_tokens"], stored["shard_size"]
+            identity = _identity(fingerprint, config, source)
     run_key = canonical_hash(identity)
     keys = _all_gather(run_key, world)
     if len(set(keys)) > 1:
         bad = [r for r, k in enumerate(keys) if k != keys[0]]
         raise RuntimeError(
-            f"ranks {bad} differ from rank 0 in model weights, data or config; every rank must call "
+            f"ranks {bad} differ from rank 0 in model weights or config; every rank must call "
             "score_dataset with the same model, dataset and arguments"
         )
     versions = _versions()
     out_dir = os.fspath(out_dir)
+
+    def prepared(win):
+        scan, digests, sha = _tokenize_window(win, tokenizer, length, seq2seq, vocab_in, vocab_out)
+        (sh,) = plan_batches(scan.lengths, batch_size, max_tokens, max(len(scan), 1), warn=rank == 0 and explicit_budget,
+                             offset=win.start, first_index=win.index)
+        return scan, digests, sha, sh
+
     if dry_run:
-        return _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, reference)  # type: ignore[return-value]
+        totals = {"records": 0, "tokens": 0, "padded": 0, "batches": 0, "shards": 0}
+        first_w = None
+        for win in iter_windows(dataset, window, lambda s: Want(READ)):
+            scan, _, _, sh = prepared(win)
+            totals["records"] += len(scan)
+            totals["tokens"] += int(scan.lengths.sum())
+            totals["padded"] += int(sum(len(b) * int(scan.lengths[b[0] - win.start]) for b in sh.batches))
+            totals["batches"] += len(sh.batches)
+            totals["shards"] += 1
+            if first_w is None:
+                first_w = (_Offset(scan.source, win.start), _OffsetLengths(scan.lengths, win.start), sh)
+        return _dry_run(engine, totals, first_w, pad, device, out_dir, run_key, config, reference,  # type: ignore[return-value]
+                        seq2seq=seq2seq)
 
     with contextlib.ExitStack() as stack:
         prep: Any
@@ -835,7 +972,7 @@ def score_dataset(
             try:
                 _open_out_dir(out_dir, overwrite)
                 stack.enter_context(dir_lock(out_dir))
-                prep = _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, versions)
+                prep = _prepare_dir(out_dir, identity, run_key, window, resume, overwrite, versions)
             except Exception as e:
                 _broadcast({"error": f"{type(e).__name__}: {e}"}, world)
                 raise
@@ -844,50 +981,96 @@ def score_dataset(
             prep = _broadcast(None, world)
             if "error" in prep:
                 raise RuntimeError(f"rank 0 failed: {prep['error']}")
+        done: Dict[int, Dict[str, Any]] = prep["done"]
 
-        run = {"world_size": world, "device": str(device), "backend_used": resolved, "records_total": len(scan),
+        def want(s: int) -> Want:
+            if s % world != rank:
+                return Want(SKIP)
+            if s in done:
+                return Want(CHECK, done[s].get("bytes"))
+            return Want(READ)
+
+        run = {"world_size": world, "device": str(device), "backend_used": resolved, "records_total": 0,
                "records_scored": 0, "shards_scored": 0, "tokens_scored": 0, "scoring_s": 0.0}
+        bar = None
+        if progress and rank == 0 and not prep["complete"]:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(unit="sample", desc="scoring" if world == 1 else f"scoring (rank 0/{world})",
+                       dynamic_ncols=True, smoothing=0.05)
+        clock = {"t0": time.perf_counter(), "tokens": 0}
+        batches = _Batches(None, pad, device, seq2seq)
+        header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": None,
+                  "shards_planned": None, "side_files": {}, "versions": versions, "rank": rank}
+        n_records, my_batches, error = 0, 0, None
+        try:
+            for win in iter_windows(dataset, window, want):
+                n_records = win.start + win.count
+                if win.records is None and not win.bytes_ok:
+                    continue  # another rank's window
+                if win.index in done:
+                    _check_window(out_dir, win, done[win.index], tokenizer, seq2seq)
+                    continue
+                if prep["complete"]:
+                    raise StoreConflictError(
+                        f"{out_dir}: the dataset has more records than the store scored ({prep['records']}): "
+                        f"window {win.index} (records from {win.start}) is new. Pass overwrite=True (CLI: --overwrite) "
+                        "to score the new data from scratch, or score it into another directory.")
+                scan, digests, sha, sh = prepared(win)
+                batches.source = _Offset(scan.source, win.start)
+                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference, base=win.start)
+                tensors, cmeta = window_columns(scan.id_kind, scan.ids, scan.fields, digests)
+                out.update(tensors)
+                info = {"count": win.count, "sha256": sha}
+                if win.bytes is not None:
+                    info["bytes"] = win.bytes
+                meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches),
+                        "window": info, "columns": cmeta, "id_kind": scan.id_kind}
+                atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
+                run["records_scored"] += win.count
+                run["shards_scored"] += 1
+                run["tokens_scored"] += int(scan.lengths.sum())
+                my_batches += len(sh.batches)
+            n_windows = -(-n_records // window)
+            beyond = sorted(s for s in done if s >= n_windows)
+            if beyond or (prep["complete"] and n_records != prep["records"]):
+                scored = prep["records"] if prep["complete"] else f"windows {beyond[:5]}, from record {min(beyond) * window}"
+                raise StoreConflictError(
+                    f"{out_dir}: the dataset has {n_records} records, not what the store scored ({scored}). Pass "
+                    "overwrite=True (CLI: --overwrite) to score the new data from scratch, or score it into another "
+                    "directory.")
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it before the collectives below
+            error = e
+        finally:
+            batches.close()
+            if bar is not None:
+                bar.close()
+        errors = _all_gather(None if error is None else f"{type(error).__name__}: {error}", world)
+        if error is not None:
+            raise error
+        if any(errors):
+            bad = next(r for r, e in enumerate(errors) if e)
+            raise RuntimeError(f"rank {bad} failed: {errors[bad]}")
+        counts = _all_gather(n_records, world)
+        if len(set(counts)) > 1:
+            raise RuntimeError(f"the ranks read different numbers of records ({counts}); every rank must see the "
+                               "same dataset")
+        if sharded and world > 1:  # FSDP forwards are collective: as many on every rank
+            from .integrations.fsdp import pad_collective_forwards
+
+            per_rank = _all_gather(my_batches, world)
+            pad_collective_forwards(engine, per_rank, rank, lambda: batches._make([0]))
+        stats = _all_gather({k: run[k] for k in ("records_scored", "shards_scored", "tokens_scored")}, world)
+        for k in ("records_scored", "shards_scored", "tokens_scored"):
+            run[k] = int(sum(st[k] for st in stats))
+        run["records_total"] = n_records
         if prep["complete"]:
-            store = ScoreStore.open(out_dir, verify=False)  # rank 0 has just verified it
+            store = ScoreStore.open(out_dir, verify=False)  # rank 0 has verified it, the data was checked above
             run["elapsed_s"] = round(time.perf_counter() - t_start, 3)
             store.run = run
             if rank == 0:
                 log.debug("%s is complete already (%d records); nothing to score", out_dir, len(store))
             return store
-
-        done = set(prep["done"])
-        todo = [sh for sh in plan if sh.index not in done]
-        mine = todo[rank::world]
-        run["records_scored"] = int(sum(sh.size for sh in todo))
-        run["shards_scored"] = len(todo)
-        run["tokens_scored"] = int(sum(int(scan.lengths[sh.start:sh.stop].sum()) for sh in todo))
-        bar = None
-        if progress and rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=sum(sh.size for sh in mine), unit="sample", desc="scoring" if world == 1 else f"scoring (rank 0/{world})",
-                dynamic_ncols=True, smoothing=0.05,
-            )
-        clock = {"t0": time.perf_counter(), "tokens": 0}
-        batches = _Batches(scan.source, pad, device, seq2seq)
-        header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": len(scan),
-                  "shards_planned": len(plan), "side_files": {k: v[0] for k, v in prep["side"].items()},
-                  "versions": versions, "rank": rank}
-        try:
-            for sh in mine:
-                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference)
-                meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches)}
-                atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
-            if sharded and world > 1:  # FSDP forwards are collective: as many on every rank
-                from .integrations.fsdp import pad_collective_forwards
-
-                per_rank = [sum(len(sh.batches) for sh in todo[r::world]) for r in range(world)]
-                pad_collective_forwards(engine, per_rank, rank, lambda: batches._make([0]))
-        finally:
-            batches.close()
-            if bar is not None:
-                bar.close()
         if world > 1:
             torch.distributed.barrier()
         run["scoring_s"] = round(time.perf_counter() - clock["t0"], 3)
@@ -896,7 +1079,7 @@ def score_dataset(
         if rank == 0:
             try:
                 run["elapsed_s"] = round(time.perf_counter() - t_start, 3)
-                store = _merge(out_dir, plan, run_key, identity, scan, prep, versions, run)
+                store = _merge(out_dir, n_records, window, run_key, identity, prep["created"], versions, run)
             except Exception as e:
                 _broadcast({"error": f"{type(e).__name__}: {e}"}, world)
                 raise
@@ -911,3 +1094,40 @@ def score_dataset(
         store = ScoreStore.open(out_dir, verify=False)
         store.run = run
         return store
+
+
+class _Peekable:
+    """A one-pass iterable whose first record can be read ahead (to resolve the backend) and is not lost."""
+
+    def __init__(self, it):
+        self.it, self.head = it, []
+
+    def peek(self):
+        if not self.head:
+            self.head = [next(self.it)]
+        return self.head[0]
+
+    def __iter__(self):
+        return itertools.chain(self.head, self.it)
+
+
+class _OffsetLengths:
+    def __init__(self, lengths: np.ndarray, base: int):
+        self.lengths, self.base = lengths, base
+
+    def __getitem__(self, p: int) -> int:
+        return self.lengths[p - self.base]
+
+
+def _first_record(dataset: Any) -> Any:
+    """The first raw record (``None`` for an empty dataset), leaving ``dataset`` to be read from its start."""
+    from .windows import JsonlFile
+
+    if isinstance(dataset, _Peekable):
+        try:
+            return dataset.peek()
+        except StopIteration:
+            return None
+    if isinstance(dataset, JsonlFile):
+        return next(iter(dataset), None)
+    return dataset[0] if len(dataset) else None

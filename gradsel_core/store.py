@@ -514,16 +514,51 @@ def _factorize_strings(values: Sequence[Any]) -> Optional[Tuple[np.ndarray, List
     return codes, list(table)
 
 
+class Factorized:
+    """A string column given as ``codes`` (N,) into ``distinct`` values (first-appearance order), so a
+    column assembled window by window is written without a Python string per record."""
+
+    def __init__(self, codes: np.ndarray, distinct: List[str]):
+        self.codes, self.distinct = codes, distinct
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+
+class Utf8Ids:
+    """String ids given as their NUL-joined UTF-8 blob (what the columns file stores) and their count."""
+
+    def __init__(self, blob: np.ndarray, count: int):
+        self.blob, self.count = blob, count
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha256: Optional[Sequence[str]] = None
                    ) -> Tuple[Optional[bytes], Optional[Dict[str, Any]], Dict[str, List[Any]]]:
     """``(columns file bytes, ids doc for ids.json or None, fields for fields.json)``: everything that fits
     goes into the columns file as arrays (ids: int64 or a UTF-8 blob; fields: bool/int64/float64 arrays,
     string columns as int codes plus their distinct values; ``record_sha256``, hex digests one per record,
     as (N, digest bytes)); the rest falls back to the JSON side files."""
+    tensors, meta, ids_doc, rest = columns_tensors(id_kind, ids, fields, record_sha256)
+    return encode_shard(tensors, meta), ids_doc, rest
+
+
+def columns_tensors(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha256: Any = None
+                    ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], Optional[Dict[str, Any]], Dict[str, List[Any]]]:
+    """``(tensors, meta, ids doc or None, JSON fields)`` of :func:`encode_columns` before they are written
+    (a streaming run keeps each window's in its shard). ``ids`` may be a :class:`Utf8Ids`, a field a
+    :class:`Factorized`, ``record_sha256`` an (N, width) uint8 array."""
     n = len(ids)
     tensors: Dict[str, np.ndarray] = {}
     meta: Dict[str, Any] = {"kind": "gradsel-columns", "n": n, "id_kind": id_kind, "fields": []}
-    if record_sha256 is not None:
+    if isinstance(record_sha256, np.ndarray):
+        if record_sha256.dtype != np.uint8 or record_sha256.ndim != 2 or record_sha256.shape[0] != n:
+            raise ValueError(f"record_sha256 must be ({n}, width) uint8, got {record_sha256.dtype} {record_sha256.shape}")
+        tensors["record_sha256"] = np.ascontiguousarray(record_sha256)
+        meta["record_sha256"] = int(record_sha256.shape[1])
+    elif record_sha256 is not None:
         raw = [bytes.fromhex(d) for d in record_sha256]
         width = len(raw[0]) if raw else 16
         if any(len(r) != width for r in raw):
@@ -534,6 +569,9 @@ def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha
     if id_kind == "int":
         tensors["ids"] = np.asarray(ids, dtype=np.int64).reshape(n)
         meta["ids"] = "int64"
+    elif isinstance(ids, Utf8Ids):
+        tensors["ids.utf8"] = ids.blob
+        meta["ids"] = "utf8"
     else:
         blob = _str_blob(ids.tolist() if isinstance(ids, np.ndarray) else list(ids))
         if blob is None:
@@ -544,6 +582,14 @@ def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha
             meta["ids"] = "utf8"
     rest: Dict[str, List[Any]] = {}
     for i, (name, col) in enumerate(fields.items()):
+        if isinstance(col, Factorized):
+            tensors[f"f{i}.codes"] = col.codes.astype(np.int32 if len(col.distinct) < 1 << 31 else np.int64)
+            blob = _str_blob(col.distinct)
+            if blob is None:
+                raise ValueError(f"field {name!r}: a value holds a NUL or cannot be encoded as UTF-8")
+            tensors[f"f{i}.values"] = blob
+            meta["fields"].append([name, "dict", len(col.distinct)])
+            continue
         arr = col if isinstance(col, np.ndarray) and col.dtype != object else None
         if arr is None:
             values = col.tolist() if isinstance(col, np.ndarray) else list(col)
@@ -565,7 +611,7 @@ def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha
         tensors[f"f{i}.codes"] = codes.astype(np.int32 if len(distinct) < 1 << 31 else np.int64)
         tensors[f"f{i}.values"] = blob
         meta["fields"].append([name, "dict", len(distinct)])
-    return encode_shard(tensors, meta), ids_doc, rest
+    return tensors, meta, ids_doc, rest
 
 
 def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True):
@@ -573,6 +619,11 @@ def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True):
     distinct values)} of the string fields)`` of a columns file; ``StoreError`` naming ``path`` when it is
     malformed."""
     tensors, meta = decode_shard(data, path, check_payload=check_payload)
+    return columns_from_tensors(tensors, meta, path, n)
+
+
+def columns_from_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any], path: str, n: int):
+    """:func:`decode_columns` of tensors and meta already read (a streaming shard's window columns)."""
     bad = f"{path}: malformed columns file"
     if meta.get("kind") != "gradsel-columns" or meta.get("n") != n or not isinstance(meta.get("fields"), list):
         raise StoreError(f"{bad} (not a columns file of {n} records); rerun the same `gradsel score` command to rewrite it")
@@ -1160,7 +1211,8 @@ def build_manifest(
     n_batches = 0
     for entry, data, tensors in shards:
         entries.append({**{k: entry[k] for k in ("file", "index", "start", "count")},
-                        "sha256": sha256_bytes(data), "size": len(data)})
+                        "sha256": sha256_bytes(data), "size": len(data),
+                        **({"window": entry["window"]} if "window" in entry else {})})  # a streaming run's window
         n_batches += int(entry.get("batches", 0))
         for k, v in tensors.items():
             parts.setdefault(k, []).append(v)
@@ -1264,6 +1316,14 @@ def repair_store(out_dir: str) -> RepairReport:
         identity = meta0["identity"]
         if canonical_hash({k: identity.get(k) for k in IDENTITY_KEYS}) != key:
             raise StoreError(f"{out_dir}: the shards' identity does not hash to their run key; score again with --overwrite")
+        if meta0.get("records") is None and isinstance(identity.get("data"), dict) and "windows" in identity["data"]:
+            from .scoring import repair_stream  # a streaming run's shards: the store is assembled from them
+
+            done, records, planned, missing = repair_stream(out_dir, key, identity, old, meta0.get("versions", {}))
+            msg = (f"rebuilt {os.path.join(out_dir, MANIFEST)}: complete, {records} records in {planned} shards" if done
+                   else f"rebuilt {os.path.join(out_dir, MANIFEST)} as incomplete ({len(missing)} windows missing or "
+                   "corrupted, or the record count unknown); rerun the same `gradsel score` command to finish the store")
+            return RepairReport(out_dir, done, planned - len(missing), planned, removed, missing, msg)
         records, planned = int(meta0["records"]), int(meta0["shards_planned"])
         chosen: Dict[int, Tuple[Mapping[str, Any], bytes, Mapping[str, np.ndarray]]] = {}
         for name, idx, data, tensors, meta, err in found:

@@ -88,6 +88,14 @@ def read_records(args: argparse.Namespace, progress: bool):
     if first is None:
         close()
         raise UsageError(f"--data {args.data} holds no record (empty, or blank lines only); nothing to score")
+    if data_kind(args.data) == "jsonl" and args.data != "-" and os.path.isfile(args.data):
+        # a JSONL file is read window by window with byte offsets: a rerun checks finished windows by their
+        # bytes, and each torchrun rank parses only its own windows (gradsel_core.windows)
+        from ..windows import JsonlFile
+
+        close()
+        it.close()
+        return JsonlFile(args.data, max_line_bytes=args.max_line_bytes)
 
     def records():
         try:
