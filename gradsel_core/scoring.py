@@ -490,6 +490,8 @@ def _prepare_dir(out_dir, identity, run_key, size, resume, overwrite, versions) 
             return {"complete": True, "done": done, "records": int(old["counts"]["records"]), "created": created}
         except (StoreError, KeyError, TypeError) as e:
             log.warning("%s; repairing the store", e)
+            if _drop_foreign_windows(out_dir, old, run_key):
+                found = scan_shard_files(out_dir)
     valid = _existing_windows(out_dir, run_key, size, found)
     if old is None or old["run_key"] != run_key or old["complete"]:
         manifest = build_manifest(identity, run_key, 0, 0, {}, versions, created)
@@ -536,6 +538,23 @@ def _merge(out_dir, n_records, size, run_key, identity, created, versions, info)
     return ScoreStore.open(out_dir, verify=False)
 
 
+def _drop_foreign_windows(out_dir: str, old: Optional[Mapping[str, Any]], run_key: str) -> int:
+    """Remove the shards whose records are not the ones a complete manifest of this run lists (their window
+    hash differs: copied from another store of the same model and config); they are rescored by the rerun.
+    Returns how many."""
+    if old is None or old.get("run_key") != run_key or not old.get("complete"):
+        return 0
+    want = {int(e["index"]): e.get("window") for e in old.get("shards", []) if isinstance(e, dict)}
+    n = 0
+    for name, idx, _, _, meta, err in scan_shard_files(out_dir):
+        if err is None and want.get(idx) is not None and meta.get("window") != want[idx]:
+            log.warning("%s: its records are not the ones the manifest lists (copied from another store?); "
+                        "removing it, rerun the score command to score them again", os.path.join(out_dir, name))
+            os.unlink(os.path.join(out_dir, name))
+            n += 1
+    return n
+
+
 def repair_stream(out_dir: str, run_key: str, identity: Mapping[str, Any], old: Optional[Mapping[str, Any]],
                   versions: Mapping[str, Any]) -> Tuple[bool, int, int, List[int]]:
     """``gradsel repair`` of a streaming run's store (called under the lock): the record count comes from the
@@ -551,9 +570,14 @@ def repair_stream(out_dir: str, run_key: str, identity: Mapping[str, Any], old: 
             from .store import decode_shard, read_store_file
 
             n = int(decode_shard(read_store_file(out_dir, COLUMNS_FILE), COLUMNS_FILE)[1]["n"])
+    if _drop_foreign_windows(out_dir, old, run_key):
+        n = None  # the store must be finished by the rerun
     valid = _existing_windows(out_dir, run_key, size, n_records=n)
     created = (old or {}).get("created") if old is not None and old.get("run_key") == run_key else None
-    if n is not None:
+    if n is None and old is not None and old.get("complete") and old.get("run_key") == run_key:
+        n = int(old["counts"]["records"])
+        missing = [s for s in range(-(-n // size)) if s not in valid]
+    elif n is not None:
         missing = [s for s in range(-(-n // size)) if s not in valid]
         if not missing:
             _merge(out_dir, n, size, run_key, dict(identity), created or now(), versions, {"repaired": now()})
@@ -600,11 +624,14 @@ class _Batches:
 
 
 def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, lengths: np.ndarray, bar, clock,
-                 reference=None, base: int = 0):
-    """Score one planned window; ``lengths`` are the window's (``lengths[p - base]`` is record ``p``'s)."""
+                 reference=None, base: int = 0, before_batch=None):
+    """Score one planned window; ``lengths`` are the window's (``lengths[p - base]`` is record ``p``'s).
+    ``before_batch``: called before each scored batch (FSDP's lockstep, see ``score_dataset``)."""
     pos, norms, losses, tokens, dots, cosines = [], [], [], [], [], []
     pp: Dict[str, List[torch.Tensor]] = {n: [] for n in engine.params} if engine.per_param else {}
     for positions, batch in batches(sh.batches):
+        if before_batch is not None:
+            before_batch()
         res = engine.score(batch, reference=reference)
         pos.extend(positions)
         norms.append(res.norms)
@@ -886,10 +913,11 @@ def score_dataset(
         if tokenizer is not None:
             rec = encode_record(first, tokenizer, length, seq2seq=seq2seq)
         scan_dataset([rec], vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)  # the record's own errors, first
-        probe = collate([rec], pad, seq2seq=seq2seq)
+        probe: Optional[Dict[str, torch.Tensor]] = collate([rec], pad, seq2seq=seq2seq)
         resolved = engine.resolve_backend(prepare_batch({k: v.to(device) for k, v in probe.items()}, lm_loss=True,
                                                         seq2seq=seq2seq))
     else:
+        probe = None
         resolved = engine.resolve_backend(None)
     config = {
         "params": params if isinstance(params, str) else "custom",
@@ -1003,6 +1031,10 @@ def score_dataset(
         header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": None,
                   "shards_planned": None, "side_files": {}, "versions": versions, "rank": rank}
         n_records, my_batches, error = 0, 0, None
+        # FSDP forwards are collectives that pair up across ranks, and a rank cannot know how many batches the
+        # others' windows hold without tokenizing them: before each batch every rank says whether it has one
+        # (one small all_gather), and a rank that has none runs a padding forward while any other does
+        lockstep = (lambda: _all_gather(1, world)) if sharded and world > 1 else None
         try:
             for win in iter_windows(dataset, window, want):
                 n_records = win.start + win.count
@@ -1018,7 +1050,8 @@ def score_dataset(
                         "to score the new data from scratch, or score it into another directory.")
                 scan, digests, sha, sh = prepared(win)
                 batches.source = _Offset(scan.source, win.start)
-                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference, base=win.start)
+                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference, base=win.start,
+                                   before_batch=lockstep)
                 tensors, cmeta = window_columns(scan.id_kind, scan.ids, scan.fields, digests)
                 out.update(tensors)
                 info = {"count": win.count, "sha256": sha}
@@ -1045,6 +1078,11 @@ def score_dataset(
             batches.close()
             if bar is not None:
                 bar.close()
+        if lockstep is not None and error is None:
+            from .integrations.fsdp import pad_collective_forwards
+
+            while any(_all_gather(0, world)):  # another rank still scores: pad its collective forward
+                pad_collective_forwards(engine, [1, 0], 1, lambda: {k: v.to(device) for k, v in probe.items()})
         errors = _all_gather(None if error is None else f"{type(error).__name__}: {error}", world)
         if error is not None:
             raise error
@@ -1055,11 +1093,6 @@ def score_dataset(
         if len(set(counts)) > 1:
             raise RuntimeError(f"the ranks read different numbers of records ({counts}); every rank must see the "
                                "same dataset")
-        if sharded and world > 1:  # FSDP forwards are collective: as many on every rank
-            from .integrations.fsdp import pad_collective_forwards
-
-            per_rank = _all_gather(my_batches, world)
-            pad_collective_forwards(engine, per_rank, rank, lambda: batches._make([0]))
         stats = _all_gather({k: run[k] for k in ("records_scored", "shards_scored", "tokens_scored")}, world)
         for k in ("records_scored", "shards_scored", "tokens_scored"):
             run[k] = int(sum(st[k] for st in stats))

@@ -1083,6 +1083,11 @@ def check_shard_identity(meta: Mapping[str, Any], manifest: Mapping[str, Any], e
             f"{path}: written by another run (run key {str(key)[:12]}..., this store's {str(want)[:12]}...): "
             "copied from another store? Rerun the same `gradsel score` command: it removes the shard and "
             "scores its records again")
+    if "window" in entry and meta.get("window") != entry["window"]:  # a streaming run: the run key does not cover the data
+        raise StoreError(
+            f"{path}: written by another run (its records' hash {str((meta.get('window') or {}).get('sha256'))[:12]}... is "
+            f"not the manifest's {str(entry['window'].get('sha256'))[:12]}...): copied from another store? Rerun the same "
+            "`gradsel score` command: it removes the shard and scores its records again")
     if meta.get("index") != entry.get("index") or meta.get("start") != entry.get("start"):
         raise StoreError(f"{path}: its header says plan index {meta.get('index')} at record {meta.get('start')}, "
                          f"the manifest lists it as {entry.get('index')} at {entry.get('start')}; "
