@@ -5,30 +5,57 @@
     store.ids, store.norms, store.losses, store.tokens       # numpy, in the dataset's order
     store = gs.ScoreStore.open("scores/run1")                 # later, anywhere
 
-How it works
-    1. One pass over the dataset reads each record's length, id and metadata fields and hashes its
-       tokens. Records are ``{"input_ids", "labels"?, "attention_mask"?, "id"?, ...}`` dicts, from a list,
-       any iterable, or anything indexable with ``len()`` (e.g. an HF ``datasets.Dataset``, read by
-       index without loading it all).
-    2. A deterministic batch plan (``gradsel_core.data.plan_batches``): consecutive windows of
-       ``shard_size`` records (default ``64 * batch_size``), sorted by length within the window and packed
-       into batches of at most ``batch_size`` records and ``max_tokens`` padded tokens. Each window is
-       one shard, named by its plan index.
-    3. Each completed shard is written atomically; the manifest is written when every shard is there.
+How it works: streaming, one window at a time (issue #24)
+    The dataset is read in *windows* of ``shard_size`` consecutive records (default ``64 * batch_size``,
+    4096 without ``batch_size``; :mod:`gradsel_core.windows`). Each window is read, tokenized (with
+    ``tokenizer``), validated (token ids inside the vocabulary, ids and int fields within 64 bits, errors
+    naming the record), planned (``gradsel_core.data.plan_batches``: sorted by length within the window,
+    packed into batches of at most ``batch_size`` records and ``max_tokens`` padded tokens), scored, and
+    written atomically as shard ``s`` with its per-record columns (ids, metadata fields, each raw record's
+    content digest) and its *window hash*; then it is dropped. Memory holds one window, never the dataset
+    (records are records, a list, any iterable, an HF ``Dataset`` or streaming ``IterableDataset``; a
+    JSONL file given as :class:`gradsel_core.windows.JsonlFile`, as ``gradsel score`` does). When every
+    window is scored, rank 0 assembles the columns file from the shards (ids checked for one kind and no
+    duplicate across windows, errors naming both records) and writes the manifest, which holds the record
+    count, the id kind and a chain hash of the window hashes (``data.sha256``).
 
-Resume
-    Rerunning the same call after a crash or ``kill -9`` validates the shards present (checksums in
-    their headers, the run key), removes partial temp files and corrupted shards (with a warning naming
-    them), rebuilds a lost or corrupted manifest from the shards, and scores only what is missing. Every
-    sample is scored in the same batch as before, so the final store equals an uninterrupted run's, and on
-    CPU its shard files are byte-identical (tested; on GPUs only where the kernels are deterministic). A
-    directory that holds another model, config or dataset (per the manifest or any shard) is refused
-    unless ``overwrite=True``; so is a non-empty directory that is not a store.
+Data identity
+    The run key (in every shard) covers the model, the scoring config and how the records are made (the
+    tokenizer's fingerprint and ``max_length``), not the records: those are identified per window. The
+    window hash is the sha256 of the window's raw record digests (:func:`gradsel_core.jsonl.record_digest`:
+    the same record read from JSONL, Parquet or a datasets folder hashes the same) when the run tokenizes,
+    else of the given tokens, labels, masks, ids and fields. A JSONL window also stores its byte range in
+    the file and the sha256 of those bytes. On read, a shard must carry the window hash the manifest lists
+    for it (a shard copied from another store of the same model is refused, and ``gradsel repair`` removes
+    it so the rerun rescores it).
+
+Resume and rerun
+    Rerunning the same call after a crash or ``kill -9`` validates the shards present (checksums, the run
+    key, window layout), removes partial temp files and corrupted shards (with a warning naming them), and
+    streams the dataset again: a finished window is *checked, not tokenized* (JSONL: by reading its stored
+    byte range and comparing the sha256, no JSON parsing; a byte difference falls back to the content
+    hash, so reformatting is no change; other inputs: by hashing the raw records), then the unfinished
+    windows are scored. Why not trust the file's size and mtime: an edit that keeps both (or a copy that
+    sets them) would go unnoticed, and "never a wrong number" means an edited record is refused; hashing
+    the bytes costs about a second per GB. A window whose records changed is refused with a
+    ``StoreConflictError`` naming the window, its record range and (with digests) the first record that
+    differs and its id; so are records added to or removed from a complete store. Every sample is scored
+    in the same batch as before, so the final store equals an uninterrupted run's, and on CPU its shard
+    files are byte-identical (tested). A directory that holds another model or config (per the manifest
+    or any shard) is refused unless ``overwrite=True``; so is a non-empty directory that is not a store.
+    A bad record is found when its window is read: the windows before it are already written (and kept
+    for a resume); its own window is never written. Before the first window, one record is read and
+    tokenized to resolve the backend (so a rerun tokenizes exactly one record).
 
 Multi-GPU and multi-node (``torch.distributed``)
-    When ``torch.distributed`` is initialised, each rank scores a disjoint, strided part of the
-    remaining shards and writes rank-tagged shard files into the shared ``out_dir``; rank 0 writes the
-    manifest after a barrier, and every rank gets the store back. The result equals a one-process run
+    When ``torch.distributed`` is initialised, window ``s`` belongs to rank ``s % world``: each rank reads,
+    tokenizes, checks and scores only its own windows (an indexable dataset is read by index and a JSONL
+    file's other windows are only counted, not parsed; a one-pass iterable is read past by every rank) and
+    writes rank-tagged shard files into the shared ``out_dir``; rank 0 assembles the store after a barrier,
+    and every rank gets the store back. Ranks check that they saw the same record count and the same run
+    key; that they saw the same records is not checked across ranks (each hashes only its own windows).
+    With FSDP (collective forwards) the ranks agree before each batch whether one still has work, and a
+    rank without one runs a padding forward. The result equals a one-process run
     (and the store can be resumed with any number of processes). With the CLI, one command per node::
 
         # one node, 8 GPUs
@@ -504,33 +531,59 @@ def _prepare_dir(out_dir, identity, run_key, size, resume, overwrite, versions) 
 
 def _merge(out_dir, n_records, size, run_key, identity, created, versions, info) -> ScoreStore:
     """Rank 0, after every rank is done: one valid shard per window, the columns file assembled from the
-    windows' columns (ids checked: one kind, no duplicate), the manifest."""
+    windows' columns (ids checked: one kind, no duplicate), the manifest. Shards are read one at a time: what
+    is held is the store's per-record numbers (norms, losses, tokens for the summary; ids, digests, codes)."""
+    from .store import list_shards, read_store_file
     from .windows import _read_window_columns, assemble_columns, chain_hash
 
     n_windows = -(-n_records // size)
-    valid = _existing_windows(out_dir, run_key, size, n_records=n_records)
-    missing = [s for s in range(n_windows) if s not in valid]
-    if missing:
-        raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
-    shards, wins, starts = [], [], []
+    names = list_shards(out_dir)
+    shards, wins, starts, missing = [], [], [], []
     for s in range(n_windows):
-        name, data, tensors, meta = valid[s]
-        scores = {k: v for k, v in tensors.items() if not k.startswith(COL)}
+        picked = None
+        for name in names.get(s, []):
+            path = os.path.join(out_dir, name)
+            try:
+                data = read_store_file(out_dir, name)
+                tensors, meta = decode_shard(data, path)
+                found = [(name, s, data, tensors, meta, None)]
+            except StoreError as e:
+                found = [(name, s, None, None, None, str(e))]
+            if picked is None:
+                got = _existing_windows(out_dir, run_key, size, found, n_records=n_records)
+                if s in got:
+                    picked = got[s]
+                    continue
+            else:  # a duplicate (another rank's copy): the first valid one is the shard
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        if picked is None:
+            missing.append(s)
+            continue
+        name, data, tensors, meta = picked
+        scores = {k: tensors[k] for k in ("norms", "losses", "tokens") if k in tensors}
         shards.append(({"file": name, "index": s, "start": meta["start"], "count": meta["stop"] - meta["start"],
-                        "batches": meta.get("batches", 0), "window": meta["window"]}, data, scores))
+                        "batches": meta.get("batches", 0), "window": meta["window"], "sha256": sha256_bytes(data),
+                        "size": len(data)}, None, scores))
         wins.append(_read_window_columns(tensors, meta, os.path.join(out_dir, name)))
         starts.append(meta["start"])
+        del data, tensors, picked
+    if missing:
+        raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
     id_kind, ids, fields, digests = assemble_columns(wins, starts)
+    del wins
     side: Dict[str, Tuple[str, int]] = {}
     for name, doc in side_file_docs(id_kind, ids, fields, digests):
         side[name] = (sha256_bytes(doc), len(doc))
         atomic_write(os.path.join(out_dir, name), doc)
+    del ids, fields, digests
     for name in {IDS_FILE, FIELDS_FILE, COLUMNS_FILE} - set(side):
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))  # ours (the directory is a store): stale from a replaced run
     manifest = build_manifest(identity, run_key, n_records, n_windows, side, versions, created, shards=shards, run=info)
+    del shards
     manifest["data"] = {**manifest["data"], "n_records": n_records, "id_kind": id_kind,
-                        "sha256": chain_hash([sh[0]["window"]["sha256"] for sh in shards])}
+                        "sha256": chain_hash([sh["window"]["sha256"] for sh in manifest["shards"]])}
     atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
     if manifest["counts"]["nonfinite"]:
         log.warning("%s: NaN/inf: %d records have a non-finite loss or norm (stored as such, counted in "
@@ -831,10 +884,9 @@ def score_dataset(
         model: the model (on its device; the batches follow the first parameter's device).
         dataset: records ``{"input_ids", "labels"?, "attention_mask"?, "id"?, ...}``: a list, an iterable
             or any indexable with ``len()`` (an HF ``datasets.Dataset``). A streaming HF ``IterableDataset``
-            (no ``len()``) or any other one-pass iterable works too, read once: with ``tokenizer`` each raw
-            record is tokenized as it streams by and only its compact tokenized form is kept (as for every
-            input today: memory grows with the record count, about 1 KB per short record, issue #24); without
-            ``tokenizer`` the records themselves are collected into a list first. Ids (int or str) are kept, else
+            (no ``len()``) or any other one-pass iterable works too, read once, one window at a time (see the
+            module doc: memory holds one window), as does a :class:`gradsel_core.windows.JsonlFile` (raw JSONL
+            records, with ``tokenizer``; a rerun checks its finished windows by their bytes). Ids (int or str) are kept, else
             the position is the id; duplicates are an error. Other scalar fields become ``store.fields``.
         batch_size: records per batch at most (``None``: only ``max_tokens`` limits).
         max_tokens: padded tokens per batch at most (``B * T_max``). With neither given, batches are sized

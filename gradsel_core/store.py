@@ -890,13 +890,15 @@ class ScoreStore:
             data = load_checked(name, sh["sha256"], sh.get("size"), SHARD_RE)
             # with verify the file's sha256 (which covers the payload) was just checked: no second hash
             tensors, meta = decode_shard(data, os.path.join(out_dir, name), check_payload=not verify)
+            del data
             check_shard_identity(meta, manifest, sh, os.path.join(out_dir, name))
             pos = tensors.get("positions")
             if pos is None or not np.array_equal(pos, np.arange(expect, expect + len(pos))):
                 raise StoreError(f"{os.path.join(out_dir, name)}: positions do not continue the dataset at {expect}")
             expect += len(pos)
             for k, v in tensors.items():
-                parts.setdefault(k, []).append(v)
+                if k != "positions" and not k.startswith("col."):  # a streaming window's columns: in the columns file
+                    parts.setdefault(k, []).append(v)
         if expect != n:
             raise StoreError(f"{out_dir}: shards hold {expect} records, the manifest says {n}")
         store = cls.from_parts(out_dir, manifest, parts, ids, fields, record_sha256=digests)
@@ -1216,7 +1218,8 @@ def build_manifest(
     n_batches = 0
     for entry, data, tensors in shards:
         entries.append({**{k: entry[k] for k in ("file", "index", "start", "count")},
-                        "sha256": sha256_bytes(data), "size": len(data),
+                        "sha256": entry["sha256"] if data is None else sha256_bytes(data),  # None: given in entry
+                        "size": entry["size"] if data is None else len(data),
                         **({"window": entry["window"]} if "window" in entry else {})})  # a streaming run's window
         n_batches += int(entry.get("batches", 0))
         for k, v in tensors.items():
