@@ -93,7 +93,7 @@ from .batching import IGNORE_INDEX, prepare_batch
 from .data import (DEFAULT_MAX_TOKENS, as_int_array, check_record_values, collate, extra_fields, model_pad_id,
                    plan_batches, PlannedShard)
 from .engine import GradNormEngine
-from .windows import COL, WINDOW_SCHEME
+from .windows import WINDOW_SCHEME
 from .errors import UsageError
 from .params import ParamSpec
 from .store import (
@@ -543,6 +543,7 @@ def _merge(out_dir, n_records, size, run_key, identity, created, versions, info)
         picked = None
         for name in names.get(s, []):
             path = os.path.join(out_dir, name)
+            found: List[Any]
             try:
                 data = read_store_file(out_dir, name)
                 tensors, meta = decode_shard(data, path)
@@ -1070,7 +1071,7 @@ def score_dataset(
                 return Want(CHECK, done[s].get("bytes"))
             return Want(READ)
 
-        run = {"world_size": world, "device": str(device), "backend_used": resolved, "records_total": 0,
+        run: Dict[str, Any] = {"world_size": world, "device": str(device), "backend_used": resolved, "records_total": 0,
                "records_scored": 0, "shards_scored": 0, "tokens_scored": 0, "scoring_s": 0.0}
         bar = None
         if progress and rank == 0 and not prep["complete"]:
@@ -1106,7 +1107,7 @@ def score_dataset(
                                    before_batch=lockstep)
                 tensors, cmeta = window_columns(scan.id_kind, scan.ids, scan.fields, digests)
                 out.update(tensors)
-                info = {"count": win.count, "sha256": sha}
+                info: Dict[str, Any] = {"count": win.count, "sha256": sha}
                 if win.bytes is not None:
                     info["bytes"] = win.bytes
                 meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches),
@@ -1139,8 +1140,8 @@ def score_dataset(
         if error is not None:
             raise error
         if any(errors):
-            bad = next(r for r, e in enumerate(errors) if e)
-            raise RuntimeError(f"rank {bad} failed: {errors[bad]}")
+            bad_rank = next(r for r, e in enumerate(errors) if e)
+            raise RuntimeError(f"rank {bad_rank} failed: {errors[bad_rank]}")
         counts = _all_gather(n_records, world)
         if len(set(counts)) > 1:
             raise RuntimeError(f"the ranks read different numbers of records ({counts}); every rank must see the "

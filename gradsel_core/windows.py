@@ -262,6 +262,7 @@ def _read_window_columns(tensors: Mapping[str, np.ndarray], meta: Mapping[str, A
                          "overwrite=True (CLI: --overwrite)")
     t = {k[len(COL):]: v for k, v in tensors.items() if k.startswith(COL)}
     n = int(cm["n"])
+    ids: Any
     try:
         if cm["ids"] == "int64":
             ids, enc = t["ids"], "int64"
