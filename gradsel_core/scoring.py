@@ -490,6 +490,13 @@ def _prepare_dir(out_dir, identity, run_key, size, resume, overwrite, versions) 
         log.info("%s: replacing an unfinished store that holds no scores yet", out_dir)
         old = None
     if not overwrite:
+        if old is not None and old["run_key"] != run_key and "windows" not in old["data"] and "sha256" in old["data"] \
+                and old["config"].get("source") != "ScoreStore.from_arrays":
+            raise StoreConflictError(
+                f"{out_dir} was scored by a gradsel before streaming scoring (its data identity is one hash of the "
+                "whole dataset, not per window), so it cannot be resumed or rechecked by this one; it can still be "
+                "read (ScoreStore.open, gradsel inspect/select). Pass overwrite=True (CLI: --overwrite) to score "
+                "again into it, or choose another directory.")
         if old is not None and old["run_key"] != run_key:
             raise StoreConflictError(conflict_message(out_dir, _stored_identity(old), identity))
         # with our own manifest, a shard of another run (copied in) is removed and rescored below

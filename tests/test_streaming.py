@@ -237,3 +237,18 @@ def test_repair_a_streaming_store_and_dry_run_and_an_iterable(tmp_path):
     assert rep.complete and rep.shards_planned == 3
     again = ScoreStore.open(out)
     assert np.array_equal(again.norms, store.norms) and again.fields["task"].tolist() == store.fields["task"].tolist()
+
+
+def test_a_store_of_the_whole_dataset_hash_is_refused_with_the_way_out(tmp_path):
+    """A store scored before streaming (one hash of the whole dataset) cannot be rechecked window by window."""
+    recs = token_records(10)
+    out = str(tmp_path / "s")
+    score_dataset(tiny(vocab=50), recs, out, **KW)
+    path = os.path.join(out, "manifest.json")
+    m = json.load(open(path))
+    m["data"] = {"n_records": 10, "sha256": "0" * 64, "id_kind": "str"}
+    m["run_key"] = "1" * 64
+    json.dump(m, open(path, "w"))
+    with pytest.raises(StoreConflictError, match="before streaming scoring.*--overwrite"):
+        score_dataset(tiny(vocab=50), recs, out, **KW)
+    assert len(score_dataset(tiny(vocab=50), recs, out, overwrite=True, **KW)) == 10
