@@ -519,9 +519,10 @@ def _prepare_dir(out_dir, identity, run_key, size, resume, overwrite, versions) 
     created = (old or {}).get("created") or now()
     if old is not None and old["complete"] and resume:
         try:
-            ScoreStore.open(out_dir, verify=True)
+            store = ScoreStore.open(out_dir, verify=True)
             done = {int(sh["index"]): sh["window"] for sh in old["shards"]}
-            return {"complete": True, "done": done, "records": int(old["counts"]["records"]), "created": created}
+            return {"complete": True, "done": done, "records": int(old["counts"]["records"]), "created": created,
+                    "store": store}  # rank 0 keeps the store it verified (not sent to the other ranks)
         except (StoreError, KeyError, TypeError) as e:
             log.warning("%s; repairing the store", e)
             if _drop_foreign_windows(out_dir, old, run_key):
@@ -1056,6 +1057,7 @@ def score_dataset(
 
     with contextlib.ExitStack() as stack:
         prep: Any
+        verified = None
         if rank == 0:
             try:
                 _open_out_dir(out_dir, overwrite)
@@ -1064,6 +1066,7 @@ def score_dataset(
             except Exception as e:
                 _broadcast({"error": f"{type(e).__name__}: {e}"}, world)
                 raise
+            verified = prep.pop("store", None)
             _broadcast(prep, world)
         else:
             prep = _broadcast(None, world)
@@ -1124,6 +1127,8 @@ def score_dataset(
                 run["shards_scored"] += 1
                 run["tokens_scored"] += int(scan.lengths.sum())
                 my_batches += len(sh.batches)
+                del out, tensors, sh, scan
+                _release_memory()
             n_windows = -(-n_records // window)
             beyond = sorted(s for s in done if s >= n_windows)
             if beyond or (prep["complete"] and n_records != prep["records"]):
@@ -1158,7 +1163,8 @@ def score_dataset(
             run[k] = int(sum(st[k] for st in stats))
         run["records_total"] = n_records
         if prep["complete"]:
-            store = ScoreStore.open(out_dir, verify=False)  # rank 0 has verified it, the data was checked above
+            # rank 0 has verified it (and keeps that one), the data was checked above
+            store = verified if rank == 0 and verified is not None else ScoreStore.open(out_dir, verify=False)
             run["elapsed_s"] = round(time.perf_counter() - t_start, 3)
             store.run = run
             if rank == 0:
@@ -1187,6 +1193,26 @@ def score_dataset(
         store = ScoreStore.open(out_dir, verify=False)
         store.run = run
         return store
+
+
+def _release_memory() -> None:
+    """Hand the freed heap of the last window back to the OS (glibc's ``malloc_trim``; elsewhere nothing):
+    windows of many batch shapes otherwise leave the allocator's arenas fragmented, and the process's RSS
+    creeps up with the record count although no window is kept."""
+    global _TRIM
+    if _TRIM is None:
+        _TRIM = False
+        with contextlib.suppress(Exception):
+            import ctypes
+            import ctypes.util
+
+            if platform.system() == "Linux":
+                _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 class _Peekable:

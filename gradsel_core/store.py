@@ -270,7 +270,7 @@ def payload_hash(tensors: Mapping[str, np.ndarray]) -> str:
         h.update(k.encode("utf-8"))
         h.update(str(a.dtype).encode("ascii"))
         h.update(str(a.shape).encode("ascii"))
-        h.update(a.tobytes())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")  # the same bytes as a.tobytes(), not copied
     return h.hexdigest()
 
 
@@ -284,19 +284,27 @@ def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> 
         "__metadata__": {"gradsel": meta_json, "gradsel_sha256": sha256_bytes(meta_json.encode("utf-8")),
                          "payload_sha256": payload_hash(tensors)}
     }
-    chunks = []
+    arrays = []
     offset = 0
     for k in sorted(tensors):
         a = np.ascontiguousarray(tensors[k])
         if a.dtype not in ST_DTYPES:
             raise TypeError(f"shard tensor {k!r}: dtype {a.dtype} cannot be stored")
-        b = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[k] = {"dtype": ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
-        chunks.append(b)
-        offset += len(b)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        header[k] = {"dtype": ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        arrays.append(a)
+        offset += a.nbytes
     h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     h += b" " * ((8 - len(h) % 8) % 8)
-    return struct.pack("<Q", len(h)) + h + b"".join(chunks)
+    out = bytearray(8 + len(h) + offset)  # one buffer, filled in place (no copy per tensor, then a join)
+    out[:8] = struct.pack("<Q", len(h))
+    out[8:8 + len(h)] = h
+    pos = 8 + len(h)
+    for a in arrays:
+        if a.nbytes:
+            out[pos:pos + a.nbytes] = memoryview(a.reshape(-1).view(np.uint8))
+        pos += a.nbytes
+    return bytes(out)
 
 
 def read_header_metadata(data: bytes) -> Dict[str, str]:
@@ -851,7 +859,7 @@ class ScoreStore:
             raise StoreError(f"{out_dir}: no {MANIFEST}; not a score store (or its run never started)")
         if not manifest.get("complete"):
             done = len(list_shards(out_dir))
-            total = manifest["counts"]["shards_planned"]
+            total = manifest["counts"]["shards_planned"] or "?"  # a streaming run learns its count at the end
             raise StoreError(
                 f"{out_dir}: the store is incomplete ({done}/{total} shards); rerun the same score command "
                 "(resume is on by default) to finish it"
