@@ -304,7 +304,7 @@ def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> 
         if a.nbytes:
             out[pos:pos + a.nbytes] = memoryview(a.reshape(-1).view(np.uint8))
         pos += a.nbytes
-    return bytes(out)
+    return out  # type: ignore[return-value]  # a bytearray (bytes-like): no second copy of a large file
 
 
 def read_header_metadata(data: bytes) -> Dict[str, str]:
@@ -326,6 +326,8 @@ def decode_shard(data: bytes, name: str = "<shard>", check_payload: bool = True)
     checked the whole file's sha256 against the manifest, which covers the payload)."""
     from safetensors.numpy import load
 
+    if not isinstance(data, bytes):  # encode_shard's buffer (a bytearray), decoded as it is
+        data = bytes(data)
     try:
         hdr = read_header_metadata(data)
         tensors = load(data)

@@ -311,7 +311,7 @@ def assemble_columns(wins: Sequence[_WinCols], first_pos: Sequence[int]):
     id_kind = kinds.pop() if kinds else "int"
     keys: Any
     if id_kind == "int":
-        ids: Any = np.concatenate([w.ids for w in wins]) if wins else np.zeros(0, dtype=np.int64)
+        ids: Any = _fill(wins, "ids", np.int64, n)
         keys = ids
     else:
         if all(w.ids_enc == "utf8" for w in wins):
@@ -352,16 +352,23 @@ def assemble_columns(wins: Sequence[_WinCols], first_pos: Sequence[int]):
     for name in names:
         got = [w.fields.get(name) for w in wins]
         if all(g is not None and g[0] == "array" for g in got) and len({g[1].dtype for g in got}) == 1:
-            fields[name] = np.concatenate([g[1] for g in got])
+            col = np.empty(n, dtype=got[0][1].dtype)
+            pos = 0
+            for w in wins:
+                col[pos:pos + w.n] = w.fields.pop(name)[1]
+                pos += w.n
+            fields[name] = col
         elif all(g is not None and g[0] == "dict" for g in got):
             table: Dict[str, int] = {}
-            codes = []
-            for g in got:
-                c, distinct = g[1]
+            codes = np.empty(n, dtype=np.int64)
+            pos = 0
+            for w in wins:
+                c, distinct = w.fields.pop(name)[1]
                 remap = np.fromiter((table.setdefault(v, len(table)) for v in distinct.tolist()), dtype=np.int64,
                                     count=len(distinct))
-                codes.append(remap[c] if c.size else c)
-            fields[name] = Factorized(np.concatenate(codes), list(table))
+                codes[pos:pos + w.n] = remap[c] if c.size else c
+                pos += w.n
+            fields[name] = Factorized(codes, list(table))
         else:  # mixed kinds or missing values: the exact values, as the whole column (rare)
             values: List[Any] = []
             for g, w in zip(got, wins):
@@ -369,5 +376,21 @@ def assemble_columns(wins: Sequence[_WinCols], first_pos: Sequence[int]):
             fields[name] = column_array(values)
     digests = None
     if wins and all(w.digests is not None for w in wins):
-        digests = np.concatenate([w.digests for w in wins])
+        digests = np.empty((n, wins[0].digests.shape[1]), dtype=np.uint8)  # (N, width)
+        pos = 0
+        for w in wins:
+            digests[pos:pos + w.n] = w.digests
+            pos += w.n
+            w.digests = None
     return id_kind, ids, fields, digests
+
+
+def _fill(wins: Sequence[_WinCols], attr: str, dtype: Any, n: int) -> np.ndarray:
+    """The windows' ``attr`` arrays in one (n,) array, each window's dropped once copied (one copy held, not two)."""
+    out = np.empty(n, dtype=dtype)
+    pos = 0
+    for w in wins:
+        out[pos:pos + w.n] = getattr(w, attr)
+        pos += w.n
+        setattr(w, attr, None)
+    return out
