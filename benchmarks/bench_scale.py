@@ -1,9 +1,11 @@
-"""Selection and store reading at 10M records (issue #24 item 3): ``ScoreStore.open``, ``gs.select`` (one
+"""Selection and store reading at 10M records (issue #24 item 3), and streaming scoring at 10k-1M (item 1,
+``--stream``): ``ScoreStore.open``, ``gs.select`` (one
 group, 2 groups, 100k groups, ``score="norm_per_token"``), and the CLI (``gradsel select``, ``gradsel select
 --data``, ``gradsel inspect --by --policy``) as whole processes, with their peak RSS.
 
     python benchmarks/bench_scale.py                       # 10M records (store built with from_arrays)
     python benchmarks/bench_scale.py --quick --out-dir /tmp/x
+    python benchmarks/bench_scale.py --stream              # peak RSS at 10k/100k/1M, 1M rerun and resume
 
 The store is made with ``ScoreStore.from_arrays`` (no scoring): random norms, losses and token counts, a
 ``task`` field with 2 values and a ``cluster`` field with 100k values (strings). ``--data`` needs the
@@ -96,6 +98,138 @@ def run_cli(argv, env):
     return wall, usage.ru_utime + usage.ru_stime, peak_kb / 1024.0
 
 
+# -- streaming scoring (issue #24 item 1) -----------------------------------------------------------
+
+STREAM_TARGETS = {"peak RSS growth 10k -> 1M": 50.0, "rerun, nothing to do": 5.0, "resume, first new batch": 10.0}
+
+
+def micro_model():
+    """The streaming measures' model: a TinyGPT small enough that 1M records score in minutes on 2 shared
+    cores (byte vocab 259, d_model 8, 1 layer, 1 head); what is measured is the data path, not the engine."""
+    from gradsel_core.models import TinyGPT, TinyGPTConfig
+
+    torch.manual_seed(0)
+    return TinyGPT(TinyGPTConfig(vocab_size=259, d_model=8, n_layer=1, n_head=1, max_seq_len=64))
+
+
+def write_stream_data(path: Path, n: int) -> None:
+    """``n`` short JSONL records: an int id, a text of 8-40 bytes, a ``task`` field with 2 values."""
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for lo in range(0, n, 100_000):
+            hi = min(n, lo + 100_000)
+            lens = rng.integers(8, 41, hi - lo)
+            f.write("".join(f'{{"id": {i}, "text": "{(f"record {i} " * 8)[:int(L)]}", "task": "{"ab"[i % 2]}"}}\n'
+                            for i, L in zip(range(lo, hi), lens)))
+
+
+def stream_child(mode: str, data: str, out: str) -> None:
+    """One measured process (``score``, ``rerun`` or ``resume``): ``score_dataset`` on the JSONL file with the
+    byte tokenizer; prints JSON with the call's wall seconds and the seconds from the call to its first
+    scored batch."""
+    import json as _json
+
+    from gradsel_core import GradNormEngine
+    from gradsel_core.data import ByteTokenizer
+    from gradsel_core.windows import JsonlFile
+
+    torch.set_num_threads(1)
+    model = micro_model()
+    first = {}
+    real = GradNormEngine.score
+
+    def score(self, *a, **k):
+        first.setdefault("t", time.perf_counter())
+        return real(self, *a, **k)
+
+    GradNormEngine.score = score
+    t0 = time.perf_counter()
+    store = gs.score_dataset(model, JsonlFile(data), out, tokenizer=ByteTokenizer(), max_length=64, progress=False)
+    wall = time.perf_counter() - t0
+    print(_json.dumps({"mode": mode, "wall_s": wall, "first_batch_s": (first["t"] - t0) if "t" in first else None,
+                       "records": len(store), "records_scored": store.run.get("records_scored")}))
+
+
+def run_child(args, env):
+    """(child's JSON, process wall s, CPU s, peak RSS MB) of one ``stream_child`` in a fresh process."""
+    import json as _json
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--stream-child", *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = p.stdout.read()
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"stream child {args} failed: {err.decode()[-2000:]}")
+    return _json.loads(out.decode().strip().splitlines()[-1]), wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def stream_main(args, env) -> None:
+    """Peak RSS of a full scoring run at each N, then at the largest N a rerun with nothing to do and a resume
+    whose last window is missing (every finished window is checked first: the worst case for the first batch)."""
+    sizes = [int(x) for x in args.stream_records.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-", dir=args.work_dir))
+    stem = f"scale-stream-{utc_stamp()}"
+    rows = []
+    meta = {**env_info(), "snapshot_of": os.environ.get("BENCH_SNAPSHOT_COMMIT"), "sizes": sizes,
+            "model": "TinyGPT(vocab 259, d_model 8, 1 layer, 1 head) via score_dataset(JsonlFile, ByteTokenizer, "
+                     "max_length=64), default token budget and shard size; one fresh process per measure",
+            "note": "shared 2-core CPU: wall-clock figures are noisy (one run each). The finished 1M store of the "
+                    "rerun/resume measures is the one the full 1M scoring run in this script wrote. No plain "
+                    "forward+backward baseline: these measures time the data path (reading, hashing, checking), "
+                    "and the RSS of whole processes."}
+
+    def report():
+        md = markdown_table(["measure", "records", "wall s (call)", "process s", "CPU s", "peak RSS MB", "target", "meets"],
+                            [[r["measure"], f"{r['records']:,}", f"{r['call_s']:.2f}", f"{r['process_s']:.2f}",
+                              f"{r['cpu_s']:.2f}", f"{r['peak_rss_mb']:.0f}", r.get("target", ""),
+                              "" if r.get("meets") is None else ("yes" if r["meets"] else "NO")] for r in rows])
+        md += (f"\n\n{meta['timestamp']}, {meta['cpu']} ({meta['cpu_count']} cores, shared: timings are noisy), "
+               f"torch {meta['torch_version']}, code {str(meta['git_commit'] or meta['snapshot_of'])[:10]}. {meta['model']}.\n")
+        write_results(rows, args.out_dir, stem, meta, markdown=md)
+        return md
+
+    try:
+        for n in sizes:
+            data, out = work / f"d{n}.jsonl", work / f"s{n}"
+            write_stream_data(data, n)
+            res, wall, cpu, rss = run_child(["score", str(data), str(out)], env)
+            rows.append({"measure": "score from scratch", "records": n, "call_s": res["wall_s"], "process_s": wall,
+                         "cpu_s": cpu, "peak_rss_mb": rss, "data_mb": round(data.stat().st_size / 2 ** 20, 1)})
+            print(rows[-1], flush=True)
+            report()
+        base = next(r for r in rows if r["records"] == min(sizes))
+        top = next(r for r in rows if r["records"] == max(sizes))
+        growth = top["peak_rss_mb"] - base["peak_rss_mb"]
+        rows.append({"measure": f"peak RSS growth {min(sizes):,} -> {max(sizes):,}", "records": max(sizes), "call_s": 0.0,
+                     "process_s": 0.0, "cpu_s": 0.0, "peak_rss_mb": growth, "target": "<= +50 MB",
+                     "meets": growth <= STREAM_TARGETS["peak RSS growth 10k -> 1M"] if min(sizes) <= 10_000 else None})
+        n = max(sizes)
+        data, out = work / f"d{n}.jsonl", work / f"s{n}"
+        res, wall, cpu, rss = run_child(["rerun", str(data), str(out)], env)
+        rows.append({"measure": "rerun, nothing to do", "records": n, "call_s": res["wall_s"], "process_s": wall,
+                     "cpu_s": cpu, "peak_rss_mb": rss, "target": "<= 5 s (call)",
+                     "meets": res["wall_s"] <= STREAM_TARGETS["rerun, nothing to do"], "records_scored": res["records_scored"]})
+        print(rows[-1], flush=True)
+        report()
+        shards = sorted(p for p in out.iterdir() if p.name.startswith("shard-"))
+        shards[-1].unlink()
+        (out / "manifest.json").unlink()
+        res, wall, cpu, rss = run_child(["resume", str(data), str(out)], env)
+        rows.append({"measure": "resume, first new batch", "records": n, "call_s": res["first_batch_s"],
+                     "process_s": wall, "cpu_s": cpu, "peak_rss_mb": rss, "target": "<= 10 s (call to 1st batch)",
+                     "meets": res["first_batch_s"] <= STREAM_TARGETS["resume, first new batch"],
+                     "records_scored": res["records_scored"], "whole_call_s": res["wall_s"]})
+        print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    md = report()
+    print(md)
+    print(f"wrote {args.out_dir}/{stem}.json, .csv, .md")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=10_000_000)
@@ -107,7 +241,16 @@ def main(argv=None):
     ap.add_argument("--work-dir", default=None, help="where the stores are built (default: a temp dir)")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     ap.add_argument("--only", default=None, help="comma-separated measure names (prefixes) to run, e.g. 'cli inspect'")
+    ap.add_argument("--stream", action="store_true", help="the streaming scoring measures instead (issue #24 item 1)")
+    ap.add_argument("--stream-records", default="10000,100000,1000000", help="record counts of --stream")
+    ap.add_argument("--stream-child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.stream_child:
+        return stream_child(*args.stream_child)
+    if args.stream:
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")]))
+        return stream_main(args, env)
     only = [w.strip() for w in args.only.split(",")] if args.only else None
 
     def want(measure: str) -> bool:

@@ -283,14 +283,14 @@ def compact_record(rec: Dict[str, Any]) -> Dict[str, Any]:
 
 def encode_records(
     records, tokenizer: Any, max_length: Optional[int] = None, compact: bool = False, progress: Any = None,
-    seq2seq: bool = False,
+    seq2seq: bool = False, offset: int = 0,
 ) -> List[Dict[str, Any]]:
     """:func:`encode_record` over an iterable (``compact``: :func:`compact_record` each, ~10x less memory
     than lists for large datasets); warns about records without a target token, saying whether they had
     none or truncation cut them all. ``progress``: called with the number of records encoded so far."""
     out = []
     none, cut = [], []  # positions of records without a target token: from the start / after truncation
-    for pos, r in enumerate(records):
+    for pos, r in enumerate(records, offset):  # offset: the first record's position (a window of a stream)
         try:
             e = encode_record(r, tokenizer, max_length if seq2seq else None, seq2seq=seq2seq)
         except (ValueError, TypeError) as err:
@@ -308,7 +308,7 @@ def encode_records(
                 e[k] = e[k][:max_length]
         out.append(compact_record(e) if compact else e)
         if progress is not None:
-            progress(pos + 1)
+            progress(pos + 1 - offset)
 
     def some(p: List[int]) -> str:
         return ", ".join(map(str, p[:5])) + (", ..." if len(p) > 5 else "")
@@ -636,12 +636,15 @@ def plan_batches(
     max_tokens: Optional[int] = None,
     window: Optional[int] = None,
     warn: bool = True,
+    offset: int = 0,
+    first_index: int = 0,
 ) -> List[PlannedShard]:
     """A deterministic batch plan: the data is cut into consecutive windows of ``window`` records
     (default ``64 * batch_size``); within a window records are sorted by length (longest first, ties by
     position) and packed greedily into batches of at most ``batch_size`` records and at most
     ``max_tokens`` padded tokens (``B * T_max``). A record longer than ``max_tokens`` gets a batch of
-    its own (with a warning). Each window is one :class:`PlannedShard`.
+    its own (with a warning). Each window is one :class:`PlannedShard`. ``offset`` / ``first_index``: the
+    position of ``lengths[0]`` and the index of the first window (a window of a stream, planned on its own).
     """
     if batch_size is None and max_tokens is None:
         raise ValueError("give batch_size, max_tokens or both")
@@ -657,15 +660,15 @@ def plan_batches(
     n = len(lengths)
     shards: List[PlannedShard] = []
     too_long: List[int] = []
-    for s, start in enumerate(range(0, n, window)):
+    for s, start in enumerate(range(0, n, window), first_index):
         stop = min(n, start + window)
         pos = np.arange(start, stop)
-        order = pos[np.lexsort((pos, -lengths[start:stop]))]  # longest first, ties by position
+        order = pos[np.lexsort((pos, -lengths[start:stop]))] + offset  # longest first, ties by position
         batches: List[Tuple[int, ...]] = []
         cur: List[int] = []
         cur_t = 0
         for p in order.tolist():
-            L = int(lengths[p])
+            L = int(lengths[p - offset])
             if cur:
                 full = batch_size is not None and len(cur) >= batch_size
                 over = max_tokens is not None and (len(cur) + 1) * cur_t > max_tokens
@@ -679,7 +682,7 @@ def plan_batches(
             cur.append(p)
         if cur:
             batches.append(tuple(cur))
-        shards.append(PlannedShard(index=s, start=start, stop=stop, batches=tuple(batches)))
+        shards.append(PlannedShard(index=s, start=start + offset, stop=stop + offset, batches=tuple(batches)))
     if too_long and warn:
         log.warning(
             "%d record(s) are longer than max_tokens=%d and are scored in batches of their own "

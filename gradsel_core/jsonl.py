@@ -91,29 +91,38 @@ def _jsonl_records(path: str, limit: Optional[int], progress: Any, check_values:
             lineno += 1
             if progress is not None:
                 progress(len(raw))
-            if limit is not None and len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
-                raise UsageError(f"{path}:{lineno}: line longer than {limit:,} bytes (--max-line-bytes); is this a "
-                                 "JSONL file? Raise --max-line-bytes for records that long")
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise UsageError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                    "re-encode the file as UTF-8"
-                ) from None
-            if not line:
-                continue
-            try:
-                obj = _loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            except RecursionError:
-                raise UsageError(f"{path}:{lineno}: JSON nested too deeply to read; flatten the record") from None
-            if not isinstance(obj, dict):
-                raise UsageError(f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
-            if check_values:
-                check_record_values(obj, f"{path}:{lineno}")
-            yield obj
+            obj = parse_jsonl_line(raw, path, lineno, limit, check_values)
+            if obj is not None:
+                yield obj
+
+
+def parse_jsonl_line(raw: bytes, path: str, lineno: int, limit: Optional[int] = DEFAULT_MAX_LINE_BYTES,
+                     check_values: bool = True) -> Optional[Dict[str, Any]]:
+    """The record of one raw JSONL line (``None`` for a blank line), checked as :func:`iter_jsonl` checks it;
+    ``UsageError`` naming ``path:lineno``."""
+    if limit is not None and len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+        raise UsageError(f"{path}:{lineno}: line longer than {limit:,} bytes (--max-line-bytes); is this a "
+                         "JSONL file? Raise --max-line-bytes for records that long")
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "re-encode the file as UTF-8"
+        ) from None
+    if not line:
+        return None
+    try:
+        obj = _loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UsageError(f"{path}:{lineno}: JSON nested too deeply to read; flatten the record") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
+    if check_values:
+        check_record_values(obj, f"{path}:{lineno}")
+    return obj
 
 
 def _plain(x: Any) -> Any:

@@ -5,30 +5,57 @@
     store.ids, store.norms, store.losses, store.tokens       # numpy, in the dataset's order
     store = gs.ScoreStore.open("scores/run1")                 # later, anywhere
 
-How it works
-    1. One pass over the dataset reads each record's length, id and metadata fields and hashes its
-       tokens. Records are ``{"input_ids", "labels"?, "attention_mask"?, "id"?, ...}`` dicts, from a list,
-       any iterable, or anything indexable with ``len()`` (e.g. an HF ``datasets.Dataset``, read by
-       index without loading it all).
-    2. A deterministic batch plan (``gradsel_core.data.plan_batches``): consecutive windows of
-       ``shard_size`` records (default ``64 * batch_size``), sorted by length within the window and packed
-       into batches of at most ``batch_size`` records and ``max_tokens`` padded tokens. Each window is
-       one shard, named by its plan index.
-    3. Each completed shard is written atomically; the manifest is written when every shard is there.
+How it works: streaming, one window at a time (issue #24)
+    The dataset is read in *windows* of ``shard_size`` consecutive records (default ``64 * batch_size``,
+    4096 without ``batch_size``; :mod:`gradsel_core.windows`). Each window is read, tokenized (with
+    ``tokenizer``), validated (token ids inside the vocabulary, ids and int fields within 64 bits, errors
+    naming the record), planned (``gradsel_core.data.plan_batches``: sorted by length within the window,
+    packed into batches of at most ``batch_size`` records and ``max_tokens`` padded tokens), scored, and
+    written atomically as shard ``s`` with its per-record columns (ids, metadata fields, each raw record's
+    content digest) and its *window hash*; then it is dropped. Memory holds one window, never the dataset
+    (records are records, a list, any iterable, an HF ``Dataset`` or streaming ``IterableDataset``; a
+    JSONL file given as :class:`gradsel_core.windows.JsonlFile`, as ``gradsel score`` does). When every
+    window is scored, rank 0 assembles the columns file from the shards (ids checked for one kind and no
+    duplicate across windows, errors naming both records) and writes the manifest, which holds the record
+    count, the id kind and a chain hash of the window hashes (``data.sha256``).
 
-Resume
-    Rerunning the same call after a crash or ``kill -9`` validates the shards present (checksums in
-    their headers, the run key), removes partial temp files and corrupted shards (with a warning naming
-    them), rebuilds a lost or corrupted manifest from the shards, and scores only what is missing. Every
-    sample is scored in the same batch as before, so the final store equals an uninterrupted run's, and on
-    CPU its shard files are byte-identical (tested; on GPUs only where the kernels are deterministic). A
-    directory that holds another model, config or dataset (per the manifest or any shard) is refused
-    unless ``overwrite=True``; so is a non-empty directory that is not a store.
+Data identity
+    The run key (in every shard) covers the model, the scoring config and how the records are made (the
+    tokenizer's fingerprint and ``max_length``), not the records: those are identified per window. The
+    window hash is the sha256 of the window's raw record digests (:func:`gradsel_core.jsonl.record_digest`:
+    the same record read from JSONL, Parquet or a datasets folder hashes the same) when the run tokenizes,
+    else of the given tokens, labels, masks, ids and fields. A JSONL window also stores its byte range in
+    the file and the sha256 of those bytes. On read, a shard must carry the window hash the manifest lists
+    for it (a shard copied from another store of the same model is refused, and ``gradsel repair`` removes
+    it so the rerun rescores it).
+
+Resume and rerun
+    Rerunning the same call after a crash or ``kill -9`` validates the shards present (checksums, the run
+    key, window layout), removes partial temp files and corrupted shards (with a warning naming them), and
+    streams the dataset again: a finished window is *checked, not tokenized* (JSONL: by reading its stored
+    byte range and comparing the sha256, no JSON parsing; a byte difference falls back to the content
+    hash, so reformatting is no change; other inputs: by hashing the raw records), then the unfinished
+    windows are scored. Why not trust the file's size and mtime: an edit that keeps both (or a copy that
+    sets them) would go unnoticed, and "never a wrong number" means an edited record is refused; hashing
+    the bytes costs about a second per GB. A window whose records changed is refused with a
+    ``StoreConflictError`` naming the window, its record range and (with digests) the first record that
+    differs and its id; so are records added to or removed from a complete store. Every sample is scored
+    in the same batch as before, so the final store equals an uninterrupted run's, and on CPU its shard
+    files are byte-identical (tested). A directory that holds another model or config (per the manifest
+    or any shard) is refused unless ``overwrite=True``; so is a non-empty directory that is not a store.
+    A bad record is found when its window is read: the windows before it are already written (and kept
+    for a resume); its own window is never written. Before the first window, one record is read and
+    tokenized to resolve the backend (so a rerun tokenizes exactly one record).
 
 Multi-GPU and multi-node (``torch.distributed``)
-    When ``torch.distributed`` is initialised, each rank scores a disjoint, strided part of the
-    remaining shards and writes rank-tagged shard files into the shared ``out_dir``; rank 0 writes the
-    manifest after a barrier, and every rank gets the store back. The result equals a one-process run
+    When ``torch.distributed`` is initialised, window ``s`` belongs to rank ``s % world``: each rank reads,
+    tokenizes, checks and scores only its own windows (an indexable dataset is read by index and a JSONL
+    file's other windows are only counted, not parsed; a one-pass iterable is read past by every rank) and
+    writes rank-tagged shard files into the shared ``out_dir``; rank 0 assembles the store after a barrier,
+    and every rank gets the store back. Ranks check that they saw the same record count and the same run
+    key; that they saw the same records is not checked across ranks (each hashes only its own windows).
+    With FSDP (collective forwards) the ranks agree before each batch whether one still has work, and a
+    rank without one runs a padding forward. The result equals a one-process run
     (and the store can be resumed with any number of processes). With the CLI, one command per node::
 
         # one node, 8 GPUs
@@ -47,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -65,6 +93,7 @@ from .batching import IGNORE_INDEX, prepare_batch
 from .data import (DEFAULT_MAX_TOKENS, as_int_array, check_record_values, collate, extra_fields, model_pad_id,
                    plan_batches, PlannedShard)
 from .engine import GradNormEngine
+from .windows import WINDOW_SCHEME
 from .errors import UsageError
 from .params import ParamSpec
 from .store import (
@@ -84,6 +113,7 @@ from .store import (
     build_manifest,
     canonical_hash,
     classify_dir,
+    decode_shard,
     conflict_message,
     dir_lock,
     encode_shard,
@@ -168,18 +198,20 @@ def _check_vocab(a: np.ndarray, vocab: Optional[int], what: str, labels: bool = 
 
 
 def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optional[int] = None,
-                 seq2seq: bool = False) -> DataScan:
+                 seq2seq: bool = False, offset: int = 0) -> DataScan:
     """Validate every record (token ids inside ``[0, vocab)`` when given; labels inside
     ``[0, label_vocab)`` or -100; ids and int fields within 64 bits); collect lengths, ids, metadata fields
-    and a content hash. Errors name the record (its position and id)."""
+    and a content hash. Errors name the record (its position and id). ``offset``: the position of the first
+    record (a window of a stream: positions name records, and are the ids of records without one)."""
     source, it, n = _indexable(dataset)
     h = hashlib.sha256()
     lengths = np.zeros(n, dtype=np.int64)
     ids: List[Any] = []
     cols: Dict[str, Dict[int, Any]] = {}
-    pos = -1
-    for pos, rec in enumerate(it):
-        if pos >= n:
+    k = -1
+    for k, rec in enumerate(it):
+        pos = k + offset
+        if k >= n:
             raise ValueError(f"the dataset yielded more records than its len() = {n}")
         if not isinstance(rec, Mapping):
             raise TypeError(f"record {pos} is a {type(rec).__name__}; records must be dicts with 'input_ids'")
@@ -196,7 +228,7 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
         if L == 0:
             raise UsageError(f"{where} has empty input_ids (T = 0); drop it or give it at least one token")
         _check_vocab(ids_a, vocab, f"{where}: input_ids")
-        lengths[pos] = L
+        lengths[k] = L
         h.update(b"R")
         h.update(ids_a.tobytes())
         for key in ("labels", "attention_mask"):
@@ -218,19 +250,19 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
             raise TypeError(f"record {pos}: id must be an int or a str, got {type(rid).__name__}")
         ids.append(rid)
         h.update(repr(rid).encode("utf-8"))
-        for k, v in extra_fields(rec).items():
+        for key, v in extra_fields(rec).items():
             v = _py_scalar(v)
-            cols.setdefault(k, {})[pos] = v
-            h.update(f"{k}={v!r}".encode("utf-8"))
-    if pos + 1 != n:
-        raise ValueError(f"the dataset yielded {pos + 1} records but its len() is {n}")
+            cols.setdefault(key, {})[k] = v
+            h.update(f"{key}={v!r}".encode("utf-8"))
+    if k + 1 != n:
+        raise ValueError(f"the dataset yielded {k + 1} records but its len() is {n}")
     kinds = {type(i) for i in ids}
     if kinds - {int, str} or len(kinds) > 1:
         first_str = next(i for i, v in enumerate(ids) if isinstance(v, str))
         first_int = next(i for i, v in enumerate(ids) if isinstance(v, int))
         raise TypeError(
-            f"ids must be all ints or all strs (records without an id take their position): record {first_int} "
-            f"has id {ids[first_int]!r}, record {first_str} has id {ids[first_str]!r}"
+            f"ids must be all ints or all strs (records without an id take their position): record {first_int + offset} "
+            f"has id {ids[first_int]!r}, record {first_str + offset} has id {ids[first_str]!r}"
         )
     id_kind = "str" if kinds == {str} else "int"
     if len(set(ids)) != n:
@@ -238,11 +270,11 @@ def scan_dataset(dataset: Any, vocab: Optional[int] = None, label_vocab: Optiona
         dups = []
         for i, v in enumerate(ids):
             if v in seen:
-                dups.append(f"{v!r} (records {seen[v]} and {i})")
+                dups.append(f"{v!r} (records {seen[v] + offset} and {i + offset})")
             else:
                 seen[v] = i
         raise ValueError(f"duplicate ids: {', '.join(dups[:5])}{' ...' if len(dups) > 5 else ''}")
-    fields = {k: [c.get(i) for i in range(n)] for k, c in sorted(cols.items())}
+    fields = {key: [c.get(i) for i in range(n)] for key, c in sorted(cols.items())}
     return DataScan(source, lengths, ids, id_kind, fields, h.hexdigest())
 
 
@@ -362,26 +394,29 @@ def _claim_dir(out_dir: str) -> None:
         atomic_write(os.path.join(out_dir, MARKER), marker_bytes())
 
 
-def _validate_existing(out_dir: str, plan: Sequence[PlannedShard], run_key: str, found=None):
-    """``{plan index: (file, bytes, tensors)}`` of the valid shards present; corrupted shards, shards
-    that do not fit the plan, and duplicates are removed (with a warning naming the file)."""
+def _existing_windows(out_dir: str, run_key: str, size: int, found=None, n_records: Optional[int] = None):
+    """``{window index: (file, bytes, tensors, meta)}`` of the valid shards of run ``run_key`` present
+    (window ``s`` holds records ``[s * size, ...)``, at most ``size``, all of them up to ``n_records`` when
+    given); corrupted shards, shards of another run or another layout, and duplicates are removed (with a
+    warning naming the file)."""
     if found is None:
         found = scan_shard_files(out_dir)
-    valid: Dict[int, Tuple[str, bytes, Dict[str, np.ndarray]]] = {}
-    by_index = {sh.index: sh for sh in plan}
+    valid: Dict[int, Tuple[str, bytes, Dict[str, np.ndarray], Dict[str, Any]]] = {}
     for name, idx, data, tensors, meta, err in found:
-        sh = by_index.get(idx)
         path = os.path.join(out_dir, name)
         reason = err
         if reason is None:
+            start, stop = meta.get("start"), meta.get("stop")
+            want_stop = None if n_records is None else min(n_records, (idx + 1) * size)
             if meta.get("run_key") != run_key:
                 reason = f"{path}: written by another run (different model/config/data)"
-            elif sh is None or meta.get("start") != sh.start or meta.get("stop") != sh.stop:
-                reason = f"{path}: does not match the batch plan"
-            elif not np.array_equal(tensors.get("positions"), np.arange(sh.start, sh.stop)):
-                reason = f"{path}: positions do not cover [{sh.start}, {sh.stop})"
+            elif (meta.get("index") != idx or start != idx * size or not isinstance(stop, int) or not 0 < stop - start <= size
+                  or not isinstance(meta.get("window"), dict) or (want_stop is not None and stop != want_stop)):
+                reason = f"{path}: does not match the windows of {size} records"
+            elif not np.array_equal(tensors.get("positions"), np.arange(start, stop)):
+                reason = f"{path}: positions do not cover [{start}, {stop})"
         if reason is None and idx not in valid:
-            valid[idx] = (name, data, tensors)
+            valid[idx] = (name, data, tensors, meta)
             continue
         if reason is not None:
             log.warning("%s; removing it, it will be scored again", reason)
@@ -390,11 +425,24 @@ def _validate_existing(out_dir: str, plan: Sequence[PlannedShard], run_key: str,
     return valid
 
 
-def _identity(fingerprint, config, scan: DataScan, source: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    data: Dict[str, Any] = {"n_records": len(scan), "sha256": scan.sha256, "id_kind": scan.id_kind}
+# data totals the manifest adds to the identity's data when the store is complete (not part of the run key)
+DATA_TOTALS = ("n_records", "id_kind", "sha256")
+
+
+def _identity(fingerprint, config, source: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The run's identity (its hash is the run key in every shard): model, config and how the records are
+    made. The data itself is identified window by window (``gradsel_core.windows``), in each shard."""
+    data: Dict[str, Any] = {"windows": WINDOW_SCHEME}
     if source:
         data["source"] = dict(source)
     return {"model": fingerprint, "config": config, "data": data}
+
+
+def _stored_identity(ident: Mapping[str, Any]) -> Dict[str, Any]:
+    out = {k: ident.get(k) for k in IDENTITY_KEYS}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in DATA_TOTALS or "windows" not in out["data"]}
+    return out
 
 
 def _stored_layout(out_dir: str, identity: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
@@ -407,7 +455,7 @@ def _stored_layout(out_dir: str, identity: Mapping[str, Any]) -> Optional[Dict[s
     old = None
     with contextlib.suppress(StoreError, OSError):
         m = read_manifest(out_dir)
-        old = {k: m.get(k) for k in IDENTITY_KEYS} if m is not None else None
+        old = _stored_identity(m) if m is not None else None
     if old is None:
         with contextlib.suppress(StoreError, OSError):
             for _, _, _, _, meta, err in scan_shard_files(out_dir):
@@ -423,9 +471,9 @@ def _stored_layout(out_dir: str, identity: Mapping[str, Any]) -> Optional[Dict[s
     return stored if strip(old) == strip(dict(identity)) else None
 
 
-def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, versions) -> Dict[str, Any]:
-    """Rank 0, under the lock: conflict checks, cleanup, resume validation, side files. Returns what the
-    ranks need."""
+def _prepare_dir(out_dir, identity, run_key, size, resume, overwrite, versions) -> Dict[str, Any]:
+    """Rank 0, under the lock: conflict checks, cleanup, the finished windows. Returns what the ranks need:
+    ``{"complete", "done": {window index: its stored window info}, "records" (complete only), "created"}``."""
     _claim_dir(out_dir)
     remove_temp_files(out_dir)
     try:
@@ -442,8 +490,15 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
         log.info("%s: replacing an unfinished store that holds no scores yet", out_dir)
         old = None
     if not overwrite:
+        if old is not None and old["run_key"] != run_key and "windows" not in old["data"] and "sha256" in old["data"] \
+                and old["config"].get("source") != "ScoreStore.from_arrays":
+            raise StoreConflictError(
+                f"{out_dir} was scored by a gradsel before streaming scoring (its data identity is one hash of the "
+                "whole dataset, not per window), so it cannot be resumed or rechecked by this one; it can still be "
+                "read (ScoreStore.open, gradsel inspect/select). Pass overwrite=True (CLI: --overwrite) to score "
+                "again into it, or choose another directory.")
         if old is not None and old["run_key"] != run_key:
-            raise StoreConflictError(conflict_message(out_dir, {k: old.get(k) for k in IDENTITY_KEYS}, identity))
+            raise StoreConflictError(conflict_message(out_dir, _stored_identity(old), identity))
         # with our own manifest, a shard of another run (copied in) is removed and rescored below
         for name, _, _, _, meta, err in ([] if old is not None else found):
             if err is None and meta.get("run_key") != run_key:
@@ -461,51 +516,140 @@ def _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, vers
         old, found = None, []
         if removed:
             log.info("%s: removed the previous store files in %s", "overwrite" if overwrite else "no resume", out_dir)
+    created = (old or {}).get("created") or now()
     if old is not None and old["complete"] and resume:
         try:
-            ScoreStore.open(out_dir, verify=True)
-            return {"complete": True, "done": [sh.index for sh in plan]}
-        except StoreError as e:
+            store = ScoreStore.open(out_dir, verify=True)
+            done = {int(sh["index"]): sh["window"] for sh in old["shards"]}
+            return {"complete": True, "done": done, "records": int(old["counts"]["records"]), "created": created,
+                    "store": store}  # rank 0 keeps the store it verified (not sent to the other ranks)
+        except (StoreError, KeyError, TypeError) as e:
             log.warning("%s; repairing the store", e)
-    valid = _validate_existing(out_dir, plan, run_key, found)
+            if _drop_foreign_windows(out_dir, old, run_key):
+                found = scan_shard_files(out_dir)
+    valid = _existing_windows(out_dir, run_key, size, found)
+    if old is None or old["run_key"] != run_key or old["complete"]:
+        manifest = build_manifest(identity, run_key, 0, 0, {}, versions, created)
+        manifest["counts"]["shards_scored"] = len(valid)
+        atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
+    if valid:
+        log.info("resuming %s: %d windows already scored", out_dir, len(valid))
+    return {"complete": False, "done": {i: v[3]["window"] for i, v in valid.items()}, "created": created}
+
+
+def _merge(out_dir, n_records, size, run_key, identity, created, versions, info) -> ScoreStore:
+    """Rank 0, after every rank is done: one valid shard per window, the columns file assembled from the
+    windows' columns (ids checked: one kind, no duplicate), the manifest. Shards are read one at a time: what
+    is held is the store's per-record numbers (norms, losses, tokens for the summary; ids, digests, codes)."""
+    from .store import list_shards, read_store_file
+    from .windows import _read_window_columns, assemble_columns, chain_hash
+
+    n_windows = -(-n_records // size)
+    names = list_shards(out_dir)
+    shards, wins, starts, missing = [], [], [], []
+    for s in range(n_windows):
+        picked = None
+        for name in names.get(s, []):
+            path = os.path.join(out_dir, name)
+            found: List[Any]
+            try:
+                data = read_store_file(out_dir, name)
+                tensors, meta = decode_shard(data, path)
+                found = [(name, s, data, tensors, meta, None)]
+            except StoreError as e:
+                found = [(name, s, None, None, None, str(e))]
+            if picked is None:
+                got = _existing_windows(out_dir, run_key, size, found, n_records=n_records)
+                if s in got:
+                    picked = got[s]
+                    continue
+            else:  # a duplicate (another rank's copy): the first valid one is the shard
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        if picked is None:
+            missing.append(s)
+            continue
+        name, data, tensors, meta = picked
+        scores = {k: tensors[k] for k in ("norms", "losses", "tokens") if k in tensors}
+        shards.append(({"file": name, "index": s, "start": meta["start"], "count": meta["stop"] - meta["start"],
+                        "batches": meta.get("batches", 0), "window": meta["window"], "sha256": sha256_bytes(data),
+                        "size": len(data)}, None, scores))
+        wins.append(_read_window_columns(tensors, meta, os.path.join(out_dir, name)))
+        starts.append(meta["start"])
+        del data, tensors, picked
+    if missing:
+        raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
+    id_kind, ids, fields, digests = assemble_columns(wins, starts)
+    del wins
     side: Dict[str, Tuple[str, int]] = {}
-    docs = side_file_docs(scan.id_kind, scan.ids, scan.fields, scan.record_sha256)
-    for name, doc in docs:
+    for name, doc in side_file_docs(id_kind, ids, fields, digests):
         side[name] = (sha256_bytes(doc), len(doc))
         atomic_write(os.path.join(out_dir, name), doc)
+    del ids, fields, digests
     for name in {IDS_FILE, FIELDS_FILE, COLUMNS_FILE} - set(side):
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))  # ours (the directory is a store): stale from a replaced run
-    created = (old or {}).get("created") or now()
-    manifest = build_manifest(identity, run_key, len(scan), len(plan), side, versions, created)
-    atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
-    if valid:
-        log.info("resuming %s: %d of %d shards already scored", out_dir, len(valid), len(plan))
-    return {"complete": False, "done": sorted(valid), "side": side, "created": created}
-
-
-def _merge(out_dir, plan, run_key, identity, scan, prep, versions, info) -> ScoreStore:
-    """Rank 0, after every rank is done: pick one valid shard per plan index, write the manifest."""
-    valid = _validate_existing(out_dir, plan, run_key)
-    missing = [sh.index for sh in plan if sh.index not in valid]
-    if missing:
-        raise StoreError(f"{out_dir}: shards {missing[:10]} are missing after the run; rerun to finish them")
-    shards = []
-    parts: Dict[str, List[np.ndarray]] = {}
-    for sh in plan:
-        name, data, tensors = valid[sh.index]
-        shards.append(({"file": name, "index": sh.index, "start": sh.start, "count": sh.size,
-                        "batches": len(sh.batches)}, data, tensors))
-        for k, v in tensors.items():
-            parts.setdefault(k, []).append(v)
-    manifest = build_manifest(identity, run_key, len(scan), len(plan), prep["side"], versions, prep["created"],
-                              shards=shards, run=info)
+    manifest = build_manifest(identity, run_key, n_records, n_windows, side, versions, created, shards=shards, run=info)
+    del shards
+    manifest["data"] = {**manifest["data"], "n_records": n_records, "id_kind": id_kind,
+                        "sha256": chain_hash([sh["window"]["sha256"] for sh in manifest["shards"]])}
     atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
     if manifest["counts"]["nonfinite"]:
         log.warning("%s: NaN/inf: %d records have a non-finite loss or norm (stored as such, counted in "
                     "store.meta['counts'])", out_dir, manifest["counts"]["nonfinite"])
-    ids_doc = {"kind": scan.id_kind, "ids": scan.ids}
-    return ScoreStore.from_parts(out_dir, manifest, parts, ids_doc, scan.fields, record_sha256=scan.record_sha256)
+    return ScoreStore.open(out_dir, verify=False)
+
+
+def _drop_foreign_windows(out_dir: str, old: Optional[Mapping[str, Any]], run_key: str) -> int:
+    """Remove the shards whose records are not the ones a complete manifest of this run lists (their window
+    hash differs: copied from another store of the same model and config); they are rescored by the rerun.
+    Returns how many."""
+    if old is None or old.get("run_key") != run_key or not old.get("complete"):
+        return 0
+    want = {int(e["index"]): e.get("window") for e in old.get("shards", []) if isinstance(e, dict)}
+    n = 0
+    for name, idx, _, _, meta, err in scan_shard_files(out_dir):
+        if err is None and want.get(idx) is not None and meta.get("window") != want[idx]:
+            log.warning("%s: its records are not the ones the manifest lists (copied from another store?); "
+                        "removing it, rerun the score command to score them again", os.path.join(out_dir, name))
+            os.unlink(os.path.join(out_dir, name))
+            n += 1
+    return n
+
+
+def repair_stream(out_dir: str, run_key: str, identity: Mapping[str, Any], old: Optional[Mapping[str, Any]],
+                  versions: Mapping[str, Any]) -> Tuple[bool, int, int, List[int]]:
+    """``gradsel repair`` of a streaming run's store (called under the lock): the record count comes from the
+    columns file (or a complete manifest); when every window's shard is there the store is assembled again
+    (:func:`_merge`), else an incomplete manifest is written (the rerun scores what is missing). Returns
+    ``(complete, records, windows, missing windows)``."""
+    size = int(identity["config"]["shard_size"])
+    n = None
+    if old is not None and old.get("complete") and old.get("run_key") == run_key:
+        n = int(old["counts"]["records"])
+    if n is None:
+        with contextlib.suppress(Exception):
+            from .store import decode_shard, read_store_file
+
+            n = int(decode_shard(read_store_file(out_dir, COLUMNS_FILE), COLUMNS_FILE)[1]["n"])
+    if _drop_foreign_windows(out_dir, old, run_key):
+        n = None  # the store must be finished by the rerun
+    valid = _existing_windows(out_dir, run_key, size, n_records=n)
+    created = (old or {}).get("created") if old is not None and old.get("run_key") == run_key else None
+    if n is None and old is not None and old.get("complete") and old.get("run_key") == run_key:
+        n = int(old["counts"]["records"])
+        missing = [s for s in range(-(-n // size)) if s not in valid]
+    elif n is not None:
+        missing = [s for s in range(-(-n // size)) if s not in valid]
+        if not missing:
+            _merge(out_dir, n, size, run_key, dict(identity), created or now(), versions, {"repaired": now()})
+            return True, n, -(-n // size), []
+    else:
+        missing = [s for s in range(max(valid, default=-1) + 1) if s not in valid]
+    manifest = build_manifest(dict(identity), run_key, 0, 0, {}, versions, created)
+    manifest["counts"]["shards_scored"] = len(valid)
+    atomic_write(os.path.join(out_dir, MANIFEST), json_bytes(manifest))
+    return False, n or 0, len(valid) + len(missing), missing
 
 
 # -- scoring ----------------------------------------------------------------------------------------
@@ -542,10 +686,14 @@ class _Batches:
 
 
 def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, lengths: np.ndarray, bar, clock,
-                 reference=None):
+                 reference=None, base: int = 0, before_batch=None):
+    """Score one planned window; ``lengths`` are the window's (``lengths[p - base]`` is record ``p``'s).
+    ``before_batch``: called before each scored batch (FSDP's lockstep, see ``score_dataset``)."""
     pos, norms, losses, tokens, dots, cosines = [], [], [], [], [], []
     pp: Dict[str, List[torch.Tensor]] = {n: [] for n in engine.params} if engine.per_param else {}
     for positions, batch in batches(sh.batches):
+        if before_batch is not None:
+            before_batch()
         res = engine.score(batch, reference=reference)
         pos.extend(positions)
         norms.append(res.norms)
@@ -557,7 +705,7 @@ def _score_shard(engine: GradNormEngine, sh: PlannedShard, batches: _Batches, le
         for n in pp:
             pp[n].append(res.per_param[n])
         if bar is not None:
-            clock["tokens"] += int(lengths[list(positions)].sum())
+            clock["tokens"] += int(lengths[np.asarray(positions, dtype=np.int64) - base].sum())
             bar.update(len(positions))
             dt = max(time.perf_counter() - clock["t0"], 1e-9)
             bar.set_postfix_str(f"{clock['tokens'] / dt:,.0f} tok/s", refresh=False)
@@ -619,15 +767,17 @@ class DryRun:
         return dict(self.__dict__)
 
 
-def _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, reference, n_timed: int = 3) -> DryRun:
-    """Time the first ``n_timed`` batches of the plan (after one untimed warm-up) and describe ``out_dir``."""
-    batches = [b for sh in plan for b in sh.batches]
-    padded = int(sum(len(b) * int(scan.lengths[b[0]]) for b in batches))  # each batch's first record is its longest
+def _dry_run(engine, totals, first, pad, device, out_dir, run_key, config, reference, seq2seq=False,
+             n_timed: int = 3) -> DryRun:
+    """Time the first ``n_timed`` batches of the first window (after one untimed warm-up) and describe
+    ``out_dir``. ``totals``: records, tokens, padded tokens, batches, windows of the whole stream; ``first``:
+    ``(records, lengths, planned shard)`` of window 0, or ``None``."""
     est, timed = None, 0
-    if batches:
-        make = _Batches(scan.source, pad, device)
+    if first is not None:
+        records, lengths, sh = first
+        make = _Batches(records, pad, device, seq2seq)
         try:
-            sample = batches[:n_timed + 1]
+            sample = list(sh.batches[:n_timed + 1])
             t_used = tok_used = 0.0
             for k, (b, batch) in enumerate(make(sample)):
                 t0 = time.perf_counter()
@@ -635,9 +785,9 @@ def _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, referenc
                 if k == 0 and len(sample) > 1:
                     continue  # warm-up
                 t_used += time.perf_counter() - t0
-                tok_used += len(b) * int(scan.lengths[b[0]])
+                tok_used += len(b) * int(lengths[b[0]])
                 timed += 1
-            est = t_used / max(tok_used, 1.0) * padded
+            est = t_used / max(tok_used, 1.0) * totals["padded"]
         finally:
             make.close()
     state = "new"
@@ -650,9 +800,67 @@ def _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, referenc
                 state = "complete: nothing to score"
             else:
                 ours = sum(1 for f in scan_shard_files(out_dir) if f[5] is None and f[4].get("run_key") == run_key)
-                state = f"same run: {ours} of {len(plan)} shards scored"
-    return DryRun(len(scan), int(scan.lengths.sum()), padded, len(batches), len(plan), run_key,
+                state = f"same run: {ours} of {totals['shards']} shards scored"
+    return DryRun(totals["records"], totals["tokens"], totals["padded"], totals["batches"], totals["shards"], run_key,
                   str(config["backend_resolved"]), out_dir, state, timed, None if est is None else round(est, 3))
+
+
+class _Offset:
+    """A window's records indexed by dataset position."""
+
+    def __init__(self, records: Sequence[Any], base: int):
+        self.records, self.base = records, base
+
+    def __getitem__(self, p: int) -> Any:
+        return self.records[p - self.base]
+
+
+def _tokenize_window(win, tokenizer, length, seq2seq, vocab_in, vocab_out):
+    """``(scan, record digests or None, window hash)`` of a window's raw records: tokenized (with
+    ``tokenizer``), validated and scanned; the hash as :mod:`gradsel_core.windows` defines it."""
+    from .windows import digest_window_hash, digests_array
+
+    records, digests = win.records, None
+    if tokenizer is not None:
+        from .data import encode_records, record_digest
+
+        digests = digests_array([record_digest(r) if isinstance(r, Mapping) else "00" * 16 for r in records])
+        records = encode_records(records, tokenizer, length, compact=True, seq2seq=seq2seq, offset=win.start)
+    scan = scan_dataset(records, vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq, offset=win.start)
+    return scan, digests, (digest_window_hash(digests) if digests is not None else scan.sha256)
+
+
+def _check_window(out_dir, win, stored, tokenizer, seq2seq) -> None:
+    """A finished window's records must be the ones its shard scored (see :mod:`gradsel_core.windows`):
+    by its bytes (JSONL), else by its content hash, with no tokenizing; ``StoreConflictError`` naming the
+    window, its record range and the first record that differs."""
+    from .windows import digest_window_hash, digests_array, window_conflict
+
+    if win.bytes_ok:
+        return
+    ids = None
+    digests = None
+    if tokenizer is not None:
+        from .data import record_digest
+
+        digests = digests_array([record_digest(r) if isinstance(r, Mapping) else "00" * 16 for r in win.records])
+        sha = digest_window_hash(digests)
+        ids = [r.get("id", win.start + k) if isinstance(r, Mapping) else None for k, r in enumerate(win.records)]
+    else:
+        sha = scan_dataset(win.records, seq2seq=seq2seq, offset=win.start).sha256
+    if sha == stored.get("sha256") and win.count == stored.get("count"):
+        return
+    stored_digests = None
+    if digests is not None:  # the shard's per-record digests name the first record that differs
+        with contextlib.suppress(Exception):
+            from .store import read_store_file
+
+            for name in sorted(os.listdir(out_dir)):
+                if name.startswith(f"shard-{win.index:06d}-"):
+                    tensors, _ = decode_shard(read_store_file(out_dir, name), name)
+                    stored_digests = tensors.get("col.record_sha256")
+                    break
+    raise window_conflict(out_dir, win, stored, sha, digests, stored_digests, ids)
 
 
 def score_dataset(
@@ -685,10 +893,9 @@ def score_dataset(
         model: the model (on its device; the batches follow the first parameter's device).
         dataset: records ``{"input_ids", "labels"?, "attention_mask"?, "id"?, ...}``: a list, an iterable
             or any indexable with ``len()`` (an HF ``datasets.Dataset``). A streaming HF ``IterableDataset``
-            (no ``len()``) or any other one-pass iterable works too, read once: with ``tokenizer`` each raw
-            record is tokenized as it streams by and only its compact tokenized form is kept (as for every
-            input today: memory grows with the record count, about 1 KB per short record, issue #24); without
-            ``tokenizer`` the records themselves are collected into a list first. Ids (int or str) are kept, else
+            (no ``len()``) or any other one-pass iterable works too, read once, one window at a time (see the
+            module doc: memory holds one window), as does a :class:`gradsel_core.windows.JsonlFile` (raw JSONL
+            records, with ``tokenizer``; a rerun checks its finished windows by their bytes). Ids (int or str) are kept, else
             the position is the id; duplicates are an error. Other scalar fields become ``store.fields``.
         batch_size: records per batch at most (``None``: only ``max_tokens`` limits).
         max_tokens: padded tokens per batch at most (``B * T_max``). With neither given, batches are sized
@@ -724,53 +931,54 @@ def score_dataset(
     Under ``torch.distributed`` every rank must call this with the same arguments (see module doc).
     """
     t_start = time.perf_counter()
-    record_sha256: Optional[List[Any]] = None
     from .batching import is_encoder_decoder
+    from .windows import CHECK, READ, SKIP, JsonlFile, Want, iter_windows, window_columns
 
     seq2seq = is_encoder_decoder(model)  # prompt -> encoder, response -> the decoder's labels
+    length = None
     if tokenizer is not None:
-        from .data import encode_records, model_max_length, record_digest
+        from .data import encode_record, model_max_length
         from .store import tokenizer_fingerprint
 
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
             raise UsageError(f"max_length must be a positive int (tokens per record), got {max_length!r}")
         length = max_length or model_max_length(model)
-        record_sha256 = []
-
-        def tap(records):  # each raw record's content hash, for `gradsel select --data`'s record-by-record check
-            for r in records:
-                record_sha256.append(record_digest(r) if isinstance(r, Mapping) else None)
-                yield r
-
-        dataset = encode_records(tap(_record_iter(dataset)), tokenizer, length, compact=True, seq2seq=seq2seq)
         # how the records were made is part of the store's identity (another tokenizer or length is refused)
         source = dict(source or {})
         source.setdefault("tokenizer", tokenizer_fingerprint(tokenizer))
         source.setdefault("max_length", length)
     elif max_length is not None:
         raise ValueError("max_length truncates while tokenizing: it needs tokenizer= as well")
+    elif isinstance(dataset, JsonlFile):
+        raise UsageError("a JSONL file is read as raw records: give tokenizer= to score it")
+    if not isinstance(dataset, JsonlFile) and not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        if isinstance(dataset, (Mapping, str, bytes)):
+            _indexable(dataset)  # the type error
+        dataset = _Peekable(iter(dataset))
     rank, world = _dist()
     engine = GradNormEngine(
         model, params=params, backend=backend, per_param=per_param, chunk_size=chunk_size, loss_reduction=loss_reduction,
         fused_head=fused_head,  # exact either way: not part of the store's identity
     )
     vocab_in, vocab_out = _model_vocab(model)
-    scan = scan_dataset(dataset, vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)
-    if record_sha256 is not None and None not in record_sha256:
-        scan.record_sha256 = record_sha256
     explicit_budget = max_tokens is not None
     if batch_size is None and max_tokens is None:  # the default: a token budget, no record cap
         max_tokens = DEFAULT_MAX_TOKENS
     window = shard_size if shard_size is not None else (64 * batch_size if batch_size is not None else 4096)
-    # a record longer than the budget gets a batch of its own; said only when the budget was asked for
-    plan = plan_batches(scan.lengths, batch_size, max_tokens, window, warn=rank == 0 and explicit_budget)
+    plan_batches([1], batch_size, max_tokens, window, warn=False)  # the argument checks, now
     device = _model_device(model)
     pad = model_pad_id(model) if pad_id is None else int(pad_id)
-    if len(scan):
-        probe = collate([scan.source[0]], pad, seq2seq=seq2seq)
+    first = _first_record(dataset)  # the backend is resolved on a real record (one record read and tokenized)
+    if first is not None:
+        rec = first
+        if tokenizer is not None:
+            rec = encode_record(first, tokenizer, length, seq2seq=seq2seq)
+        scan_dataset([rec], vocab=vocab_in, label_vocab=vocab_out, seq2seq=seq2seq)  # the record's own errors, first
+        probe: Optional[Dict[str, torch.Tensor]] = collate([rec], pad, seq2seq=seq2seq)
         resolved = engine.resolve_backend(prepare_batch({k: v.to(device) for k, v in probe.items()}, lm_loss=True,
                                                         seq2seq=seq2seq))
     else:
+        probe = None
         resolved = engine.resolve_backend(None)
     config = {
         "params": params if isinstance(params, str) else "custom",
@@ -804,8 +1012,8 @@ def score_dataset(
         fingerprint["class"] = unsharded_class_name(model)
     if reference is not None:
         config["reference"] = _reference_identity(reference, fingerprint, engine)
-    identity = _identity(fingerprint, config, scan, source)
-    if resume and not overwrite:
+    identity = _identity(fingerprint, config, source)
+    if resume and not overwrite and not dry_run:
         stored = _stored_layout(os.fspath(out_dir), identity)
         if stored is not None:  # the batch plan changes no per-sample value: resume with the store's plan
             if rank == 0:
@@ -813,81 +1021,155 @@ def score_dataset(
                          "shard size change no per-sample value; new values apply to a new store)", os.fspath(out_dir),
                          ", ".join(f"{k}={stored[k]}" for k in LAYOUT_KEYS))
             config.update(stored)
-            plan = plan_batches(scan.lengths, stored["batch_size"], stored["max_tokens"], stored["shard_size"],
-                                warn=rank == 0)
-            identity = _identity(fingerprint, config, scan, source)
+            batch_size, max_tokens, window = stored["batch_size"], stored["max_tokens"], stored["shard_size"]
+            identity = _identity(fingerprint, config, source)
     run_key = canonical_hash(identity)
     keys = _all_gather(run_key, world)
     if len(set(keys)) > 1:
         bad = [r for r, k in enumerate(keys) if k != keys[0]]
         raise RuntimeError(
-            f"ranks {bad} differ from rank 0 in model weights, data or config; every rank must call "
+            f"ranks {bad} differ from rank 0 in model weights or config; every rank must call "
             "score_dataset with the same model, dataset and arguments"
         )
     versions = _versions()
     out_dir = os.fspath(out_dir)
+
+    def prepared(win):
+        scan, digests, sha = _tokenize_window(win, tokenizer, length, seq2seq, vocab_in, vocab_out)
+        (sh,) = plan_batches(scan.lengths, batch_size, max_tokens, max(len(scan), 1), warn=rank == 0 and explicit_budget,
+                             offset=win.start, first_index=win.index)
+        return scan, digests, sha, sh
+
     if dry_run:
-        return _dry_run(engine, scan, plan, pad, device, out_dir, run_key, config, reference)  # type: ignore[return-value]
+        totals = {"records": 0, "tokens": 0, "padded": 0, "batches": 0, "shards": 0}
+        first_w = None
+        for win in iter_windows(dataset, window, lambda s: Want(READ)):
+            scan, _, _, sh = prepared(win)
+            totals["records"] += len(scan)
+            totals["tokens"] += int(scan.lengths.sum())
+            totals["padded"] += int(sum(len(b) * int(scan.lengths[b[0] - win.start]) for b in sh.batches))
+            totals["batches"] += len(sh.batches)
+            totals["shards"] += 1
+            if first_w is None:
+                first_w = (_Offset(scan.source, win.start), _OffsetLengths(scan.lengths, win.start), sh)
+        return _dry_run(engine, totals, first_w, pad, device, out_dir, run_key, config, reference,  # type: ignore[return-value]
+                        seq2seq=seq2seq)
 
     with contextlib.ExitStack() as stack:
         prep: Any
+        verified = None
         if rank == 0:
             try:
                 _open_out_dir(out_dir, overwrite)
                 stack.enter_context(dir_lock(out_dir))
-                prep = _prepare_dir(out_dir, identity, run_key, scan, plan, resume, overwrite, versions)
+                prep = _prepare_dir(out_dir, identity, run_key, window, resume, overwrite, versions)
             except Exception as e:
                 _broadcast({"error": f"{type(e).__name__}: {e}"}, world)
                 raise
+            verified = prep.pop("store", None)
             _broadcast(prep, world)
         else:
             prep = _broadcast(None, world)
             if "error" in prep:
                 raise RuntimeError(f"rank 0 failed: {prep['error']}")
+        done: Dict[int, Dict[str, Any]] = prep["done"]
 
-        run = {"world_size": world, "device": str(device), "backend_used": resolved, "records_total": len(scan),
+        def want(s: int) -> Want:
+            if s % world != rank:
+                return Want(SKIP)
+            if s in done:
+                return Want(CHECK, done[s].get("bytes"))
+            return Want(READ)
+
+        run: Dict[str, Any] = {"world_size": world, "device": str(device), "backend_used": resolved, "records_total": 0,
                "records_scored": 0, "shards_scored": 0, "tokens_scored": 0, "scoring_s": 0.0}
+        bar = None
+        if progress and rank == 0 and not prep["complete"]:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(unit="sample", desc="scoring" if world == 1 else f"scoring (rank 0/{world})",
+                       dynamic_ncols=True, smoothing=0.05)
+        clock = {"t0": time.perf_counter(), "tokens": 0}
+        batches = _Batches(None, pad, device, seq2seq)
+        header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": None,
+                  "shards_planned": None, "side_files": {}, "versions": versions, "rank": rank}
+        n_records, my_batches, error = 0, 0, None
+        # FSDP forwards are collectives that pair up across ranks, and a rank cannot know how many batches the
+        # others' windows hold without tokenizing them: before each batch every rank says whether it has one
+        # (one small all_gather), and a rank that has none runs a padding forward while any other does
+        lockstep = (lambda: _all_gather(1, world)) if sharded and world > 1 else None
+        try:
+            for win in iter_windows(dataset, window, want):
+                n_records = win.start + win.count
+                if win.records is None and not win.bytes_ok:
+                    continue  # another rank's window
+                if win.index in done:
+                    _check_window(out_dir, win, done[win.index], tokenizer, seq2seq)
+                    continue
+                if prep["complete"]:
+                    raise StoreConflictError(
+                        f"{out_dir}: the dataset has more records than the store scored ({prep['records']}): "
+                        f"window {win.index} (records from {win.start}) is new. Pass overwrite=True (CLI: --overwrite) "
+                        "to score the new data from scratch, or score it into another directory.")
+                scan, digests, sha, sh = prepared(win)
+                batches.source = _Offset(scan.source, win.start)
+                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference, base=win.start,
+                                   before_batch=lockstep)
+                tensors, cmeta = window_columns(scan.id_kind, scan.ids, scan.fields, digests)
+                out.update(tensors)
+                info: Dict[str, Any] = {"count": win.count, "sha256": sha}
+                if win.bytes is not None:
+                    info["bytes"] = win.bytes
+                meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches),
+                        "window": info, "columns": cmeta, "id_kind": scan.id_kind}
+                atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
+                run["records_scored"] += win.count
+                run["shards_scored"] += 1
+                run["tokens_scored"] += int(scan.lengths.sum())
+                my_batches += len(sh.batches)
+                del out, tensors, sh, scan
+                _release_memory()
+            n_windows = -(-n_records // window)
+            beyond = sorted(s for s in done if s >= n_windows)
+            if beyond or (prep["complete"] and n_records != prep["records"]):
+                scored = prep["records"] if prep["complete"] else f"windows {beyond[:5]}, from record {min(beyond) * window}"
+                raise StoreConflictError(
+                    f"{out_dir}: the dataset has {n_records} records, not what the store scored ({scored}). Pass "
+                    "overwrite=True (CLI: --overwrite) to score the new data from scratch, or score it into another "
+                    "directory.")
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it before the collectives below
+            error = e
+        finally:
+            batches.close()
+            if bar is not None:
+                bar.close()
+        if lockstep is not None and error is None:
+            from .integrations.fsdp import pad_collective_forwards
+
+            while any(_all_gather(0, world)):  # another rank still scores: pad its collective forward
+                pad_collective_forwards(engine, [1, 0], 1, lambda: {k: v.to(device) for k, v in probe.items()})
+        errors = _all_gather(None if error is None else f"{type(error).__name__}: {error}", world)
+        if error is not None:
+            raise error
+        if any(errors):
+            bad_rank = next(r for r, e in enumerate(errors) if e)
+            raise RuntimeError(f"rank {bad_rank} failed: {errors[bad_rank]}")
+        counts = _all_gather(n_records, world)
+        if len(set(counts)) > 1:
+            raise RuntimeError(f"the ranks read different numbers of records ({counts}); every rank must see the "
+                               "same dataset")
+        stats = _all_gather({k: run[k] for k in ("records_scored", "shards_scored", "tokens_scored")}, world)
+        for k in ("records_scored", "shards_scored", "tokens_scored"):
+            run[k] = int(sum(st[k] for st in stats))
+        run["records_total"] = n_records
         if prep["complete"]:
-            store = ScoreStore.open(out_dir, verify=False)  # rank 0 has just verified it
+            # rank 0 has verified it (and keeps that one), the data was checked above
+            store = verified if rank == 0 and verified is not None else ScoreStore.open(out_dir, verify=False)
             run["elapsed_s"] = round(time.perf_counter() - t_start, 3)
             store.run = run
             if rank == 0:
                 log.debug("%s is complete already (%d records); nothing to score", out_dir, len(store))
             return store
-
-        done = set(prep["done"])
-        todo = [sh for sh in plan if sh.index not in done]
-        mine = todo[rank::world]
-        run["records_scored"] = int(sum(sh.size for sh in todo))
-        run["shards_scored"] = len(todo)
-        run["tokens_scored"] = int(sum(int(scan.lengths[sh.start:sh.stop].sum()) for sh in todo))
-        bar = None
-        if progress and rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=sum(sh.size for sh in mine), unit="sample", desc="scoring" if world == 1 else f"scoring (rank 0/{world})",
-                dynamic_ncols=True, smoothing=0.05,
-            )
-        clock = {"t0": time.perf_counter(), "tokens": 0}
-        batches = _Batches(scan.source, pad, device, seq2seq)
-        header = {"format_version": FORMAT_VERSION, "run_key": run_key, "identity": identity, "records": len(scan),
-                  "shards_planned": len(plan), "side_files": {k: v[0] for k, v in prep["side"].items()},
-                  "versions": versions, "rank": rank}
-        try:
-            for sh in mine:
-                out = _score_shard(engine, sh, batches, scan.lengths, bar, clock, reference)
-                meta = {**header, "index": sh.index, "start": sh.start, "stop": sh.stop, "batches": len(sh.batches)}
-                atomic_write(os.path.join(out_dir, shard_name(sh.index, rank)), encode_shard(out, meta))
-            if sharded and world > 1:  # FSDP forwards are collective: as many on every rank
-                from .integrations.fsdp import pad_collective_forwards
-
-                per_rank = [sum(len(sh.batches) for sh in todo[r::world]) for r in range(world)]
-                pad_collective_forwards(engine, per_rank, rank, lambda: batches._make([0]))
-        finally:
-            batches.close()
-            if bar is not None:
-                bar.close()
         if world > 1:
             torch.distributed.barrier()
         run["scoring_s"] = round(time.perf_counter() - clock["t0"], 3)
@@ -896,7 +1178,7 @@ def score_dataset(
         if rank == 0:
             try:
                 run["elapsed_s"] = round(time.perf_counter() - t_start, 3)
-                store = _merge(out_dir, plan, run_key, identity, scan, prep, versions, run)
+                store = _merge(out_dir, n_records, window, run_key, identity, prep["created"], versions, run)
             except Exception as e:
                 _broadcast({"error": f"{type(e).__name__}: {e}"}, world)
                 raise
@@ -911,3 +1193,60 @@ def score_dataset(
         store = ScoreStore.open(out_dir, verify=False)
         store.run = run
         return store
+
+
+def _release_memory() -> None:
+    """Hand the freed heap of the last window back to the OS (glibc's ``malloc_trim``; elsewhere nothing):
+    windows of many batch shapes otherwise leave the allocator's arenas fragmented, and the process's RSS
+    creeps up with the record count although no window is kept."""
+    global _TRIM
+    if _TRIM is None:
+        _TRIM = False
+        with contextlib.suppress(Exception):
+            import ctypes
+            import ctypes.util
+
+            if platform.system() == "Linux":
+                _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+class _Peekable:
+    """A one-pass iterable whose first record can be read ahead (to resolve the backend) and is not lost."""
+
+    def __init__(self, it):
+        self.it, self.head = it, []
+
+    def peek(self):
+        if not self.head:
+            self.head = [next(self.it)]
+        return self.head[0]
+
+    def __iter__(self):
+        return itertools.chain(self.head, self.it)
+
+
+class _OffsetLengths:
+    def __init__(self, lengths: np.ndarray, base: int):
+        self.lengths, self.base = lengths, base
+
+    def __getitem__(self, p: int) -> int:
+        return self.lengths[p - self.base]
+
+
+def _first_record(dataset: Any) -> Any:
+    """The first raw record (``None`` for an empty dataset), leaving ``dataset`` to be read from its start."""
+    from .windows import JsonlFile
+
+    if isinstance(dataset, _Peekable):
+        try:
+            return dataset.peek()
+        except StopIteration:
+            return None
+    if isinstance(dataset, JsonlFile):
+        return next(iter(dataset), None)
+    return dataset[0] if len(dataset) else None

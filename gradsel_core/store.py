@@ -270,7 +270,7 @@ def payload_hash(tensors: Mapping[str, np.ndarray]) -> str:
         h.update(k.encode("utf-8"))
         h.update(str(a.dtype).encode("ascii"))
         h.update(str(a.shape).encode("ascii"))
-        h.update(a.tobytes())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")  # the same bytes as a.tobytes(), not copied
     return h.hexdigest()
 
 
@@ -284,19 +284,27 @@ def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> 
         "__metadata__": {"gradsel": meta_json, "gradsel_sha256": sha256_bytes(meta_json.encode("utf-8")),
                          "payload_sha256": payload_hash(tensors)}
     }
-    chunks = []
+    arrays = []
     offset = 0
     for k in sorted(tensors):
         a = np.ascontiguousarray(tensors[k])
         if a.dtype not in ST_DTYPES:
             raise TypeError(f"shard tensor {k!r}: dtype {a.dtype} cannot be stored")
-        b = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[k] = {"dtype": ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
-        chunks.append(b)
-        offset += len(b)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        header[k] = {"dtype": ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        arrays.append(a)
+        offset += a.nbytes
     h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     h += b" " * ((8 - len(h) % 8) % 8)
-    return struct.pack("<Q", len(h)) + h + b"".join(chunks)
+    out = bytearray(8 + len(h) + offset)  # one buffer, filled in place (no copy per tensor, then a join)
+    out[:8] = struct.pack("<Q", len(h))
+    out[8:8 + len(h)] = h
+    pos = 8 + len(h)
+    for a in arrays:
+        if a.nbytes:
+            out[pos:pos + a.nbytes] = memoryview(a.reshape(-1).view(np.uint8))
+        pos += a.nbytes
+    return out  # type: ignore[return-value]  # a bytearray (bytes-like): no second copy of a large file
 
 
 def read_header_metadata(data: bytes) -> Dict[str, str]:
@@ -359,6 +367,8 @@ def decode_shard(data: bytes, name: str = "<shard>", check_payload: bool = True)
     """``(tensors, meta)`` of a shard's bytes; ``StoreError`` naming ``name`` when it is truncated or
     its payload does not match the checksum in its header (``check_payload=False``: the caller has just
     checked the whole file's sha256 against the manifest, which covers the payload)."""
+    if not isinstance(data, bytes):  # encode_shard's buffer (a bytearray), decoded as it is
+        data = bytes(data)
     try:
         hdr = read_header_metadata(data)
         tensors = load_views(data)
@@ -555,16 +565,51 @@ def _factorize_strings(values: Sequence[Any]) -> Optional[Tuple[np.ndarray, List
     return codes, list(table)
 
 
+class Factorized:
+    """A string column given as ``codes`` (N,) into ``distinct`` values (first-appearance order), so a
+    column assembled window by window is written without a Python string per record."""
+
+    def __init__(self, codes: np.ndarray, distinct: List[str]):
+        self.codes, self.distinct = codes, distinct
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+
+class Utf8Ids:
+    """String ids given as their NUL-joined UTF-8 blob (what the columns file stores) and their count."""
+
+    def __init__(self, blob: np.ndarray, count: int):
+        self.blob, self.count = blob, count
+
+    def __len__(self) -> int:
+        return self.count
+
+
 def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha256: Optional[Sequence[str]] = None
                    ) -> Tuple[Optional[bytes], Optional[Dict[str, Any]], Dict[str, List[Any]]]:
     """``(columns file bytes, ids doc for ids.json or None, fields for fields.json)``: everything that fits
     goes into the columns file as arrays (ids: int64 or a UTF-8 blob; fields: bool/int64/float64 arrays,
     string columns as int codes plus their distinct values; ``record_sha256``, hex digests one per record,
     as (N, digest bytes)); the rest falls back to the JSON side files."""
+    tensors, meta, ids_doc, rest = columns_tensors(id_kind, ids, fields, record_sha256)
+    return encode_shard(tensors, meta), ids_doc, rest
+
+
+def columns_tensors(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha256: Any = None
+                    ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], Optional[Dict[str, Any]], Dict[str, List[Any]]]:
+    """``(tensors, meta, ids doc or None, JSON fields)`` of :func:`encode_columns` before they are written
+    (a streaming run keeps each window's in its shard). ``ids`` may be a :class:`Utf8Ids`, a field a
+    :class:`Factorized`, ``record_sha256`` an (N, width) uint8 array."""
     n = len(ids)
     tensors: Dict[str, np.ndarray] = {}
     meta: Dict[str, Any] = {"kind": "gradsel-columns", "n": n, "id_kind": id_kind, "fields": []}
-    if record_sha256 is not None:
+    if isinstance(record_sha256, np.ndarray):
+        if record_sha256.dtype != np.uint8 or record_sha256.ndim != 2 or record_sha256.shape[0] != n:
+            raise ValueError(f"record_sha256 must be ({n}, width) uint8, got {record_sha256.dtype} {record_sha256.shape}")
+        tensors["record_sha256"] = np.ascontiguousarray(record_sha256)
+        meta["record_sha256"] = int(record_sha256.shape[1])
+    elif record_sha256 is not None:
         raw = [bytes.fromhex(d) for d in record_sha256]
         width = len(raw[0]) if raw else 16
         if any(len(r) != width for r in raw):
@@ -575,6 +620,9 @@ def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha
     if id_kind == "int":
         tensors["ids"] = np.asarray(ids, dtype=np.int64).reshape(n)
         meta["ids"] = "int64"
+    elif isinstance(ids, Utf8Ids):
+        tensors["ids.utf8"] = ids.blob
+        meta["ids"] = "utf8"
     else:
         blob = _str_blob(ids.tolist() if isinstance(ids, np.ndarray) else list(ids))
         if blob is None:
@@ -585,6 +633,14 @@ def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha
             meta["ids"] = "utf8"
     rest: Dict[str, List[Any]] = {}
     for i, (name, col) in enumerate(fields.items()):
+        if isinstance(col, Factorized):
+            tensors[f"f{i}.codes"] = col.codes.astype(np.int32 if len(col.distinct) < 1 << 31 else np.int64)
+            blob = _str_blob(col.distinct)
+            if blob is None:
+                raise ValueError(f"field {name!r}: a value holds a NUL or cannot be encoded as UTF-8")
+            tensors[f"f{i}.values"] = blob
+            meta["fields"].append([name, "dict", len(col.distinct)])
+            continue
         arr = col if isinstance(col, np.ndarray) and col.dtype != object else None
         if arr is None:
             values = col.tolist() if isinstance(col, np.ndarray) else list(col)
@@ -606,7 +662,7 @@ def encode_columns(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sha
         tensors[f"f{i}.codes"] = codes.astype(np.int32 if len(distinct) < 1 << 31 else np.int64)
         tensors[f"f{i}.values"] = blob
         meta["fields"].append([name, "dict", len(distinct)])
-    return encode_shard(tensors, meta), ids_doc, rest
+    return tensors, meta, ids_doc, rest
 
 
 def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True):
@@ -614,6 +670,11 @@ def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True):
     distinct values)} of the string fields)`` of a columns file; ``StoreError`` naming ``path`` when it is
     malformed."""
     tensors, meta = decode_shard(data, path, check_payload=check_payload)
+    return columns_from_tensors(tensors, meta, path, n)
+
+
+def columns_from_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any], path: str, n: int):
+    """:func:`decode_columns` of tensors and meta already read (a streaming shard's window columns)."""
     bad = f"{path}: malformed columns file"
     if meta.get("kind") != "gradsel-columns" or meta.get("n") != n or not isinstance(meta.get("fields"), list):
         raise StoreError(f"{bad} (not a columns file of {n} records); rerun the same `gradsel score` command to rewrite it")
@@ -841,7 +902,7 @@ class ScoreStore:
             raise StoreError(f"{out_dir}: no {MANIFEST}; not a score store (or its run never started)")
         if not manifest.get("complete"):
             done = len(list_shards(out_dir))
-            total = manifest["counts"]["shards_planned"]
+            total = manifest["counts"]["shards_planned"] or "?"  # a streaming run learns its count at the end
             raise StoreError(
                 f"{out_dir}: the store is incomplete ({done}/{total} shards); rerun the same score command "
                 "(resume is on by default) to finish it"
@@ -880,13 +941,15 @@ class ScoreStore:
             data = load_checked(name, sh["sha256"], sh.get("size"), SHARD_RE)
             # with verify the file's sha256 (which covers the payload) was just checked: no second hash
             tensors, meta = decode_shard(data, os.path.join(out_dir, name), check_payload=not verify)
+            del data
             check_shard_identity(meta, manifest, sh, os.path.join(out_dir, name))
             pos = tensors.get("positions")
             if pos is None or not np.array_equal(pos, np.arange(expect, expect + len(pos))):
                 raise StoreError(f"{os.path.join(out_dir, name)}: positions do not continue the dataset at {expect}")
             expect += len(pos)
             for k, v in tensors.items():
-                parts.setdefault(k, []).append(v)
+                if k != "positions" and not k.startswith("col."):  # a streaming window's columns: in the columns file
+                    parts.setdefault(k, []).append(v)
         if expect != n:
             raise StoreError(f"{out_dir}: shards hold {expect} records, the manifest says {n}")
         store = cls.from_parts(out_dir, manifest, parts, ids, fields, record_sha256=digests)
@@ -1077,6 +1140,11 @@ def check_shard_identity(meta: Mapping[str, Any], manifest: Mapping[str, Any], e
             f"{path}: written by another run (run key {str(key)[:12]}..., this store's {str(want)[:12]}...): "
             "copied from another store? Rerun the same `gradsel score` command: it removes the shard and "
             "scores its records again")
+    if "window" in entry and meta.get("window") != entry["window"]:  # a streaming run: the run key does not cover the data
+        raise StoreError(
+            f"{path}: written by another run (its records' hash {str((meta.get('window') or {}).get('sha256'))[:12]}... is "
+            f"not the manifest's {str(entry['window'].get('sha256'))[:12]}...): copied from another store? Rerun the same "
+            "`gradsel score` command: it removes the shard and scores its records again")
     if meta.get("index") != entry.get("index") or meta.get("start") != entry.get("start"):
         raise StoreError(f"{path}: its header says plan index {meta.get('index')} at record {meta.get('start')}, "
                          f"the manifest lists it as {entry.get('index')} at {entry.get('start')}; "
@@ -1205,7 +1273,9 @@ def build_manifest(
     n_batches = 0
     for entry, data, tensors in shards:
         entries.append({**{k: entry[k] for k in ("file", "index", "start", "count")},
-                        "sha256": sha256_bytes(data), "size": len(data)})
+                        "sha256": entry["sha256"] if data is None else sha256_bytes(data),  # None: given in entry
+                        "size": entry["size"] if data is None else len(data),
+                        **({"window": entry["window"]} if "window" in entry else {})})  # a streaming run's window
         n_batches += int(entry.get("batches", 0))
         for k, v in tensors.items():
             parts.setdefault(k, []).append(v)
@@ -1309,6 +1379,14 @@ def repair_store(out_dir: str) -> RepairReport:
         identity = meta0["identity"]
         if canonical_hash({k: identity.get(k) for k in IDENTITY_KEYS}) != key:
             raise StoreError(f"{out_dir}: the shards' identity does not hash to their run key; score again with --overwrite")
+        if meta0.get("records") is None and isinstance(identity.get("data"), dict) and "windows" in identity["data"]:
+            from .scoring import repair_stream  # a streaming run's shards: the store is assembled from them
+
+            done, records, planned, missing = repair_stream(out_dir, key, identity, old, meta0.get("versions", {}))
+            msg = (f"rebuilt {os.path.join(out_dir, MANIFEST)}: complete, {records} records in {planned} shards" if done
+                   else f"rebuilt {os.path.join(out_dir, MANIFEST)} as incomplete ({len(missing)} windows missing or "
+                   "corrupted, or the record count unknown); rerun the same `gradsel score` command to finish the store")
+            return RepairReport(out_dir, done, planned - len(missing), planned, removed, missing, msg)
         records, planned = int(meta0["records"]), int(meta0["shards_planned"])
         chosen: Dict[int, Tuple[Mapping[str, Any], bytes, Mapping[str, np.ndarray]]] = {}
         for name, idx, data, tensors, meta, err in found:

@@ -285,6 +285,31 @@ def test_hub_dataset_ids_resolve_from_the_local_cache_offline(hub_cache, tmp_pat
     assert "could not be resolved" in err and "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" in err and err.count("\n") == 1
 
 
+def test_gradsel_score_takes_a_hub_dataset_id(hub_cache, tmp_path, capsys):
+    """`gradsel score --data org/name` reads the cached split like a local file of its format: the same
+    scores, ids and record digests as scoring those records from a JSONL file."""
+    recs = hub_cache
+    # the Parquet train split's first file holds recs[:5], its second recs[5:]: score the whole split
+    local_all = tmp_path / "all.jsonl"
+    local_all.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ref = _score(capsys, str(local_all), tmp_path / "s_ref")
+    for spec in ("gradsel-test/pq", "gradsel-test/js"):
+        got = _score(capsys, spec, tmp_path / f"s_{spec.split('/')[1]}")
+        np.testing.assert_array_equal(got.norms, ref.norms)
+        assert got.ids.tolist() == ref.ids.tolist() and list(got.record_sha256) == list(ref.record_sha256)
+    rc, _, err = _run(capsys, ["score", "--model", "tiny", "--data", "gradsel-test/not-cached", "--out",
+                               str(tmp_path / "s_missing"), "--no-progress"])
+    assert rc == 2 and "could not be resolved" in err
+    for spec, name in ((str(local_all), "ref_local"), ("gradsel-test/js", "ref_hub")):  # reference: the same
+        rc, _, err = _run(capsys, ["reference", "--model", "tiny", "--data", spec, "--out",
+                                   str(tmp_path / f"{name}.safetensors"), "--no-progress"])
+        assert rc == 0, err
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(tmp_path / "ref_local.safetensors")), load_file(str(tmp_path / "ref_hub.safetensors"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)  # (the metadata names the source)
+
+
 def test_json_encoder_gives_json_dumps_text_and_errors():
     """The once-built C encoder behind record digests and `select --data` output: the text of ``json.dumps``
     with the same options, and its errors (NaN refused, a cycle, an unknown type)."""

@@ -88,6 +88,14 @@ def read_records(args: argparse.Namespace, progress: bool):
     if first is None:
         close()
         raise UsageError(f"--data {args.data} holds no record (empty, or blank lines only); nothing to score")
+    if data_kind(args.data) == "jsonl" and args.data != "-" and os.path.isfile(args.data):
+        # a JSONL file is read window by window with byte offsets: a rerun checks finished windows by their
+        # bytes, and each torchrun rank parses only its own windows (gradsel_core.windows)
+        from ..windows import JsonlFile
+
+        close()
+        it.close()
+        return JsonlFile(args.data, max_line_bytes=args.max_line_bytes)
 
     def records():
         try:
@@ -222,11 +230,11 @@ def check_paths(data: str, out: str) -> None:
     file or not writable."""
     from ..errors import UsageError
 
-    from ..sources import data_kind
+    from ..sources import data_kind, hub_dataset
 
     if data != "-" and os.path.isdir(data):  # "-": standard input
         data_kind(data)  # a saved dataset folder passes; any other directory is refused, naming it
-    if data != "-" and not os.path.exists(data):
+    if data != "-" and not os.path.exists(data) and hub_dataset(data) is None:  # a Hub dataset id: read later
         raise UsageError(f"--data {data}: no such file")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file, not a directory; give a directory for the score store")
