@@ -70,7 +70,8 @@ def fallback_grads(rec: Record, cap: GhostCapture) -> Dict[str, torch.Tensor]:
         return vmap(per_sample, in_dims=(in_dims, cot_dims), randomness="error")(tuple(flat), cot_vals)
 
     def batch_grads() -> Dict[str, torch.Tensor]:
-        outs, fn = vjp(lambda p: call_module(p, list(flat)), params)
+        res = vjp(lambda p: call_module(p, list(flat)), params)  # (outputs, vjp_fn)
+        outs, fn = res[0], res[1]
         return fn(tuple(torch.zeros_like(o) if c is None else c.to(o.dtype) for o, c in zip(outs, cot)))[0]
 
     tensors = [isinstance(v, torch.Tensor) and v.dim() > 0 for v in flat]
