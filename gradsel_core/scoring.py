@@ -126,7 +126,7 @@ from .store import (
     scan_shard_files,
     sha256_bytes,
     shard_name,
-    side_file_docs,
+    write_side_files,
     store_files,
     SHARD_RE,
     TMP_PREFIX,
@@ -581,10 +581,7 @@ def _merge(out_dir, n_records, size, run_key, identity, created, versions, info)
         raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
     id_kind, ids, fields, digests = assemble_columns(wins, starts)
     del wins
-    side: Dict[str, Tuple[str, int]] = {}
-    for name, doc in side_file_docs(id_kind, ids, fields, digests):
-        side[name] = (sha256_bytes(doc), len(doc))
-        atomic_write(os.path.join(out_dir, name), doc)
+    side = write_side_files(out_dir, id_kind, ids, fields, digests)  # the columns file streamed from the arrays
     del ids, fields, digests
     for name in {IDS_FILE, FIELDS_FILE, COLUMNS_FILE} - set(side):
         if os.path.exists(os.path.join(out_dir, name)):

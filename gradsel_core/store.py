@@ -274,11 +274,8 @@ def payload_hash(tensors: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
-    """safetensors bytes with ``meta`` (JSON under ``"gradsel"``) and the payload hash in the header.
-
-    The layout is fixed (header keys sorted, tensors in name order, no whitespace but the padding to 8
-    bytes), so the same tensors and metadata always give the same bytes."""
+def _shard_layout(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Tuple[bytes, List[np.ndarray]]:
+    """(the length prefix and header, the tensors in file order) of :func:`encode_shard`'s layout."""
     meta_json = json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), allow_nan=False)
     header: Dict[str, Any] = {
         "__metadata__": {"gradsel": meta_json, "gradsel_sha256": sha256_bytes(meta_json.encode("utf-8")),
@@ -296,15 +293,42 @@ def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> 
         offset += a.nbytes
     h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     h += b" " * ((8 - len(h) % 8) % 8)
-    out = bytearray(8 + len(h) + offset)  # one buffer, filled in place (no copy per tensor, then a join)
-    out[:8] = struct.pack("<Q", len(h))
-    out[8:8 + len(h)] = h
-    pos = 8 + len(h)
+    return struct.pack("<Q", len(h)) + h, arrays
+
+
+def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
+    """safetensors bytes with ``meta`` (JSON under ``"gradsel"``) and the payload hash in the header.
+
+    The layout is fixed (header keys sorted, tensors in name order, no whitespace but the padding to 8
+    bytes), so the same tensors and metadata always give the same bytes."""
+    head, arrays = _shard_layout(tensors, meta)
+    out = bytearray(len(head) + sum(a.nbytes for a in arrays))  # one buffer, filled in place (no join)
+    out[:len(head)] = head
+    pos = len(head)
     for a in arrays:
         if a.nbytes:
             out[pos:pos + a.nbytes] = memoryview(a.reshape(-1).view(np.uint8))
         pos += a.nbytes
     return out  # type: ignore[return-value]  # a bytearray (bytes-like): no second copy of a large file
+
+
+def write_shard(path: str, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Tuple[str, int]:
+    """Write :func:`encode_shard`'s bytes to ``path`` atomically, tensor by tensor (no copy of the file in
+    memory: a 10M-record columns file is written from its arrays); returns (sha256 of the file, its size)."""
+    head, arrays = _shard_layout(tensors, meta)
+    h = hashlib.sha256(head)
+    size = len(head)
+    with fileio.atomic_path(path, error=lambda e: StoreError(
+            f"cannot write {path}: {e.strerror or e} (is the directory writable, is the disk full?)")) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for a in arrays:
+                if a.nbytes:
+                    mv = memoryview(a.reshape(-1).view(np.uint8))
+                    f.write(mv)
+                    h.update(mv)
+                    size += a.nbytes
+    return h.hexdigest(), size
 
 
 def read_header_metadata(data: bytes) -> Dict[str, str]:
@@ -750,6 +774,21 @@ def side_file_docs(id_kind: str, ids: Any, fields: Mapping[str, Any],
     if rest:
         docs.append((FIELDS_FILE, json_bytes(rest)))
     return docs
+
+
+def write_side_files(out_dir: str, id_kind: str, ids: Any, fields: Mapping[str, Any],
+                     record_sha256: Any = None) -> Dict[str, Tuple[str, int]]:
+    """Write the side files of :func:`side_file_docs` into ``out_dir`` (the columns file streamed from its
+    arrays by :func:`write_shard`); returns {name: (sha256, size)}."""
+    tensors, meta, ids_doc, rest = columns_tensors(id_kind, ids, fields, record_sha256)
+    side = {COLUMNS_FILE: write_shard(os.path.join(out_dir, COLUMNS_FILE), tensors, meta)}
+    del tensors
+    for name, doc in ((IDS_FILE, None if ids_doc is None else json_bytes(ids_doc)),
+                      (FIELDS_FILE, json_bytes(rest) if rest else None)):
+        if doc is not None:
+            side[name] = (sha256_bytes(doc), len(doc))
+            atomic_write(os.path.join(out_dir, name), doc)
+    return side
 
 
 # -- manifest and side files: validation ------------------------------------------------------------

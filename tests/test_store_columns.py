@@ -237,3 +237,30 @@ def test_inspect_groups_by_codes_as_by_values(tmp_path):
         for label, mask in groups:
             assert np.array_equal(mask, np.array([k == label for k in keys]))
         assert [lab for lab, _ in groups] == sorted(lab for lab, _ in groups)
+
+
+def test_write_shard_streams_the_bytes_encode_shard_gives(tmp_path):
+    """The columns file of a streaming run is written tensor by tensor: the same bytes, sha256 and size as
+    the in-memory encoding, and the side files equal side_file_docs'."""
+    import hashlib
+
+    from gradsel_core.store import encode_shard, side_file_docs, write_shard, write_side_files
+
+    rng = np.random.default_rng(0)
+    tensors = {"b": rng.random(7).astype(np.float32), "a": np.arange(5, dtype=np.int64),
+               "empty": np.zeros((0, 3), dtype=np.uint8)}
+    meta = {"kind": "test", "n": 7}
+    sha, size = write_shard(str(tmp_path / "x"), tensors, meta)
+    want = bytes(encode_shard(tensors, meta))
+    assert (tmp_path / "x").read_bytes() == want and size == len(want) and sha == hashlib.sha256(want).hexdigest()
+    ids = [f"r{i}" for i in range(6)]
+    fields = {"task": ["a", "b"] * 3, "w": [1.5, None, 2.0, 3.0, 4.0, 5.0], "odd": [{"x": 1}] * 6}
+    digests = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(6)]
+    d = tmp_path / "store"
+    d.mkdir()
+    side = write_side_files(str(d), "str", ids, fields, digests)
+    docs = dict(side_file_docs("str", ids, fields, digests))
+    assert sorted(side) == sorted(docs)
+    for name, doc in docs.items():
+        assert (d / name).read_bytes() == bytes(doc)
+        assert side[name] == (hashlib.sha256(bytes(doc)).hexdigest(), len(doc))
