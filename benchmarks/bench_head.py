@@ -143,6 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--mmap-threshold", type=int, default=65536,
                     help="MALLOC_MMAP_THRESHOLD_ of the workers (bytes; 0: glibc's dynamic default)")
+    ap.add_argument("--cases", default=None,
+                    help="only these VOCAB:T cases, comma-separated (e.g. 151936:2048; no filtering steps, no fit)")
+    ap.add_argument("--params", choices=["full", "lora", "both"], default="both")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
     if args.quick:
@@ -164,11 +167,14 @@ def main(argv=None) -> int:
     cases = [(v, T, B) for v in vocabs for T, B in shapes]
     if not args.quick:
         cases.insert(0, (8192, 512, 4))  # a small vocabulary: where the fused path does not pay (the auto rule)
+    only = None if args.cases is None else {tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")}
+    if only is not None:
+        cases = [(v, T, B) for v, T, B in cases if (v, T) in only]
     for vocab, T, B in cases:
         if True:
-            for lora in (False, True):
+            for lora in {"full": (False,), "lora": (True,), "both": (False, True)}[args.params]:
                 res = {m: one(vocab, T, B, lora, m) for m in METHODS}
-                if vocab == filt_vocab and T == shapes[0][0]:
+                if only is None and vocab == filt_vocab and T == shapes[0][0]:
                     for m in ("filt_ghost", "filt_fused") + (() if lora else ("filt2_ghost", "filt2_fused")):
                         res[m] = one(vocab, T, B, lora, m)
                 plain = res["plain"]
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     # the largest B·T within the budget: linear fit of the peak against B·T (two batch sizes)
     fits = {}
     (T1, B1), (T2, B2) = fit
-    for m in METHODS:
+    for m in (METHODS if only is None else ()):
         pts = []
         for T, B in fit:
             r = next((x for x in rows if x["method"] == m and x["vocab"] == filt_vocab and x["T"] == T and x["B"] == B
