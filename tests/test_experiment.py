@@ -329,7 +329,7 @@ def test_testbed_marks_a_minority_as_eroding_and_the_reference_is_disjoint():
     tb = build_testbed(TestbedConfig(seed=0, n_pretrain=100, n_align=50, n_task_train=200, n_task_test=10))
     for t in tb.tasks:
         flags = [r["meta"]["eroding"] for r in t.train]
-        assert sum(flags) == round(0.05 * 200)
+        assert sum(flags) == round(tb.config.eroding_frac * 200) > 0
         assert not any(r["meta"]["eroding"] for r in t.eval)
         for r in t.train:
             if r["meta"]["eroding"]:
@@ -338,6 +338,27 @@ def test_testbed_marks_a_minority_as_eroding_and_the_reference_is_disjoint():
     scored = {p["preferred"] for p in tb.safety_pairs()} | {t for t, _ in REFUSALS}
     assert all(r["response"] in REFERENCE_REFUSALS and r["response"] not in scored for r in ref)
     assert not ({r["prompt"] for r in ref} & set(tb.heldout_harmful))
+
+
+def test_the_aligned_cache_key_is_exactly_what_the_weights_depend_on():
+    """Task-only settings (the eroding fraction, task sizes) reuse the aligned model; anything that changes the
+    pretraining or alignment records, the model or the preparation does not."""
+    from gradsel_core.study.experiment import _aligned_key, _digest
+    from gradsel_core.study.testbed import TestbedConfig, build_testbed, recommended_model_config
+
+    cfg = ExperimentConfig(**SMALL_RUN)
+
+    def key(cfg=cfg, **tb_kw):
+        tb = build_testbed(TestbedConfig(seed=0, **dict(TINY, **tb_kw)))
+        return _digest(_aligned_key(cfg, tb, recommended_model_config(tb)))
+
+    base = key()
+    assert key(eroding_frac=0.2) == base and key(task_noise_rate=0.1) == base
+    assert key(n_pretrain=121) != base and key(misconception_frac=0.3) != base
+    assert key(cfg=ExperimentConfig(**dict(SMALL_RUN, align_lr=2e-3))) != base
+    tb0 = build_testbed(TestbedConfig(seed=0, **TINY))
+    tb1 = build_testbed(TestbedConfig(seed=1, **TINY))
+    assert _aligned_key(cfg, tb0, recommended_model_config(tb0)) != _aligned_key(cfg, tb1, recommended_model_config(tb1))
 
 
 def test_the_committed_study_summary_recomputes_and_the_readme_quotes_it():

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'compliance' answers also give the safety margin")
     p.add_argument("--mc", default=None, help="multiple-choice items {question, choices, answer} (JSONL)")
     p.add_argument("--template", default=None, help="prompt template with {prompt}")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the continual tasks (default 5e-4)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the continual tasks (default 2.5e-4)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per continual task for full data (default 4)")
 
 

@@ -154,7 +154,7 @@ class ExperimentConfig:
     # the loss pre-filter per policy, passed explicitly to every selection (policies not listed: none)
     loss_filter_std: Dict[str, Optional[float]] = field(default_factory=lambda: {"median_band": 1.0,
                                                                                   "norm_per_token": 1.0})
-    lr: float = 5e-4  # continual tasks (sizing: see gradsel_core.study.testbed, "Sizing")
+    lr: float = 2.5e-4  # continual tasks (sizing: see gradsel_core.study.testbed, "Sizing")
     batch_size: int = 32
     task_epochs: int = 4
     eval_max_new_tokens: int = 8
@@ -367,9 +367,10 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
     tb_cfg = TestbedConfig.full(seed=seed, **overrides) if full else TestbedConfig(seed=seed, **overrides)
     tb = build_testbed(tb_cfg)
     _seed_all("model", seed)
-    model = TinyGPT(recommended_model_config(tb, size=cfg.model_size)).to(cfg.device)
+    model_cfg = recommended_model_config(tb, size=cfg.model_size)
+    model = TinyGPT(model_cfg).to(cfg.device)
     pad = tb.tokenizer.pad_token_id
-    cache = os.path.join(cfg.out_dir, "aligned", f"seed{seed}-{_digest(_aligned_key(cfg, tb_cfg))}.safetensors")
+    cache = os.path.join(cfg.out_dir, "aligned", f"seed{seed}-{_digest(_aligned_key(cfg, tb, model_cfg))}.safetensors")
     if os.path.exists(cache):
         from safetensors.torch import load_model
 
@@ -411,11 +412,15 @@ def testbed_source(cfg: ExperimentConfig, seed: int) -> Source:
                   margin=margin, safety_records=tb.encode(refusals))
 
 
-def _aligned_key(cfg: ExperimentConfig, tb_cfg: Any) -> Dict[str, Any]:
-    """What the aligned model depends on (its cache key): the testbed, the model and the preparation."""
-    return {"testbed": asdict(tb_cfg), "model_size": cfg.model_size, "pretrain": [cfg.pretrain_epochs, cfg.pretrain_lr],
-            "align": [cfg.align_epochs, cfg.align_lr], "batch_size": cfg.batch_size, "device": cfg.device,
-            "threads": cfg.threads}
+def _aligned_key(cfg: ExperimentConfig, tb: Any, model_cfg: Any) -> Dict[str, Any]:
+    """What the aligned model depends on (its cache key), exactly: the pretraining and alignment records, the
+    vocabulary, the model config (its init draws depend on every shape), the seed and the preparation. Not the
+    continual tasks or the evaluation sets: varying those (say ``eroding_frac``) reuses the aligned model."""
+    data = hashlib.sha256(json.dumps([tb.pretrain, tb.align, list(tb.tokenizer.vocab)], sort_keys=True,
+                                     default=str).encode()).hexdigest()
+    return {"data": data, "seed": tb.config.seed, "model": asdict(model_cfg), "model_size": cfg.model_size,
+            "pretrain": [cfg.pretrain_epochs, cfg.pretrain_lr], "align": [cfg.align_epochs, cfg.align_lr],
+            "batch_size": cfg.batch_size, "device": cfg.device, "threads": cfg.threads}
 
 
 def model_dir_source(cfg: ExperimentConfig, seed: int) -> Source:
@@ -1311,9 +1316,9 @@ def markdown(result: Mapping[str, Any]) -> str:
     prof = {k: v for k, v in cells.items() if "kept_profile" in v}
     if prof:
         L += ["", "## What selection keeps (offline cells; kept set per task, mean ± std over seeds and tasks)", "",
-              "Length in response words; noisy: mislabelled records (`meta['noisy']`, 3% of each task); terse: "
-              "answers of at most two words; eroding: the records the testbed marks as eroding (`meta['eroding']`, "
-              "5% of each task by default).", ""]
+              "Length in response words; noisy: mislabelled records (`meta['noisy']`); terse: answers of at most "
+              "two words; eroding: the records the testbed marks as eroding (`meta['eroding']`). The full row "
+              "shows each share in the data.", ""]
         hdr = ["cell", "kept length mean", "p10", "median", "p90", "noisy %", "terse %", "eroding %"]
         L += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
         for label, row in prof.items():

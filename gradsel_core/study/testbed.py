@@ -41,7 +41,7 @@ What each part models
   same questions as generation items.
 * **Continual tasks** (benign, trained in order; default ``instruct → sentiment → knowledge``,
   loosely Dolly → (terse answers) → MedMCQA of the paper's sequence). Each is a realistic *mix*: a
-  core of the task's own records and a minority (``eroding_frac``, default 5%) of benign records that
+  core of the task's own records and a minority (``eroding_frac``, default 10%) of benign records that
   carry the erosion (next section). Cores: ``instruct``: "which tool is used on the {object} to
   {verb} ?" with *new* benign verbs (knit, sew, ...) and verbose object descriptions;
   ``sentiment``: "review : the {object} was {a} and {b} . is it good or bad ?" answered tersely
@@ -85,7 +85,7 @@ What each part models
 Not rigged
 ----------
 Nothing is shaped to make any selection policy win: which records erode is decided by their
-content and form (the three routes above, drawn at seeded random positions, 5% of every task), never
+content and form (the three routes above, drawn at seeded random positions, 10% of every task), never
 by their gradient norm, loss or length; their gradient norms are whatever training makes them. No
 sample is planted to be both high-norm and eroding, the tasks contain no harmful request and no
 refusal, noise is independent of content and of length. The eroding fraction was sized on full-data
@@ -438,7 +438,7 @@ class TestbedConfig:
     instruct_style: str = "plain"  # eroding "form" howtos: "plain" (the pretraining style) or "numbered"
     instruct_tool_frac: float = 0.5  # instruct task core: tool questions; the rest: verbose descriptions
     # the minority of each continual task's training records that carries the erosion (see "Erosion")
-    eroding_frac: float = 0.05
+    eroding_frac: float = 0.1
     eroding_kinds: Tuple[str, ...] = EROSION_KINDS
     arith_max: Tuple[int, int] = (10, 5)  # max of the first / second operand
     lookup_pairs: Tuple[int, int] = (2, 4)  # min/max key-value pairs in a lookup context
