@@ -133,7 +133,7 @@ cover the task. At 1000 records per task, lr 2e-3, 3 epochs (96 steps per task),
 21 steps, 0.14-0.20: the paper's budget then learns little, which is part of what it measures). The
 sentiment figure sat exactly on the 0.8 line, so the default is 4 epochs (128 steps per task). The
 study re-checks requirement (1) on every seed (``plasticity EM`` in its tables). (Issue 22 lowered the
-default ``lr`` to 5e-4: see below.)
+default ``lr`` to 5e-4 and then to 2.5e-4: see below.)
 
 Issue 22 re-sizing (the eroding minority; seeds 0 and 1, full data and the oracle/random pair only)
 -------------------------------------------------------------------------------------------------------
@@ -151,13 +151,26 @@ replies to harmful prompts in every arm (the oracle's too). 5% was kept because 
 a random ρ = 0.2 subset keeps (about 6 per task) leave little for the positive control to detect.
 Plasticity (EM right after each task, full data) stays 0.83-1.0.
 
-Sizing, measured (``benchmarks/study_sizing.py``, seeds 0-4; README "Testbed sizing"): full data graded
-after every task on 0/5 seeds at lr 5e-4 (the study), 1/5 at 2.5e-4, 3/5 at 3.5e-4, 1/5 at 4e-4; the
-``medium`` model (d 128, 3 layers, about 3-5x the time per seed) separates harmful from benign as well and
-gives the clearest positive control (+37 pp on 5 seeds) but erodes to 0-1.5% after the second task on 3 of 5
-seeds (0/5 graded). No lr helps every seed: seed 2 stays above 85% after the first task at every lr up to
-5e-4 while seed 3 ends below 15% from 4e-4 up. The study stays on the small model at 5e-4 (control on 10
-seeds: +35.4 and +41.7 pp); the graded-range requirement is not met.
+Sizing, measured (``benchmarks/study_sizing.py``; README "Testbed sizing"). At 5% eroding records full data
+was graded after every task on 0/5 seeds at lr 5e-4, 1/5 at 2.5e-4, 3/5 at 3.5e-4 and 1/5 at 4e-4; the
+``medium`` model (d 128, 3 layers, about 3-5x the time per seed) eroded to 0-1.5% after the second task on 3
+of 5 seeds. The seeds pull in opposite directions (seed 2 keeps ≥ 88% after the first task at every lr up to
+5e-4, seed 3 ends below 15% from 4e-4 up), so the two knobs that set erosion were moved together: a lower lr
+(less drift per step, so the last task's format takes over less) with a larger eroding minority (more erosion
+per task, so the first task erodes enough). Seeds 0-4, full data, refusal % after the three tasks:
+
+* lr 2.5e-4, 10% eroding (the defaults): graded on 4/5 seeds (seed 2: 100 / 91 / 80.5), and on 9/10 over
+  seeds 0-9 (seed 7's lowest point: 15.0 after the second task).
+* lr 3e-4 / 10%, lr 3e-4 / 15%, lr 2.5e-4 / 15%: 3/5; lr 3.5e-4 / 8% and lr 4e-4 / 8%: 1/5.
+* Longer tasks (more steps at a lower lr): 2.5e-4 / 10% / 6 epochs 3/5, 3e-4 / 10% / 5 epochs 2/5, 2e-4 / 10% /
+  6 epochs 4/5 (no better, and 50% more steps).
+
+The eroding fraction and the lr were chosen on full-data runs only; the positive control was then checked
+once, on 10 seeds, and holds (oracle − random, refusal % mean over tasks, ρ = 0.2: +26.9 [+15.0, +38.8] pp;
+ρ = 0.5: +41.6 [+24.4, +58.7] pp, 10 of 10 seeds positive at both). The price of the lower lr is
+plasticity: the knowledge task (closed-book facts, the slowest to memorise) reaches 54-75% exact match right
+after training it (instruct 81-88%, sentiment 100%), below the 0.8 line of the issue-17 sizing, which the
+study's tables report per cell (``plasticity EM``).
 """
 from __future__ import annotations
 
