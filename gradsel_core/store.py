@@ -1172,6 +1172,7 @@ class _StoreReader:
                     raise StoreError(f"{path}: positions do not continue the dataset at {expect}")
             finally:
                 os.close(fd)
+            lay.meta = {}  # checked; each shard's header repeats the run's identity: not kept (N / window of them)
             self.shards.append((lay, len(pos), sh["sha256"]))
             expect += len(pos)
         if expect != self.n:
