@@ -17,7 +17,12 @@ How it works: streaming, one window at a time (issue #24)
     JSONL file given as :class:`gradsel_core.windows.JsonlFile`, as ``gradsel score`` does). When every
     window is scored, rank 0 assembles the columns file from the shards (ids checked for one kind and no
     duplicate across windows, errors naming both records) and writes the manifest, which holds the record
-    count, the id kind and a chain hash of the window hashes (``data.sha256``).
+    count, the id kind and a chain hash of the window hashes (``data.sha256``). That end of the run is
+    O(window) in memory too: the shards are read one at a time, their columns appended to spool files and the
+    columns file written from them in chunks; what it holds whole is 8 bytes a record, twice, one after the
+    other (the finite norms for the summary's exact median, then one key per id for the duplicate check). The
+    store returned is opened lazily (``ScoreStore.open``): no column is read until it is used. Peak RSS of a
+    whole ``gradsel score`` process, 10k to 1M records: see ``benchmarks/bench_scale.py --stream``.
 
 Data identity
     The run key (in every shard) covers the model, the scoring config and how the records are made (the
@@ -543,8 +548,8 @@ def _merge(out_dir, n_records, size, run_key, identity, created, versions, info)
     one at a time, their columns appended to spool files in the store (:class:`gradsel_core.windows.
     ColumnAssembler`) and their scores summed into the summary (:class:`gradsel_core.store.Summary`), then the
     columns file is written from the spools chunk by chunk. What is held whole: the finite norms (float64, 8
-    bytes a record: the summary's exact mean and quantiles) and, for the duplicate-id check, one int64 key per
-    record (8 bytes a record), one after the other; the string fields' dictionaries."""
+    bytes a record: the summary's exact mean and quantiles) and then, for the duplicate-id check, one int64 key
+    per record (8 bytes a record), one after the other; the string fields' dictionaries."""
     from .store import Summary, list_shards, read_store_file
     from .windows import ColumnAssembler, _read_window_columns, chain_hash
 
@@ -587,6 +592,7 @@ def _merge(out_dir, n_records, size, run_key, identity, created, versions, info)
             del data, tensors, picked
         if missing:
             raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
+        stats = summary.result()  # frees its buffer before the duplicate-id keys are read (one after the other)
         id_kind, ids, fields, digests = cols.finish()
         side = write_side_files(out_dir, id_kind, ids, fields, digests)  # the columns file written from the spools
     finally:
@@ -596,7 +602,7 @@ def _merge(out_dir, n_records, size, run_key, identity, created, versions, info)
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))  # ours (the directory is a store): stale from a replaced run
     manifest = build_manifest(identity, run_key, n_records, n_windows, side, versions, created, shards=shards, run=info,
-                              stats=summary.result())
+                              stats=stats)
     del shards
     manifest["data"] = {**manifest["data"], "n_records": n_records, "id_kind": id_kind,
                         "sha256": chain_hash([sh["window"]["sha256"] for sh in manifest["shards"]])}
