@@ -1252,7 +1252,11 @@ class _StoreReader:
         pos = 0
         for lay, count, sha in self.shards:
             name = os.path.basename(lay.path)
-            fd = open_store_file(self.out_dir, name, lay.stat[1], SHARD_RE)
+            try:
+                fd = open_store_file(self.out_dir, name, lay.stat[1], SHARD_RE)
+            except StoreError as e:
+                raise StoreError(f"{e} (since the store was opened: its columns are read when first used; call "
+                                 "store.load() to read them all before its directory is removed or changed)") from None
             try:
                 if file_stat(fd) != lay.stat and _file_sha256(fd) != sha:  # replaced by the same bytes (a resume): fine
                     raise StoreError(f"{lay.path}: replaced or rewritten since the store was opened; open it again")
