@@ -263,7 +263,7 @@ ST_DTYPES = {
 }
 
 
-CHUNK_BYTES = 1 << 22  # what is read or written of a spooled column or a file at a time (4 MiB)
+CHUNK_BYTES = 1 << 20  # what is read or written of a spooled column or a file at a time (1 MiB)
 
 
 class Spool:
@@ -1205,18 +1205,18 @@ class _StoreReader:
         if name == "ids":
             digests = None
             if self._ids_in_columns():
-                vals["ids"] = columns_from_tensors(*self.columns, path, self.n, parts=("ids",))[0]
+                vals["ids"] = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("ids",))[0]
                 return
             doc = self.ids_doc
             vals["ids"] = ids_array(doc["kind"], doc["ids"])
             if "record_sha256" not in vals:
                 if self.columns is not None:
-                    digests = columns_from_tensors(*self.columns, path, self.n, parts=("digests",))[4]
+                    digests = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("digests",))[4]
                 vals["record_sha256"] = digests if digests is not None else doc.get("record_sha256")
         elif name == "record_sha256":
             digests = None
             if self.columns is not None:
-                digests = columns_from_tensors(*self.columns, path, self.n, parts=("digests",))[4]
+                digests = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("digests",))[4]
             if digests is None and not self._ids_in_columns():
                 self.load("ids", vals, store)  # format 2: the digests are in ids.json
                 vals.setdefault("record_sha256", None)
@@ -1227,7 +1227,7 @@ class _StoreReader:
             order: List[Tuple[str, str]] = []
             codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
             if self.columns is not None:
-                _, fields, order, codes, _ = columns_from_tensors(*self.columns, path, self.n, parts=("fields",))
+                _, fields, order, codes, _ = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("fields",))
             if self.fields_doc is not None:
                 fields.update(self.fields_doc)
             if order:  # the columns' recorded order, whichever file holds each

@@ -189,7 +189,7 @@ def test_merge_holds_one_window_not_the_columns(tmp_path, monkeypatch):
     """From 2,000 to 16,000 records (windows of 1,000) the merge's peak grows by the summary's finite norms and
     the duplicate-id keys (8 + 8 bytes a record) and per-window bookkeeping, not by the columns: holding them
     (str ids, digests, field codes, scores) costs over 60 bytes a record. Spools are read in chunks of 16 KiB
-    here (4 MiB in use: at this size a whole column would fit in one chunk)."""
+    here (1 MiB in use: at this size a whole column would fit in one chunk)."""
     import gradsel_core.store as st
 
     monkeypatch.setattr(st, "CHUNK_BYTES", 1 << 14)
