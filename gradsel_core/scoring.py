@@ -17,7 +17,12 @@ How it works: streaming, one window at a time (issue #24)
     JSONL file given as :class:`gradsel_core.windows.JsonlFile`, as ``gradsel score`` does). When every
     window is scored, rank 0 assembles the columns file from the shards (ids checked for one kind and no
     duplicate across windows, errors naming both records) and writes the manifest, which holds the record
-    count, the id kind and a chain hash of the window hashes (``data.sha256``).
+    count, the id kind and a chain hash of the window hashes (``data.sha256``). That end of the run is
+    O(window) in memory too: the shards are read one at a time, their columns appended to spool files and the
+    columns file written from them in chunks; what it holds whole is 8 bytes a record, twice, one after the
+    other (the finite norms for the summary's exact median, then one key per id for the duplicate check). The
+    store returned is opened lazily (``ScoreStore.open``): no column is read until it is used. Peak RSS of a
+    whole ``gradsel score`` process, 10k to 1M records: see ``benchmarks/bench_scale.py --stream``.
 
 Data identity
     The run key (in every shard) covers the model, the scoring config and how the records are made (the
@@ -539,54 +544,65 @@ def _prepare_dir(out_dir, identity, run_key, size, resume, overwrite, versions) 
 
 def _merge(out_dir, n_records, size, run_key, identity, created, versions, info) -> ScoreStore:
     """Rank 0, after every rank is done: one valid shard per window, the columns file assembled from the
-    windows' columns (ids checked: one kind, no duplicate), the manifest. Shards are read one at a time: what
-    is held is the store's per-record numbers (norms, losses, tokens for the summary; ids, digests, codes)."""
-    from .store import list_shards, read_store_file
-    from .windows import _read_window_columns, assemble_columns, chain_hash
+    windows' columns (ids checked: one kind, no duplicate), the manifest. O(window) in memory: shards are read
+    one at a time, their columns appended to spool files in the store (:class:`gradsel_core.windows.
+    ColumnAssembler`) and their scores summed into the summary (:class:`gradsel_core.store.Summary`), then the
+    columns file is written from the spools chunk by chunk. What is held whole: the finite norms (float64, 8
+    bytes a record: the summary's exact mean and quantiles) and then, for the duplicate-id check, one int64 key
+    per record (8 bytes a record), one after the other; the string fields' dictionaries."""
+    from .store import Summary, list_shards, read_store_file
+    from .windows import ColumnAssembler, _read_window_columns, chain_hash
 
     n_windows = -(-n_records // size)
     names = list_shards(out_dir)
-    shards, wins, starts, missing = [], [], [], []
-    for s in range(n_windows):
-        picked = None
-        for name in names.get(s, []):
-            path = os.path.join(out_dir, name)
-            found: List[Any]
-            try:
-                data = read_store_file(out_dir, name)
-                tensors, meta = decode_shard(data, path)
-                found = [(name, s, data, tensors, meta, None)]
-            except StoreError as e:
-                found = [(name, s, None, None, None, str(e))]
+    shards, missing = [], []
+    summary = Summary(n_records)
+    cols = ColumnAssembler(out_dir)
+    try:
+        for s in range(n_windows):
+            picked = None
+            for name in names.get(s, []):
+                path = os.path.join(out_dir, name)
+                found: List[Any]
+                try:
+                    data = read_store_file(out_dir, name)
+                    tensors, meta = decode_shard(data, path)
+                    found = [(name, s, data, tensors, meta, None)]
+                except StoreError as e:
+                    found = [(name, s, None, None, None, str(e))]
+                if picked is None:
+                    got = _existing_windows(out_dir, run_key, size, found, n_records=n_records)
+                    if s in got:
+                        picked = got[s]
+                        continue
+                else:  # a duplicate (another rank's copy): the first valid one is the shard
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
             if picked is None:
-                got = _existing_windows(out_dir, run_key, size, found, n_records=n_records)
-                if s in got:
-                    picked = got[s]
-                    continue
-            else:  # a duplicate (another rank's copy): the first valid one is the shard
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        if picked is None:
-            missing.append(s)
-            continue
-        name, data, tensors, meta = picked
-        scores = {k: tensors[k] for k in ("norms", "losses", "tokens") if k in tensors}
-        shards.append(({"file": name, "index": s, "start": meta["start"], "count": meta["stop"] - meta["start"],
-                        "batches": meta.get("batches", 0), "window": meta["window"], "sha256": sha256_bytes(data),
-                        "size": len(data)}, None, scores))
-        wins.append(_read_window_columns(tensors, meta, os.path.join(out_dir, name)))
-        starts.append(meta["start"])
-        del data, tensors, picked
-    if missing:
-        raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
-    id_kind, ids, fields, digests = assemble_columns(wins, starts)
-    del wins
-    side = write_side_files(out_dir, id_kind, ids, fields, digests)  # the columns file streamed from the arrays
+                missing.append(s)
+                continue
+            name, data, tensors, meta = picked
+            summary.add(tensors["norms"], tensors["losses"], tensors["tokens"])
+            shards.append(({"file": name, "index": s, "start": meta["start"], "count": meta["stop"] - meta["start"],
+                            "batches": meta.get("batches", 0), "window": meta["window"], "sha256": sha256_bytes(data),
+                            "size": len(data)}, None, {}))
+            if not missing:
+                cols.add(_read_window_columns(tensors, meta, os.path.join(out_dir, name)), meta["start"],
+                         os.path.join(out_dir, name))
+            del data, tensors, picked
+        if missing:
+            raise StoreError(f"{out_dir}: shards of windows {missing[:10]} are missing after the run; rerun to finish them")
+        stats = summary.result()  # frees its buffer before the duplicate-id keys are read (one after the other)
+        id_kind, ids, fields, digests = cols.finish()
+        side = write_side_files(out_dir, id_kind, ids, fields, digests)  # the columns file written from the spools
+    finally:
+        cols.close()
     del ids, fields, digests
     for name in {IDS_FILE, FIELDS_FILE, COLUMNS_FILE} - set(side):
         if os.path.exists(os.path.join(out_dir, name)):
             os.unlink(os.path.join(out_dir, name))  # ours (the directory is a store): stale from a replaced run
-    manifest = build_manifest(identity, run_key, n_records, n_windows, side, versions, created, shards=shards, run=info)
+    manifest = build_manifest(identity, run_key, n_records, n_windows, side, versions, created, shards=shards, run=info,
+                              stats=stats)
     del shards
     manifest["data"] = {**manifest["data"], "n_records": n_records, "id_kind": id_kind,
                         "sha256": chain_hash([sh["window"]["sha256"] for sh in manifest["shards"]])}

@@ -29,6 +29,16 @@ shards before a manifest lists them, and a lost or corrupted manifest is rebuilt
 (:func:`repair_store`, ``gradsel repair DIR``). Shards are written with a fixed layout (sorted header keys,
 sorted tensors), so identical runs give byte-identical shard files. Nothing is ever unpickled, and only
 plain file names inside the store, of regular files of the recorded size, are read.
+
+Reading is lazy (:meth:`ScoreStore.open`): opening checks every file where it lies, in chunks (sha256 with
+``verify``, else each payload against its header), and holds no per-record column; the columns file is
+memory-mapped (ids, fields and record digests are views into it, decoded on first access), and the scores
+are read from the shards into one array each on the first access to any of them. So a caller pays in
+memory for the columns it reads: at 1M records ``open`` allocates 2.3 MB (it was 100 MB when it loaded
+everything), ``store.norms`` (with losses and tokens) 15 MB, ``store.fields`` of one string field 8 MB
+(tracemalloc peaks, ``benchmarks/bench_merge_rss.py``). Writing the columns file at the end of a streaming run is O(window)
+too: each window's columns are appended to :class:`Spool` temp files and the file is written from them
+chunk by chunk (byte for byte what the whole columns in memory give).
 """
 from __future__ import annotations
 
@@ -42,7 +52,7 @@ import stat
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -117,24 +127,14 @@ def check_plain_name(out_dir: str, name: Any, what: str = "file") -> str:
 
 def read_store_file(out_dir: str, name: Any, size: Optional[int] = None, pattern: Optional[re.Pattern] = None) -> bytes:
     """The bytes of the store's file ``name``: a plain name (matching ``pattern``), a regular file (not a
-    link, device or directory), of ``size`` bytes when given; all checked before a byte is read."""
-    path = check_plain_name(out_dir, name)
-    if pattern is not None and not pattern.match(name):
-        raise StoreError(f"{os.path.join(out_dir, MANIFEST)}: {name!r} is not a shard file name (shard-NNNNNN-rR.safetensors)")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise StoreError(f"{path}: missing file listed in the manifest") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise StoreError(f"{path}: not a regular file (a link, directory or device); the store only reads its own files")
-    if size is not None and st.st_size != size:
-        raise StoreError(f"{path}: {st.st_size} bytes, the manifest records {size}: truncated or replaced")
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags)
+    link, device or directory), of ``size`` bytes when given; all checked before a byte is read
+    (:func:`open_store_file`)."""
+    fd = open_store_file(out_dir, name, size, pattern)
     with os.fdopen(fd, "rb") as f:
-        data = f.read(st.st_size + 1)
-    if len(data) != st.st_size:
-        raise StoreError(f"{path}: changed size while being read")
+        want = os.fstat(fd).st_size
+        data = f.read(want + 1)
+    if len(data) != want:
+        raise StoreError(f"{os.path.join(out_dir, name)}: changed size while being read")
     return data
 
 
@@ -263,18 +263,118 @@ ST_DTYPES = {
 }
 
 
-def payload_hash(tensors: Mapping[str, np.ndarray]) -> str:
+CHUNK_BYTES = 1 << 20  # what is read or written of a spooled column or a file at a time (1 MiB)
+
+
+class Spool:
+    """A column of the store written window by window to a temp file inside the store (``.gradsel-tmp-*``:
+    a killed run's is removed by the resume) and read back in chunks of :data:`CHUNK_BYTES`: the end of a
+    streaming run writes the columns file from spools, so it never holds a whole column (``_shard_layout``,
+    :func:`payload_hash` and :func:`write_shard` take a spool wherever they take an array). ``astype`` gives
+    the same file read as another dtype (converted chunk by chunk)."""
+
+    def __init__(self, out_dir: str, name: str, dtype: Any, tail: Tuple[int, ...] = ()):
+        import uuid
+
+        self.path = os.path.join(out_dir, f"{TMP_PREFIX}spool-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.stored = np.dtype(dtype).newbyteorder("<")
+        self.dtype = self.stored
+        self.tail = tuple(int(t) for t in tail)
+        self.rows = 0
+        self._f: Any = open(self.path, "wb")
+
+    def append(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, dtype=self.stored)
+        if a.shape[1:] != self.tail:
+            raise ValueError(f"spooled column {os.path.basename(self.path)}: rows of shape {a.shape[1:]}, not {self.tail}")
+        if a.size:
+            self._f.write(memoryview(a.reshape(-1).view(np.uint8)))
+        self.rows += int(a.shape[0])
+
+    def close(self) -> "Spool":
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        return self
+
+    def remove(self) -> None:
+        self.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return (self.rows, *self.tail)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.tail)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def astype(self, dtype: Any, copy: bool = True) -> "Spool":
+        out = Spool.__new__(Spool)
+        out.__dict__.update(self.__dict__)
+        out.dtype = np.dtype(dtype).newbyteorder("<")
+        return out
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """The column in order, as arrays of ``dtype`` of at most about CHUNK_BYTES each."""
+        self.close()
+        width = max(1, int(np.prod(self.tail, dtype=np.int64))) * self.stored.itemsize
+        rows = max(1, CHUNK_BYTES // width)
+        with open(self.path, "rb") as f:
+            done = 0
+            while done < self.rows:
+                k = min(rows, self.rows - done)
+                a = np.fromfile(f, dtype=self.stored, count=k * (width // self.stored.itemsize))
+                if a.size != k * (width // self.stored.itemsize):
+                    raise StoreError(f"{self.path}: spooled column truncated (the disk is full?)")
+                yield a.reshape((k, *self.tail)).astype(self.dtype, copy=False)
+                done += k
+
+    def read(self) -> np.ndarray:
+        """The whole column in memory (a caller that needs it whole: the duplicate-id check, the error paths)."""
+        self.close()
+        return np.fromfile(self.path, dtype=self.stored).reshape(self.shape).astype(self.dtype, copy=False)
+
+
+def _byte_chunks(a: Any) -> Iterator[memoryview]:
+    """The raw little-endian bytes of an array (one view, no copy) or a :class:`Spool` (chunk by chunk)."""
+    if isinstance(a, Spool):
+        for c in a.chunks():
+            if c.size:
+                yield memoryview(np.ascontiguousarray(c).reshape(-1).view(np.uint8))
+    elif a.nbytes:
+        yield memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _layout_array(a: Any) -> Any:
+    """An array as the shard layout stores it (contiguous, little-endian); a spool as it is."""
+    if isinstance(a, Spool):
+        return a
+    a = np.ascontiguousarray(a)
+    return a.astype(a.dtype.newbyteorder("<"), copy=False)
+
+
+def payload_hash(tensors: Mapping[str, Any]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
-        a = np.ascontiguousarray(tensors[k])
+        a = tensors[k] if isinstance(tensors[k], Spool) else np.ascontiguousarray(tensors[k])
         h.update(k.encode("utf-8"))
         h.update(str(a.dtype).encode("ascii"))
         h.update(str(a.shape).encode("ascii"))
-        h.update(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")  # the same bytes as a.tobytes(), not copied
+        for mv in _byte_chunks(a):  # the same bytes as a.tobytes(), not copied
+            h.update(mv)
     return h.hexdigest()
 
 
-def _shard_layout(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Tuple[bytes, List[np.ndarray]]:
+def _shard_layout(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Tuple[bytes, List[Any]]:
     """(the length prefix and header, the tensors in file order) of :func:`encode_shard`'s layout."""
     meta_json = json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), allow_nan=False)
     header: Dict[str, Any] = {
@@ -284,10 +384,9 @@ def _shard_layout(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) ->
     arrays = []
     offset = 0
     for k in sorted(tensors):
-        a = np.ascontiguousarray(tensors[k])
+        a = _layout_array(tensors[k])
         if a.dtype not in ST_DTYPES:
             raise TypeError(f"shard tensor {k!r}: dtype {a.dtype} cannot be stored")
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         header[k] = {"dtype": ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         arrays.append(a)
         offset += a.nbytes
@@ -296,7 +395,7 @@ def _shard_layout(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) ->
     return struct.pack("<Q", len(h)) + h, arrays
 
 
-def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> bytes:
+def encode_shard(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> bytes:
     """safetensors bytes with ``meta`` (JSON under ``"gradsel"``) and the payload hash in the header.
 
     The layout is fixed (header keys sorted, tensors in name order, no whitespace but the padding to 8
@@ -306,15 +405,16 @@ def encode_shard(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> 
     out[:len(head)] = head
     pos = len(head)
     for a in arrays:
-        if a.nbytes:
-            out[pos:pos + a.nbytes] = memoryview(a.reshape(-1).view(np.uint8))
-        pos += a.nbytes
+        for mv in _byte_chunks(a):
+            out[pos:pos + mv.nbytes] = mv
+            pos += mv.nbytes
     return out  # type: ignore[return-value]  # a bytearray (bytes-like): no second copy of a large file
 
 
-def write_shard(path: str, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Tuple[str, int]:
+def write_shard(path: str, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Tuple[str, int]:
     """Write :func:`encode_shard`'s bytes to ``path`` atomically, tensor by tensor (no copy of the file in
-    memory: a 10M-record columns file is written from its arrays); returns (sha256 of the file, its size)."""
+    memory: a 10M-record columns file is written from its arrays, or from :class:`Spool` files chunk by
+    chunk); returns (sha256 of the file, its size)."""
     head, arrays = _shard_layout(tensors, meta)
     h = hashlib.sha256(head)
     size = len(head)
@@ -323,11 +423,10 @@ def write_shard(path: str, tensors: Mapping[str, np.ndarray], meta: Mapping[str,
         with open(tmp, "wb") as f:
             f.write(head)
             for a in arrays:
-                if a.nbytes:
-                    mv = memoryview(a.reshape(-1).view(np.uint8))
+                for mv in _byte_chunks(a):
                     f.write(mv)
                     h.update(mv)
-                    size += a.nbytes
+                    size += mv.nbytes
     return h.hexdigest(), size
 
 
@@ -347,61 +446,64 @@ def read_header_metadata(data: bytes) -> Dict[str, str]:
 _ST_NUMPY = {name: dt for dt, name in ST_DTYPES.items()}
 
 
-def load_views(data: bytes) -> Dict[str, np.ndarray]:
-    """The tensors of safetensors bytes as read-only numpy views into ``data`` (``safetensors.numpy.load``
-    copies every tensor out first: at 10M records that copy is a tenth of ``ScoreStore.open``), with its
-    checks: known dtypes, offsets inside the payload matching each shape, the tensors back to back covering
-    it. ``ValueError`` otherwise; a dtype gradsel does not write goes to ``safetensors`` itself."""
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > MAX_HEADER:
-        raise ValueError("header length beyond the end of the file")
-    header = json.loads(data[8:8 + n].decode("utf-8"))
+def _parse_layout(head: bytes, size: int) -> Tuple[Dict[str, Any], Optional[Dict[str, Tuple[np.dtype, List[int], int, int]]]]:
+    """``(header, {tensor: (dtype, shape, begin, end)})`` of a safetensors JSON header over a payload of
+    ``size`` bytes (offsets from the payload's start), with the checks of :func:`load_views`; the spans are
+    ``None`` when a tensor has a dtype gradsel does not write (``safetensors`` then reads the file)."""
+    header = json.loads(head.decode("utf-8"))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    base, size = 8 + n, len(data) - 8 - n
-    out: Dict[str, np.ndarray] = {}
-    spans = []
+    spans: Dict[str, Tuple[np.dtype, List[int], int, int]] = {}
     for k, info in header.items():
         if k == "__metadata__":
             continue
         dt = _ST_NUMPY.get(info["dtype"]) if isinstance(info, dict) else None
         if dt is None:
-            from safetensors.numpy import load
-
-            return load(data)
+            return header, None
         shape = [int(d) for d in info["shape"]]
         begin, end = (int(o) for o in info["data_offsets"])
         count = int(np.prod(shape, dtype=np.int64))
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= size or end - begin != count * dt.itemsize:
             raise ValueError(f"tensor {k!r}: offsets {begin}..{end} do not hold shape {shape} of {dt} in a payload "
                              f"of {size} bytes")
-        spans.append((begin, end))
-        out[k] = np.frombuffer(data, dtype=dt.newbyteorder("<"), count=count, offset=base + begin).reshape(shape)
+        spans[k] = (dt.newbyteorder("<"), shape, begin, end)
     covered = 0
-    for begin, end in sorted(spans):
+    for begin, end in sorted((sp[2], sp[3]) for sp in spans.values()):
         if begin != covered:
             raise ValueError("the tensors do not cover the payload back to back")
         covered = end
     if covered != size:
         raise ValueError("the tensors do not cover the payload back to back")
-    return out
+    return header, spans
 
 
-def decode_shard(data: bytes, name: str = "<shard>", check_payload: bool = True) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
-    """``(tensors, meta)`` of a shard's bytes; ``StoreError`` naming ``name`` when it is truncated or
-    its payload does not match the checksum in its header (``check_payload=False``: the caller has just
-    checked the whole file's sha256 against the manifest, which covers the payload)."""
-    if not isinstance(data, bytes):  # encode_shard's buffer (a bytearray), decoded as it is
-        data = bytes(data)
-    try:
-        hdr = read_header_metadata(data)
-        tensors = load_views(data)
-    except Exception as e:  # truncated/garbled header or data: safetensors raises its own error type
-        raise StoreError(f"{name}: unreadable or truncated shard ({type(e).__name__}: {e})") from None
+def load_views(data: Any) -> Dict[str, np.ndarray]:
+    """The tensors of safetensors bytes (or a read-only ``mmap`` of the file) as read-only numpy views into
+    ``data`` (``safetensors.numpy.load`` copies every tensor out first: at 10M records that copy is a tenth of
+    ``ScoreStore.open``), with its checks: known dtypes, offsets inside the payload matching each shape, the
+    tensors back to back covering it. ``ValueError`` otherwise; a dtype gradsel does not write goes to
+    ``safetensors`` itself."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > MAX_HEADER:
+        raise ValueError("header length beyond the end of the file")
+    _, spans = _parse_layout(bytes(data[8:8 + n]), len(data) - 8 - n)
+    if spans is None:
+        from safetensors.numpy import load
+
+        return load(bytes(data))
+    base = 8 + n
+    return {k: np.frombuffer(data, dtype=dt, count=(end - begin) // dt.itemsize, offset=base + begin).reshape(shape)
+            for k, (dt, shape, begin, end) in spans.items()}
+
+
+def _shard_meta(hdr: Mapping[str, Any], name: str, payload_ok: Optional[Any] = None) -> Dict[str, Any]:
+    """The gradsel metadata of a shard's safetensors ``__metadata__``, checked: a gradsel shard, the payload
+    hash (``payload_ok(want)`` -> bool; ``None``: the caller checked the file's sha256), the metadata's own
+    checksum; ``StoreError`` naming ``name`` otherwise."""
     want = hdr.get("payload_sha256")
     if want is None or "gradsel" not in hdr:
         raise StoreError(f"{name}: not a gradsel shard (no checksum in its header)")
-    if check_payload and payload_hash(tensors) != want:
+    if payload_ok is not None and not payload_ok(want):
         raise StoreError(f"{name}: checksum mismatch: the shard is corrupted")
     meta_sha = hdr.get("gradsel_sha256")
     if meta_sha is not None and sha256_bytes(hdr["gradsel"].encode("utf-8")) != meta_sha:
@@ -414,7 +516,123 @@ def decode_shard(data: bytes, name: str = "<shard>", check_payload: bool = True)
         raise StoreError(f"{name}: corrupted header metadata")
     if meta_sha is None and meta.get("format_version", 1) != 1:
         raise StoreError(f"{name}: no checksum of the header metadata: the shard is corrupted")
+    return meta
+
+
+def decode_shard(data: Any, name: str = "<shard>", check_payload: bool = True) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+    """``(tensors, meta)`` of a shard's bytes (or a read-only ``mmap`` of it); ``StoreError`` naming ``name``
+    when it is truncated or its payload does not match the checksum in its header (``check_payload=False``:
+    the caller has just checked the whole file's sha256 against the manifest, which covers the payload)."""
+    if isinstance(data, bytearray):  # encode_shard's buffer, decoded as it is (read-only views)
+        data = bytes(data)
+    try:
+        hdr = read_header_metadata(data)
+        tensors = load_views(data)
+    except Exception as e:  # truncated/garbled header or data: safetensors raises its own error type
+        raise StoreError(f"{name}: unreadable or truncated shard ({type(e).__name__}: {e})") from None
+    meta = _shard_meta(hdr, name, (lambda want: payload_hash(tensors) == want) if check_payload else None)
     return tensors, meta
+
+
+def _pread_chunks(fd: int, begin: int, end: int) -> Iterator[bytes]:
+    pos = begin
+    while pos < end:
+        chunk = os.pread(fd, min(CHUNK_BYTES, end - pos), pos)
+        if not chunk:
+            raise StoreError("file shorter than its header says (truncated while being read)")
+        yield chunk
+        pos += len(chunk)
+
+
+@dataclass
+class FileLayout:
+    """A shard or columns file checked where it lies, without reading it into memory (:func:`check_file`):
+    its gradsel metadata, its tensors' ``(dtype, shape, begin, end)`` (absolute offsets in the file) and its
+    ``(inode, size, mtime)`` (what a later read checks it by)."""
+
+    path: str
+    meta: Dict[str, Any]
+    spans: Dict[str, Tuple[np.dtype, List[int], int, int]]
+    stat: Tuple[int, int, int]
+
+    def read(self, fd: int, key: str, out: np.ndarray) -> None:
+        """Read tensor ``key`` into ``out`` (its shape and dtype) straight from ``fd``."""
+        dt, shape, begin, end = self.spans[key]
+        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        pos = 0
+        while pos < end - begin:
+            got = os.preadv(fd, [view[pos:]], begin + pos)
+            if got <= 0:
+                raise StoreError(f"{self.path}: truncated while being read; open the store again")
+            pos += got
+
+
+def open_store_file(out_dir: str, name: Any, size: Optional[int] = None, pattern: Optional[re.Pattern] = None) -> int:
+    """A read-only fd of the store's file ``name``, with the checks of :func:`read_store_file` (a plain name,
+    a regular file, of ``size`` bytes); the caller closes it."""
+    path = check_plain_name(out_dir, name)
+    if pattern is not None and not pattern.match(name):
+        raise StoreError(f"{os.path.join(out_dir, MANIFEST)}: {name!r} is not a shard file name (shard-NNNNNN-rR.safetensors)")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing file listed in the manifest") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: not a regular file (a link, directory or device); the store only reads its own files")
+    if size is not None and st.st_size != size:
+        raise StoreError(f"{path}: {st.st_size} bytes, the manifest records {size}: truncated or replaced")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    if os.fstat(fd).st_size != st.st_size:
+        os.close(fd)
+        raise StoreError(f"{path}: changed size while being read")
+    return fd
+
+
+def file_stat(fd: int) -> Tuple[int, int, int]:
+    st = os.fstat(fd)
+    return (int(st.st_ino), int(st.st_size), int(st.st_mtime_ns))
+
+
+def check_file(fd: int, path: str, sha: Optional[str]) -> FileLayout:
+    """Check a shard or columns file where it lies, reading it in chunks (the page cache, not this process's
+    memory, holds it): the sha256 of the whole file against ``sha`` when given, else its payload against the
+    checksum in its header; then its header and layout. ``StoreError`` naming ``path`` otherwise."""
+    size = os.fstat(fd).st_size
+    if sha is not None:
+        h = hashlib.sha256()
+        for chunk in _pread_chunks(fd, 0, size):
+            h.update(chunk)
+        if h.hexdigest() != sha:
+            raise StoreError(f"{path}: checksum mismatch (sha256 differs from the manifest): corrupted or truncated")
+    try:
+        if size < 8:
+            raise ValueError("file shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > size - 8 or n > MAX_HEADER:
+            raise ValueError("header length beyond the end of the file")
+        header, spans = _parse_layout(os.pread(fd, n, 8), size - 8 - n)
+        if spans is None:
+            raise ValueError("a tensor of a dtype gradsel does not write")
+        hdr = header.get("__metadata__") or {}
+        if not isinstance(hdr, dict):
+            raise ValueError("bad __metadata__")
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise StoreError(f"{path}: unreadable or truncated shard ({type(e).__name__}: {e})") from None
+    spans = {k: (dt, shape, 8 + n + b, 8 + n + e) for k, (dt, shape, b, e) in spans.items()}
+
+    def payload_ok(want: str) -> bool:
+        h = hashlib.sha256()
+        for k in sorted(spans):
+            dt, shape, b, e = spans[k]
+            h.update(k.encode("utf-8"))
+            h.update(str(dt).encode("ascii"))
+            h.update(str(tuple(shape)).encode("ascii"))
+            for chunk in _pread_chunks(fd, b, e):
+                h.update(chunk)
+        return h.hexdigest() == want
+
+    meta = _shard_meta(hdr, path, payload_ok if sha is None else None)
+    return FileLayout(path, meta, spans, file_stat(fd))
 
 
 # -- fingerprints -----------------------------------------------------------------------------------
@@ -624,14 +842,15 @@ def columns_tensors(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sh
                     ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], Optional[Dict[str, Any]], Dict[str, List[Any]]]:
     """``(tensors, meta, ids doc or None, JSON fields)`` of :func:`encode_columns` before they are written
     (a streaming run keeps each window's in its shard). ``ids`` may be a :class:`Utf8Ids`, a field a
-    :class:`Factorized`, ``record_sha256`` an (N, width) uint8 array."""
+    :class:`Factorized`, ``record_sha256`` an (N, width) uint8 array; int ids, numeric fields, codes, blobs
+    and digests may be :class:`Spool` files (the end of a streaming run: written chunk by chunk)."""
     n = len(ids)
     tensors: Dict[str, np.ndarray] = {}
     meta: Dict[str, Any] = {"kind": "gradsel-columns", "n": n, "id_kind": id_kind, "fields": []}
-    if isinstance(record_sha256, np.ndarray):
+    if isinstance(record_sha256, (np.ndarray, Spool)):
         if record_sha256.dtype != np.uint8 or record_sha256.ndim != 2 or record_sha256.shape[0] != n:
             raise ValueError(f"record_sha256 must be ({n}, width) uint8, got {record_sha256.dtype} {record_sha256.shape}")
-        tensors["record_sha256"] = np.ascontiguousarray(record_sha256)
+        tensors["record_sha256"] = _layout_array(record_sha256)
         meta["record_sha256"] = int(record_sha256.shape[1])
     elif record_sha256 is not None:
         raw = [bytes.fromhex(d) for d in record_sha256]
@@ -642,7 +861,7 @@ def columns_tensors(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sh
         meta["record_sha256"] = width
     ids_doc = None
     if id_kind == "int":
-        tensors["ids"] = np.asarray(ids, dtype=np.int64).reshape(n)
+        tensors["ids"] = ids if isinstance(ids, Spool) else np.asarray(ids, dtype=np.int64).reshape(n)
         meta["ids"] = "int64"
     elif isinstance(ids, Utf8Ids):
         tensors["ids.utf8"] = ids.blob
@@ -665,14 +884,14 @@ def columns_tensors(id_kind: str, ids: Any, fields: Mapping[str, Any], record_sh
             tensors[f"f{i}.values"] = blob
             meta["fields"].append([name, "dict", len(col.distinct)])
             continue
-        arr = col if isinstance(col, np.ndarray) and col.dtype != object else None
+        arr = col if isinstance(col, (np.ndarray, Spool)) and col.dtype != object else None
         if arr is None:
             values = col.tolist() if isinstance(col, np.ndarray) else list(col)
             arr = column_array(values)
         if arr.dtype.kind in "biuf" and arr.dtype not in _NUMERIC:
             arr = arr.astype(np.float64 if arr.dtype.kind == "f" else np.int64 if arr.dtype.kind in "iu" else bool)
         if arr.dtype in _NUMERIC:
-            tensors[f"f{i}"] = np.ascontiguousarray(arr).reshape(n)
+            tensors[f"f{i}"] = arr if isinstance(arr, Spool) else np.ascontiguousarray(arr).reshape(n)
             meta["fields"].append([name, "array"])
             continue
         values = arr.tolist()
@@ -697,14 +916,19 @@ def decode_columns(data: bytes, path: str, n: int, check_payload: bool = True):
     return columns_from_tensors(tensors, meta, path, n)
 
 
-def columns_from_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any], path: str, n: int):
-    """:func:`decode_columns` of tensors and meta already read (a streaming shard's window columns)."""
+def columns_from_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any], path: str, n: int,
+                         parts: Sequence[str] = ("ids", "fields", "digests")):
+    """:func:`decode_columns` of tensors and meta already read (a streaming shard's window columns, or views
+    into a memory-mapped columns file); only ``parts`` are decoded (the others come back empty: a lazy
+    reader decodes each when it is first asked for)."""
     bad = f"{path}: malformed columns file"
     if meta.get("kind") != "gradsel-columns" or meta.get("n") != n or not isinstance(meta.get("fields"), list):
         raise StoreError(f"{bad} (not a columns file of {n} records); rerun the same `gradsel score` command to rewrite it")
     try:
         ids: Optional[np.ndarray] = None
-        if meta.get("ids") == "int64":
+        if "ids" not in parts:
+            pass
+        elif meta.get("ids") == "int64":
             ids = tensors["ids"]
             if ids.dtype != np.int64 or ids.shape != (n,):
                 raise ValueError("ids")
@@ -720,6 +944,8 @@ def columns_from_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, A
         for i, entry in enumerate(meta["fields"]):
             name, enc = str(entry[0]), entry[1]
             order.append((name, enc))
+            if "fields" not in parts:
+                continue
             if enc == "array":
                 col = tensors[f"f{i}"]
             elif enc == "dict":
@@ -741,7 +967,7 @@ def columns_from_tensors(tensors: Mapping[str, np.ndarray], meta: Mapping[str, A
         raise StoreError(f"{bad} ({type(e).__name__}: {e}); rerun the same `gradsel score` command to rewrite it") from None
     digests = None
     width = meta.get("record_sha256")
-    if width:
+    if width and "digests" in parts:
         arr = tensors.get("record_sha256")
         if arr is None or arr.dtype != np.uint8 or arr.shape != (n, width):
             raise StoreError(f"{bad} (record_sha256 must be ({n}, {width}) bytes); rerun the same `gradsel score` "
@@ -893,34 +1119,220 @@ def parse_fields(data: bytes, path: str, n: int) -> Dict[str, List[Any]]:
 # -- the store --------------------------------------------------------------------------------------
 
 
-@dataclass
+def _file_sha256(fd: int) -> str:
+    h = hashlib.sha256()
+    for chunk in _pread_chunks(fd, 0, os.fstat(fd).st_size):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+class _StoreReader:
+    """What :meth:`ScoreStore.open` checked, and how each column is read the first time it is asked for.
+
+    At open every file is checked where it lies, in chunks (the page cache holds it, not the process): its
+    name, type and size, its sha256 against the manifest (``verify``; else each shard's payload against the
+    checksum in its header), each shard's identity and positions; nothing is kept but the tensors' offsets and
+    each file's (inode, size, mtime); JSON side files (formats 1-2, and in format 3 what the columns file
+    cannot hold) are parsed at open, as before. The columns file is memory-mapped: ids, fields and record digests are
+    views into it, decoded when first asked for (pages of a memory-mapped file count in RSS once touched, and
+    only those). The scores (norms, losses, tokens, per-parameter norms, dots, cosines) are read from the
+    shards into one array each the first time any of them is asked for; a shard replaced or rewritten since
+    the open is refused (its inode, size or mtime changed)."""
+
+    def __init__(self, out_dir: str, manifest: Dict[str, Any], verify: bool):
+        import mmap
+
+        self.out_dir, self.manifest, self.verify = out_dir, manifest, verify
+        self.n = int(manifest["counts"]["records"])
+        files, sizes = manifest["files"], manifest.get("file_sizes", {})
+        self.columns: Optional[Tuple[Dict[str, np.ndarray], Dict[str, Any]]] = None
+        if COLUMNS_FILE in files:  # format 3
+            path = os.path.join(out_dir, COLUMNS_FILE)
+            fd = open_store_file(out_dir, COLUMNS_FILE, sizes.get(COLUMNS_FILE))
+            try:
+                lay = check_file(fd, path, files[COLUMNS_FILE] if verify else None)
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+            tensors = {k: np.frombuffer(mm, dtype=dt, count=(e - b) // dt.itemsize, offset=b).reshape(shape)
+                       for k, (dt, shape, b, e) in lay.spans.items()}  # views: no page is read until used
+            columns_from_tensors(tensors, lay.meta, path, self.n, parts=("digests",))  # the structure, now
+            self.columns = (tensors, lay.meta)
+        # JSON side files (formats 1-2; in format 3 only what the columns file cannot hold): parsed now, as before
+        self.ids_doc = None if self._ids_in_columns() else parse_ids(
+            self._json(IDS_FILE), os.path.join(out_dir, IDS_FILE), self.n)
+        self.fields_doc = parse_fields(self._json(FIELDS_FILE), os.path.join(out_dir, FIELDS_FILE), self.n) \
+            if FIELDS_FILE in files else None
+        self.shards: List[Tuple[FileLayout, int, str]] = []  # (layout, records, the manifest's sha256)
+        expect = 0
+        for sh in manifest["shards"]:
+            name = sh["file"]
+            path = os.path.join(out_dir, name)
+            fd = open_store_file(out_dir, name, sh.get("size"), SHARD_RE)
+            try:
+                # with verify the file's sha256 (which covers the payload) is checked: no second hash
+                lay = check_file(fd, path, sh["sha256"] if verify else None)
+                check_shard_identity(lay.meta, manifest, sh, path)
+                span = lay.spans.get("positions")
+                pos = None
+                if span is not None and len(span[1]) == 1:
+                    pos = np.empty(span[1], dtype=span[0])  # (count,)
+                    lay.read(fd, "positions", pos)
+                if pos is None or not np.array_equal(pos, np.arange(expect, expect + len(pos))):
+                    raise StoreError(f"{path}: positions do not continue the dataset at {expect}")
+            finally:
+                os.close(fd)
+            lay.meta = {}  # checked; each shard's header repeats the run's identity: not kept (N / window of them)
+            self.shards.append((lay, len(pos), sh["sha256"]))
+            expect += len(pos)
+        if expect != self.n:
+            raise StoreError(f"{out_dir}: shards hold {expect} records, the manifest says {self.n}")
+
+    def _ids_in_columns(self) -> bool:
+        return self.columns is not None and self.columns[1].get("ids") != "json"
+
+    def _json(self, name: str) -> bytes:
+        files, sizes = self.manifest["files"], self.manifest.get("file_sizes", {})
+        data = read_store_file(self.out_dir, name, sizes.get(name))
+        if self.verify and files.get(name) is not None and sha256_bytes(data) != files[name]:
+            raise StoreError(f"{os.path.join(self.out_dir, name)}: checksum mismatch (sha256 differs from the manifest): "
+                             "corrupted or truncated")
+        return data
+
+    def load(self, name: str, vals: Dict[str, Any], store: "ScoreStore") -> None:
+        """Set ``vals[name]`` (and what is read with it)."""
+        path = os.path.join(self.out_dir, COLUMNS_FILE)
+        if name == "ids":
+            digests = None
+            if self._ids_in_columns():
+                vals["ids"] = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("ids",))[0]
+                return
+            doc = self.ids_doc
+            vals["ids"] = ids_array(doc["kind"], doc["ids"])
+            if "record_sha256" not in vals:
+                if self.columns is not None:
+                    digests = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("digests",))[4]
+                vals["record_sha256"] = digests if digests is not None else doc.get("record_sha256")
+        elif name == "record_sha256":
+            digests = None
+            if self.columns is not None:
+                digests = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("digests",))[4]
+            if digests is None and not self._ids_in_columns():
+                self.load("ids", vals, store)  # format 2: the digests are in ids.json
+                vals.setdefault("record_sha256", None)
+            else:
+                vals["record_sha256"] = digests
+        elif name == "fields":
+            fields: Dict[str, Any] = {}
+            order: List[Tuple[str, str]] = []
+            codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+            if self.columns is not None:
+                _, fields, order, codes, _ = columns_from_tensors(self.columns[0], self.columns[1], path, self.n, parts=("fields",))
+            if self.fields_doc is not None:
+                fields.update(self.fields_doc)
+            if order:  # the columns' recorded order, whichever file holds each
+                fields = {name: fields[name] for name, _ in order if name in fields}
+            vals["fields"] = {k: v if isinstance(v, np.ndarray) else column_array(v) for k, v in fields.items()}
+            store._codes = codes
+        else:
+            vals.update(self.scores())
+
+    def scores(self) -> Dict[str, Any]:
+        """The scores, each read from every shard into one array (the shards checked by :meth:`__init__`)."""
+        man = self.manifest
+        keys = ["norms", "losses", "tokens", "dots", "cosines"]
+        pp = [PP_PREFIX + p["name"] for p in man["model"]["params"]] if man["config"].get("per_param") else []
+        first = {}
+        for lay, _, _ in self.shards:
+            for k in keys + pp:
+                if k in lay.spans and k not in first:
+                    dt, shape, _, _ = lay.spans[k]
+                    first[k] = (dt, tuple(shape[1:]))
+        out = {k: np.empty((self.n, *tail), dtype=dt) for k, (dt, tail) in first.items()}  # (N,) or (N, R)
+        pos = 0
+        for lay, count, sha in self.shards:
+            name = os.path.basename(lay.path)
+            try:
+                fd = open_store_file(self.out_dir, name, lay.stat[1], SHARD_RE)
+            except StoreError as e:
+                raise StoreError(f"{e} (since the store was opened: its columns are read when first used; call "
+                                 "store.load() to read them all before its directory is removed or changed)") from None
+            try:
+                if file_stat(fd) != lay.stat and _file_sha256(fd) != sha:  # replaced by the same bytes (a resume): fine
+                    raise StoreError(f"{lay.path}: replaced or rewritten since the store was opened; open it again")
+                for k, arr in out.items():
+                    dt, shape, _, _ = lay.spans.get(k, (None, None, 0, 0))
+                    if dt != arr.dtype or shape is None or tuple(shape) != (count, *arr.shape[1:]):
+                        raise StoreError(f"{lay.path}: its {k!r} is not ({count}, ...) {arr.dtype} like the other shards'; "
+                                         f"{_repair_hint(self.out_dir)}")
+                    lay.read(fd, k, arr[pos:pos + count])
+            finally:
+                os.close(fd)
+            pos += count
+        z32 = np.zeros(0, dtype=np.float32)
+        return {
+            "norms": out.get("norms", z32), "losses": out.get("losses", z32),
+            "tokens": out.get("tokens", np.zeros(0, dtype=np.int64)),
+            "per_param": {p[len(PP_PREFIX):]: out.get(p, z32) for p in pp} if man["config"].get("per_param") else None,
+            "dots": out.get("dots"), "cosines": out.get("cosines"),
+        }
+
+
+def _lazy_column(name: str, doc: str) -> Any:
+    def get(self: "ScoreStore") -> Any:
+        vals = self._vals
+        if name not in vals:
+            self._reader.load(name, vals, self)
+        return vals[name]
+
+    def set_(self: "ScoreStore", value: Any) -> None:
+        self._vals[name] = value
+
+    return property(get, set_, doc=doc)
+
+
 class ScoreStore:
     """Scores of a dataset, in the dataset's order.
 
     ``ids`` (int64, or object array of str), ``norms``/``losses`` (float32), ``tokens`` (int64),
     ``per_param`` (``{name: float32 squared norms}`` or ``None``), ``dots``/``cosines`` (with a reference:
     (N,) or (N, R) float32, else ``None``), ``fields`` (metadata columns recorded
-    from the records, e.g. ``fields["task"]``), ``meta`` (the manifest), ``path``; ``run``: what the
+    from the records, e.g. ``fields["task"]``), ``record_sha256`` (each scored record's content hash, a hex
+    string per record, for records read from JSON), ``meta`` (the manifest), ``path``; ``run``: what the
     :func:`score_dataset` call that returned it did (records and tokens scored, times; empty from ``open``).
+
+    A store from :meth:`open` is lazy: each column is read the first time it is asked for (the ids, fields
+    and record digests as views into the memory-mapped columns file; the scores from the shards, together),
+    so opening a store of any size holds no per-record column, and a caller pays for what it reads.
     """
 
-    path: str
-    ids: np.ndarray
-    norms: np.ndarray
-    losses: np.ndarray
-    tokens: np.ndarray
-    per_param: Optional[Dict[str, np.ndarray]]
-    fields: Dict[str, np.ndarray]
-    meta: Dict[str, Any]
-    run: Dict[str, Any] = field(default_factory=dict)  # what the score_dataset call that returned it did
-    dots: Optional[np.ndarray] = None  # (N,) or (N, R) float32: ⟨∇θ L_i, r⟩ (scored with reference=)
-    cosines: Optional[np.ndarray] = None  # (N,) or (N, R) float32
-    record_sha256: Any = None  # each scored record's content hash, a hex string per record (read from JSON)
-    # string fields as read from the columns file: {name: (codes (N,), distinct values)}
-    _codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
+    ids = _lazy_column("ids", "(N,) int64, or object array of str")
+    norms = _lazy_column("norms", "(N,) float32: ||∇θ L_i||")
+    losses = _lazy_column("losses", "(N,) float32")
+    tokens = _lazy_column("tokens", "(N,) int64: tokens in each record's loss")
+    per_param = _lazy_column("per_param", "{name: (N,) float32 squared norms} or None")
+    fields = _lazy_column("fields", "{name: (N,) column}")
+    dots = _lazy_column("dots", "(N,) or (N, R) float32 ⟨∇θ L_i, r⟩ (scored with reference=), else None")
+    cosines = _lazy_column("cosines", "(N,) or (N, R) float32, else None")
+    record_sha256 = _lazy_column("record_sha256", "each record's content hash (hex per record), or None")
+
+    def __init__(self, path: str, ids: Any = None, norms: Any = None, losses: Any = None, tokens: Any = None,
+                 per_param: Optional[Dict[str, np.ndarray]] = None, fields: Optional[Dict[str, np.ndarray]] = None,
+                 meta: Optional[Dict[str, Any]] = None, run: Optional[Dict[str, Any]] = None, dots: Any = None,
+                 cosines: Any = None, record_sha256: Any = None):
+        self.path = path
+        self.meta: Dict[str, Any] = {} if meta is None else meta
+        self.run: Dict[str, Any] = {} if run is None else run  # what the score_dataset call that returned it did
+        self._reader: Optional[_StoreReader] = None
+        # string fields as read from the columns file: {name: (codes (N,), distinct values, column)}
+        self._codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._vals: Dict[str, Any] = {"ids": ids, "norms": norms, "losses": losses, "tokens": tokens,
+                                      "per_param": per_param, "fields": {} if fields is None else fields, "dots": dots,
+                                      "cosines": cosines, "record_sha256": record_sha256}
 
     def __len__(self) -> int:
-        return int(self.norms.shape[0])
+        norms = self._vals.get("norms")
+        return int(norms.shape[0]) if norms is not None else int(self.meta["counts"]["records"])
 
     def __repr__(self) -> str:
         return f"ScoreStore({self.path!r}, n={len(self)}, model={self.meta.get('model', {}).get('class')})"
@@ -928,9 +1340,10 @@ class ScoreStore:
     # -- reading ----------------------------------------------------------------------------------
     @classmethod
     def open(cls, out_dir: str, verify: bool = True) -> "ScoreStore":
-        """Load a finished store. Every file is checked before it is read (a plain name inside the store,
-        a regular file of the recorded size), then its sha256 against the manifest (``verify``), and the
-        shards' coverage of the dataset; errors name the offending file."""
+        """Open a finished store. Every file is checked before it is read (a plain name inside the store,
+        a regular file of the recorded size), then its sha256 against the manifest (``verify``; else each
+        shard's payload against its header's checksum), and the shards' coverage of the dataset; errors name
+        the offending file. The columns are read lazily (see the class doc): opening holds none of them."""
         out_dir = os.fspath(out_dir)
         if not os.path.isdir(out_dir):
             raise StoreError(f"{out_dir}: not a directory (a score store is a directory)")
@@ -946,54 +1359,16 @@ class ScoreStore:
                 f"{out_dir}: the store is incomplete ({done}/{total} shards); rerun the same score command "
                 "(resume is on by default) to finish it"
             )
-        files = manifest["files"]
-        sizes = manifest.get("file_sizes", {})
-
-        def load_checked(name: str, sha: Optional[str], size: Optional[int], pattern=None) -> bytes:
-            data = read_store_file(out_dir, name, size, pattern)
-            if verify and sha is not None and sha256_bytes(data) != sha:
-                raise StoreError(
-                    f"{os.path.join(out_dir, name)}: checksum mismatch (sha256 differs from the manifest): corrupted or truncated")
-            return data
-
-        n = manifest["counts"]["records"]
-        ids: Any = None
-        fields: Dict[str, Any] = {}
-        order: List[Tuple[str, str]] = []
-        codes: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        digests: Any = None
-        if COLUMNS_FILE in files:  # format 3
-            ids, fields, order, codes, digests = decode_columns(
-                load_checked(COLUMNS_FILE, files[COLUMNS_FILE], sizes.get(COLUMNS_FILE)),
-                os.path.join(out_dir, COLUMNS_FILE), n, check_payload=not verify)
-        if ids is None:
-            ids = parse_ids(load_checked(IDS_FILE, files.get(IDS_FILE), sizes.get(IDS_FILE)), os.path.join(out_dir, IDS_FILE), n)
-        if FIELDS_FILE in files:
-            fields.update(parse_fields(load_checked(FIELDS_FILE, files[FIELDS_FILE], sizes.get(FIELDS_FILE)),
-                                       os.path.join(out_dir, FIELDS_FILE), n))
-        if order:  # the columns' recorded order, whichever file holds each
-            fields = {name: fields[name] for name, _ in order if name in fields}
-        parts: Dict[str, List[np.ndarray]] = {}
-        expect = 0
-        for sh in manifest["shards"]:
-            name = sh["file"]
-            data = load_checked(name, sh["sha256"], sh.get("size"), SHARD_RE)
-            # with verify the file's sha256 (which covers the payload) was just checked: no second hash
-            tensors, meta = decode_shard(data, os.path.join(out_dir, name), check_payload=not verify)
-            del data
-            check_shard_identity(meta, manifest, sh, os.path.join(out_dir, name))
-            pos = tensors.get("positions")
-            if pos is None or not np.array_equal(pos, np.arange(expect, expect + len(pos))):
-                raise StoreError(f"{os.path.join(out_dir, name)}: positions do not continue the dataset at {expect}")
-            expect += len(pos)
-            for k, v in tensors.items():
-                if k != "positions" and not k.startswith("col."):  # a streaming window's columns: in the columns file
-                    parts.setdefault(k, []).append(v)
-        if expect != n:
-            raise StoreError(f"{out_dir}: shards hold {expect} records, the manifest says {n}")
-        store = cls.from_parts(out_dir, manifest, parts, ids, fields, record_sha256=digests)
-        store._codes = codes
+        store = cls(out_dir, meta=manifest)
+        store._reader = _StoreReader(out_dir, manifest, verify)
+        store._vals = {}
         return store
+
+    def load(self) -> "ScoreStore":
+        """Read every column now (what ``open`` did before it was lazy); returns the store."""
+        for name in ("ids", "norms", "fields", "record_sha256"):
+            getattr(self, name)
+        return self
 
     @classmethod
     def from_parts(cls, out_dir, manifest, parts, ids, fields, record_sha256: Any = None) -> "ScoreStore":
@@ -1149,8 +1524,9 @@ class ScoreStore:
     def field_codes(self, name: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         """``(codes (N,), distinct values)`` of a string field as the columns file stores it (codes number
         the values by first appearance), while ``fields[name]`` is still the column read; else ``None``."""
+        col = self.fields.get(name)  # (reads the fields of a lazy store)
         got = self._codes.get(name)
-        if got is None or self.fields.get(name) is not got[2]:
+        if got is None or col is not got[2]:
             return None  # not a string field of the columns file, or the column was replaced after reading
         return got[0], got[1]
 
@@ -1190,25 +1566,47 @@ def check_shard_identity(meta: Mapping[str, Any], manifest: Mapping[str, Any], e
                          f"{_repair_hint(os.path.dirname(path))}")
 
 
+class Summary:
+    """:func:`summarize` of a store's scores given shard by shard (``add``): the counts are summed, the
+    finite norms copied into one float64 buffer of ``capacity`` (8 bytes a record: the exact mean, median and
+    quantiles need them all), so the end of a streaming run holds no other column; ``result()`` equals
+    ``summarize`` of the concatenated arrays, bit for bit."""
+
+    def __init__(self, capacity: int):
+        self.finite = np.empty(capacity, dtype=np.float64)
+        self.m = 0
+        self.c = {"count": 0, "nan_norms": 0, "inf_norms": 0, "nan_losses": 0, "inf_losses": 0, "nonfinite": 0, "tokens": 0}
+
+    def add(self, norms: np.ndarray, losses: np.ndarray, tokens: np.ndarray) -> None:
+        finite = np.isfinite(norms)
+        k = int(finite.sum())
+        if self.m + k > self.finite.shape[0]:
+            raise ValueError(f"Summary: more than {self.finite.shape[0]} records")
+        self.finite[self.m:self.m + k] = norms[finite]
+        self.m += k
+        for key, v in (("count", norms.shape[0]), ("nan_norms", np.isnan(norms).sum()), ("inf_norms", np.isinf(norms).sum()),
+                       ("nan_losses", np.isnan(losses).sum()), ("inf_losses", np.isinf(losses).sum()),
+                       ("nonfinite", (~finite | ~np.isfinite(losses)).sum()), ("tokens", tokens.sum())):
+            self.c[key] += int(v)
+
+    def result(self) -> Dict[str, Any]:
+        f = self.finite[:self.m]  # (M,) float64, in dataset order
+        nan = float("nan")
+        out = {**self.c, "norm_mean": float(f.mean()) if f.size else nan}
+        out["norm_min"], out["norm_max"] = (float(f.min()), float(f.max())) if f.size else (nan, nan)
+        q = np.quantile(f, [0.1, 0.5, 0.9], overwrite_input=True) if f.size else [nan] * 3  # after the mean: reorders f
+        self.finite, self.m = np.empty(0, dtype=np.float64), 0
+        out.update({"norm_median": float(q[1]), "norm_p10": float(q[0]), "norm_p90": float(q[2])})
+        keys = ("count", "nan_norms", "inf_norms", "nan_losses", "inf_losses", "nonfinite", "tokens", "norm_mean",
+                "norm_median", "norm_p10", "norm_p90", "norm_min", "norm_max")
+        return {k: out[k] for k in keys}
+
+
 def summarize(norms: np.ndarray, losses: np.ndarray, tokens: np.ndarray) -> Dict[str, Any]:
-    finite = np.isfinite(norms)
-    f = norms[finite].astype(np.float64)
-    q = np.quantile(f, [0.1, 0.5, 0.9]) if f.size else [float("nan")] * 3
-    return {
-        "count": int(norms.shape[0]),
-        "nan_norms": int(np.isnan(norms).sum()),
-        "inf_norms": int(np.isinf(norms).sum()),
-        "nan_losses": int(np.isnan(losses).sum()),
-        "inf_losses": int(np.isinf(losses).sum()),
-        "nonfinite": int((~np.isfinite(norms) | ~np.isfinite(losses)).sum()),
-        "tokens": int(tokens.sum()),
-        "norm_mean": float(f.mean()) if f.size else float("nan"),
-        "norm_median": float(q[1]),
-        "norm_p10": float(q[0]),
-        "norm_p90": float(q[2]),
-        "norm_min": float(f.min()) if f.size else float("nan"),
-        "norm_max": float(f.max()) if f.size else float("nan"),
-    }
+    """Counts and norm statistics (over the finite norms) of a store's scores."""
+    acc = Summary(int(norms.shape[0]))
+    acc.add(norms, losses, tokens)
+    return acc.result()
 
 
 def read_manifest(out_dir: str) -> Optional[Dict[str, Any]]:
@@ -1290,10 +1688,12 @@ IDENTITY_KEYS = ("model", "config", "data")
 def build_manifest(
     identity: Mapping[str, Any], run_key: str, records: int, shards_planned: int, side_files: Mapping[str, Tuple[str, int]],
     versions: Mapping[str, Any], created: Optional[str], shards: Optional[Sequence[Tuple[Mapping[str, Any], bytes, Mapping[str, np.ndarray]]]] = None,
-    run: Optional[Mapping[str, Any]] = None,
+    run: Optional[Mapping[str, Any]] = None, stats: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """A manifest: incomplete without ``shards``; complete with ``shards`` = one ``(entry, bytes,
-    tensors)`` per plan window in order (``entry``: file, index, start, count, batches)."""
+    tensors)`` per plan window in order (``entry``: file, index, start, count, batches). ``stats``: the
+    :func:`summarize` of the scores when the caller summed them shard by shard (:class:`Summary`; the
+    shards' tensors are then not read)."""
     manifest: Dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -1316,11 +1716,12 @@ def build_manifest(
                         "size": entry["size"] if data is None else len(data),
                         **({"window": entry["window"]} if "window" in entry else {})})  # a streaming run's window
         n_batches += int(entry.get("batches", 0))
-        for k, v in tensors.items():
+        for k, v in ({} if stats is not None else tensors).items():
             parts.setdefault(k, []).append(v)
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-    z = np.zeros(0, dtype=np.float32)
-    stats = summarize(cat.get("norms", z), cat.get("losses", z), cat.get("tokens", np.zeros(0, dtype=np.int64)))
+    if stats is None:
+        cat = {k: np.concatenate(v) for k, v in parts.items()}
+        z = np.zeros(0, dtype=np.float32)
+        stats = summarize(cat.get("norms", z), cat.get("losses", z), cat.get("tokens", np.zeros(0, dtype=np.int64)))
     manifest["counts"].update({
         "shards": len(entries),
         "batches": n_batches,

@@ -295,102 +295,176 @@ def _values(kind: str, x: Any, n: int) -> List[Any]:
     return list(x)
 
 
-def assemble_columns(wins: Sequence[_WinCols], first_pos: Sequence[int]):
-    """``(id_kind, ids, fields, record digests)`` of the whole store from its windows' columns, as the
-    columns file takes them; ids are checked (one kind, no duplicate) with errors naming the records."""
-    from .store import Factorized, Utf8Ids, _str_unblob, column_array
+class ColumnAssembler:
+    """The store's per-record columns (ids, fields, record digests), assembled window by window into
+    :class:`gradsel_core.store.Spool` files inside the store, so the end of a streaming run holds one
+    window's columns at a time, never a whole column: ``add`` each window's columns in order, then
+    ``finish()`` gives ``(id_kind, ids, fields, digests)`` as :func:`gradsel_core.store.write_side_files`
+    takes them (spools written chunk by chunk into the columns file: the same bytes as the whole columns
+    in memory). ``close()`` removes the spools.
 
-    n = sum(w.n for w in wins)
-    kinds = {w.id_kind for w in wins}
-    if len(kinds) > 1:
-        wi = next(k for k, w in enumerate(wins) if w.id_kind == "int")
-        ws = next(k for k, w in enumerate(wins) if w.id_kind == "str")
-        raise TypeError(f"ids must be all ints or all strs (records without an id take their position): records "
-                        f"[{first_pos[wi]}, {first_pos[wi] + wins[wi].n}) have int ids, records "
-                        f"[{first_pos[ws]}, {first_pos[ws] + wins[ws].n}) have str ids")
-    id_kind = kinds.pop() if kinds else "int"
-    keys: Any
-    if id_kind == "int":
-        ids: Any = _fill(wins, "ids", np.int64, n)
-        keys = ids
-    else:
-        if all(w.ids_enc == "utf8" for w in wins):
-            sep = np.zeros(1, dtype=np.uint8)
-            parts: List[np.ndarray] = []
-            for k, w in enumerate(wins):
-                if k:
-                    parts.append(sep)
-                parts.append(w.ids)
-            ids = Utf8Ids(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8), n)
+    What is held: the distinct values of each string field (its dictionary), and for the duplicate-id check
+    one int64 key per record (the id, or a hash of a string id), sorted in place (8 bytes a record). Two rare
+    kinds are assembled in memory as before, by reading the windows again: a field with missing values or of
+    mixed kinds across windows, and string ids holding a NUL (ids.json)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.n = 0
+        self.paths: List[str] = []  # each window's shard (read again only for the rare kinds)
+        self.starts: List[int] = []
+        self.counts: List[int] = []
+        self.kinds: Dict[str, int] = {}  # id kind -> first window of that kind
+        self.ids_enc: Optional[str] = None  # "int64" | "utf8" | "json" (any json window: ids.json)
+        self.spools: List[Any] = []
+        self.ids: Any = None  # Spool of int64 ids or of the UTF-8 blob
+        self.keys: Any = None  # Spool of string ids' hashes (int ids are their own keys)
+        self.fields: Dict[str, Dict[str, Any]] = {}
+        self.digests: Any = None  # Spool (N, width) uint8, or False once a window has none
+
+    def _spool(self, name: str, dtype: Any, tail=()) -> Any:
+        from .store import Spool
+
+        sp = Spool(self.out_dir, name, dtype, tail)
+        self.spools.append(sp)
+        return sp
+
+    def add(self, w: "_WinCols", start: int, path: str) -> None:
+        k = len(self.paths)
+        self.paths.append(path)
+        self.starts.append(start)
+        self.counts.append(w.n)
+        self.kinds.setdefault(w.id_kind, k)
+        if len(self.kinds) == 1:
+            if w.id_kind == "int":
+                if self.ids is None:
+                    self.ids, self.ids_enc = self._spool("ids", np.int64), "int64"
+                self.ids.append(w.ids)  # (n,) int64
+            else:
+                strs = None
+                if w.ids_enc == "json" or self.ids_enc == "json":
+                    self.ids_enc = "json"  # the whole column goes to ids.json, read again in finish()
+                else:
+                    if self.ids is None:
+                        self.ids, self.ids_enc = self._spool("ids-utf8", np.uint8), "utf8"
+                    elif k:
+                        self.ids.append(np.zeros(1, dtype=np.uint8))  # the NUL between two windows' blobs
+                    self.ids.append(w.ids)
+                from .store import _str_unblob
+
+                strs = _str_unblob(w.ids, w.n).tolist() if w.ids_enc == "utf8" else w.ids
+                if self.keys is None:
+                    self.keys = self._spool("id-keys", np.int64)
+                # duplicates by each string's hash (this process's), confirmed on the strings themselves
+                self.keys.append(np.fromiter((hash(v) for v in strs), dtype=np.int64, count=w.n))
+        for name, (kind, x) in w.fields.items():
+            st = self.fields.get(name)
+            if st is None:
+                st = self.fields[name] = {"kind": kind if k == 0 else "mixed", "windows": 0}
+                if st["kind"] == "array":
+                    st["dtype"], st["spool"] = x.dtype, self._spool(f"f-{len(self.fields)}", x.dtype)
+                elif st["kind"] == "dict":
+                    st["table"], st["spool"] = {}, self._spool(f"f-{len(self.fields)}", np.int64)
+                else:
+                    st["kind"] = "mixed"
+            st["windows"] += 1
+            if st["kind"] == "array" and (kind != "array" or x.dtype != st["dtype"]):
+                st["kind"] = "mixed"
+            elif st["kind"] == "dict" and kind != "dict":
+                st["kind"] = "mixed"
+            if st["kind"] == "array":
+                st["spool"].append(x)
+            elif st["kind"] == "dict":
+                c, distinct = x
+                table = st["table"]
+                remap = np.fromiter((table.setdefault(v, len(table)) for v in distinct.tolist()), dtype=np.int64,
+                                    count=len(distinct))
+                st["spool"].append(remap[c] if c.size else c)
+        for name, st in self.fields.items():
+            if name not in w.fields:
+                st["kind"] = "mixed"  # missing in this window: its values are None
+        if self.digests is not False:
+            if w.digests is None:
+                self.digests = False
+            else:
+                if self.digests is None:
+                    self.digests = self._spool("digests", np.uint8, (w.digests.shape[1],))
+                self.digests.append(w.digests)  # (n, width)
+        self.n += w.n
+
+    def _windows(self):
+        """Each window's columns again, in order (the rare kinds and the error paths)."""
+        from .store import decode_shard, read_store_file
+
+        for path in self.paths:
+            tensors, meta = decode_shard(read_store_file(self.out_dir, os.path.basename(path)), path)
+            yield _read_window_columns(tensors, meta, path)
+
+    def _id_list(self) -> List[Any]:
+        from .store import _str_unblob
+
+        return [v for w in self._windows()
+                for v in (w.ids.tolist() if w.ids_enc == "int64" else _str_unblob(w.ids, w.n).tolist()
+                          if w.ids_enc == "utf8" else w.ids)]
+
+    def finish(self):
+        """``(id_kind, ids, fields, record digests)``; ids are checked (one kind, no duplicate) with errors
+        naming the records."""
+        from .store import Factorized, Utf8Ids, column_array
+
+        n = self.n
+        if len(self.kinds) > 1:
+            wi, ws = self.kinds["int"], self.kinds["str"]
+            raise TypeError(f"ids must be all ints or all strs (records without an id take their position): records "
+                            f"[{self.starts[wi]}, {self.starts[wi] + self.counts[wi]}) have int ids, records "
+                            f"[{self.starts[ws]}, {self.starts[ws] + self.counts[ws]}) have str ids")
+        id_kind = next(iter(self.kinds), "int")
+        keys_spool = self.ids if id_kind == "int" else self.keys
+        keys = keys_spool.read() if keys_spool is not None else np.zeros(0, dtype=np.int64)  # (N,) int64
+        keys.sort()  # in place
+        has_same = bool(keys.size > 1 and (keys[1:] == keys[:-1]).any())
+        del keys
+        if has_same:  # a repeated key (or a hash collision): find the records, as the whole column
+            self._duplicates(id_kind, keys_spool.read())
+        ids: Any
+        if id_kind == "int":
+            ids = self.ids.close() if self.ids is not None else np.zeros(0, dtype=np.int64)
+        elif self.ids_enc == "utf8":
+            ids = Utf8Ids(self.ids.close(), n)
         else:
-            ids = [v for w in wins for v in (_str_unblob(w.ids, w.n).tolist() if w.ids_enc == "utf8" else w.ids)]
-        # duplicates by each string's hash (this process's), confirmed on the strings themselves
-        hs = []
-        for w in wins:
-            strs = _str_unblob(w.ids, w.n).tolist() if w.ids_enc == "utf8" else w.ids
-            hs.append(np.fromiter((hash(v) for v in strs), dtype=np.int64, count=w.n))
-        keys = np.concatenate(hs) if hs else np.zeros(0, dtype=np.int64)
-    order = np.argsort(keys, kind="stable")
-    same = np.nonzero(keys[order][1:] == keys[order][:-1])[0]
-    if same.size:
-        def id_at(p: int) -> Any:
-            if id_kind == "int":
-                return int(ids[p])
-            k = int(np.searchsorted(np.cumsum([w.n for w in wins]), p, side="right"))
-            w = wins[k]
-            local = p - int(sum(x.n for x in wins[:k]))
-            return (_str_unblob(w.ids, w.n)[local] if w.ids_enc == "utf8" else w.ids[local])
+            ids = self._id_list()
+        fields: Dict[str, Any] = {}
+        mixed = [name for name, st in self.fields.items() if st["kind"] == "mixed" or st["windows"] != len(self.paths)]
+        values: Dict[str, List[Any]] = {name: [] for name in mixed}
+        if mixed:  # the exact values, as the whole column (rare)
+            for w in self._windows():
+                for name in mixed:
+                    g = w.fields.get(name)
+                    values[name] += [None] * w.n if g is None else _values(g[0], g[1], w.n)
+        for name in sorted(self.fields):
+            st = self.fields[name]
+            if name in values:
+                fields[name] = column_array(values.pop(name))
+            elif st["kind"] == "array":
+                fields[name] = st["spool"].close()
+            else:
+                fields[name] = Factorized(st["spool"].close(), list(st["table"]))
+        digests = self.digests.close() if self.digests else None
+        return id_kind, ids, fields, digests
+
+    def _duplicates(self, id_kind: str, keys: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")
+        same = np.nonzero(keys[order][1:] == keys[order][:-1])[0]
+        ids = self._id_list()
         dups = []
         for j in same[:50].tolist():
             a, b = int(order[j]), int(order[j + 1])
-            if id_at(a) == id_at(b):
-                dups.append(f"{id_at(a)!r} (records {a} and {b})")
+            if ids[a] == ids[b]:
+                dups.append(f"{ids[a]!r} (records {a} and {b})")
         if dups:
             raise ValueError(f"duplicate ids: {', '.join(dups[:5])}{' ...' if len(dups) > 5 else ''}")
-    names = sorted({name for w in wins for name in w.fields})
-    fields: Dict[str, Any] = {}
-    for name in names:
-        got = [w.fields.get(name) for w in wins]
-        if all(g is not None and g[0] == "array" for g in got) and len({g[1].dtype for g in got}) == 1:
-            col = np.empty(n, dtype=got[0][1].dtype)
-            pos = 0
-            for w in wins:
-                col[pos:pos + w.n] = w.fields.pop(name)[1]
-                pos += w.n
-            fields[name] = col
-        elif all(g is not None and g[0] == "dict" for g in got):
-            table: Dict[str, int] = {}
-            codes = np.empty(n, dtype=np.int64)
-            pos = 0
-            for w in wins:
-                c, distinct = w.fields.pop(name)[1]
-                remap = np.fromiter((table.setdefault(v, len(table)) for v in distinct.tolist()), dtype=np.int64,
-                                    count=len(distinct))
-                codes[pos:pos + w.n] = remap[c] if c.size else c
-                pos += w.n
-            fields[name] = Factorized(codes, list(table))
-        else:  # mixed kinds or missing values: the exact values, as the whole column (rare)
-            values: List[Any] = []
-            for g, w in zip(got, wins):
-                values += [None] * w.n if g is None else _values(g[0], g[1], w.n)
-            fields[name] = column_array(values)
-    digests = None
-    if wins and all(w.digests is not None for w in wins):
-        digests = np.empty((n, wins[0].digests.shape[1]), dtype=np.uint8)  # (N, width)
-        pos = 0
-        for w in wins:
-            digests[pos:pos + w.n] = w.digests
-            pos += w.n
-            w.digests = None
-    return id_kind, ids, fields, digests
 
-
-def _fill(wins: Sequence[_WinCols], attr: str, dtype: Any, n: int) -> np.ndarray:
-    """The windows' ``attr`` arrays in one (n,) array, each window's dropped once copied (one copy held, not two)."""
-    out = np.empty(n, dtype=dtype)
-    pos = 0
-    for w in wins:
-        out[pos:pos + w.n] = getattr(w, attr)
-        pos += w.n
-        setattr(w, attr, None)
-    return out
+    def close(self) -> None:
+        for sp in self.spools:
+            sp.remove()
+        self.spools = []

@@ -522,7 +522,7 @@ def select_dataset(
 
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="gradsel_select_") as tmp:
-            store = score_dataset(model, records, tmp, batch_size=batch_size, params=params, **score_kw)
+            store = score_dataset(model, records, tmp, batch_size=batch_size, params=params, **score_kw).load()  # lazy: read before tmp goes
     else:
         store = score_dataset(model, records, out_dir, batch_size=batch_size, params=params, **score_kw)
     if len(store) != n:  # pragma: no cover - score_dataset guarantees it
