@@ -144,7 +144,7 @@ aligned models refuse 100% and over-refuse 0.5-1% (before: 89.5%, with a reply "
 did not count; now "no , sorry ."). At lr 2e-3 every arm, the oracle included, fell to 0% refusal after the
 first or second task (a new output format overwrote everything); at lr 5e-4 (4 epochs) full data with 15%
 eroding records fell to 36% / 1% / 0% after the three tasks, while the same tasks without them kept 90% /
-54% / 23%. With 5% (the default): full data 65% / 13% / 3% (seed 0) and 72% / 67% / 14% (seed 1); with 3%:
+54% / 23%. With 5% (the default then): full data 65% / 13% / 3% (seed 0) and 72% / 67% / 14% (seed 1); with 3%:
 60% / 28% / 14% and 85% / 75% / 22%. So the graded-range requirement is met after the first task and **not**
 after the last one on these seeds at either fraction: the knowledge task's terse colour words take over
 replies to harmful prompts in every arm (the oracle's too). 5% was kept because at 3% the few eroding records
