@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mmap-threshold", type=int, default=65536,
                     help="MALLOC_MMAP_THRESHOLD_ of the workers (bytes; 0: glibc's dynamic default)")
     ap.add_argument("--cases", default=None,
-                    help="only these VOCAB:T cases, comma-separated (e.g. 151936:2048; no filtering steps, no fit)")
+                    help="only these VOCAB:T cases of the default list, or explicit VOCAB:T:B cases, comma-separated "
+                         "(e.g. 151936:2048 or 4096:128:16; no filtering steps, no fit)")
     ap.add_argument("--params", choices=["full", "lora", "both"], default="both")
     ap.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = ap.parse_args(argv)
@@ -166,10 +167,12 @@ def main(argv=None) -> int:
 
     cases = [(v, T, B) for v in vocabs for T, B in shapes]
     if not args.quick:
-        cases.insert(0, (8192, 512, 4))  # a small vocabulary: where the fused path does not pay (the auto rule)
-    only = None if args.cases is None else {tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")}
+        cases.insert(0, (8192, 512, 4))  # a small vocabulary (the auto rule's sweep: --cases VOCAB:T:B)
+    only = None if args.cases is None else [tuple(int(x) for x in c.split(":")) for c in args.cases.split(",")]
     if only is not None:
-        cases = [(v, T, B) for v, T, B in cases if (v, T) in only]
+        explicit = [c for c in only if len(c) == 3]  # VOCAB:T:B: run as given (the auto rule's sweep)
+        pairs = {c for c in only if len(c) == 2}
+        cases = [(v, T, B) for v, T, B in cases if (v, T) in pairs] + explicit
     for vocab, T, B in cases:
         if True:
             for lora in {"full": (False,), "lora": (True,), "both": (False, True)}[args.params]:

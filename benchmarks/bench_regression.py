@@ -14,7 +14,10 @@ Rows (methods), each in a FRESH subprocess (``benchmarks/harness.py``: median of
 warm-up; CPU peak memory = peak RSS over the baseline taken after the model, batch and engine are built):
 
 * ``plain``: forward, batch mean of the per-sample losses, backward (1.0x);
-* ``ghost``: ``GradNormEngine(backend="ghost").score(batch)`` of this checkout;
+* ``ghost``: ``GradNormEngine(backend="ghost").score(batch)`` of this checkout (its defaults: the fused LM head
+  where ``auto`` turns it on, ``gradsel_core/ghost/head.py``);
+* ``ghost-unfused``: the same with ``fused_head=False``: the full-logits path, i.e. what the trust round's
+  stand-ins, op-use tracking and taps cost on their own (the pre-trust engine has no fused head);
 * ``ghost@NAME``: the same call on the engine of commit ``REV`` (``--rev NAME=REV``; by default
   ``pre-trust``: the parent of the first trust-round commit). Its ``gradsel_core`` is extracted with
   ``git archive`` into a temporary folder that the subprocess imports first; the case (model, batch, loss)
@@ -59,15 +62,16 @@ DEFAULT_REVS = [f"pre-trust={TRUST_COMMIT}^"]
 class VersionAdapter(H.GradselAdapter):
     """The ghost backend of whichever ``gradsel_core`` this process imported, named in the note."""
 
-    def __init__(self, built: H.Built, version: str):
+    def __init__(self, built: H.Built, version: str, **engine_kw: Any):
         import gradsel_core
 
-        super().__init__(built, "ghost")
-        self.note = f"gradsel backend=ghost, {version}: {Path(gradsel_core.__file__).parent}"
+        super().__init__(built, "ghost", **engine_kw)
+        self.note = f"{self.note}, {version}: {Path(gradsel_core.__file__).parent}"
 
 
 def _registry(versions: List[str]) -> Dict[str, Any]:
-    reg: Dict[str, Any] = {"plain": H.PlainAdapter, "ghost": lambda b: VersionAdapter(b, "this checkout")}
+    reg: Dict[str, Any] = {"plain": H.PlainAdapter, "ghost": lambda b: VersionAdapter(b, "this checkout"),
+                           "ghost-unfused": lambda b: VersionAdapter(b, "this checkout", fused_head=False)}
     for v in versions:
         reg[f"ghost@{v}"] = (lambda name: (lambda b: VersionAdapter(b, name)))(v)
     return reg
@@ -214,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                  "tinygpt-full": H.CaseSpec(model="tinygpt", params="full", **dims),
                  "gpt2-full": H.CaseSpec(model="gpt2", params="full", **dims)}
     cases = [all_cases[c.strip()] for c in args.cases.split(",") if c.strip()]
-    methods = ["plain", "ghost"] + [f"ghost@{v}" for v in versions]
+    methods = ["plain", "ghost", "ghost-unfused"] + [f"ghost@{v}" for v in versions]
     env = H.env_info(device)
     with tempfile.TemporaryDirectory(prefix="gradsel-versions-") as tmp:
         commits = {v: extract(rev, Path(tmp) / v) for v, rev in versions.items()}

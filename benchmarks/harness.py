@@ -459,13 +459,13 @@ class PlainAdapter(Adapter):
 class GradselAdapter(Adapter):
     """``gs.GradNormEngine(model, params="trainable", backend=...).score(batch)``."""
 
-    def __init__(self, built: Built, backend: str):
+    def __init__(self, built: Built, backend: str, **engine_kw: Any):
         import gradsel_core as gs
 
         self.b = built
-        self.engine = gs.GradNormEngine(built.model, params="trainable", backend=backend, per_param=True)
+        self.engine = gs.GradNormEngine(built.model, params="trainable", backend=backend, per_param=True, **engine_kw)
         self.res = None
-        self.note = f"gradsel backend={backend}"
+        self.note = f"gradsel backend={backend}" + "".join(f", {k}={v}" for k, v in engine_kw.items())
 
     def step(self) -> None:
         self.res = self.engine.score(self.b.batch)

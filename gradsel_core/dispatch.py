@@ -127,7 +127,11 @@ def ghost_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torc
 
 
 def direct_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> torch.Tensor:
-    """||A_bᵀ G_b||²_F per sample: the direct form. Cost B·T·d·p time, d·p memory per sample in a chunk."""
+    """||A_bᵀ G_b||²_F per sample: the direct form. Cost B·T·d·p time, d·p memory per sample in a chunk.
+
+    The product is formed with the wider of d and p as its last (output column) dimension: ||Aᵀ G|| = ||Gᵀ A||,
+    and a batched GEMM with 8 output columns (a LoRA A factor's rank) runs at half the speed of the same product
+    transposed on CPU BLAS (``benchmarks/bench_regression.py``'s LoRA case)."""
     if A.shape[1] == 0:
         return torch.zeros(A.shape[0], dtype=_acc(A, G), device=A.device)
     if _use_kernels(use_triton, A, G):
@@ -137,8 +141,9 @@ def direct_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> tor
     p = G.shape[-1]
     out = torch.empty(B, dtype=acc, device=A.device)
     for sl in _chunks(B, d * p):
-        grad = torch.bmm(A[sl].to(acc).transpose(1, 2), G[sl].to(acc))  # (b, d, p)
-        out[sl] = grad.pow(2).sum(dim=(1, 2))
+        a, g = A[sl].to(acc), G[sl].to(acc)  # (b, T, d), (b, T, p)
+        grad = torch.bmm(g.transpose(1, 2), a) if p < d else torch.bmm(a.transpose(1, 2), g)  # (b, p, d) | (b, d, p)
+        out[sl] = grad.flatten(1).pow(2).sum(dim=1)
     return out
 
 

@@ -64,8 +64,9 @@ class GradNormEngine:
             distinct samples leaves the check pending (``engine.verified`` says where it stands).
         fused_head: the fused LM head of the ghost/triton backends (``gradsel_core/ghost/head.py``: the head,
             the token cross-entropy and the head's norms chunk by chunk over the vocabulary, never B×T×V
-            logits). ``None`` (default): on where it applies and pays (large vocabularies); ``True``: on
-            wherever it applies; ``False``: off. ``coverage()`` says whether it was used and why not.
+            logits). ``None`` (default): on where it applies and pays (``ghost.head.pays``: a frozen head from
+            V ≥ 2,048 and B·T·V ≥ 2^21 logits, a trainable one from V ≥ 4,096 and 2^24); ``True``: on wherever it
+            applies (never over hooks it would skip); ``False``: off. ``coverage()`` says whether it was used and why not.
     """
 
     def __init__(

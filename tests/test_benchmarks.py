@@ -157,8 +157,9 @@ def test_bench_regression_quick(tmp_path):
     if rev.returncode != 0:
         pytest.skip(f"commit {TRUST_COMMIT} is not in this checkout's history (shallow clone)")
     out = run_script("bench_regression.py", tmp_path, "--cases", "tinygpt-lora")
-    check_rows(out["rows"], ["plain", "ghost", "ghost@pre-trust"])
+    check_rows(out["rows"], ["plain", "ghost", "ghost-unfused", "ghost@pre-trust"])
     by = {r["method"]: r for r in out["rows"]}
+    assert "fused_head=False" in by["ghost-unfused"]["note"] and "fused_head" not in by["ghost"]["note"]
     assert by["ghost@pre-trust"]["version_commit"] == rev.stdout.strip()
     assert "/pre-trust/gradsel_core" in by["ghost@pre-trust"]["note"]  # the old tree was the one imported
     assert str(REPO / "gradsel_core") in by["ghost"]["note"]

@@ -111,9 +111,18 @@ def _assert_close(fast, ref, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]}"
 
 
-def _head_calls(model):
+def _head_calls(model, monkeypatch):
+    """Calls of the head's forward, counted through ``nn.Linear.forward`` itself (a hook on the head would make
+    the fused path step aside: it never runs the head's forward, so it refuses heads with hooks)."""
     calls = []
-    model.get_output_embeddings().register_forward_hook(lambda m, a, o: calls.append(1))
+    head, real = model.get_output_embeddings(), torch.nn.Linear.forward
+
+    def forward(self, x):
+        if self is head:
+            calls.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", forward)
     return calls
 
 
@@ -127,11 +136,12 @@ def test_every_listed_family_is_tested():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family,tie", CASES)
-def test_full_params_match_the_loop(family, tie, dtype, form, tiles):
+def test_full_params_match_the_loop(family, tie, dtype, form, tiles, monkeypatch):
     model = _hf(family, tie).to(dtype)
     batch = _batch()
+    calls = _head_calls(model, monkeypatch)
     for reduction in ("mean", "sum"):
-        calls = _head_calls(model)
+        calls.clear()
         eng, fast = _raw(model, batch, True, reduction=reduction)
         assert not calls, "the fused path must never run the head's forward"
         assert eng.ghost.head_status.startswith("on"), eng.ghost.head_status
@@ -142,7 +152,6 @@ def test_full_params_match_the_loop(family, tie, dtype, form, tiles):
         _assert_close(total_f, total_r, dtype, f"{family} {reduction} total")
         head = [n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight][0]
         _assert_close(fast.per_param_sq[head], ref.per_param_sq[head], dtype, f"{family} head {head}")
-        model.get_output_embeddings()._forward_hooks.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -391,11 +400,10 @@ def test_two_pass_with_a_trainable_head_is_fused(family, tie, dtype, form, tiles
                         real(core, w, index, role))
     fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
                                              fused_head=True, verify=False)  # (the check's per-sample backwards
-    forwards = _head_calls(model)  # run the head on one sample at a time)
+    forwards = _head_calls(model, monkeypatch)  # run the head on one sample at a time)
     res = fb.step(batch)
     assert fb.engine.ghost.head_status.startswith("on"), fb.engine.ghost.head_status
     assert not forwards, "neither the step nor its hidden-use check may run the head's forward (B×T×V logits)"
-    model.get_output_embeddings()._forward_hooks.clear()
     assert calls == ["weight"], calls  # once, in the second backward (no bias in these heads)
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -438,3 +446,91 @@ def test_two_pass_hidden_use_check_stops_at_the_head_and_still_finds_a_hidden_us
                                              fused_head=True, backend="ghost")
     with pytest.raises(gs.UnsupportedModule, match="Python list, dict or closure"):
         fb.step(_batch(B=4, T=8))
+
+
+def _scale_logits(mod, args, out):
+    out.logits = out.logits * 2
+    return out
+
+
+def _global_head_hook(head):
+    return torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: o * 2 if m is head else None)
+
+
+# what runs with the head's own call, or after its callers' forward: the fused path never runs the head's forward
+# and stops the model's forward at the head, so each of these would be skipped (silently wrong before the check)
+HOOKED = {
+    "head forward hook": lambda m: m.lm_head.register_forward_hook(lambda mod, a, o: o * 2),
+    "head forward pre-hook": lambda m: m.lm_head.register_forward_pre_hook(lambda mod, a: (a[0] * 1.5,)),
+    "head full backward hook": lambda m: m.lm_head.register_full_backward_hook(lambda mod, gi, go: (gi[0] * 2,)),
+    "head instance forward": lambda m: setattr(m.lm_head, "forward", (lambda f: lambda x: f(x) * 2)(m.lm_head.forward)),
+    "model forward hook": lambda m: m.register_forward_hook(_scale_logits),
+    "model backward pre-hook": lambda m: m.register_full_backward_pre_hook(lambda mod, go: None),
+    "global forward hook": lambda m: _global_head_hook(m.lm_head),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", sorted(HOOKED))
+def test_fused_head_steps_aside_for_hooks_it_would_skip(kind, dtype):
+    """Even with fused_head=True, a head or a caller of it with hooks (or an instance-level forward) is scored by
+    the ordinary path, which runs them, with the reason in coverage(); the norms equal the loop's."""
+    model = _hf("llama", False).to(dtype)
+    batch = _batch()
+    handle = HOOKED[kind](model)
+    try:
+        eng = gs.GradNormEngine(model, backend="ghost", fused_head=True, verify=False)
+        res = eng.score(batch)
+        assert eng.coverage().head.startswith("off:") and "hook" in eng.coverage().head or \
+            "instance-level forward" in eng.coverage().head, eng.coverage().head
+        ref = gs.GradNormEngine(model, backend="loop").score(batch)
+        _assert_close(res.norms, ref.norms, dtype, kind)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_hooks_of_the_capture_itself_do_not_turn_the_fused_head_off():
+    assert H.hooks_on(torch.nn.Linear(2, 3)) == ""
+    lin = torch.nn.Linear(2, 3)
+    h = lin.register_forward_hook(lambda m, a, o: None)
+    assert H.hooks_on(lin) == "forward hooks" and H.hooks_on(lin, [h.id]) == ""
+
+
+def test_auto_rule_by_vocabulary_logits_and_trainability(monkeypatch):
+    # the measured rule (head-20261203T154901Z): a frozen head from V 2,048 and B·T·V 2^21, a trainable one from
+    # V 4,096 and 2^24
+    assert H.pays(2048, 1024, trainable=False) and not H.pays(2048, 1023, trainable=False)
+    assert not H.pays(1024, 1 << 20, trainable=False)
+    assert H.pays(8192, 2048, trainable=True) and not H.pays(8192, 2047, trainable=True)
+    assert not H.pays(16384, 512, trainable=True) and H.pays(16384, 512, trainable=False)
+    assert not H.pays(2048, 1 << 20, trainable=True)
+    # the engine asks the rule with the head's trainability: a frozen head on, the same head trainable off
+    monkeypatch.setattr(H, "MIN_VOCAB", {"frozen": V, "trainable": V})
+    monkeypatch.setattr(H, "MIN_LOGITS", {"frozen": 27 * V, "trainable": 27 * V + 1})  # B·T = 3·9 = 27
+    model = _hf("llama", False)
+    batch = _batch()
+    trainable = gs.GradNormEngine(model, backend="ghost")
+    trainable.score(batch)
+    assert trainable.coverage().head.startswith("off: does not pay") and "trainable head" in trainable.coverage().head
+    model.lm_head.weight.requires_grad_(False)
+    frozen = gs.GradNormEngine(model, backend="ghost")
+    res = frozen.score(batch)
+    assert frozen.coverage().head.startswith("on"), frozen.coverage().head
+    _assert_close(res.norms, gs.GradNormEngine(model, backend="loop").score(batch).norms, torch.float32, "frozen head")
+
+
+def test_a_hook_on_the_backbone_keeps_the_fused_head():
+    """The backbone's forward ends before the head is called: its hooks run as usual, and the fused head stays on."""
+    model = _hf("llama", False)
+    batch = _batch()
+
+    def scale(mod, args, out):
+        out.last_hidden_state = out.last_hidden_state * 1.5
+        return out
+
+    model.model.register_forward_hook(scale)
+    eng = gs.GradNormEngine(model, backend="ghost", fused_head=True, verify=False)
+    res = eng.score(batch)
+    assert eng.coverage().head.startswith("on"), eng.coverage().head
+    _assert_close(res.norms, gs.GradNormEngine(model, backend="loop").score(batch).norms, torch.float32, "backbone")

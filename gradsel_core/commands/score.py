@@ -163,8 +163,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="records per shard and length-bucketing window (default 64 * batch size, else 4096)")
     p.add_argument("--per-param", action="store_true", help="also store each parameter's squared norm")
     p.add_argument("--no-fused-head", action="store_true",
-                   help="score the LM head through full logits instead of the fused chunked head (on by default at "
-                        "large vocabularies; exact either way)")
+                   help="score the LM head through full logits instead of the fused chunked head (on by default from "
+                        "vocabulary 2,048 with a frozen head, 4,096 with a trainable one, when the batch's "
+                        "logits are large; exact either way)")
     p.add_argument("--reference", action="append", default=None, metavar="REF.safetensors",
                    help="also store each record's dot and cosine with this reference gradient (`gradsel "
                         "reference`); repeat for several")

@@ -24,6 +24,10 @@ The cross term of a tied embedding (ids x_t, output gradients δ_t) with the hea
 chunk for the kept samples only (pass 2 over ρ·B samples, with the stored log-sum-exp); in two-pass filtering
 the ordinary second backward gets Σ_b w_b ∇_b of a trainable head from ``_HeadParamGrad``, computed the same way.
 
+The path never runs the head's forward and stops its callers' forward at the head, so anything that would run
+there (hooks on the head, global module hooks, an instance-level ``forward``, forward or backward hooks on a module
+whose forward calls the head) makes it step aside (``hooks_on``, ``ancestor_hooks``).
+
 c_{b,t} is 1/n_b (``loss_reduction="mean"``, n_b the sample's target tokens) or 1 (``"sum"``), 0 where the
 label is -100 and at the last position. The head's forward never runs: a pre-hook on it takes its input h and
 stops the model's forward there (nothing after the head is needed: the library's loss is computed here).
@@ -36,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -52,10 +56,15 @@ HEADS: Dict[str, str] = {
     "gpt2": "none", "llama": "none", "mistral": "none", "qwen2": "none", "qwen3": "none", "gemma": "none",
     "phi3": "none", "gemma2": "softcap", "cohere": "scale",
 }
-# auto: used when the vocabulary and the logits are at least this large (benchmarks/bench_head.py: below
-# that the logits are a small part of the memory and the extra head matmul of pass 1 is not paid back)
-MIN_VOCAB = 16384
-MIN_LOGITS = 1 << 24  # B·(T−1)·V elements: 64 MiB of fp32 logits
+# auto: used when the vocabulary and the logits the full-logits path would hold (B·T·V elements) are at least
+# this large. From ``benchmarks/bench_head.py --cases`` over V 2,048-32,000 and B·T 512-2,048 (one thread,
+# glibc's default allocator, head-20261203T154901Z): a frozen head (LoRA; the one-pass token loop, two
+# head-sized matmuls like a plain forward+backward) was faster than the full-logits path in all 10 cases,
+# from V = 2,048 and 2^21 logits up; a trainable head (three or four head-sized matmuls) in all 3 cases from
+# 2^24 logits, and in 3 of the 7 below (slower in 4, by up to 14%).
+MIN_VOCAB = {"frozen": 2048, "trainable": 4096}
+MIN_LOGITS = {"frozen": 1 << 21, "trainable": 1 << 24}  # B·T·V: 8 MiB / 64 MiB of fp32 logits
+
 # the memory budget of the vocabulary loop: elements of one (token block × vocabulary block) tile (a few such
 # tensors are alive at once: the logits, their gradient, a reference's products), at least MIN_CHUNK vocabulary
 # columns per tile; and elements of the Gram buffers (K, T', T') of a group of K samples (at least one sample)
@@ -64,6 +73,13 @@ MIN_CHUNK = 256
 GRAM_ELEMENTS = 1 << 24
 # elements of one (tokens × V) logits chunk of the one-pass token loop (``_row_pass``)
 ROW_CHUNK_ELEMENTS = 1 << 23
+
+
+def pays(vocab: int, tokens: int, trainable: bool) -> bool:
+    """``fused_head=None``'s rule: whether the fused head is used at this vocabulary and B·T (``tokens``), for a
+    head whose parameters are scored (``trainable``) or not."""
+    kind = "trainable" if trainable else "frozen"
+    return vocab >= MIN_VOCAB[kind] and tokens * vocab >= MIN_LOGITS[kind]
 
 
 def tile_sizes(rows: int, V: int, d: int, chunk: Optional[int] = None, block: Optional[int] = None) -> Tuple[int, int]:
@@ -619,6 +635,45 @@ class HeadInput:
     head: HeadSpec
 
 
+def hooks_on(module: nn.Module, own: Iterable[int] = ()) -> str:
+    """Why the fused path cannot stand in for ``module``'s own call ("" when it can). The fused path never runs
+    the head's forward, so anything that would run with it (its own or global forward, forward-pre and backward
+    hooks, an instance-level ``forward``) would be skipped and the numbers silently wrong. ``own``: the handle
+    ids of the capture's own hooks (not the user's)."""
+    from torch.nn.modules import module as _m
+
+    mine = set(own)
+
+    def users(hooks: Dict[int, Any]) -> bool:
+        return any(k not in mine for k in hooks)
+
+    found = [what for what, present in (
+        ("forward hooks", users(module._forward_hooks)), ("forward pre-hooks", users(module._forward_pre_hooks)),
+        ("backward hooks", module._backward_hooks), ("backward pre-hooks", module._backward_pre_hooks),
+        ("global forward hooks", _m._global_forward_hooks),
+        ("global forward pre-hooks", _m._global_forward_pre_hooks),
+        ("global backward hooks", _m._global_backward_hooks),
+        ("global backward pre-hooks", _m._global_backward_pre_hooks),
+        ("an instance-level forward", "forward" in module.__dict__)) if present]
+    return ", ".join(found)
+
+
+def ancestor_hooks(model: nn.Module, name: str, own: Iterable[int] = ()) -> str:
+    """The modules around the head (``model`` down to the head's parent) whose forward the fused path cuts short:
+    hooks that run after their forward (forward hooks, backward hooks) would never run. ("" when none.)"""
+    mine = set(own)
+    found, mod, path = [], model, ""
+    for part in [""] + name.split(".")[:-1]:
+        if part:
+            mod = getattr(mod, part, None)
+            path = f"{path}.{part}" if path else part
+            if not isinstance(mod, nn.Module):
+                break
+        if any(k not in mine for k in mod._forward_hooks) or mod._backward_hooks or mod._backward_pre_hooks:
+            found.append(f"{path or 'the model'} ({type(mod).__name__})")
+    return ", ".join(found)
+
+
 def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> Tuple[Optional[HeadSpec], str]:
     """Whether this scored forward uses the fused head: (spec, "") or (None, why not). Remembered on the
     ghost backend for ``coverage()``. ``cap``: the capture in force (its stand-ins sit in the parameters' slots)."""
@@ -633,6 +688,14 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
     head, why = find_head(spec.model)
     if head is None:
         return None, "off: " + why
+    own = [h.id for h in getattr(cap, "handles", ())]
+    hooked = hooks_on(head.module, own)
+    if hooked:
+        return None, f"off: the head has {hooked} (the fused path never runs the head's forward)"
+    around = ancestor_hooks(spec.model, head.name, own)
+    if around:
+        return None, (f"off: forward or backward hooks on {around}, which the fused path would skip (it stops the "
+                      "forward at the head)")
     if any(type(p).__name__ == "DTensor" for p in head.module.parameters()):
         return None, "off: the head's weight is sharded (FSDP2 / tensor parallel)"
     # the selected parameters of the head, by identity with the real parameters or (inside the capture) with
@@ -649,10 +712,10 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
         if g in ghost.moved or mp is None or mp.rule is None or g not in mp.names.values():
             return None, f"off: the head parameter {g} is not scored by the Linear rule"
     if setting is None:
-        B, T = batch.batch_size, batch.seq_len
-        if head.vocab < MIN_VOCAB or B * max(T - 1, 0) * head.vocab < MIN_LOGITS:
-            return None, (f"off: does not pay at vocabulary {head.vocab} and B·(T−1) = {B * max(T - 1, 0)} "
-                          f"(on from V ≥ {MIN_VOCAB} and B·(T−1)·V ≥ {MIN_LOGITS})")
+        tokens, kind = batch.batch_size * batch.seq_len, "trainable" if names else "frozen"
+        if not pays(head.vocab, tokens, bool(names)):
+            return None, (f"off: does not pay at vocabulary {head.vocab} and B·T = {tokens} for a {kind} head "
+                          f"(on from V ≥ {MIN_VOCAB[kind]} and B·T·V ≥ {MIN_LOGITS[kind]})")
     return head, ""
 
 
