@@ -6,8 +6,8 @@ training step (forward, backward of the batch-mean loss, optimizer.step) on the 
 
 Target on a 2-core CPU: filtered ≤ 1.1× plain. For comparison (published, GPU): the paper's selection
 adds about 51% training time; Book-Keeping runs at 0.80–0.87× non-private throughput (≈1.2×); a
-fused-Triton Opacus fork 1.11×. The two steps alternate (plain, filtered, plain, ...) so that drift in
-machine load hits both; each reports the median over repeats.
+fused-Triton Opacus fork 1.11×. The steps alternate (plain, filtered, filtered with ``fused_head=False``,
+plain, ...) so that drift in machine load hits all; each reports the median over repeats.
 """
 from __future__ import annotations
 
@@ -48,22 +48,26 @@ def plain_step(model, opt, batch):
 
 def run_case(name, d, layers, vocab, T, B, lora, repeats, ratio):
     base = build(d, layers, vocab, T, lora)
-    models = {"plain": base, "filtered": copy.deepcopy(base)}
+    models = {"plain": base, "filtered": copy.deepcopy(base), "filtered_unfused": copy.deepcopy(base)}
     for m in models.values():
         m.train()
     opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
     fb = gs.FilteredBackward(models["filtered"], policy="median_band", ratio=ratio)
+    # the same step with the LM head through full logits (fused_head=False): what auto's fused head changes
+    fb_unfused = gs.FilteredBackward(models["filtered_unfused"], policy="median_band", ratio=ratio, fused_head=False)
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(0, vocab, (B, T), generator=g)}
     step = {
         "plain": lambda: plain_step(models["plain"], opts["plain"], batch),
         "filtered": lambda: (fb.step(batch), opts["filtered"].step(), opts["filtered"].zero_grad(set_to_none=True)),
+        "filtered_unfused": lambda: (fb_unfused.step(batch), opts["filtered_unfused"].step(),
+                                     opts["filtered_unfused"].zero_grad(set_to_none=True)),
     }
     for k in step:  # warm-up (allocator, optimizer state)
         step[k]()
     times = {k: [] for k in step}
     for _ in range(repeats):
-        for k in ("plain", "filtered"):
+        for k in ("plain", "filtered", "filtered_unfused"):
             gc.collect()
             t0 = time.perf_counter()
             step[k]()
@@ -74,6 +78,8 @@ def run_case(name, d, layers, vocab, T, B, lora, repeats, ratio):
         "repeats": repeats, "plain_median_s": med["plain"], "filtered_median_s": med["filtered"],
         "ratio_to_plain": med["filtered"] / med["plain"], "plain_all_s": times["plain"],
         "filtered_all_s": times["filtered"], "threads": torch.get_num_threads(),
+        "head": fb.engine.ghost.head_status, "filtered_unfused_median_s": med["filtered_unfused"],
+        "unfused_ratio_to_plain": med["filtered_unfused"] / med["plain"], "filtered_unfused_all_s": times["filtered_unfused"],
     }
 
 
@@ -94,9 +100,11 @@ def main(argv=None) -> int:
     env = env_info("cpu")
     for r in rows:
         r["env"] = env
-    table = markdown_table(["case", "plain (s, median)", "filtered (s, median)", "filtered / plain"],
+    table = markdown_table(["case", "plain (s, median)", "filtered (s, median)", "filtered / plain",
+                            "filtered, fused_head=False / plain", "head (filtered)"],
                            [[r["case"], f"{r['plain_median_s']:.3f}", f"{r['filtered_median_s']:.3f}",
-                             f"{r['ratio_to_plain']:.3f}x"] for r in rows])
+                             f"{r['ratio_to_plain']:.3f}x", f"{r['unfused_ratio_to_plain']:.3f}x", r["head"][:48]]
+                            for r in rows])
     paths = write_results(rows, args.out_dir, f"train-step-{utc_stamp()}", meta={"script": "bench_train_step.py"},
                           markdown=table)
     print(table)
