@@ -126,6 +126,15 @@ def _head_calls(model, monkeypatch):
     return calls
 
 
+def _checked(model, batch, calls):
+    """Run the fused head's once-per-model self-check (its forward runs the head on the first
+    ``CHECK_SAMPLES`` samples), then reset the head-call count: what follows must never run the head."""
+    H.HEAD_VERDICTS.pop(model, None)
+    H.check_model(gs.GradNormEngine(model, backend="ghost", fused_head=True).ghost, prepare_batch(batch, lm_loss=True))
+    assert calls == [1] and H.HEAD_VERDICTS[model][1] == "", (calls, H.HEAD_VERDICTS.get(model))
+    calls.clear()
+
+
 CASES = [("gpt2", True), ("llama", False), ("llama", True), ("qwen2", True), ("gemma", True), ("gemma2", True),
          ("cohere", False), ("qwen3", True), ("mistral", False), ("phi3", False)]
 
@@ -140,6 +149,7 @@ def test_full_params_match_the_loop(family, tie, dtype, form, tiles, monkeypatch
     model = _hf(family, tie).to(dtype)
     batch = _batch()
     calls = _head_calls(model, monkeypatch)
+    _checked(model, batch, calls)
     for reduction in ("mean", "sum"):
         calls.clear()
         eng, fast = _raw(model, batch, True, reduction=reduction)
@@ -401,6 +411,7 @@ def test_two_pass_with_a_trainable_head_is_fused(family, tie, dtype, form, tiles
     fb = gs.filtered.TwoPassFilteredBackward(model, policy="keep_top", ratio=0.5, loss_filter_std=None,
                                              fused_head=True, verify=False)  # (the check's per-sample backwards
     forwards = _head_calls(model, monkeypatch)  # run the head on one sample at a time)
+    _checked(model, batch, forwards)
     res = fb.step(batch)
     assert fb.engine.ghost.head_status.startswith("on"), fb.engine.ghost.head_status
     assert not forwards, "neither the step nor its hidden-use check may run the head's forward (B×T×V logits)"
@@ -534,3 +545,55 @@ def test_a_hook_on_the_backbone_keeps_the_fused_head():
     res = eng.score(batch)
     assert eng.coverage().head.startswith("on"), eng.coverage().head
     _assert_close(res.norms, gs.GradNormEngine(model, backend="loop").score(batch).norms, torch.float32, "backbone")
+
+
+def _changed_logits_models():
+    import transformers as tf
+
+    class ScaledLlamaForCausalLM(tf.LlamaForCausalLM):  # a subclass: model_type and class name pass find_head
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5 + 0.1  # a temperature and an offset after the head
+            return out
+
+    class HalvedTinyGPT(gs.models.TinyGPT):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs) * 0.5
+
+    src = _hf("llama", False)
+    llama = ScaledLlamaForCausalLM(src.config)
+    llama.load_state_dict(src.state_dict())
+    torch.manual_seed(0)
+    tiny = HalvedTinyGPT(gs.models.TinyGPTConfig(vocab_size=V, d_model=16, n_layer=1, n_head=2))
+    return {"llama subclass": llama, "tinygpt subclass": tiny}
+
+
+@pytest.mark.parametrize("kind", ["llama subclass", "tinygpt subclass"])
+def test_fused_head_checks_the_models_logits_once(kind, caplog):
+    """A model whose forward changes the logits after the head passes find_head (known family) but fails the
+    fused head's self-check: its own logits differ from post(head(h)). The fused head is then off for that
+    model, with the reason; the norms equal the loop's (before the check: silently off by the scaling)."""
+    model = _changed_logits_models()[kind]
+    batch = _batch()
+    eng = gs.GradNormEngine(model, backend="ghost", fused_head=True, verify=False)
+    res = eng.score(batch)
+    assert "logits are not its head's output" in eng.coverage().head, eng.coverage().head
+    _assert_close(res.norms, gs.GradNormEngine(model, backend="loop").score(batch).norms, torch.float32, kind)
+
+
+def test_fused_head_check_runs_once_and_leaves_rng_and_buffers():
+    model = _hf("llama", False)
+    forwards = []
+    model.model.register_forward_pre_hook(lambda m, a, k: forwards.append(1), with_kwargs=True)
+    batch = _batch()
+    eng = gs.GradNormEngine(model, backend="ghost", fused_head=True, verify=False)
+    H.HEAD_VERDICTS.pop(model, None)
+    rng = torch.get_rng_state()
+    model.train()
+    H.check_model(eng.ghost, prepare_batch(batch, lm_loss=True))
+    assert torch.equal(rng, torch.get_rng_state())  # (train mode: the check's forward must not shift the stream)
+    assert H.HEAD_VERDICTS[model][1] == "" and len(forwards) == 1
+    model.eval()
+    eng.score(batch)
+    eng.score(batch)
+    assert len(forwards) == 3 and eng.coverage().head.startswith("on")  # one scored forward per call, no re-check

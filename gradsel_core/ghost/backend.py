@@ -12,7 +12,7 @@ from ..errors import UnsupportedModule, UsageError
 from ..types import BufferSnapshot, CoverageEntry, RawScores, ScoringSpec
 from .capture import GhostCapture
 from .failures import Retry, RuleFailure, RuleFailures, grad_hooks, ways_out
-from .head import HeadInput, head_forward, head_losses, hidden_use_forward
+from .head import HeadInput, check_model, head_forward, head_losses, hidden_use_forward
 from .layout import PROVEN, hooks_signature
 from .selfcheck import VERDICTS
 from .plan import NO_RULE, GhostPlan, common_module, plan_claims
@@ -209,6 +209,7 @@ class GhostBackend:
         # gradient hooks on selected parameters: refused, naming them (one-backward filtering writes p.grad
         # itself, so post-accumulate hooks would be skipped there too)
         grad_hooks(self.spec.params, post_accumulate=keep_factors and not weights_in_graph)
+        check_model(self, batch, weights_in_graph)  # the fused LM head's self-check (once per model)
         last = ""
         snapshot = BufferSnapshot(self.spec.model)  # a retry leaves the buffers as one forward does
         for _ in range(MAX_PASSES):

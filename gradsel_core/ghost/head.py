@@ -26,7 +26,9 @@ the ordinary second backward gets Σ_b w_b ∇_b of a trainable head from ``_Hea
 
 The path never runs the head's forward and stops its callers' forward at the head, so anything that would run
 there (hooks on the head, global module hooks, an instance-level ``forward``, forward or backward hooks on a module
-whose forward calls the head) makes it step aside (``hooks_on``, ``ancestor_hooks``).
+whose forward calls the head) makes it step aside (``hooks_on``, ``ancestor_hooks``). And, like a rule, it checks
+itself once per model (``check_model``): the model's own logits on a slice of the batch must be the known final step
+applied to the head's output, on the head's input read as (B, T, d).
 
 c_{b,t} is 1/n_b (``loss_reduction="mean"``, n_b the sample's target tokens) or 1 (``"sum"``), 0 where the
 label is -100 and at the last position. The head's forward never runs: a pre-hook on it takes its input h and
@@ -43,7 +45,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import dispatch
 from ..batching import IGNORE_INDEX
@@ -674,6 +678,77 @@ def ancestor_hooks(model: nn.Module, name: str, own: Iterable[int] = ()) -> str:
     return ", ".join(found)
 
 
+# model -> (key, why not or "") of its head check (``check_model``): one check per model, class, head and forward
+HEAD_VERDICTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+CHECK_SAMPLES = 2  # the head check's forward runs on the batch's first samples only
+
+
+def _check_key(model: nn.Module, head: HeadSpec) -> Tuple[Any, ...]:
+    base = _base(model)
+    inst = tuple(id(m.__dict__.get("forward")) for m in (model, base))
+    return (type(model), type(base), inst, head.name, id(head.module), head.post, head.value, head.vocab,
+            tuple(head.module.weight.shape))
+
+
+def check_model(ghost: Any, batch: Any, weights_in_graph: bool = False) -> None:
+    """The fused head's self-check, like a rule's: it assumes that the model's logits are post(h Wᵀ + b) with h
+    the head's input read as (B, T, d) and post the family's known final step (``HEADS``). A subclass whose
+    forward changes the logits after the head, a time-major head input (even with T == B) or a different final
+    step would make that silently wrong. So, once per model (again when its class, an instance-level forward,
+    the head or its post-processing change), the model's own forward runs on the batch's first
+    ``CHECK_SAMPLES`` samples (no grad, buffers restored) and its logits are compared with that formula on the
+    head's input as the head saw it. On a mismatch the fused head is off for the model, with the reason in
+    ``coverage()``. Run outside the capture, before the scored forward."""
+    model = ghost.spec.model
+    head, _ = decide(ghost, batch, weights_in_graph)
+    if head is None:
+        return
+    key = _check_key(model, head)
+    seen = HEAD_VERDICTS.get(model)
+    if seen is not None and seen[0] == key:
+        return
+    from ..batching import extract_logits
+    from ..rules.base import output_matches
+    from ..types import BufferSnapshot
+
+    n = min(CHECK_SAMPLES, batch.batch_size)
+    if n == 0 or batch.seq_len == 0:
+        return  # nothing to compare: checked on the next batch with tokens
+    sub = batch.select(slice(0, n))
+    seen_in: List[torch.Tensor] = []
+    def take(mod: nn.Module, args: Tuple[Any, ...]) -> None:
+        seen_in.append(args[0])
+
+    handle = head.module.register_forward_pre_hook(take)
+    snapshot = BufferSnapshot(model)
+    why = ""
+    dev = batch.full["input_ids"].device
+    try:
+        # (the RNG as it was: in train mode the check's dropout masks must not shift the user's random stream)
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            logits = extract_logits(model(**sub.model_inputs))
+        x = seen_in[0] if seen_in else None
+        if x is None or x.dim() != 3 or tuple(x.shape[:2]) != (n, batch.seq_len):
+            why = (f"the head's input was {None if x is None else tuple(x.shape)}, not (B, T, d) = "
+                   f"({n}, {batch.seq_len}, d)")
+        else:
+            with torch.no_grad():
+                y = F.linear(x, head.module.weight, head.module.bias)  # (n, T, V)
+                z = torch.tanh(y / head.value) * head.value if head.post == "softcap" else \
+                    y * head.value if head.post == "scale" else y  # (in the model's dtype, as its forward does)
+            if not output_matches(z.to(logits.dtype) if z.dtype != logits.dtype else z, logits):
+                why = ("the model's logits are not its head's output followed by the known final step (a forward "
+                       "that changes the logits after the head, or a head input that is not (B, T, d))")
+    except Exception as e:  # noqa: BLE001 - unchecked is not used: the full-logits path is exact
+        why = f"its self-check could not run on the batch's first {n} sample(s) ({type(e).__name__}: {str(e)[:120]})"
+    finally:
+        handle.remove()
+        snapshot.restore()
+    HEAD_VERDICTS[model] = (key, why)
+    if why:
+        log.warning("fused LM head off for %s: %s; scoring through full logits (exact)", type(model).__name__, why)
+
+
 def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> Tuple[Optional[HeadSpec], str]:
     """Whether this scored forward uses the fused head: (spec, "") or (None, why not). Remembered on the
     ghost backend for ``coverage()``. ``cap``: the capture in force (its stand-ins sit in the parameters' slots)."""
@@ -696,6 +771,9 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
     if around:
         return None, (f"off: forward or backward hooks on {around}, which the fused path would skip (it stops the "
                       "forward at the head)")
+    seen = HEAD_VERDICTS.get(spec.model)
+    if seen is not None and seen[1] and seen[0] == _check_key(spec.model, head):
+        return None, f"off: {seen[1]}"
     if any(type(p).__name__ == "DTensor" for p in head.module.parameters()):
         return None, "off: the head's weight is sharded (FSDP2 / tensor parallel)"
     # the selected parameters of the head, by identity with the real parameters or (inside the capture) with
