@@ -763,6 +763,8 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
     head, why = find_head(spec.model)
     if head is None:
         return None, "off: " + why
+    if any(type(p).__name__ == "DTensor" for p in head.module.parameters()):
+        return None, "off: the head's weight is sharded (FSDP2 / tensor parallel)"
     own = [h.id for h in getattr(cap, "handles", ())]
     hooked = hooks_on(head.module, own)
     if hooked:
@@ -774,8 +776,6 @@ def decide(ghost: Any, batch: Any, weights_in_graph: bool, cap: Any = None) -> T
     seen = HEAD_VERDICTS.get(spec.model)
     if seen is not None and seen[1] and seen[0] == _check_key(spec.model, head):
         return None, f"off: {seen[1]}"
-    if any(type(p).__name__ == "DTensor" for p in head.module.parameters()):
-        return None, "off: the head's weight is sharded (FSDP2 / tensor parallel)"
     # the selected parameters of the head, by identity with the real parameters or (inside the capture) with
     # the stand-ins that sit in their slots
     known = {id(p): g for g, p in spec.params.items()}
