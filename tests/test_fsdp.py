@@ -3,6 +3,7 @@ equal a single process with the same global batch / the same data."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -31,9 +32,18 @@ def torchrun(*args, timeout=300):
     env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "kernels"), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    return proc
+    # its own session: on a timeout the whole group (torchrun and its ranks) is killed, so that no rank is left
+    # behind to outlive the test, and the ranks' output says where they were
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{stdout[-4000:]}\n{stderr[-8000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def reference_run(micro_batches, kept):

@@ -43,6 +43,7 @@ def main(engine: str, out: str) -> None:
         output_dir=out, per_device_train_batch_size=4, max_steps=STEPS, learning_rate=LR, lr_scheduler_type="constant",
         optim="sgd", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(),
         save_strategy="no", disable_tqdm=True, seed=0, remove_unused_columns=False, dataloader_drop_last=True,
+        ddp_timeout=180,  # a stuck collective raises (with a traceback) inside the test's 300 s
         **({"fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                           "reshard_after_forward": True}} if engine == "fsdp" else {}),
     )
