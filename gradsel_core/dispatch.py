@@ -130,8 +130,8 @@ def direct_sq(A: torch.Tensor, G: torch.Tensor, use_triton: bool = False) -> tor
     """||A_bᵀ G_b||²_F per sample: the direct form. Cost B·T·d·p time, d·p memory per sample in a chunk.
 
     The product is formed with the wider of d and p as its last (output column) dimension: ||Aᵀ G|| = ||Gᵀ A||,
-    and a batched GEMM with 8 output columns (a LoRA A factor's rank) runs at half the speed of the same product
-    transposed on CPU BLAS (``benchmarks/bench_regression.py``'s LoRA case)."""
+    and a batched GEMM with 8 output columns (a LoRA A factor's rank) ran at half the speed of the same product
+    transposed on CPU BLAS (an ad-hoc timing at B 16, T 128, d 1,024, p 8: 0.46 vs 0.88 ms)."""
     if A.shape[1] == 0:
         return torch.zeros(A.shape[0], dtype=_acc(A, G), device=A.device)
     if _use_kernels(use_triton, A, G):
